@@ -1,0 +1,418 @@
+"""The `kosmos` command: parse options, wire the pieces, show progress, turn errors into exit codes."""
+
+from __future__ import annotations
+
+import logging
+import sys
+import time
+from enum import Enum
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated, Optional
+
+import typer
+from rich.console import Console
+from rich.logging import RichHandler
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TaskProgressColumn,
+    TextColumn,
+    TimeRemainingColumn,
+)
+
+from kosmos_cli import __version__
+from kosmos_cli.document import PageResult, Task
+from kosmos_cli.errors import KosmosError, UsageError
+from kosmos_cli.runner import DEFAULT_MODEL, MODEL_ENV
+
+if TYPE_CHECKING:
+    from kosmos_cli.jobs import Summary
+
+EXIT_INTERRUPTED = 130
+
+app = typer.Typer(
+    name="kosmos",
+    help="Transcribe scans, photos and PDFs with Kosmos-2.5: markdown (`kosmos md`) or text lines with boxes "
+    "(`kosmos ocr`).",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    rich_markup_mode=None,
+)
+
+
+class Device(str, Enum):
+    auto = "auto"
+    cpu = "cpu"
+    cuda = "cuda"
+    mps = "mps"
+
+
+class MdFormat(str, Enum):
+    md = "md"
+    json = "json"
+    jsonl = "jsonl"
+
+
+class OcrFormat(str, Enum):
+    txt = "txt"
+    json = "json"
+    jsonl = "jsonl"
+    hocr = "hocr"
+    pdf = "pdf"
+
+
+class DType(str, Enum):
+    auto = "auto"
+    bfloat16 = "bfloat16"
+    float16 = "float16"
+    float32 = "float32"
+
+
+class Attention(str, Enum):
+    auto = "auto"
+    sdpa = "sdpa"
+    eager = "eager"
+    flash_attention_2 = "flash_attention_2"
+
+
+Inputs = Annotated[
+    Optional[list[str]],  # noqa: UP045 - typer reads the annotation at runtime on Python 3.10
+    typer.Argument(help="Images, PDFs or folders (walked recursively); `-` reads one file from stdin.", show_default=False),
+]
+Output = Annotated[
+    Optional[Path],  # noqa: UP045
+    typer.Option("--output", "-o", help="Write one file per input and format here, mirroring folders; default: stdout."),
+]
+FromList = Annotated[
+    Optional[str],  # noqa: UP045
+    typer.Option("--from-list", help="Read input paths, one per line, from this file (`-`: stdin).", show_default=False),
+]
+Pages = Annotated[
+    Optional[str],  # noqa: UP045
+    typer.Option("--pages", help="Pages to read in each document, 1-based: `1-3,7,10-`.", show_default=False),
+]
+Dpi = Annotated[
+    Optional[float],  # noqa: UP045
+    typer.Option("--dpi", help="PDF render resolution; default: the size the model reads (about 1 megapixel).", min=10),
+]
+Password = Annotated[Optional[str], typer.Option("--password", help="Password for encrypted PDFs.")]  # noqa: UP045
+Overwrite = Annotated[bool, typer.Option("--overwrite", help="Redo inputs whose outputs already exist.")]
+Model = Annotated[
+    Optional[str],  # noqa: UP045
+    typer.Option("--model", help=f"Hub id or local folder [env {MODEL_ENV}; default {DEFAULT_MODEL}].", show_default=False),
+]
+Revision = Annotated[Optional[str], typer.Option("--revision", help="Hub branch, tag or commit of --model.")]  # noqa: UP045
+DeviceOpt = Annotated[str, typer.Option("--device", help="auto, cpu, cuda, cuda:N or mps.")]
+DTypeOpt = Annotated[DType, typer.Option("--dtype", help="auto: bfloat16 on GPUs that support it, else float16 on GPU, float32 on CPU.")]
+AttnOpt = Annotated[Attention, typer.Option("--attn", help="Attention kernel; auto picks flash_attention_2 when installed.")]
+BatchSize = Annotated[
+    Optional[int],  # noqa: UP045
+    typer.Option("--batch-size", "-b", min=1, help="Pages per batch; default: from the device and its free memory.", show_default=False),
+]
+MaxNewTokens = Annotated[
+    Optional[int],  # noqa: UP045
+    typer.Option(
+        "--max-new-tokens", min=1, help="Token budget per page; default: all the model's 4096 positions allow (2044).",
+        show_default=False,
+    ),
+]
+Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar or warnings; errors and the summary only.")]
+Verbose = Annotated[bool, typer.Option("--verbose", "-v", help="Debug logs and tracebacks.")]
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"kosmos {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(
+    version: Annotated[
+        bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit.")
+    ] = False,
+) -> None:
+    """Transcribe scans, photos and PDFs with Kosmos-2.5."""
+
+
+@app.command()
+def md(
+    inputs: Inputs = None,
+    output: Output = None,
+    format: Annotated[
+        Optional[list[MdFormat]],  # noqa: UP045
+        typer.Option("--format", "-f", help="Output format, repeatable (with -o): md, json, jsonl.", show_default="md"),
+    ] = None,
+    from_list: FromList = None,
+    pages: Pages = None,
+    dpi: Dpi = None,
+    password: Password = None,
+    overwrite: Overwrite = False,
+    model: Model = None,
+    revision: Revision = None,
+    device: DeviceOpt = "auto",
+    dtype: DTypeOpt = DType.auto,
+    attn: AttnOpt = Attention.auto,
+    batch_size: BatchSize = None,
+    max_new_tokens: MaxNewTokens = None,
+    quiet: Quiet = False,
+    verbose: Verbose = False,
+) -> None:
+    """Transcribe to markdown."""
+    formats = tuple(f.value for f in format) if format else ("md",)
+    _run(Task.MD, locals() | {"formats": formats, "draw": False, "numbered": False})
+
+
+@app.command()
+def ocr(
+    inputs: Inputs = None,
+    output: Output = None,
+    format: Annotated[
+        Optional[list[OcrFormat]],  # noqa: UP045
+        typer.Option(
+            "--format", "-f", help="Output format, repeatable (with -o): txt, json, jsonl, hocr, pdf.", show_default="txt"
+        ),
+    ] = None,
+    draw: Annotated[bool, typer.Option("--draw", help="Also write a PNG per page with each line's box drawn (needs -o).")] = False,
+    numbered: Annotated[bool, typer.Option("--numbered", help="Number the boxes drawn by --draw.")] = False,
+    from_list: FromList = None,
+    pages: Pages = None,
+    dpi: Dpi = None,
+    password: Password = None,
+    overwrite: Overwrite = False,
+    model: Model = None,
+    revision: Revision = None,
+    device: DeviceOpt = "auto",
+    dtype: DTypeOpt = DType.auto,
+    attn: AttnOpt = Attention.auto,
+    batch_size: BatchSize = None,
+    max_new_tokens: MaxNewTokens = None,
+    quiet: Quiet = False,
+    verbose: Verbose = False,
+) -> None:
+    """Transcribe to text lines with boxes: `x0,y0,x1,y0,x1,y1,x0,y1,text` in original-image pixels."""
+    formats = tuple(f.value for f in format) if format else ("txt",)
+    _run(Task.OCR, locals() | {"formats": formats})
+
+
+@app.command()
+def download(
+    model: Annotated[
+        Optional[str],  # noqa: UP045
+        typer.Argument(help=f"Hub id to fetch [env {MODEL_ENV}; default {DEFAULT_MODEL}].", show_default=False),
+    ] = None,
+    revision: Revision = None,
+    to: Annotated[
+        Optional[Path],  # noqa: UP045
+        typer.Option("--to", help="Copy the checkpoint into this folder instead of the Hugging Face cache."),
+    ] = None,
+) -> None:
+    """Fetch a checkpoint for offline use later."""
+    from kosmos_cli.runner import default_model, download_model
+
+    console = Console(stderr=True, highlight=False, soft_wrap=True)
+    name = model or default_model()
+    try:
+        path = download_model(name, revision=revision, to=to)
+    except KosmosError as error:
+        _print_error(console, error)
+        raise typer.Exit(error.exit_code) from None
+    typer.echo(str(path))
+    console.print(f"downloaded `{name}`; use it offline with HF_HUB_OFFLINE=1 or --model {path}", markup=False)
+
+
+@app.command()
+def doctor(
+    smoke: Annotated[bool, typer.Option("--smoke/--no-smoke", help="Run a tiny random model once.")] = True,
+) -> None:
+    """Print versions, the device and dtype kosmos would pick, and run a smoke test: paste it in bug reports."""
+    from kosmos_cli.doctor import diagnose
+
+    _configure_logging(Console(stderr=True), verbose=False, quiet=True)
+    rows = diagnose(smoke=smoke)
+    width = max(len(name) for name, _ in rows)
+    for name, value in rows:
+        typer.echo(f"{name:<{width}}  {value}")
+    if any(name == "smoke run" and value.startswith("failed") for name, value in rows):
+        raise typer.Exit(1)
+
+
+def _run(task: Task, options: dict[str, object]) -> None:
+    """Run md or ocr with the parsed options and exit with the right code."""
+    from kosmos_cli.jobs import Job, Summary, plan, run_job
+    from kosmos_cli.runner import Settings, default_model, load_runner
+    from kosmos_cli.sources import discover, parse_pages
+
+    verbose = bool(options["verbose"])
+    quiet = bool(options["quiet"])
+    console = Console(stderr=True, highlight=False, soft_wrap=True)
+    _configure_logging(console, verbose=verbose, quiet=quiet)
+    reporter = _Reporter(console, quiet=quiet, verbose=verbose)
+    try:
+        output = options["output"]
+        formats: tuple[str, ...] = options["formats"]  # type: ignore[assignment]
+        _check_formats(formats, output_dir=output, draw=bool(options["draw"]))
+        inputs = list(options["inputs"] or [])  # type: ignore[call-overload]
+        if not inputs and not options["from_list"]:
+            raise UsageError("no inputs given", hint="name files or folders, `-` for stdin, or --from-list FILE")
+        page_selection = parse_pages(str(options["pages"])) if options["pages"] else None
+        discovery = discover(inputs, from_list=options["from_list"])  # type: ignore[arg-type]
+        for error in discovery.errors:
+            reporter.error(error)
+        settings = Settings(
+            model=str(options["model"] or default_model()),
+            revision=options["revision"],  # type: ignore[arg-type]
+            device=str(options["device"]),
+            dtype=options["dtype"].value,  # type: ignore[attr-defined]
+            attn=options["attn"].value,  # type: ignore[attr-defined]
+            batch_size=options["batch_size"],  # type: ignore[arg-type]
+            max_new_tokens=options["max_new_tokens"],  # type: ignore[arg-type]
+        )
+        job = Job(
+            task=task,
+            formats=formats,
+            output_dir=output,  # type: ignore[arg-type]
+            draw=bool(options["draw"]),
+            numbered=bool(options["numbered"]),
+            pages=page_selection,
+            dpi=options["dpi"],  # type: ignore[arg-type]
+            password=options["password"],  # type: ignore[arg-type]
+            overwrite=bool(options["overwrite"]),
+            fingerprint=f"{settings.model}@{settings.revision or 'main'} dpi={options['dpi']}",
+        )
+        todo, skipped = plan(discovery.documents, job)
+        summary = Summary(documents_skipped=len(skipped), unsupported=discovery.unsupported)
+        if todo:
+            reporter.note(f"loading model `{settings.model}`")
+            runner = load_runner(settings)
+            with reporter:
+                run_job(todo, runner, job, reporter, sys.stdout.buffer, summary)
+    except KosmosError as error:
+        reporter.error(error)
+        raise typer.Exit(error.exit_code) from None
+    except KeyboardInterrupt:
+        console.print("error: interrupted; finished documents are kept, rerun the same command to resume")
+        raise typer.Exit(EXIT_INTERRUPTED) from None
+    console.print(_summary_line(summary), markup=False)
+    raise typer.Exit(1 if summary.failed or discovery.errors else 0)
+
+
+def _check_formats(formats: tuple[str, ...], *, output_dir: object, draw: bool) -> None:
+    if output_dir is not None:
+        return
+    if draw:
+        raise UsageError("--draw writes PNG files and needs an output folder", hint="add -o DIR")
+    if "pdf" in formats:
+        raise UsageError("--format pdf writes a PDF file and needs an output folder", hint="add -o DIR")
+    if len(formats) > 1:
+        raise UsageError("several formats need an output folder; stdout takes one", hint="add -o DIR")
+
+
+class _Reporter:
+    """Progress bar and messages on stderr; stdout stays clean for data."""
+
+    def __init__(self, console: Console, *, quiet: bool, verbose: bool) -> None:
+        self.console = console
+        self.quiet = quiet
+        self.verbose = verbose
+        self.progress = Progress(
+            TextColumn("{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TaskProgressColumn(),
+            TextColumn("{task.fields[rate]}"),
+            TimeRemainingColumn(),
+            TextColumn("{task.fields[current]}"),
+            console=console,
+            disable=quiet or not console.is_terminal,
+            transient=True,
+        )
+        self.task_id = self.progress.add_task("pages", total=0, rate="", current="")
+
+    def __enter__(self) -> _Reporter:
+        self.progress.start()
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.progress.stop()
+
+    def add_total(self, pages: int) -> None:
+        total = (self.progress.tasks[0].total or 0) + pages
+        self.progress.update(self.task_id, total=total)
+
+    def page_done(self, result: PageResult) -> None:
+        task = self.progress.tasks[0]
+        speed = task.speed
+        self.progress.update(
+            self.task_id,
+            advance=1,
+            rate=f"{speed:.2f} pages/s" if speed else "",
+            current=result.info.document.name,
+        )
+
+    def note(self, message: str) -> None:
+        if self.verbose:
+            self.console.print(message, markup=False)
+
+    def error(self, error: KosmosError) -> None:
+        _print_error(self.console, error, verbose=self.verbose)
+
+    def warning(self, message: str) -> None:
+        if not self.quiet:
+            self.console.print(f"warning: {message}", markup=False)
+
+
+def _print_error(console: Console, error: KosmosError, *, verbose: bool = False) -> None:
+    """Print `error: ...` and `hint: ...` lines; the cause's traceback only with --verbose."""
+    console.print(f"error: {error.message}", markup=False)
+    if error.hint:
+        console.print(f"hint: {error.hint}", markup=False)
+    cause = error.__cause__
+    if verbose and cause is not None:
+        import traceback
+
+        console.print("".join(traceback.format_exception(cause)).rstrip(), markup=False)
+
+
+def _summary_line(summary: Summary) -> str:
+    elapsed = time.monotonic() - summary.started
+    parts = [
+        f"{summary.documents_done} done",
+        f"{summary.documents_skipped} skipped (outputs exist)",
+        f"{summary.documents_failed} failed",
+    ]
+    pages = f"{summary.pages_done} pages in {elapsed:.1f}s"
+    if summary.pages_done and elapsed > 0:
+        pages += f" ({summary.pages_done / elapsed:.2f} pages/s)"
+    if summary.pages_resumed:
+        pages += f", {summary.pages_resumed} resumed"
+    if summary.pages_failed:
+        pages += f", {summary.pages_failed} failed"
+    if summary.pages_truncated:
+        pages += f", {summary.pages_truncated} truncated"
+    line = "kosmos: " + ", ".join(parts) + "; " + pages
+    if summary.unsupported:
+        line += f"; {len(summary.unsupported)} unsupported files ignored"
+    return line
+
+
+def _configure_logging(console: Console, *, verbose: bool, quiet: bool) -> None:
+    handler = RichHandler(console=console, show_time=False, show_path=False, markup=False)
+    package = logging.getLogger("kosmos_cli")
+    package.handlers[:] = [handler]
+    package.setLevel(logging.DEBUG if verbose else logging.ERROR if quiet else logging.WARNING)
+    package.propagate = False
+    from transformers.utils import logging as hf_logging
+
+    if verbose:
+        hf_logging.set_verbosity_info()
+    else:
+        hf_logging.set_verbosity_error()
+        hf_logging.disable_progress_bar()
+
+
+def main() -> None:
+    """Entry point of the `kosmos` console script."""
+    app()

@@ -1,0 +1,120 @@
+"""Values that flow through kosmos: documents, pages, lines and page results."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from PIL import Image
+
+# Affine map (a, b, c, d, e, f): x' = a*x + c*y + e, y' = b*x + d*y + f (PyMuPDF's Matrix order).
+Matrix = tuple[float, float, float, float, float, float]
+Point = tuple[int, int]
+BBox = tuple[int, int, int, int]
+
+
+class Task(str, Enum):
+    """What the model is asked for: markdown or text lines with boxes."""
+
+    MD = "md"
+    OCR = "ocr"
+
+
+class Status(str, Enum):
+    """How a page ended."""
+
+    OK = "ok"
+    TRUNCATED = "truncated"  # hit --max-new-tokens or a repetition loop was cut
+    FAILED = "failed"
+
+
+class Finish(str, Enum):
+    """Why generation stopped for one page."""
+
+    EOS = "eos"
+    LENGTH = "length"
+    LOOP = "loop"
+
+
+@dataclass(frozen=True)
+class Document:
+    """One input: an image file, a PDF, a multi-page TIFF, or stdin."""
+
+    path: str  # as opened: a filesystem path (stdin is spooled to a temporary file first)
+    name: str  # output stem relative to the output folder, e.g. "a/b" for in/a/b.pdf
+    label: str | None = None  # what messages call it when `path` is not that, e.g. "<stdin>"
+
+    @property
+    def display_name(self) -> str:
+        """The name messages show for this input: its label, else its path."""
+        return self.label or self.path
+
+
+@dataclass(frozen=True)
+class PageInfo:
+    """Where a page comes from and its size; everything but the pixels."""
+
+    document: Document
+    page_index: int  # 0-based, internal
+    page_count: int
+    width: int  # original image (or rendered page) size in pixels
+    height: int
+    dpi: float | None = None  # render resolution for PDF pages, None for images
+    pixel_to_pdf: Matrix | None = None  # maps image pixels to PDF points, PDF pages only
+
+    @property
+    def page_number(self) -> int:
+        """The 1-based page number users see."""
+        return self.page_index + 1
+
+
+@dataclass(frozen=True)
+class Page:
+    """A page ready for the model: its info and its RGB pixels."""
+
+    info: PageInfo
+    image: Image.Image
+
+
+@dataclass(frozen=True)
+class Line:
+    """One OCR text line in original-image pixels; no box when the model's box was unusable."""
+
+    text: str
+    polygon: tuple[Point, Point, Point, Point] | None  # clockwise from top-left
+
+    @property
+    def bbox(self) -> BBox | None:
+        """The axis-aligned box `(x0, y0, x1, y1)` around the polygon."""
+        if self.polygon is None:
+            return None
+        xs = [x for x, _ in self.polygon]
+        ys = [y for _, y in self.polygon]
+        return (min(xs), min(ys), max(xs), max(ys))
+
+
+@dataclass(frozen=True)
+class Generation:
+    """What the model produced for one image."""
+
+    text: str  # decoded output with the prompt removed; <bbox>/<x_N> tokens kept
+    resized_size: tuple[int, int]  # (width, height) of the image the model saw
+    token_count: int  # generated tokens, EOS excluded
+    finish: Finish = Finish.EOS
+
+
+@dataclass(frozen=True)
+class PageResult:
+    """The transcription of one page."""
+
+    info: PageInfo
+    task: Task
+    text: str  # tidy markdown (md) or `x0,y0,...,text` lines (ocr)
+    lines: tuple[Line, ...] = ()
+    raw: str = ""
+    status: Status = Status.OK
+    error: str | None = None
+    token_count: int = 0
+    extra: dict[str, Any] = field(default_factory=dict, compare=False)

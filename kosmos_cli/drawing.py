@@ -1,0 +1,38 @@
+"""Draw OCR line polygons on a page image, as the model card's example does."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from PIL import Image, ImageDraw, ImageFont
+
+from kosmos_cli.document import Line
+
+BOX_COLOR = (255, 0, 0)  # RGB of polygon outlines and numbers
+LABEL_BACKGROUND = (255, 255, 255)  # RGB behind line numbers so they stay legible
+PIXELS_PER_STROKE = 1000  # one pixel of outline width per this many pixels of the image's long side
+LABEL_HEIGHT_SHARE = 0.012  # line-number height as a share of the image's long side
+MIN_LABEL_HEIGHT = 10  # pixels
+
+
+def draw_boxes(image: Image.Image, lines: Sequence[Line], *, numbered: bool = False) -> Image.Image:
+    """Return an RGB copy of the image with each line's polygon outlined, optionally numbered from 1."""
+    canvas = image.convert("RGB")  # always a copy, even when the image is RGB already
+    draw = ImageDraw.Draw(canvas)
+    long_side = max(canvas.size)
+    stroke = max(1, round(long_side / PIXELS_PER_STROKE))
+    font = ImageFont.load_default(size=max(MIN_LABEL_HEIGHT, round(long_side * LABEL_HEIGHT_SHARE)))
+    for number, line in enumerate(lines, start=1):
+        if line.polygon is None:
+            continue
+        draw.polygon(line.polygon, outline=BOX_COLOR, width=stroke)
+        if numbered:
+            x0, y0 = line.polygon[0]
+            label = str(number)
+            _, top, _, bottom = draw.textbbox((0, 0), label, font=font)
+            # Above the box's top-left corner when there is room, else just inside it.
+            above = y0 - (bottom - top) - stroke
+            origin = (x0, (above if above >= 0 else y0 + stroke) - top)
+            draw.rectangle(draw.textbbox(origin, label, font=font), fill=LABEL_BACKGROUND)
+            draw.text(origin, label, fill=BOX_COLOR, font=font)
+    return canvas

@@ -1,0 +1,38 @@
+"""Typed errors: each carries the exit code the CLI returns and an optional hint."""
+
+from __future__ import annotations
+
+
+class KosmosError(Exception):
+    """Base error with a user-facing message, an optional hint and an exit code."""
+
+    exit_code = 1
+
+    def __init__(self, message: str, *, hint: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.hint = hint
+
+
+class InputError(KosmosError):
+    """One input (file or page) cannot be read; the run goes on without it."""
+
+    exit_code = 1
+
+
+class UsageError(KosmosError):
+    """The command line asks for something impossible."""
+
+    exit_code = 2
+
+
+class ModelLoadError(KosmosError):
+    """The model, processor or device could not be set up."""
+
+    exit_code = 3
+
+
+class GenerationError(KosmosError):
+    """The model failed on a page even alone (e.g. out of memory)."""
+
+    exit_code = 1

@@ -1,0 +1,415 @@
+"""Run a whole job: documents in, finished output files (or stdout) out, resumable and failure-isolated."""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, BinaryIO, Protocol
+
+from kosmos_cli.document import Document, Line, Page, PageInfo, PageResult, Status, Task
+from kosmos_cli.errors import InputError, KosmosError
+from kosmos_cli.files import atomic_write
+from kosmos_cli.pipeline import failed_result, prefetch, transcribe_pages
+from kosmos_cli.runner import Runner
+from kosmos_cli.sources import PageError, PageSelection, count_pages, iter_pages
+from kosmos_cli.writers import WRITERS, Writer, draw_file_name, render_drawing
+
+logger = logging.getLogger(__name__)
+
+PROGRESS_SUFFIX = ".kosmos-progress.jsonl"  # per-page results kept beside an unfinished document's outputs
+PROGRESS_VERSION = 1
+
+
+@dataclass(frozen=True)
+class Job:
+    """What to do with every document: the task, formats, where outputs go and how pages are read."""
+
+    task: Task
+    formats: tuple[str, ...]
+    output_dir: Path | None = None  # None: stdout
+    draw: bool = False
+    numbered: bool = False
+    pages: PageSelection | None = None
+    dpi: float | None = None
+    password: str | None = None
+    overwrite: bool = False
+    fingerprint: str = ""  # model and settings; progress saved under another fingerprint is not reused
+
+
+@dataclass
+class Summary:
+    """Counts for the end-of-run line."""
+
+    documents_done: int = 0
+    documents_skipped: int = 0
+    documents_failed: int = 0
+    pages_done: int = 0
+    pages_resumed: int = 0
+    pages_failed: int = 0
+    pages_truncated: int = 0
+    unsupported: list[str] = field(default_factory=list)
+    started: float = field(default_factory=time.monotonic)
+
+    @property
+    def failed(self) -> bool:
+        """Whether anything failed, so the exit code must say so."""
+        return self.documents_failed > 0 or self.pages_failed > 0
+
+
+class Reporter(Protocol):
+    """Where the job reports progress and problems (the CLI draws a bar and prints lines)."""
+
+    def add_total(self, pages: int) -> None:
+        """Add pages to the expected total (called from a background thread)."""
+
+    def page_done(self, result: PageResult) -> None:
+        """Count one finished page."""
+
+    def error(self, error: KosmosError) -> None:
+        """Report one failed input or page."""
+
+    def warning(self, message: str) -> None:
+        """Report something the user should know that is not a failure."""
+
+
+@dataclass
+class _DocumentState:
+    document: Document
+    progress_path: Path | None
+    results: dict[int, PageResult] = field(default_factory=dict)
+    pending: set[int] = field(default_factory=set)  # page indices handed to the model, not yet back
+    listed: bool = False  # every page has been read from the source (or listed, on Ray)
+    failed: bool = False
+    finished: bool = False  # outputs written (or printed); later results for it are duplicates
+
+
+def plan(documents: Sequence[Document], job: Job) -> tuple[list[Document], list[Document]]:
+    """Split documents into those to do and those whose outputs all exist already (skipped)."""
+    if job.output_dir is None or job.overwrite:
+        return list(documents), []
+    output_dir = job.output_dir
+    names = [make_writer(name, job).file_name for name in job.formats]
+    todo, skipped = [], []
+    for document in documents:
+        done = all((output_dir / file_name(document)).exists() for file_name in names)
+        (skipped if done else todo).append(document)
+    return todo, skipped
+
+
+def make_writer(name: str, job: Job) -> Writer:
+    """Build the writer for one format with the job's options."""
+    return WRITERS[name](password=job.password) if name == "pdf" else WRITERS[name]()
+
+
+def run_job(
+    documents: Sequence[Document], runner: Runner, job: Job, reporter: Reporter, stdout: BinaryIO, summary: Summary
+) -> None:
+    """Transcribe every document and write its outputs, reporting as it goes."""
+    todo = list(documents)
+    threading.Thread(target=_count, args=(todo, job, reporter), name="kosmos-count", daemon=True).start()
+    assembly = Assembly(todo, job, reporter, stdout, summary)
+    resumed: set[int] = set()
+
+    def pages() -> Iterator[tuple[Page, Document]]:
+        nonlocal resumed
+        for kind, document, payload in prefetch(_read(todo, job)):
+            if kind == "start":
+                resumed = assembly.start(document)
+            elif kind == "page":
+                assert isinstance(payload, Page)
+                if payload.info.page_index in resumed:
+                    continue
+                assembly.expect(document, [payload.info.page_index])
+                yield payload, document
+            elif kind == "page_error":
+                assert isinstance(payload, PageError)
+                assembly.page_error(document, payload)
+            elif kind == "error":
+                assert isinstance(payload, InputError)
+                assembly.document_error(document, payload)
+            elif kind == "end":
+                assembly.listed(document)
+
+    for page, _, result in transcribe_pages(pages(), runner, task=job.task):
+        drawing = None
+        if job.draw and job.output_dir is not None and result.status is not Status.FAILED:
+            drawing = render_drawing(page, result, numbered=job.numbered)
+        assembly.page_done(result, drawing=drawing)
+    assembly.close()
+
+
+class Assembly:
+    """Gather page results per document, in any order, and write each document once it has every page.
+
+    Shared by `run_job` and the Ray driver (`kosmos_cli.distributed`): it keeps the progress files
+    that make runs resumable, writes outputs atomically, prints to stdout in input order, counts the
+    summary and reports to the reporter. A result for a page that already has one is ignored, so a
+    page redone after a lost worker is neither counted nor written twice.
+    """
+
+    def __init__(
+        self, documents: Sequence[Document], job: Job, reporter: Reporter, stdout: BinaryIO, summary: Summary
+    ) -> None:
+        self.job = job
+        self.reporter = reporter
+        self.summary = summary
+        self.writers = [make_writer(name, job) for name in job.formats]
+        self.order = _StdoutOrder(documents, job, self.writers, stdout)
+        self.states: dict[Document, _DocumentState] = {}
+
+    def start(self, document: Document) -> set[int]:
+        """Begin a document: load the pages an earlier run finished and return their page indices."""
+        state = self.states[document] = _DocumentState(document, _progress_path(document, self.job))
+        state.results = _load_progress(state.progress_path, self.job)
+        for result in state.results.values():
+            self.summary.pages_resumed += 1
+            self.reporter.page_done(result)
+        return set(state.results)
+
+    def expect(self, document: Document, page_indices: Iterable[int]) -> None:
+        """Note pages handed to the model; the document is written once each has a result."""
+        state = self.states[document]
+        state.pending.update(index for index in page_indices if index not in state.results)
+
+    def listed(self, document: Document) -> None:
+        """Note that every page of a document has been expected or reported; write it if it is complete."""
+        state = self.states[document]
+        state.listed = True
+        self._finish_if_complete(state)
+
+    def page_error(self, document: Document, error: PageError) -> None:
+        """Report a page that could not be read and mark it failed in place."""
+        state = self.states[document]
+        if error.page_index in state.results or state.finished:
+            return
+        self.reporter.error(error)
+        self._record(state, failed_result(_failed_info(document, error), self.job.task, error.message))
+        self.summary.pages_failed += 1
+        self._finish_if_complete(state)
+
+    def document_error(self, document: Document, error: InputError) -> None:
+        """Report a document that cannot be read; nothing is written for it."""
+        state = self.states[document]
+        if state.failed or state.finished:
+            return
+        self.reporter.error(error)
+        state.failed = True
+        state.results.clear()
+        self.order.abandon(document)
+        self.summary.documents_failed += 1
+
+    def page_done(self, result: PageResult, *, drawing: bytes | None = None) -> bool:
+        """Take one page's result (and its --draw PNG); return False if the page already had one."""
+        state = self.states[result.info.document]
+        if state.finished or result.info.page_index in state.results:
+            return False
+        if drawing is not None and self.job.output_dir is not None:
+            atomic_write(self.job.output_dir / draw_file_name(result.info), drawing)
+        self._record(state, result)
+        _count_result(result, self.summary, self.reporter)
+        if self.job.output_dir is None and self.job.formats == ("jsonl",) and not state.failed:
+            self.order.stream_page(result)
+        self._finish_if_complete(state)
+        return True
+
+    def close(self) -> None:
+        """Print whatever stdout still holds back (nothing, unless a page went missing)."""
+        self.order.flush_all()
+
+    def _record(self, state: _DocumentState, result: PageResult) -> None:
+        state.pending.discard(result.info.page_index)
+        if state.failed:
+            return
+        _record(state, result, self.job)
+
+    def _finish_if_complete(self, state: _DocumentState) -> None:
+        if not state.listed or state.pending or state.failed or state.finished:
+            return
+        state.finished = True
+        results = [state.results[i] for i in sorted(state.results)]
+        state.results = {}  # a long run holds only the documents in flight
+        job = self.job
+        if job.output_dir is None:
+            self.order.ready(state.document, results)
+        else:
+            for writer in self.writers:
+                atomic_write(job.output_dir / writer.file_name(state.document), writer.render(results))
+            if state.progress_path is not None:
+                state.progress_path.unlink(missing_ok=True)
+        self.summary.documents_done += 1
+
+
+def _count(documents: Sequence[Document], job: Job, reporter: Reporter) -> None:
+    """Count pages ahead of the model so the progress bar has a total; unreadable files count as 0."""
+    for document in documents:
+        try:
+            count = count_pages(document, password=job.password)
+            reporter.add_total(len(job.pages.indices(count)) if job.pages else count)
+        except KosmosError:
+            continue  # reported when the document is read
+
+
+def _read(documents: Sequence[Document], job: Job) -> Iterator[tuple[str, Document, object]]:
+    """Yield ("start" | "page" | "page_error" | "error" | "end", document, payload) events, in order."""
+    for document in documents:
+        yield "start", document, None
+        try:
+            for page in iter_pages(document, pages=job.pages, dpi=job.dpi, password=job.password):
+                yield ("page_error" if isinstance(page, PageError) else "page"), document, page
+        except InputError as error:
+            yield "error", document, error
+        yield "end", document, None
+
+
+def _record(state: _DocumentState, result: PageResult, job: Job) -> None:
+    state.results[result.info.page_index] = result
+    if state.progress_path is None:
+        return
+    new = not state.progress_path.exists()
+    state.progress_path.parent.mkdir(parents=True, exist_ok=True)
+    with state.progress_path.open("a", encoding="utf-8") as stream:
+        if new:
+            stream.write(json.dumps({"kosmos_progress": PROGRESS_VERSION, "fingerprint": job.fingerprint}) + "\n")
+        stream.write(json.dumps(_result_to_json(result), ensure_ascii=False) + "\n")
+
+
+def _count_result(result: PageResult, summary: Summary, reporter: Reporter) -> None:
+    summary.pages_done += 1
+    if result.status is Status.FAILED:
+        summary.pages_failed += 1
+        reporter.error(KosmosError(f"`{result.info.document.path}` page {result.info.page_number}: {result.error}"))
+    elif result.status is Status.TRUNCATED:
+        summary.pages_truncated += 1
+        reason = result.extra.get("truncation", "truncated")
+        reporter.warning(f"`{result.info.document.path}` page {result.info.page_number} is truncated: {reason}")
+    reporter.page_done(result)
+
+
+def _failed_info(document: Document, error: PageError) -> PageInfo:
+    return PageInfo(document, error.page_index, error.page_count, 0, 0)
+
+
+def _progress_path(document: Document, job: Job) -> Path | None:
+    if job.output_dir is None:
+        return None
+    return job.output_dir / (document.name + PROGRESS_SUFFIX)
+
+
+def _load_progress(path: Path | None, job: Job) -> dict[int, PageResult]:
+    """Read finished pages back; a torn last line or another fingerprint means those pages are redone."""
+    if path is None or not path.exists() or job.overwrite:
+        return {}
+    results: dict[int, PageResult] = {}
+    with path.open(encoding="utf-8") as stream:
+        lines = stream.read().split("\n")
+    try:
+        header = json.loads(lines[0])
+    except json.JSONDecodeError:
+        return {}
+    if header.get("fingerprint") != job.fingerprint:
+        path.unlink()
+        return {}
+    for line in lines[1:]:
+        try:
+            result = _result_from_json(json.loads(line))
+        except (json.JSONDecodeError, KeyError, TypeError, ValueError):
+            continue
+        if result.status is not Status.FAILED:
+            results[result.info.page_index] = result
+    return results
+
+
+def _result_to_json(result: PageResult) -> dict[str, Any]:
+    info = result.info
+    return {
+        "document": {"path": info.document.path, "name": info.document.name},
+        "page_index": info.page_index,
+        "page_count": info.page_count,
+        "width": info.width,
+        "height": info.height,
+        "dpi": info.dpi,
+        "pixel_to_pdf": info.pixel_to_pdf,
+        "task": result.task.value,
+        "text": result.text,
+        "lines": [{"text": line.text, "polygon": line.polygon} for line in result.lines],
+        "raw": result.raw,
+        "status": result.status.value,
+        "error": result.error,
+        "token_count": result.token_count,
+        "extra": result.extra,
+    }
+
+
+def _result_from_json(data: dict[str, Any]) -> PageResult:
+    matrix = data["pixel_to_pdf"]
+    info = PageInfo(
+        Document(**data["document"]),
+        data["page_index"],
+        data["page_count"],
+        data["width"],
+        data["height"],
+        data["dpi"],
+        tuple(matrix) if matrix else None,  # type: ignore[arg-type]
+    )
+    lines = tuple(
+        Line(line["text"], tuple(tuple(p) for p in line["polygon"]) if line["polygon"] else None)  # type: ignore[arg-type]
+        for line in data["lines"]
+    )
+    return PageResult(
+        info,
+        Task(data["task"]),
+        data["text"],
+        lines,
+        data["raw"],
+        Status(data["status"]),
+        data["error"],
+        data["token_count"],
+        data["extra"],
+    )
+
+
+class _StdoutOrder:
+    """Print finished documents to stdout in input order, whatever order they finish in."""
+
+    def __init__(self, documents: Sequence[Document], job: Job, writers: list[Writer], stdout: BinaryIO) -> None:
+        self.pending = list(documents)
+        self.done: dict[Document, list[PageResult]] = {}
+        self.writer = writers[0] if job.output_dir is None else None
+        self.streaming = job.formats == ("jsonl",)
+        self.separate = len(documents) > 1
+        self.stdout = stdout
+
+    def stream_page(self, result: PageResult) -> None:
+        assert self.writer is not None
+        self.stdout.write(self.writer.render_page(result))  # type: ignore[attr-defined]
+        self.stdout.flush()
+
+    def ready(self, document: Document, results: list[PageResult]) -> None:
+        self.done[document] = results
+        self.flush_ready()
+
+    def flush_ready(self) -> None:
+        while self.pending and self.pending[0] in self.done:
+            document = self.pending.pop(0)
+            results = self.done.pop(document)
+            if self.writer is None or self.streaming:
+                continue
+            if self.separate:
+                self.stdout.write(self.writer.document_header(document))
+            self.stdout.write(self.writer.render(results))
+            self.stdout.flush()
+
+    def abandon(self, document: Document) -> None:
+        """Forget a document that failed, so later ones are not held back."""
+        self.pending.remove(document)
+        self.flush_ready()
+
+    def flush_all(self) -> None:
+        """Print whatever is still held back (there is nothing unless a page went missing)."""
+        self.pending = [d for d in self.pending if d in self.done]
+        self.flush_ready()

@@ -1,0 +1,103 @@
+"""Turn the model's raw output into lines with boxes, tidy markdown and the `txt` line format.
+
+`parse_ocr` is the one place where coordinates leave the model's resized image: every box is
+rescaled to original-image pixels here and nowhere else.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Iterable
+
+from kosmos_cli.document import BBox, Line, Matrix, Point
+
+# One line starts at `<bbox>`, or at a complete coordinate quad whose `<bbox>` went missing.
+_LINE_START = re.compile(
+    r"<bbox>(?:<x_(\d+)><y_(\d+)><x_(\d+)><y_(\d+)>(?:</bbox>)?)?"
+    r"|<x_(\d+)><y_(\d+)><x_(\d+)><y_(\d+)></bbox>"
+)
+# Box tokens left over in a line's text (a partial box); they are never part of the text.
+_STRAY_TOKEN = re.compile(r"</?bbox>|<[xy]_\d+>")
+# A special token cut in half at the very end of the output (e.g. `<y_3`).
+_CUT_TOKEN = re.compile(r"<(?:/?b(?:b(?:o(?:x)?)?)?|/|[xy](?:_\d*)?)$")
+_BLANK_RUNS = re.compile(r"\n{2,}")
+
+
+def parse_ocr(raw: str, *, resized_size: tuple[int, int], original_size: tuple[int, int]) -> list[Line]:
+    """Parse `<bbox><x_N><y_N><x_N><y_N></bbox>text` output into lines in original-image pixels."""
+    resized_w, resized_h = resized_size
+    original_w, original_h = original_size
+    if min(resized_w, resized_h, original_w, original_h) <= 0:
+        raise ValueError(
+            f"image sizes must be positive, got resized {resized_size} and original {original_size}"
+        )
+
+    def rescale(value: str, original: int, resized: int) -> int:
+        # Boxes may run past the resized image (the receipt example emits x_836 at width 832): clip.
+        scaled = math.floor(int(value) * original / resized + 0.5)
+        return min(max(scaled, 0), original)
+
+    raw = _CUT_TOKEN.sub("", raw)
+    lines: list[Line] = []
+    starts = list(_LINE_START.finditer(raw))
+    lead_end = starts[0].start() if starts else len(raw)
+    _append(lines, raw[:lead_end], None)
+    for index, start in enumerate(starts):
+        text_end = starts[index + 1].start() if index + 1 < len(starts) else len(raw)
+        text = raw[start.end() : text_end]
+        numbers = [n for n in start.groups() if n is not None]
+        polygon = None
+        if numbers:
+            x0, x1 = (rescale(numbers[i], original_w, resized_w) for i in (0, 2))
+            y0, y1 = (rescale(numbers[i], original_h, resized_h) for i in (1, 3))
+            # The model card drops degenerate boxes with their text; the text is kept here, without a box.
+            # A box that collapses after clipping or rounding is just as unusable.
+            if x0 < x1 and y0 < y1:
+                polygon = ((x0, y0), (x1, y0), (x1, y1), (x0, y1))
+        _append(lines, text, polygon)
+    return lines
+
+
+def _append(lines: list[Line], text: str, polygon: tuple[Point, Point, Point, Point] | None) -> None:
+    """Add a line unless it has no text; whitespace runs, newlines included, become one space."""
+    words = _STRAY_TOKEN.sub(" ", text).split()
+    if words:
+        lines.append(Line(" ".join(words), polygon))
+
+
+def tidy_markdown(raw: str) -> str:
+    """Tidy markdown as the original inference code does: `<br>` to newline, strip, collapse blanks."""
+    # microsoft/unilm kosmos-2.5/inference.py, get_markdown_res.md_post_process
+    text = raw.replace("<br>", "\n")
+    text = "\n".join(line.strip() for line in text.split("\n"))
+    return _BLANK_RUNS.sub("\n\n", text).strip()
+
+
+def format_ocr_line(line: Line) -> str:
+    """Format one line as `x0,y0,x1,y0,x1,y1,x0,y1,text`; a line without a box gets empty fields."""
+    if line.polygon is None:
+        return ",,,,,,,," + line.text
+    coordinates = ",".join(f"{x},{y}" for x, y in line.polygon)
+    return f"{coordinates},{line.text}"
+
+
+def format_ocr_lines(lines: Iterable[Line]) -> str:
+    """Format lines in the model card's txt format, one per line, with no trailing newline."""
+    return "\n".join(format_ocr_line(line) for line in lines)
+
+
+def pixel_bbox_to_pdf(bbox: BBox, matrix: Matrix) -> tuple[float, float, float, float]:
+    """Map a pixel box through a page's pixel-to-PDF matrix to `(x0, y0, x1, y1)` in points, to 0.01 pt."""
+    a, b, c, d, e, f = matrix
+    x0, y0, x1, y1 = bbox
+    corners = [(a * x + c * y + e, b * x + d * y + f) for x, y in ((x0, y0), (x1, y0), (x1, y1), (x0, y1))]
+    xs = [x for x, _ in corners]
+    ys = [y for _, y in corners]
+    # `+ 0.0` turns -0.0 into 0.0 so equal boxes print the same.
+    return (
+        round(min(xs), 2) + 0.0,
+        round(min(ys), 2) + 0.0,
+        round(max(xs), 2) + 0.0,
+        round(max(ys), 2) + 0.0,
+    )

@@ -1,0 +1,218 @@
+"""Turn pages into page results: split tall pages into tiles, run the model, parse its output."""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Generic, TypeVar
+
+from kosmos_cli.document import (
+    BBox,
+    Document,
+    Finish,
+    Generation,
+    Line,
+    Page,
+    PageInfo,
+    PageResult,
+    Status,
+    Task,
+)
+from kosmos_cli.errors import GenerationError
+from kosmos_cli.parsing import format_ocr_lines, parse_ocr, tidy_markdown
+from kosmos_cli.runner import Request, Runner, Settings, load_runner
+from kosmos_cli.tiling import merge_tile_lines, plan_tiles
+
+if TYPE_CHECKING:
+    from PIL import Image
+
+logger = logging.getLogger(__name__)
+
+PREFETCH_PAGES = 8  # pages rendered ahead of the model
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class _Tile:
+    """Which page a request belongs to and where its tile sits on that page."""
+
+    page_key: object
+    box: BBox
+    tile_count: int
+
+
+@dataclass
+class _PendingPage(Generic[T]):
+    page: Page
+    item: T
+    tiles: dict[BBox, Generation] = field(default_factory=dict)
+
+
+def transcribe_pages(
+    items: Iterable[tuple[Page, T]],
+    runner: Runner,
+    *,
+    task: Task,
+    tile: bool = True,
+) -> Iterator[tuple[Page, T, PageResult]]:
+    """Transcribe pages as the runner finishes them; `T` is any tag the caller wants back."""
+    pending: dict[int, _PendingPage[T]] = {}
+
+    def requests() -> Iterator[Request]:
+        for number, (page, item) in enumerate(items):
+            pending[number] = _PendingPage(page, item)
+            boxes = plan_tiles(page.info.width, page.info.height) if tile and task is Task.OCR else []
+            if len(boxes) <= 1:
+                whole = (0, 0, page.info.width, page.info.height)
+                yield Request(_Tile(number, whole, 1), page.image, task)
+                continue
+            for box in boxes:
+                yield Request(_Tile(number, box, len(boxes)), page.image.crop(box), task)
+
+    for request, outcome in runner.generate(requests()):
+        tile_key = request.key
+        assert isinstance(tile_key, _Tile)
+        entry = pending[tile_key.page_key]  # type: ignore[index]
+        if isinstance(outcome, GenerationError):
+            del pending[tile_key.page_key]  # type: ignore[arg-type]
+            yield entry.page, entry.item, failed_result(entry.page.info, task, outcome.message)
+            continue
+        if tile_key.page_key not in pending:
+            continue  # another tile of this page already failed it
+        entry.tiles[tile_key.box] = outcome
+        if len(entry.tiles) == tile_key.tile_count:
+            del pending[tile_key.page_key]  # type: ignore[arg-type]
+            yield entry.page, entry.item, build_result(entry.page.info, task, entry.tiles, runner.max_new_tokens)
+
+
+def build_result(
+    info: PageInfo, task: Task, tiles: dict[BBox, Generation], max_new_tokens: int
+) -> PageResult:
+    """Parse the generation(s) of one page into its result, merging tiles back together."""
+    generations = list(tiles.values())
+    token_count = sum(g.token_count for g in generations)
+    finishes = {g.finish for g in generations}
+    status = Status.OK if finishes == {Finish.EOS} else Status.TRUNCATED
+    raw = "\n".join(g.text for g in generations)
+    extra: dict[str, object] = {}
+    if status is Status.TRUNCATED:
+        extra["truncation"] = (
+            "repetition loop cut" if Finish.LOOP in finishes else f"hit --max-new-tokens {max_new_tokens}"
+        )
+    if task is Task.MD:
+        text = tidy_markdown(generations[0].text)
+        return PageResult(info, task, text, (), raw, status, None, token_count, extra)
+    lines = _ocr_lines(tiles)
+    return PageResult(info, task, format_ocr_lines(lines), tuple(lines), raw, status, None, token_count, extra)
+
+
+def _ocr_lines(tiles: dict[BBox, Generation]) -> list[Line]:
+    per_tile = []
+    for box, generation in tiles.items():
+        tile_size = (box[2] - box[0], box[3] - box[1])
+        per_tile.append(
+            (box, parse_ocr(generation.text, resized_size=generation.resized_size, original_size=tile_size))
+        )
+    if len(per_tile) == 1:
+        return per_tile[0][1]
+    return merge_tile_lines(per_tile)
+
+
+def failed_result(info: PageInfo, task: Task, error: str) -> PageResult:
+    """Return the result that marks a page as failed in place."""
+    return PageResult(info, task, "", status=Status.FAILED, error=error)
+
+
+def prefetch(items: Iterable[T], *, depth: int = PREFETCH_PAGES) -> Iterator[T]:
+    """Iterate `items` in a background thread, `depth` ahead, so rendering overlaps generation."""
+    buffer: queue.Queue[tuple[bool, object]] = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+
+    def produce() -> None:
+        try:
+            for item in items:
+                while not stop.is_set():
+                    try:
+                        buffer.put((True, item), timeout=0.1)
+                        break
+                    except queue.Full:
+                        continue
+                if stop.is_set():
+                    return
+            buffer.put((False, None))
+        except BaseException as error:  # handed to the consumer, which re-raises it
+            buffer.put((False, error))
+
+    thread = threading.Thread(target=produce, name="kosmos-prefetch", daemon=True)
+    thread.start()
+    try:
+        while True:
+            ok, value = buffer.get()
+            if not ok:
+                if isinstance(value, BaseException):
+                    raise value
+                return
+            yield value  # type: ignore[misc]
+    finally:
+        stop.set()
+
+
+class Transcriber:
+    """Kosmos-2.5 as a Python call: load once, then transcribe images."""
+
+    def __init__(self, runner: Runner) -> None:
+        self.runner = runner
+
+    @classmethod
+    def load(
+        cls,
+        *,
+        model: str | None = None,
+        revision: str | None = None,
+        device: str = "auto",
+        dtype: str = "auto",
+        attn: str = "auto",
+        batch_size: int | None = None,
+        max_new_tokens: int | None = None,
+    ) -> Transcriber:
+        """Load a checkpoint (hub id or folder); raises ModelLoadError with a hint."""
+        from kosmos_cli.runner import default_model
+
+        settings = Settings(
+            model=model or default_model(),
+            revision=revision,
+            device=device,
+            dtype=dtype,
+            attn=attn,
+            batch_size=batch_size,
+            max_new_tokens=max_new_tokens,
+        )
+        return cls(load_runner(settings))
+
+    def transcribe(
+        self,
+        images: Iterable[Image.Image | str | Path],
+        *,
+        task: Task | str = Task.MD,
+        batch_size: int | None = None,
+    ) -> list[PageResult]:
+        """Transcribe images (PIL images or image paths) and return one result per image, in order."""
+        from kosmos_cli.sources import load_image
+
+        if batch_size is not None and hasattr(self.runner, "batch_size"):
+            self.runner.batch_size = batch_size
+        pages = []
+        for index, image in enumerate(images):
+            label = str(image) if isinstance(image, (str, Path)) else f"image {index + 1}"
+            pixels = load_image(Path(image)) if isinstance(image, (str, Path)) else image.convert("RGB")
+            info = PageInfo(Document(label, label), 0, 1, pixels.width, pixels.height)
+            pages.append((Page(info, pixels), index))
+        results: list[PageResult | None] = [None] * len(pages)
+        for _, index, result in transcribe_pages(pages, self.runner, task=Task(task)):
+            results[index] = result
+        return [r for r in results if r is not None]
+
