@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import re
 import sys
 import time
 from enum import Enum
@@ -11,7 +12,6 @@ from typing import TYPE_CHECKING, Annotated, Optional
 
 import typer
 from rich.console import Console
-from rich.logging import RichHandler
 from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
@@ -40,13 +40,6 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     rich_markup_mode=None,
 )
-
-
-class Device(str, Enum):
-    auto = "auto"
-    cpu = "cpu"
-    cuda = "cuda"
-    mps = "mps"
 
 
 class MdFormat(str, Enum):
@@ -104,7 +97,13 @@ Model = Annotated[
     typer.Option("--model", help=f"Hub id or local folder [env {MODEL_ENV}; default {DEFAULT_MODEL}].", show_default=False),
 ]
 Revision = Annotated[Optional[str], typer.Option("--revision", help="Hub branch, tag or commit of --model.")]  # noqa: UP045
-DeviceOpt = Annotated[str, typer.Option("--device", help="auto, cpu, cuda, cuda:N or mps.")]
+def _check_device(value: str) -> str:
+    if value in ("auto", "cpu", "cuda", "mps") or re.fullmatch(r"cuda:\d+", value):
+        return value
+    raise typer.BadParameter(f"`{value}` is not a device: use auto, cpu, cuda, cuda:N or mps")
+
+
+DeviceOpt = Annotated[str, typer.Option("--device", help="auto, cpu, cuda, cuda:N or mps.", callback=_check_device)]
 DTypeOpt = Annotated[DType, typer.Option("--dtype", help="auto: bfloat16 on GPUs that support it, else float16 on GPU, float32 on CPU.")]
 AttnOpt = Annotated[Attention, typer.Option("--attn", help="Attention kernel; auto picks flash_attention_2 when installed.")]
 BatchSize = Annotated[
@@ -398,12 +397,25 @@ def _summary_line(summary: Summary) -> str:
     return line
 
 
+class _MessageHandler(logging.Handler):
+    """Print log records as `warning: ...` lines on the stderr console, like every other message."""
+
+    def __init__(self, console: Console) -> None:
+        super().__init__()
+        self.console = console
+
+    def emit(self, record: logging.LogRecord) -> None:
+        prefix = "error" if record.levelno >= logging.ERROR else record.levelname.lower()
+        self.console.print(f"{prefix}: {record.getMessage()}", markup=False)
+
+
 def _configure_logging(console: Console, *, verbose: bool, quiet: bool) -> None:
-    handler = RichHandler(console=console, show_time=False, show_path=False, markup=False)
-    package = logging.getLogger("kosmos_cli")
-    package.handlers[:] = [handler]
-    package.setLevel(logging.DEBUG if verbose else logging.ERROR if quiet else logging.WARNING)
-    package.propagate = False
+    logging.captureWarnings(True)  # PIL reports large images and bad EXIF as Python warnings
+    for name in ("kosmos_cli", "py.warnings"):
+        logger = logging.getLogger(name)
+        logger.handlers[:] = [_MessageHandler(console)]
+        logger.setLevel(logging.DEBUG if verbose else logging.ERROR if quiet else logging.WARNING)
+        logger.propagate = False
     from transformers.utils import logging as hf_logging
 
     if verbose:

@@ -212,7 +212,7 @@ class Assembly:
             atomic_write(self.job.output_dir / draw_file_name(result.info), drawing)
         self._record(state, result)
         _count_result(result, self.summary, self.reporter)
-        if self.job.output_dir is None and self.job.formats == ("jsonl",) and not state.failed:
+        if self.job.output_dir is None and self.job.formats == ("jsonl",):
             self.order.stream_page(result)
         self._finish_if_complete(state)
         return True

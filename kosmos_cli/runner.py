@@ -2,16 +2,22 @@
 
 from __future__ import annotations
 
+import functools
 import logging
+import math
 import os
+import queue
+import threading
+import warnings
+from collections import deque
 from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import dataclass
-from itertools import islice
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
 from kosmos_cli.document import Finish, Generation, Task
 from kosmos_cli.errors import GenerationError, ModelLoadError
+from kosmos_cli.loops import LoopDetector, LoopRule, find_loop
 
 if TYPE_CHECKING:
     import torch
@@ -25,6 +31,13 @@ MODEL_TYPE = "kosmos-2.5"  # config.json model_type of every Kosmos-2.5 checkpoi
 TASK_PROMPTS = {Task.MD: "<md>", Task.OCR: "<ocr>"}
 DTYPES = ("auto", "bfloat16", "float16", "float32")
 ATTENTIONS = ("auto", "sdpa", "eager", "flash_attention_2")
+QUANTIZATIONS = ("int8",)
+GROW_COLUMNS = 256  # spare KV cache columns allocated at a time while decoding
+CPU_BATCH_SIZE = 4  # pages decoding together on CPU (see BENCHMARKS.md: 1 vs 2 vs 4)
+CUDA_MAX_BATCH_SIZE = 64
+CUDA_MEMORY_SHARE = 0.7  # of free GPU memory given to the KV cache
+KV_BYTES_PER_TOKEN_PER_DTYPE_BYTE = 24 * 2 * 1536  # layers x (key, value) x embed_dim
+REFILL_SHARE = 8  # a batch of B refills once B / REFILL_SHARE rows are free (every row on CPU)
 LOAD_HINT = "download it once with `kosmos download` (needs network), or pass a local folder with --model"
 
 
@@ -54,19 +67,24 @@ class Runner(Protocol):
 
 @dataclass(frozen=True)
 class Settings:
-    """How to load the model; every field has a CLI option of the same name."""
+    """How to load the model and generate; fields have a CLI option of the same name unless noted."""
 
     model: str = DEFAULT_MODEL
     revision: str | None = None
     device: str = "auto"
     dtype: str = "auto"
     attn: str = "auto"
-    batch_size: int | None = None  # None: chosen from the device
+    batch_size: int | None = None  # None: chosen from the device and its free memory
     max_new_tokens: int | None = None  # None: what the position table allows after the prompt
+    compile: bool = False  # static KV cache + torch.compile'd decode, in fixed batches (GPU)
+    quantize: str | None = None  # "int8": dynamic int8 nn.Linear layers (CPU only)
+    threads: int | None = None  # CPU threads; None: the cores this process may run on
+    detect_loops: bool = True  # stop a page whose output repeats itself (no CLI option)
+    ignore_eos: bool = False  # benchmarks only: always generate max_new_tokens (no CLI option)
 
 
 class KosmosRunner:
-    """A loaded Kosmos-2.5 model and processor with greedy batched generation."""
+    """A loaded Kosmos-2.5 model and processor with greedy, continuously batched generation."""
 
     def __init__(self, *, model: Any, processor: Any, settings: Settings, device: str, dtype: Any) -> None:
         self.model = model
@@ -75,26 +93,222 @@ class KosmosRunner:
         self.device = device
         self.dtype = dtype
         self.prompt_length = processor.num_image_tokens + 4  # <s> <image> ... </image> <task>
-        self.max_new_tokens = settings.max_new_tokens or max_new_tokens_allowed(model.config, self.prompt_length)
-        self.batch_size = settings.batch_size or default_batch_size(device)
+        self.max_new_tokens = settings.max_new_tokens or max_new_tokens_allowed(
+            model.config, self.prompt_length
+        )
+        self.batch_size = settings.batch_size or default_batch_size(device, dtype)
+        self.eos_id = int(model.generation_config.eos_token_id)
+        self.pad_id = int(model.config.text_config.pad_token_id)
+        self.loop_rule = LoopRule() if settings.detect_loops else None
 
     def generate(self, requests: Iterable[Request]) -> Iterator[tuple[Request, Generation | GenerationError]]:
-        """Generate for requests in batches of `batch_size`, halving a batch that runs out of memory."""
-        iterator = iter(requests)
-        while batch := list(islice(iterator, self.batch_size)):
-            yield from self._generate_or_split(batch)
+        """Yield each request with its generation (or error) as soon as its page is done."""
+        pages = _ReadAhead(self._encode_each(requests), depth=self.batch_size + 1)
+        try:
+            if self.settings.compile:
+                yield from self._generate_fixed(pages)
+            else:
+                yield from self._generate_continuous(pages)
+        finally:
+            pages.close()
+
+    # --- preprocessing (runs in the read-ahead thread, overlapping decode) -----------------------
+
+    def _encode_each(
+        self, requests: Iterable[Request]
+    ) -> Iterator[tuple[Request, _Encoded | GenerationError]]:
+        for request in requests:
+            try:
+                encoded = self.encode(request)
+            except (ValueError, TypeError, OSError, RuntimeError) as error:  # an image the processor rejects
+                yield request, GenerationError(f"could not prepare the image: {_describe(error)}")
+                continue
+            yield request, encoded
+
+    def encode(self, request: Request) -> _Encoded:
+        """Run the processor on one request: flattened patches, prompt ids and the resized size."""
+        inputs = self.processor(
+            text=[TASK_PROMPTS[request.task]], images=[request.image], return_tensors="pt"
+        )
+        resized = (int(inputs.pop("width")[0]), int(inputs.pop("height")[0]))
+        inputs["flattened_patches"] = inputs["flattened_patches"].to(self.dtype)
+        return _Encoded(dict(inputs), resized)
+
+    # --- continuous batching (default) -------------------------------------------------------------
+
+    def _generate_continuous(
+        self, pages: _ReadAhead
+    ) -> Iterator[tuple[Request, Generation | GenerationError]]:
+        """Keep up to `batch_size` pages decoding; a finished page leaves, the next page joins."""
+        batch = _Batch()
+        waiting: deque[tuple[Request, _Encoded]] = deque()  # pages to (re)start before new ones
+        limit = self.batch_size
+        refill_min = default_refill_min(self.device, limit)
+        while True:
+            free = limit - len(batch.rows)
+            if free > 0 and (not batch.rows or free >= refill_min or pages.exhausted):
+                joining = [waiting.popleft() for _ in range(min(free, len(waiting)))]
+                wait_for = 0 if batch.rows or joining else 1  # never stall running rows on rendering
+                for request, encoded in pages.take(free - len(joining), wait_for=wait_for):
+                    if isinstance(encoded, GenerationError):
+                        yield request, encoded
+                    else:
+                        joining.append((request, encoded))
+                rejected: list[tuple[Request, _Encoded]] = []
+                if joining:
+                    yield from self._join(batch, joining, rejected)
+                if rejected:  # no memory to widen the batch: they wait until rows finish
+                    waiting.extendleft(reversed(rejected))
+                    limit = max(1, len(batch.rows))
+            if not batch.rows:
+                if pages.exhausted and not waiting:
+                    return
+                continue
+            try:
+                tokens = self._decode_step(batch)
+            except Exception as error:  # one place that turns a failing step into a retry or per-page errors
+                if len(batch.rows) == 1:
+                    row = batch.rows[0]
+                    batch.clear()
+                    yield row.request, _page_error(error)
+                    continue
+                limit = self._restart(batch, waiting, error, limit)
+                continue
+            yield from self._advance(batch, tokens)
+
+    def _join(
+        self, batch: _Batch, joining: list[tuple[Request, _Encoded]], rejected: list[tuple[Request, _Encoded]]
+    ) -> Iterator[tuple[Request, Generation | GenerationError]]:
+        """Prefill new pages together (halving the group when it fails) and merge them into the batch."""
+        try:
+            cache, mask, first = self._prefill([encoded for _, encoded in joining])
+        except Exception as error:  # one place that turns a failing prefill into per-page errors
+            if len(joining) == 1:
+                yield joining[0][0], _page_error(error)
+                return
+            logger.warning(
+                "prefill of %d pages failed (%s); retrying in halves", len(joining), _describe(error)
+            )
+            _release_memory()
+            half = len(joining) // 2
+            yield from self._join(batch, joining[:half], rejected)
+            yield from self._join(batch, joining[half:], rejected)
+            return
+        rows = [self._new_row(request, encoded) for request, encoded in joining]
+        try:
+            batch.merge(_Batch(rows, cache, mask, first))
+        except Exception as error:  # widening the running cache failed; `merge` left it untouched
+            if not _is_out_of_memory(error):
+                raise
+            logger.warning("no memory for %d more pages in the batch; they wait", len(joining))
+            del cache
+            _release_memory()
+            rejected.extend(joining)
+            return
+        yield from self._advance(batch, first.tolist(), rows_from=len(batch.rows) - len(rows))
+
+    def _prefill(self, encoded: Sequence[_Encoded]) -> tuple[Any, torch.Tensor, torch.Tensor]:
+        """Run the vision encoder and the prompt for new pages; return their cache, mask and first tokens."""
+        import torch
+
+        inputs = {
+            key: torch.cat([e.inputs[key] for e in encoded]).to(self.device) for key in encoded[0].inputs
+        }
+        cache = _new_cache(self.model)
+        with torch.inference_mode():
+            output = self.model(**inputs, past_key_values=cache, use_cache=True, logits_to_keep=1)
+        return cache, inputs["attention_mask"], self._pick(output.logits[:, -1, :])
+
+    def _decode_step(self, batch: _Batch) -> list[int]:
+        """Feed every row its last token; return the next token of each row."""
+        import torch
+
+        assert batch.tokens is not None and batch.mask is not None
+        input_ids = batch.tokens[:, None]
+        # Kosmos' sinusoidal positions count from padding_idx + 1 over the row's own tokens; left padding
+        # in the shared cache would shift the positions the model computes itself from the cache length.
+        lengths = torch.tensor([row.cached for row in batch.rows], device=input_ids.device)[:, None]
+        position_ids = torch.where(input_ids == self.pad_id, self.pad_id, self.pad_id + 1 + lengths)
+        mask = torch.cat([batch.mask, batch.mask.new_ones(len(batch.rows), 1)], dim=1)
+        with torch.inference_mode():
+            output = self.model(
+                input_ids=input_ids,
+                attention_mask=mask,
+                past_key_values=batch.cache,
+                position_ids=position_ids,
+                use_cache=True,
+            )
+        batch.mask = mask
+        for row in batch.rows:
+            row.cached += 1
+        batch.tokens = self._pick(output.logits[:, -1, :])
+        return batch.tokens.tolist()  # type: ignore[no-any-return]
+
+    def _pick(self, logits: torch.Tensor) -> torch.Tensor:
+        """Greedy choice: the argmax token of each row (EOS excluded when `ignore_eos`)."""
+        if self.settings.ignore_eos:
+            logits = logits.clone()
+            logits[:, self.eos_id] = float("-inf")
+        return logits.argmax(dim=-1)
+
+    def _advance(
+        self, batch: _Batch, tokens: list[int], rows_from: int = 0
+    ) -> Iterator[tuple[Request, Generation | GenerationError]]:
+        """Record each row's new token; yield and drop the rows that finished."""
+        finished = [
+            i for i, token in enumerate(tokens, start=rows_from) if batch.rows[i].add(token, self.eos_id)
+        ]
+        if not finished:
+            return
+        done = [batch.rows[i] for i in finished]
+        batch.drop(finished)
+        for row in done:
+            yield row.request, self._to_generation(row.ids, row.resized_size, row.finish)
+
+    def _new_row(self, request: Request, encoded: _Encoded) -> _Row:
+        detector = LoopDetector(self.loop_rule) if self.loop_rule is not None else None
+        cached = int(encoded.inputs["input_ids"].shape[1])
+        return _Row(request, encoded, self.max_new_tokens, detector, cached)
+
+    def _restart(
+        self, batch: _Batch, waiting: deque[tuple[Request, _Encoded]], error: BaseException, limit: int
+    ) -> int:
+        """Put every running page back in line to start again, and return a halved batch limit."""
+        restart = [(row.request, row.encoded) for row in batch.rows]
+        batch.clear()
+        _release_memory()
+        waiting.extendleft(reversed(restart))
+        smaller = max(1, min(limit, len(restart)) // 2)
+        logger.warning(
+            "a batch of %d pages failed (%s); restarting them in batches of %d",
+            len(restart),
+            _describe(error),
+            smaller,
+        )
+        return smaller
+
+    # --- fixed batches with a static cache (--compile) -------------------------------------------
+
+    def _generate_fixed(self, pages: _ReadAhead) -> Iterator[tuple[Request, Generation | GenerationError]]:
+        """Generate in fixed batches of `batch_size`, halving a batch that fails."""
+        while not pages.exhausted:
+            batch: list[tuple[Request, _Encoded]] = []
+            for request, encoded in pages.take(self.batch_size, wait_for=self.batch_size):
+                if isinstance(encoded, GenerationError):
+                    yield request, encoded
+                else:
+                    batch.append((request, encoded))
+            if batch:
+                yield from self._generate_or_split(batch)
 
     def _generate_or_split(
-        self, batch: list[Request]
+        self, batch: list[tuple[Request, _Encoded]]
     ) -> Iterator[tuple[Request, Generation | GenerationError]]:
         try:
-            generations = self.generate_batch(batch)
+            generations = self._generate_static([encoded for _, encoded in batch])
         except Exception as error:  # one place that turns a failing batch into per-page errors
-            if not _is_out_of_memory(error) and len(batch) == 1:
-                yield batch[0], GenerationError(f"generation failed: {_describe(error)}")
-                return
             if len(batch) == 1:
-                yield batch[0], GenerationError("out of memory even alone", hint="try --dtype bfloat16 or --device cpu")
+                yield batch[0][0], _page_error(error)
                 return
             logger.warning("batch of %d failed (%s); retrying in halves", len(batch), _describe(error))
             _release_memory()
@@ -102,35 +316,314 @@ class KosmosRunner:
             yield from self._generate_or_split(batch[:half])
             yield from self._generate_or_split(batch[half:])
             return
-        yield from zip(batch, generations)
+        yield from zip((request for request, _ in batch), generations, strict=True)
 
     def generate_batch(self, batch: Sequence[Request]) -> list[Generation]:
-        """Run one greedy `generate` call on a batch whose prompts all have the same length."""
+        """Run one fixed batch through `model.generate` (static cache when `compile`); raises on failure."""
+        return self._generate_static([self.encode(request) for request in batch])
+
+    def _generate_static(self, encoded: Sequence[_Encoded]) -> list[Generation]:
         import torch
+        from transformers import StoppingCriteriaList
 
-        inputs = self.processor(
-            text=[TASK_PROMPTS[r.task] for r in batch], images=[r.image for r in batch], return_tensors="pt"
-        )
-        resized = [(int(w), int(h)) for w, h in zip(inputs.pop("width"), inputs.pop("height"))]
-        inputs = {k: v.to(self.device) for k, v in inputs.items()}
-        inputs["flattened_patches"] = inputs["flattened_patches"].to(self.dtype)
+        inputs = {
+            key: torch.cat([e.inputs[key] for e in encoded]).to(self.device) for key in encoded[0].inputs
+        }
+        config = greedy_config(self.model, self.max_new_tokens)
+        if self.settings.ignore_eos:
+            config.min_new_tokens = self.max_new_tokens
+        if self.settings.compile:
+            config.cache_implementation = "static"
+            config.compile_config = compile_config(self.device)
+        stopping = StoppingCriteriaList()
+        if self.loop_rule is not None:
+            stopping.append(_loop_stopping_criteria(len(encoded), self.loop_rule))
         with torch.inference_mode():
-            output = self.model.generate(
-                **inputs, generation_config=greedy_config(self.model, self.max_new_tokens)
-            )
-        new_ids = output[:, inputs["input_ids"].shape[1] :].cpu()
-        return [self._to_generation(ids, size) for ids, size in zip(new_ids, resized)]
+            output = self.model.generate(**inputs, generation_config=config, stopping_criteria=stopping)
+        new_ids = output[:, inputs["input_ids"].shape[1] :].cpu().tolist()
+        generations = []
+        for ids, page in zip(new_ids, encoded, strict=True):
+            ids, finish = self._finish_of(ids)
+            generations.append(self._to_generation(ids, page.resized_size, finish))
+        return generations
 
-    def _to_generation(self, ids: torch.Tensor, resized_size: tuple[int, int]) -> Generation:
-        eos = self.model.generation_config.eos_token_id
-        tokens = ids.tolist()
-        if eos in tokens:
-            tokens = tokens[: tokens.index(eos)]
+    def _finish_of(self, ids: list[int]) -> tuple[list[int], Finish]:
+        """Cut a fixed-batch row at its EOS or loop and say why it ended."""
+        if self.eos_id in ids and not self.settings.ignore_eos:
+            ids = ids[: ids.index(self.eos_id)]
             finish = Finish.EOS
         else:
             finish = Finish.LENGTH
-        text = self.processor.tokenizer.decode(tokens, skip_special_tokens=True)
-        return Generation(text=text, resized_size=resized_size, token_count=len(tokens), finish=finish)
+        loop = find_loop(ids, self.loop_rule) if self.loop_rule is not None else None
+        if loop is not None:
+            return ids[: loop.keep], Finish.LOOP
+        return ids, finish
+
+    def _to_generation(self, ids: list[int], resized_size: tuple[int, int], finish: Finish) -> Generation:
+        text = self.processor.tokenizer.decode(ids, skip_special_tokens=True)
+        return Generation(text=text, resized_size=resized_size, token_count=len(ids), finish=finish)
+
+
+@dataclass(frozen=True)
+class _Encoded:
+    """A request after the processor: model inputs for one page (batch dim 1) and the resized size."""
+
+    inputs: dict[str, torch.Tensor]
+    resized_size: tuple[int, int]
+
+
+@dataclass
+class _Row:
+    """One page in the running batch."""
+
+    request: Request
+    encoded: _Encoded  # kept so the page can restart after a failed step
+    budget: int
+    detector: LoopDetector | None
+    cached: int  # tokens of this page in the KV cache (left padding excluded)
+    ids: list[int] = field(default_factory=list)
+    finish: Finish = Finish.LENGTH
+
+    @property
+    def resized_size(self) -> tuple[int, int]:
+        """The (width, height) the model saw."""
+        return self.encoded.resized_size
+
+    def add(self, token: int, eos_id: int) -> bool:
+        """Record the next token; return True when the page is finished."""
+        if token == eos_id:
+            self.finish = Finish.EOS
+            return True
+        self.ids.append(token)
+        if self.detector is not None and (loop := self.detector.push(token)) is not None:
+            del self.ids[loop.keep :]
+            self.finish = Finish.LOOP
+            return True
+        return len(self.ids) >= self.budget
+
+
+@dataclass
+class _Batch:
+    """Rows decoding together over one left-padded KV cache; `mask` is 0 over each row's padding."""
+
+    rows: list[_Row] = field(default_factory=list)
+    cache: Any = None
+    mask: torch.Tensor | None = None  # [rows, cache columns]
+    tokens: torch.Tensor | None = None  # [rows]: the token each row feeds next
+
+    def clear(self) -> None:
+        """Forget every row and free the cache."""
+        self.rows, self.cache, self.mask, self.tokens = [], None, None, None
+
+    def merge(self, other: _Batch) -> None:
+        """Append `other`'s rows, left-padding the shorter cache with masked columns."""
+        import torch
+
+        if not self.rows:
+            self.rows, self.cache, self.mask, self.tokens = other.rows, other.cache, other.mask, other.tokens
+            return
+        assert self.mask is not None and other.mask is not None and self.tokens is not None
+        assert other.tokens is not None
+        width = max(self.mask.shape[1], other.mask.shape[1])
+        # Build everything first, then assign: a failure half way leaves this batch as it was.
+        layers = [
+            (
+                torch.cat([_left_pad(mine.keys, width), _left_pad(theirs.keys, width)]),
+                torch.cat([_left_pad(mine.values, width), _left_pad(theirs.values, width)]),
+            )
+            for mine, theirs in zip(self.cache.layers, other.cache.layers, strict=True)
+        ]
+        mask = torch.cat([_left_pad(self.mask, width), _left_pad(other.mask, width)])
+        for layer, (keys, values) in zip(self.cache.layers, layers, strict=True):
+            layer.keys, layer.values = keys, values
+        self.mask = mask
+        self.tokens = torch.cat([self.tokens, other.tokens])
+        self.rows = self.rows + other.rows
+
+    def drop(self, indices: list[int]) -> None:
+        """Remove rows from the batch and trim cache columns that are padding for every remaining row."""
+        import torch
+
+        gone = set(indices)
+        keep = [i for i in range(len(self.rows)) if i not in gone]
+        if not keep:
+            self.clear()
+            return
+        assert self.mask is not None and self.tokens is not None
+        index = torch.tensor(keep, device=self.mask.device)
+        self.rows = [self.rows[i] for i in keep]
+        mask = self.mask[index]
+        start = int(mask.any(dim=0).int().argmax())  # padding is on the left, so leading columns go first
+        self.mask = mask[:, start:]
+        self.tokens = self.tokens[index]
+        for layer in self.cache.layers:
+            layer.keys = layer.keys[index, :, start:]
+            layer.values = layer.values[index, :, start:]
+
+
+def _left_pad(tensor: torch.Tensor, width: int) -> torch.Tensor:
+    """Pad a [rows, columns] mask or a [rows, heads, columns, dim] cache tensor on the left with zeros."""
+    import torch
+
+    if tensor.dim() == 2:
+        missing = width - tensor.shape[1]
+        return torch.nn.functional.pad(tensor, (missing, 0)) if missing else tensor
+    missing = width - tensor.shape[-2]
+    return torch.nn.functional.pad(tensor, (0, 0, missing, 0)) if missing else tensor
+
+
+def _new_cache(model: Any) -> Any:
+    """Return an empty KV cache whose layers grow in place instead of re-concatenating every step."""
+    from transformers import DynamicCache
+
+    cache = DynamicCache()
+    layer_class = _growing_layer_class()
+    cache.layers = [layer_class() for _ in range(model.config.text_config.layers)]
+    cache.layer_class_to_replicate = None
+    return cache
+
+
+@functools.cache
+def _growing_layer_class() -> type:
+    """Build (once) a DynamicLayer that keeps spare columns, so a decode step writes in place.
+
+    transformers' DynamicLayer concatenates the whole cache with the new token at every step, which
+    copies every row's KV (2052 prompt tokens and more) once per token; here `update` writes into
+    spare capacity and only reallocates every `GROW_COLUMNS` tokens.
+    """
+    from transformers.cache_utils import DynamicLayer
+
+    class GrowingLayer(DynamicLayer):  # type: ignore[misc]
+        # `keys`/`values` read as the filled part of a buffer with spare columns; assigning them
+        # (as batch_select_indices and _Batch do) replaces the buffer, filled to its full width.
+        def __init__(self) -> None:
+            self._buffers: dict[str, Any] = {"keys": None, "values": None}
+            self._lengths = {"keys": 0, "values": 0}
+            super().__init__()
+
+        def _get(self, name: str) -> Any:
+            buffer = self._buffers[name]
+            return buffer if buffer is None or buffer.dim() < 3 else buffer[:, :, : self._lengths[name]]
+
+        def _set(self, name: str, value: Any) -> None:
+            self._buffers[name] = value
+            self._lengths[name] = 0 if value is None or value.dim() < 3 else value.shape[-2]
+
+        keys = property(lambda self: self._get("keys"), lambda self, value: self._set("keys", value))
+        values = property(lambda self: self._get("values"), lambda self, value: self._set("values", value))
+
+        def get_seq_length(self) -> int:
+            return self._lengths["keys"] if self.is_initialized else 0
+
+        def update(self, key_states: Any, value_states: Any, *args: Any, **kwargs: Any) -> tuple[Any, Any]:
+            if not self.is_initialized or self.get_seq_length() == 0:
+                self.lazy_initialization(key_states, value_states)
+                self.keys, self.values = key_states, value_states
+                return key_states, value_states
+            start = self._lengths["keys"]
+            end = start + key_states.shape[-2]
+            for name, states in (("keys", key_states), ("values", value_states)):
+                buffer = self._buffers[name]
+                if end > buffer.shape[-2]:
+                    buffer = _grow(buffer, start, end + GROW_COLUMNS)
+                    self._buffers[name] = buffer
+                buffer[:, :, start:end] = states
+                self._lengths[name] = end
+            return self.keys, self.values
+
+    def _grow(tensor: torch.Tensor, length: int, capacity: int) -> torch.Tensor:
+        shape = (*tensor.shape[:2], capacity, tensor.shape[-1])
+        grown = tensor.new_empty(shape)
+        grown[:, :, :length] = tensor[:, :, :length]
+        return grown
+
+    return GrowingLayer
+
+
+class _ReadAhead:
+    """Pull (request, encoded) pairs in a background thread so preprocessing overlaps decoding."""
+
+    def __init__(self, items: Iterator[tuple[Request, _Encoded | GenerationError]], *, depth: int) -> None:
+        self._queue: queue.Queue[tuple[bool, Any]] = queue.Queue(maxsize=max(1, depth))
+        self._stop = threading.Event()
+        self.exhausted = False
+        self._thread = threading.Thread(
+            target=self._produce, args=(items,), name="kosmos-encode", daemon=True
+        )
+        self._thread.start()
+
+    def _produce(self, items: Iterator[tuple[Request, _Encoded | GenerationError]]) -> None:
+        try:
+            for item in items:
+                if not self._put((True, item)):
+                    return
+            self._put((False, None))
+        except BaseException as error:  # handed to the consumer, which re-raises it
+            self._put((False, error))
+
+    def _put(self, entry: tuple[bool, Any]) -> bool:
+        while not self._stop.is_set():
+            try:
+                self._queue.put(entry, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def take(self, count: int, *, wait_for: int) -> list[tuple[Request, _Encoded | GenerationError]]:
+        """Return up to `count` items: wait for the first `wait_for`, take the rest if they are ready."""
+        taken: list[tuple[Request, _Encoded | GenerationError]] = []
+        while len(taken) < count and not self.exhausted:
+            try:
+                ok, value = self._queue.get(block=len(taken) < wait_for)
+            except queue.Empty:
+                break
+            if not ok:
+                self.exhausted = True
+                if isinstance(value, BaseException):
+                    raise value
+                break
+            taken.append(value)
+        return taken
+
+    def close(self) -> None:
+        """Stop the background thread (it exits at its next item)."""
+        self._stop.set()
+
+
+def _loop_stopping_criteria(rows: int, rule: LoopRule) -> Any:
+    """A transformers StoppingCriteria that stops each row of a fixed batch when its output loops."""
+    import torch
+    from transformers import StoppingCriteria
+
+    class LoopStopping(StoppingCriteria):  # type: ignore[misc]
+        def __init__(self) -> None:
+            self.detectors = [LoopDetector(rule) for _ in range(rows)]
+            self.stopped = [False] * rows
+
+        def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs: Any) -> torch.Tensor:
+            for row, token in enumerate(input_ids[:, -1].tolist()):
+                if not self.stopped[row] and self.detectors[row].push(token) is not None:
+                    self.stopped[row] = True
+            return torch.tensor(self.stopped, device=input_ids.device)
+
+    return LoopStopping()
+
+
+def compile_config(device: str) -> Any:
+    """How `--compile` compiles the decode step: CUDA graphs on GPU, plain inductor elsewhere."""
+    from transformers import CompileConfig
+
+    config = CompileConfig(fullgraph=True, mode="reduce-overhead" if device.startswith("cuda") else "default")
+    config._compile_all_devices = True  # transformers only auto-compiles on accelerators otherwise
+    return config
+
+
+def _page_error(error: BaseException) -> GenerationError:
+    """Turn what stopped a page that ran alone into its error."""
+    if _is_out_of_memory(error):
+        return GenerationError("out of memory even alone", hint="try --dtype bfloat16 or --device cpu")
+    return GenerationError(f"generation failed: {_describe(error)}")
 
 
 def greedy_config(model: Any, max_new_tokens: int) -> Any:
@@ -153,15 +646,42 @@ def max_new_tokens_allowed(config: Any, prompt_length: int) -> int:
     return int(config.text_config.max_position_embeddings) - prompt_length
 
 
-def default_batch_size(device: str) -> int:
-    """Pick a batch size that keeps the device busy without running out of memory."""
+def default_batch_size(device: str, dtype: Any = None, tokens: int = 4096) -> int:
+    """Pick how many pages decode together: from free memory on GPU, a measured constant on CPU."""
     if device.startswith("cuda"):
         import torch
 
         free_bytes, _ = torch.cuda.mem_get_info(torch.device(device))
-        kv_bytes_per_page = 576 * 2**20  # bf16 KV cache for 4096 tokens (144 KiB per token)
-        return max(1, min(64, int(free_bytes * 0.7 // kv_bytes_per_page)))
-    return 1 if device == "cpu" else 4
+        dtype_bytes = dtype.itemsize if dtype is not None else 2
+        kv_bytes_per_page = KV_BYTES_PER_TOKEN_PER_DTYPE_BYTE * dtype_bytes * (tokens + GROW_COLUMNS)
+        return max(1, min(CUDA_MAX_BATCH_SIZE, int(free_bytes * CUDA_MEMORY_SHARE // kv_bytes_per_page)))
+    return CPU_BATCH_SIZE if device == "cpu" else 4
+
+
+def default_refill_min(device: str, batch_size: int) -> int:
+    """How many rows must be free before new pages join a running batch.
+
+    Joining copies the running cache once (like one decode step); on GPU with large batches that
+    is worth batching up, on CPU a free row is worth filling at once.
+    """
+    if device == "cpu":
+        return 1
+    return max(1, batch_size // REFILL_SHARE)
+
+
+def available_cores() -> int:
+    """Return the CPU cores this process may use: its affinity set, capped by a cgroup CPU quota."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # macOS and Windows have no affinity call
+        cores = os.cpu_count() or 1
+    try:
+        quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()[:2]
+        if quota != "max":
+            cores = min(cores, max(1, math.ceil(int(quota) / int(period))))
+    except (OSError, ValueError):
+        pass  # no cgroup v2 quota to honour
+    return cores
 
 
 def resolve_device(device: str) -> str:
@@ -183,7 +703,8 @@ def resolve_device(device: str) -> str:
         index = int(device.split(":", 1)[1]) if ":" in device else 0
         if index >= torch.cuda.device_count():
             raise ModelLoadError(
-                f"device `{device}` does not exist: this machine has {torch.cuda.device_count()} CUDA device(s)"
+                f"device `{device}` does not exist: "
+                f"this machine has {torch.cuda.device_count()} CUDA device(s)"
             )
         return device
     if device == "mps" and not torch.backends.mps.is_available():
@@ -199,7 +720,9 @@ def resolve_dtype(dtype: str, device: str) -> torch.dtype:
 
     if dtype == "auto":
         if device.startswith("cuda"):
-            return torch.bfloat16 if torch.cuda.is_bf16_supported(including_emulation=False) else torch.float16
+            return (
+                torch.bfloat16 if torch.cuda.is_bf16_supported(including_emulation=False) else torch.float16
+            )
         return torch.float16 if device == "mps" else torch.float32
     if dtype not in DTYPES:
         raise ModelLoadError(f"unknown dtype `{dtype}`", hint="use auto, bfloat16, float16 or float32")
@@ -237,6 +760,7 @@ def load_runner(settings: Settings) -> KosmosRunner:
     device = resolve_device(settings.device)
     dtype = resolve_dtype(settings.dtype, device)
     attn = resolve_attn(settings.attn, device, dtype)
+    check_speed_settings(settings, device, dtype)
     source = settings.model
     if Path(source).exists() and not Path(source, "config.json").is_file():
         raise ModelLoadError(
@@ -264,19 +788,118 @@ def load_runner(settings: Settings) -> KosmosRunner:
         raise _load_error(source, error) from error
     model.to(device).eval()
     logger.info("loaded %s on %s as %s with %s attention", source, device, dtype, attn)
-    return KosmosRunner(model=model, processor=processor, settings=settings, device=device, dtype=dtype)
+    runner = KosmosRunner(model=model, processor=processor, settings=settings, device=device, dtype=dtype)
+    prepare_for_speed(runner)
+    return runner
+
+
+def check_speed_settings(settings: Settings, device: str, dtype: Any) -> None:
+    """Reject `quantize`/`compile`/`threads` combinations that cannot work, before loading weights."""
+    import torch
+
+    if settings.quantize is not None:
+        if settings.quantize not in QUANTIZATIONS:
+            raise ModelLoadError(f"unknown quantization `{settings.quantize}`", hint="use --quantize int8")
+        if device != "cpu":
+            raise ModelLoadError(
+                "--quantize int8 runs on CPU only", hint="drop --quantize, or add --device cpu"
+            )
+        if dtype != torch.float32:
+            raise ModelLoadError(
+                "--quantize int8 needs float32 weights", hint="use --dtype float32 (the CPU default)"
+            )
+        if settings.compile:
+            raise ModelLoadError("--quantize and --compile do not work together", hint="pick one")
+    if settings.threads is not None and settings.threads < 1:
+        raise ModelLoadError("--threads must be at least 1")
+
+
+def prepare_for_speed(runner: KosmosRunner) -> None:
+    """Set CPU threads, quantize, and size the position table for a loaded runner, as its settings ask."""
+    import torch
+
+    settings = runner.settings
+    if runner.device == "cpu":
+        threads = settings.threads or available_cores()
+        if torch.get_num_threads() != threads:
+            torch.set_num_threads(threads)
+    fit_positions(runner.model, runner.prompt_length + runner.max_new_tokens)
+    if runner.model.config.vision_config._attn_implementation != "eager":
+        use_sdpa_in_vision(runner.model)
+    if settings.quantize == "int8":
+        quantize_int8(runner.model)
+    logger.info("batch size %d, %d CPU threads", runner.batch_size, torch.get_num_threads())
+
+
+def fit_positions(model: Any, tokens: int) -> None:
+    """Grow the sinusoidal position table to cover `tokens` per sequence (a compiled step cannot grow it)."""
+    table = model.text_model.model.embed_positions
+    needed = table.padding_idx + 1 + tokens
+    if needed > table.weights.shape[0]:
+        table.make_weights(needed + table.offset, table.embedding_dim, table.padding_idx)
+
+
+def use_sdpa_in_vision(model: Any) -> None:
+    """Make the vision encoder's attention use SDPA, as the text model already does.
+
+    transformers 5.23 `Kosmos2_5VisionAttention.forward` looks its kernel up with
+    `getattr(ALL_ATTENTION_FUNCTIONS, name, eager_attention_forward)` on a mapping, so it always falls
+    back to eager attention: 18 layers x heads x 4096 x 4096 fp32 scores per page. Patched per model
+    instance (not in the transformers module), so other models in the process are untouched.
+    """
+    import types
+
+    from transformers.models.kosmos2_5 import modeling_kosmos2_5
+
+    for module in model.vision_model.modules():
+        if isinstance(module, modeling_kosmos2_5.Kosmos2_5VisionAttention):
+            module.forward = types.MethodType(_vision_attention_sdpa, module)
+
+
+def _vision_attention_sdpa(
+    self: Any, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs: Any
+) -> tuple[torch.Tensor, None]:
+    """Kosmos2_5VisionAttention.forward with torch's scaled_dot_product_attention."""
+    import torch
+
+    input_shape = hidden_states.shape[:-1]
+    hidden_shape = (*input_shape, -1, self.head_dim)
+    query = self.query(hidden_states).view(hidden_shape).transpose(1, 2)
+    key = self.key(hidden_states).view(hidden_shape).transpose(1, 2)
+    value = self.value(hidden_states).view(hidden_shape).transpose(1, 2)
+    if attention_mask is not None:
+        attention_mask = attention_mask.to(query.dtype)  # additive: 0 on patches, dtype min on padding
+    output = torch.nn.functional.scaled_dot_product_attention(
+        query, key, value, attn_mask=attention_mask, scale=self.scaling
+    )
+    return self.output(output.transpose(1, 2).reshape(*input_shape, -1)), None
+
+
+def quantize_int8(model: Any) -> None:
+    """Swap every nn.Linear for a dynamically quantized int8 one (weights int8, activations per batch)."""
+    import torch
+
+    with warnings.catch_warnings():  # torch.ao.quantization is deprecated in favour of torchao, not removed
+        warnings.simplefilter("ignore", DeprecationWarning)
+        warnings.simplefilter("ignore", UserWarning)
+        torch.ao.quantization.quantize_dynamic(model, {torch.nn.Linear}, dtype=torch.qint8, inplace=True)
 
 
 def _load_error(source: str, error: Exception) -> ModelLoadError:
     """Explain why from_pretrained failed in one line."""
     from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError, RevisionNotFoundError
 
-    if isinstance(error, GatedRepoError):
-        return ModelLoadError(f"model `{source}` is gated", hint="log in with `hf auth login`")
-    if isinstance(error, RepositoryNotFoundError):
-        return ModelLoadError(f"model `{source}` was not found on the hub", hint="check the id, or pass a folder")
-    if isinstance(error, RevisionNotFoundError):
-        return ModelLoadError(f"revision not found for model `{source}`", hint="check --revision")
+    cause: BaseException | None = error
+    while cause is not None:  # transformers wraps hub errors in an OSError
+        if isinstance(cause, GatedRepoError):
+            return ModelLoadError(f"model `{source}` is gated", hint="log in with `hf auth login`")
+        if isinstance(cause, RepositoryNotFoundError):
+            return ModelLoadError(
+                f"model `{source}` was not found on the hub", hint="check the id, or pass a folder"
+            )
+        if isinstance(cause, RevisionNotFoundError):
+            return ModelLoadError(f"revision not found for model `{source}`", hint="check --revision")
+        cause = cause.__cause__ or cause.__context__
     if Path(source).exists():
         return ModelLoadError(f"`{source}` is not a usable Kosmos-2.5 checkpoint: {_describe(error)}")
     offline = os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0")

@@ -121,7 +121,7 @@ class PageError(InputError):
 # --- page selection ---------------------------------------------------------------------------------
 
 _PAGES_HINT = "use 1-based page numbers and ranges, e.g. 1-3,7,10- (10- runs to the last page)"
-_RANGE = re.compile(r"(\d*)\s*(-?)\s*(\d*)")
+_RANGE = re.compile(r"(\d*)\s*(-?)\s*(\d*)", re.ASCII)
 
 
 @dataclass(frozen=True)

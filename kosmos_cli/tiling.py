@@ -11,7 +11,8 @@ Tall images that would be shrunk are cut into page-shaped tiles (height 1.5 x wi
 inference code's aspect-ratio preprocessing aims for) once they are more than 4 times as tall as wide.
 Wide images are cut only when the patch grid would pass 256 columns: cuts across a wide image run
 through its text lines, which costs more than the lower resolution. Neighbouring tiles overlap by 10%
-so that a line cut by one tile's edge lies whole inside the next.
+so that a line cut by one tile's edge lies whole inside the next. No image is cut into more than 64
+tiles; slivers that would need more get longer tiles.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ MAX_TALL_ASPECT = 4.0  # height / width above which a shrunk image is tiled
 TALL_TILE_ASPECT = 1.5  # height / width of a tile cut from a tall image
 LONG_TILE_ASPECT = 8.0  # long side / short side of a tile cut only to keep ids exact
 TILE_OVERLAP = 0.1  # overlap between neighbouring tiles, as a share of the tile's length
+MAX_TILES = 64  # most tiles one image is cut into
 MIN_TEXT_OVERLAP = 0.5  # share of the smaller box two copies of a line must share to be one line
 
 
@@ -61,7 +63,9 @@ def plan_tiles(width: int, height: int) -> list[BBox]:
 
 def _spans(length: int, tile: int) -> list[tuple[int, int]]:
     """Cover `[0, length)` with evenly spread spans of `tile` pixels overlapping by at least TILE_OVERLAP."""
-    tile = max(tile, 1)
+    # Past MAX_TILES, tiles grow instead: a sliver thousands of times longer than wide is not worth
+    # hundreds of model calls, even if its ids are no longer exact.
+    tile = max(tile, math.ceil(length / (MAX_TILES * (1 - TILE_OVERLAP))) + 1)
     if tile >= length:
         return [(0, length)]
     overlap = math.ceil(tile * TILE_OVERLAP)
@@ -78,6 +82,8 @@ def merge_tile_lines(tiles: Sequence[tuple[BBox, Sequence[Line]]]) -> list[Line]
     text, or one a cut-off part of the other, over boxes sharing at least half the smaller one), the
     copy farther from its tile's inner edges is kept. Lines without a box are always kept.
     """
+    if not tiles:
+        return []
     ordered = sorted(tiles, key=lambda tile: (tile[0][1], tile[0][0]))
     boxes = [box for box, _ in ordered]
     image = (

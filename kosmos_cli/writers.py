@@ -44,6 +44,7 @@ from kosmos_cli.document import Document, Line, Matrix, Page, PageInfo, PageResu
 from kosmos_cli.drawing import draw_boxes
 from kosmos_cli.errors import InputError, KosmosError, UsageError
 from kosmos_cli.parsing import format_ocr_lines, pixel_bbox_to_pdf
+from kosmos_cli.sources import PYMUPDF_LOCK, load_page_image
 
 if TYPE_CHECKING:
     import pymupdf
@@ -142,6 +143,11 @@ def _page_note(result: PageResult, *, always: bool) -> str | None:
     return f"page {number}" if always else None
 
 
+def _comment_safe(text: str) -> str:
+    """Make text safe inside an HTML comment, which must not contain `--`."""
+    return re.sub(r"-(?=-)", "- ", text)
+
+
 def _join_pages(blocks: Sequence[str], separator: str) -> bytes:
     text = separator.join(block for block in blocks if block)
     return (text + "\n").encode("utf-8") if text else b""
@@ -169,11 +175,6 @@ class MarkdownWriter(Writer):
                 parts.append(result.text)
             blocks.append("\n\n".join(parts))
         return _join_pages(blocks, "\n\n")
-
-
-def _comment_safe(text: str) -> str:
-    """Make text safe inside an HTML comment, which must not contain `--`."""
-    return re.sub(r"-(?=-)", "- ", text)
 
 
 @register
@@ -259,7 +260,7 @@ class JsonWriter(Writer):
 
 @register
 class JsonlWriter(Writer):
-    """One JSON object per page and line, for pipelines."""
+    """One JSON object per page, each on its own line, for pipelines."""
 
     format = "jsonl"
     extension = ".jsonl"
@@ -355,21 +356,24 @@ class PdfWriter(Writer):
 
     def render(self, results: Sequence[PageResult]) -> bytes:
         """Build the PDF; PDF inputs are reopened (with the password) to copy their pages."""
+        pages = self._pages(results)
+        with PYMUPDF_LOCK:  # pages may be being read in another thread, and PyMuPDF is not thread-safe
+            return self._build(pages)
+
+    def _build(self, pages: list[PageResult]) -> bytes:
         import pymupdf
 
-        pages = self._pages(results)
         document = pages[0].info.document
-        if any(result.info.pixel_to_pdf is not None for result in pages) or _looks_like_pdf(document.path):
+        # Only PDF pages have a pixel-to-PDF map (a PDF whose every page was unreadable falls to the image
+        # path, where its pages cannot be placed either).
+        if any(result.info.pixel_to_pdf is not None for result in pages):
             out = _open_source_pdf(document, self.password)
-            # An encrypted input gives an output that opens with the same password.
-            encryption = (
-                pymupdf.mupdf.PDF_ENCRYPT_KEEP if out.is_encrypted else pymupdf.mupdf.PDF_ENCRYPT_NONE
-            )
+            if pages[-1].info.page_index >= out.page_count:
+                raise InputError(f"`{document.display_name}` changed since it was read: it has fewer pages")
             out.select([result.info.page_index for result in pages])
             targets = [(result, out[number]) for number, result in enumerate(pages)]
         else:
             out = pymupdf.open()
-            encryption = pymupdf.mupdf.PDF_ENCRYPT_NONE
             targets = [
                 (result, page) for result in pages if (page := self._image_page(out, result)) is not None
             ]
@@ -383,12 +387,12 @@ class PdfWriter(Writer):
         for number, ((_, page), has_text) in enumerate(zip(targets, written, strict=True)):
             if has_text:
                 _overlay(page, layer, number)
+        # KEEP: an encrypted input gives an output that opens with the same password.
+        encryption = pymupdf.mupdf.PDF_ENCRYPT_KEEP
         return out.tobytes(garbage=3, deflate=True, no_new_id=True, encryption=encryption)
 
     def _image_page(self, out: pymupdf.Document, result: PageResult) -> pymupdf.Page | None:
         """Place a page's image on a new page sized by its DPI; None for a failed, unreadable page."""
-        from kosmos_cli.sources import load_page_image
-
         try:
             image = load_page_image(result.info, password=self.password)
         except KosmosError as error:
@@ -403,12 +407,6 @@ class PdfWriter(Writer):
         page = out.new_page(width=width * 72 / dpi_x, height=height * 72 / dpi_y)
         page.insert_image(page.rect, stream=_encode_image(image, result.info.document.path))
         return page
-
-
-def _looks_like_pdf(path: str) -> bool:
-    """Tell whether a file starts like a PDF (readers allow junk before the header)."""
-    with open(path, "rb") as stream:
-        return b"%PDF-" in stream.read(1024)
 
 
 def _open_source_pdf(document: Document, password: str | None) -> pymupdf.Document:
@@ -441,11 +439,13 @@ def _pixel_to_unrotated(info: PageInfo, page: pymupdf.Page) -> pymupdf.Matrix:
 
 def _page_dpi(image: Image.Image, render_dpi: float | None) -> tuple[float, float]:
     """Return the (x, y) DPI to place an image at: render DPI, else its own if usable, else a default."""
-    dpi = (render_dpi, render_dpi) if render_dpi else image.info.get("dpi")
-    try:
-        dpi_x, dpi_y = (float(value) for value in dpi)  # type: ignore[union-attr]
-    except (TypeError, ValueError):
-        dpi_x = dpi_y = DEFAULT_IMAGE_DPI
+    if render_dpi:
+        dpi_x = dpi_y = render_dpi
+    else:
+        try:
+            dpi_x, dpi_y = (float(value) for value in image.info.get("dpi", ()))
+        except (TypeError, ValueError):
+            dpi_x = dpi_y = DEFAULT_IMAGE_DPI
     if not all(math.isfinite(value) and value >= MIN_IMAGE_DPI for value in (dpi_x, dpi_y)):
         dpi_x = dpi_y = DEFAULT_IMAGE_DPI
     # Pages stay within what readers accept.
@@ -490,7 +490,8 @@ def _write_text_layer(layer: pymupdf.Document, page: pymupdf.Page, result: PageR
         assert line.bbox is not None
         x0, y0, x1, y1 = line.bbox
         size = (y1 - y0) / (font.ascender - font.descender)
-        length = font.text_length(text, fontsize=size)
+        # Readers lay text out with the font's /W widths, which PyMuPDF writes truncated to 1/1000 em.
+        length = size * sum(int(font.glyph_advance(ord(char)) * 1000) for char in text) / 1000
         if length <= 0:
             continue
         if not wrote:

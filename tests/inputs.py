@@ -152,7 +152,9 @@ def make_pdf(path: Path, *, pages: Sequence[PdfPage] = (PdfPage(),), password: s
     if password is None:
         doc.save(path)
     else:
-        doc.save(path, encryption=pymupdf.PDF_ENCRYPT_AES_256, user_pw=password, owner_pw=password + "-owner")
+        doc.save(
+            path, encryption=pymupdf.mupdf.PDF_ENCRYPT_AES_256, user_pw=password, owner_pw=password + "-owner"
+        )
     doc.close()
     return path
 

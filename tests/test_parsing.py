@@ -7,7 +7,7 @@ import re
 
 import pytest
 
-from kosmos_cli.document import Line
+from kosmos_cli.document import Line, Point
 from kosmos_cli.parsing import format_ocr_lines, parse_ocr, pixel_bbox_to_pdf, tidy_markdown
 
 # Real raw outputs for receipt_00008.png, published in huggingface/transformers
@@ -81,7 +81,7 @@ RECEIPT_MD_FA2_LIST = (
 RECEIPT_RESIZED = (832, 1248)
 
 
-def box(x0: int, y0: int, x1: int, y1: int) -> tuple[tuple[int, int], ...]:
+def box(x0: int, y0: int, x1: int, y1: int) -> tuple[Point, Point, Point, Point]:
     return ((x0, y0), (x1, y0), (x1, y1), (x0, y1))
 
 
@@ -188,30 +188,39 @@ ONE_TO_ONE = {"resized_size": (100, 100), "original_size": (100, 100)}
     ],
 )
 def test_parse_ocr(raw: str, expected: list[Line]) -> None:
-    assert parse_ocr(raw, **ONE_TO_ONE) == expected  # type: ignore[arg-type]
+    assert parse_ocr(raw, **ONE_TO_ONE) == expected
 
 
 @pytest.mark.parametrize(
     ("raw", "resized", "original", "expected"),
     [
         pytest.param(
-            "<bbox><x_10><y_20><x_30><y_40></bbox>t", (100, 100), (200, 300), box(20, 60, 60, 120), id="scale-up"
+            "<bbox><x_10><y_20><x_30><y_40></bbox>t",
+            (100, 100),
+            (200, 300),
+            box(20, 60, 60, 120),
+            id="scale-up",
         ),
         pytest.param(
             "<bbox><x_10><y_20><x_30><y_40></bbox>t", (100, 100), (50, 25), box(5, 5, 15, 10), id="scale-down"
         ),
         # 1 * 2 / 4 = 0.5 and 3 * 2 / 4 = 1.5 round half up, not to even.
         pytest.param("<bbox><x_1><y_1><x_3><y_3></bbox>t", (4, 4), (2, 2), box(1, 1, 2, 2), id="half-up"),
-        pytest.param("<bbox><x_10><y_10><x_11><y_20></bbox>t", (1000, 1000), (10, 10), None, id="rounds-to-nothing"),
+        pytest.param(
+            "<bbox><x_10><y_10><x_11><y_20></bbox>t", (1000, 1000), (10, 10), None, id="rounds-to-nothing"
+        ),
         pytest.param(
             "<bbox><x_1><y_1><x_2><y_2></bbox>t", (3, 3), (1000, 1000), box(333, 333, 667, 667), id="thirds"
         ),
     ],
 )
 def test_parse_ocr_rescales(
-    raw: str, resized: tuple[int, int], original: tuple[int, int], expected: tuple[tuple[int, int], ...] | None
+    raw: str,
+    resized: tuple[int, int],
+    original: tuple[int, int],
+    expected: tuple[Point, Point, Point, Point] | None,
 ) -> None:
-    assert parse_ocr(raw, resized_size=resized, original_size=original) == [Line("t", expected)]  # type: ignore[arg-type]
+    assert parse_ocr(raw, resized_size=resized, original_size=original) == [Line("t", expected)]
 
 
 @pytest.mark.parametrize(
@@ -247,7 +256,9 @@ def test_receipt_lines_exact() -> None:
     assert lines[-1].polygon == box(34, 2112, 1664, 2216)
 
 
-def model_card_post_process(raw: str, scale_width: float, scale_height: float) -> list[tuple[str, list[float]]]:
+def model_card_post_process(
+    raw: str, scale_width: float, scale_height: float
+) -> list[tuple[str, list[float]]]:
     """Re-implement the HF model card's `ocr.py` post-processing, keeping coordinates unrounded."""
     pattern = r"<bbox><x_\d+><y_\d+><x_\d+><y_\d+></bbox>"
     boxes = [[int(n) for n in re.findall(r"\d+", found)] for found in re.findall(pattern, raw)]
@@ -270,14 +281,16 @@ def test_receipt_matches_model_card(raw: str, original: tuple[int, int]) -> None
     for line, (text, coordinates) in zip(lines, reference, strict=True):
         assert line.text == text.strip()
         limits = (width, height, width, height)
-        expected = tuple(min(math.floor(value + 0.5), limit) for value, limit in zip(coordinates, limits, strict=True))
+        expected = tuple(
+            min(math.floor(value + 0.5), limit) for value, limit in zip(coordinates, limits, strict=True)
+        )
         assert line.bbox == expected
 
 
 def test_degenerate_lines_dropped_by_model_card_are_kept() -> None:
     raw = "<bbox><x_10><y_20><x_30><y_40></bbox>kept\n<bbox><x_50><y_20><x_30><y_40></bbox>also kept\n"
     assert [text for text, _ in model_card_post_process(raw, 1, 1)] == ["kept\n"]
-    assert parse_ocr(raw, **ONE_TO_ONE) == [Line("kept", box(10, 20, 30, 40)), Line("also kept", None)]  # type: ignore[arg-type]
+    assert parse_ocr(raw, **ONE_TO_ONE) == [Line("kept", box(10, 20, 30, 40)), Line("also kept", None)]
 
 
 @pytest.mark.parametrize(
@@ -330,9 +343,13 @@ def test_receipt_txt_matches_model_card_format() -> None:
     ("bbox", "matrix", "expected"),
     [
         # Letter page rendered at 144 dpi, no rotation: y flips about the page height.
-        pytest.param((100, 200, 300, 400), (0.5, 0, 0, -0.5, 0, 792), (50.0, 592.0, 150.0, 692.0), id="upright"),
+        pytest.param(
+            (100, 200, 300, 400), (0.5, 0, 0, -0.5, 0, 792), (50.0, 592.0, 150.0, 692.0), id="upright"
+        ),
         # /Rotate 90: pixel x runs down the page's y, pixel y runs along its x.
-        pytest.param((100, 200, 300, 400), (0, 0.5, 0.5, 0, 0, 0), (100.0, 50.0, 200.0, 150.0), id="rotated-90"),
+        pytest.param(
+            (100, 200, 300, 400), (0, 0.5, 0.5, 0, 0, 0), (100.0, 50.0, 200.0, 150.0), id="rotated-90"
+        ),
         # A crop box offset moves the origin.
         pytest.param((0, 0, 72, 72), (1, 0, 0, -1, 36, 756), (36.0, 684.0, 108.0, 756.0), id="crop-offset"),
         pytest.param((1, 1, 2, 2), (1 / 3, 0, 0, 1 / 3, 0, 0), (0.33, 0.33, 0.67, 0.67), id="rounded"),

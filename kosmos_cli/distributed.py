@@ -1,0 +1,404 @@
+"""Run a job on a Ray cluster: the same documents, pages, model, writers and resume logic, spread out.
+
+The driver (the process that runs `kosmos ... --ray`) plans the job exactly as on one machine and
+is the only process that writes outputs. Everything in between is one Ray Data pipeline:
+
+    documents --list (CPU task)--> page items --render (CPU task)--> pages
+              --transcribe (actor pool: one model per actor, on one GPU)--> page results --> driver
+
+- *list* opens each document once to count its pages and apply `--pages`; it emits one `listed`
+  row per document (the pages it selects) and one `page` row per page still to do.
+- *render* rasterizes one page per task (`sources.iter_pages` for that page alone), so the pages
+  of one long PDF render in parallel; a page that cannot be read becomes a `page_error` row.
+- *transcribe* is a callable class run by an `ActorPoolStrategy` pool: each actor loads the model
+  once with `runner.load_runner` and runs `pipeline.transcribe_pages` (tiling and parsing included)
+  on batches of pages, and renders `--draw` PNGs while it holds the pixels.
+- The driver reads results as they stream in (`Dataset.iter_rows`) and hands them to
+  `jobs.Assembly`, the code `run_job` uses: progress files, atomic writes, stdout order, summary.
+
+Fault tolerance is Ray's: Ray Data gives its actors `max_restarts=-1` and `max_task_retries=-1`, so
+an actor lost mid-batch (a crash, a preempted node) is restarted and its batch redone. A redone batch
+may repeat results the driver already has; `Assembly` keeps the first result of each page and writes
+a document only when every one of its pages has exactly one, so nothing is lost or duplicated.
+
+Rows carry four columns, so every block has the same Arrow schema: `document` (its index in the
+driver's list), `kind`, `page_index` (-1 for a whole-document row) and `payload`, the pickled Python
+value of that kind (kosmos' own frozen dataclasses; the driver and workers run the same code).
+
+Ray is imported inside functions only: `kosmos --help` stays fast and kosmos works without Ray.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import pickle
+import sys
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, BinaryIO, cast
+
+from kosmos_cli.document import Document, Page, Status
+from kosmos_cli.errors import InputError, KosmosError, ModelLoadError, UsageError
+from kosmos_cli.jobs import Assembly, Job, Reporter, Summary
+from kosmos_cli.runner import Runner, Settings
+from kosmos_cli.sources import PageError
+
+if TYPE_CHECKING:
+    import numpy as np
+
+logger = logging.getLogger(__name__)
+
+INSTALL_HINT = "pip install 'kosmos-cli[ray]'"
+ADDRESS_ENV = "RAY_ADDRESS"  # Ray's own variable: the cluster `--ray` joins when no address is given
+DEFAULT_GPUS_PER_WORKER = 1.0  # GPUs each model actor reserves; 0.5 puts two models on one GPU
+WORKER_BATCH_PAGES = 16  # pages handed to a model actor per call when --batch-size is not given
+CPU_WORKER_CPUS = 1.0  # CPUs a model actor reserves on a cluster without GPUs
+CPU_SHARE_FOR_MODELS = 0.5  # on a cluster without GPUs, at most this share of its CPUs runs models
+LIST_CPUS = 0.25  # CPUs a listing task reserves: it opens a document and counts its pages
+RENDER_CPUS = 1.0  # CPUs a render task reserves
+# Heap a render task reserves: a page of a few megapixels plus PyMuPDF's working set. It also keeps
+# Ray Data from fusing rendering into the model actors on CPU-only clusters (it fuses map stages whose
+# resource requests are equal), so a model never waits for a page to be drawn.
+RENDER_MEMORY_BYTES = 256 * 2**20
+CRASH_ENV = "KOSMOS_TEST_RAY_CRASH"  # tests only: `N:MARKER` makes one model actor exit after N pages, once
+
+# Row kinds, in pipeline order.
+_DOCUMENT = "document"  # payload: (Document, resumed page indices)
+_LISTED = "listed"  # payload: the page indices the document selects
+_PAGE_ITEM = "page_item"  # payload: Document
+_PAGE = "page"  # payload: Page
+_PAGE_ERROR = "page_error"  # payload: (message, hint, page_count)
+_ERROR = "error"  # payload: (message, hint)
+_RESULT = "result"  # payload: (PageResult, --draw PNG or None)
+_LOAD_ERROR = "load_error"  # payload: (message, hint) of the ModelLoadError an actor met
+_COLUMNS = ("document", "kind", "page_index", "payload")
+
+
+@dataclass(frozen=True)
+class WorkerPlan:
+    """How many model actors to run and what each one reserves."""
+
+    count: int  # the pool's size (its upper bound when `fixed` is False)
+    fixed: bool  # a pool of exactly `count` actors (--workers), else 1 to `count` as work allows
+    gpus: float  # per actor; 0 on CPU-only clusters or with --device cpu
+    cpus: float | None  # per actor; None leaves Ray's default
+    device: str  # the `--device` each actor loads the model on
+
+
+def require_ray() -> None:
+    """Raise a one-line UsageError naming the install command if Ray Data cannot be imported."""
+    try:
+        import ray
+        import ray.data  # noqa: F401
+    except ImportError:
+        raise UsageError(f"--ray needs Ray, which is not installed: {INSTALL_HINT}") from None
+
+
+def plan_workers(
+    resources: dict[str, float], settings: Settings, *, workers: int | None, gpus_per_worker: float
+) -> WorkerPlan:
+    """Size the model actor pool from the cluster's resources and the --workers / --gpus-per-worker asked."""
+    if workers is not None and workers < 1:
+        raise UsageError(f"--workers must be at least 1, not {workers}")
+    if not (math.isfinite(gpus_per_worker) and gpus_per_worker >= 0):
+        raise UsageError(f"--gpus-per-worker must be 0 or more, not {gpus_per_worker:g}")
+    cluster_gpus = float(resources.get("GPU", 0.0))
+    cluster_cpus = float(resources.get("CPU", 1.0))
+    use_gpus = cluster_gpus > 0 and gpus_per_worker > 0 and settings.device not in ("cpu", "mps")
+    if settings.device.startswith("cuda") and not use_gpus:
+        raise UsageError(
+            f"--device {settings.device} asks for GPUs, but the Ray cluster has none"
+            if cluster_gpus == 0
+            else "--device cuda needs --gpus-per-worker above 0",
+            hint="use --device auto to run the model on CPU actors",
+        )
+    if use_gpus:
+        if gpus_per_worker > cluster_gpus:
+            raise UsageError(
+                f"--gpus-per-worker {gpus_per_worker:g} is more than the cluster's {cluster_gpus:g} GPUs"
+            )
+        most = max(1, int(cluster_gpus / gpus_per_worker + 1e-9))
+        # An actor sees only the GPUs Ray gives it (CUDA_VISIBLE_DEVICES), so `cuda` is always its own.
+        return WorkerPlan(workers or most, workers is not None, gpus_per_worker, None, "cuda")
+    most = max(1, int(cluster_cpus * CPU_SHARE_FOR_MODELS / CPU_WORKER_CPUS))
+    device = settings.device if settings.device == "mps" else "cpu"
+    return WorkerPlan(workers or most, workers is not None, 0.0, CPU_WORKER_CPUS, device)
+
+
+def run_on_ray(
+    documents: Sequence[Document],
+    job: Job,
+    settings: Settings,
+    reporter: Reporter,
+    *,
+    stdout: BinaryIO | None = None,
+    summary: Summary | None = None,
+    address: str | None = None,
+    workers: int | None = None,
+    gpus_per_worker: float = DEFAULT_GPUS_PER_WORKER,
+) -> Summary:
+    """Transcribe `documents` (already planned, see `jobs.plan`) on Ray and write them as `run_job` does.
+
+    `address` is a cluster to join (`HOST:PORT`, `ray://HOST:PORT` or `auto`); without one, Ray joins
+    the cluster named by `RAY_ADDRESS` or started on this machine with `ray start`, else starts a
+    local instance with every CPU and GPU here. A Ray instance already running in this process is
+    used as it is. Raises UsageError without Ray, ModelLoadError when no actor can load the model.
+    """
+    require_ray()
+    import ray
+
+    summary = summary if summary is not None else Summary()
+    todo = list(documents)
+    if not todo:
+        return summary
+    started = _connect(address)
+    try:
+        plan = plan_workers(
+            ray.cluster_resources(), settings, workers=workers, gpus_per_worker=gpus_per_worker
+        )
+        logger.info(
+            "ray: %d model worker(s)%s, %s GPU(s) each, on %s",
+            plan.count,
+            "" if plan.fixed else " at most",
+            f"{plan.gpus:g}",
+            plan.device,
+        )
+        assembly = Assembly(todo, job, reporter, stdout or sys.stdout.buffer, summary)
+        resumed = [assembly.start(document) for document in todo]
+        dataset = _pipeline(todo, resumed, job, replace(settings, device=plan.device), plan)
+        _collect(_rows(dataset), todo, assembly, reporter)
+        assembly.close()
+    finally:
+        if started:
+            ray.shutdown()
+    return summary
+
+
+def _connect(address: str | None) -> bool:
+    """Join or start Ray unless this process already has; return whether it was started here."""
+    import ray
+    import ray.data
+
+    verbose = logger.isEnabledFor(logging.DEBUG)
+    # Ray Data announces each execution at INFO on its own logger; kosmos draws its own progress.
+    logging.getLogger("ray.data").setLevel(logging.DEBUG if verbose else logging.ERROR)
+    context = ray.data.DataContext.get_current()
+    context.enable_progress_bars = False
+    if ray.is_initialized():
+        return False
+    ray.init(
+        address=address,  # None: RAY_ADDRESS, else a cluster started here, else a new local instance
+        logging_level=logging.INFO if verbose else logging.ERROR,
+        log_to_driver=verbose,
+    )
+    return True
+
+
+def _pipeline(
+    documents: Sequence[Document], resumed: Sequence[set[int]], job: Job, settings: Settings, plan: WorkerPlan
+) -> Any:
+    """Build the lazy Ray Data pipeline from documents to page results."""
+    import ray.data
+
+    items = [
+        _row(number, _DOCUMENT, -1, (document, sorted(done)))
+        for number, (document, done) in enumerate(zip(documents, resumed, strict=True))
+    ]
+    compute = (
+        ray.data.ActorPoolStrategy(size=plan.count)
+        if plan.fixed
+        else ray.data.ActorPoolStrategy(min_size=1, max_size=plan.count)
+    )
+    batch_size = max(settings.batch_size or 0, WORKER_BATCH_PAGES)
+    return (
+        ray.data.from_items(items, override_num_blocks=len(items))
+        # Ray's annotations leave out fn_kwargs, which these functions take their options from.
+        .flat_map(cast("Any", _list_pages), fn_kwargs={"job": job}, num_cpus=LIST_CPUS)
+        # One page per block, so the pages of one document render in parallel.
+        .repartition(target_num_rows_per_block=1)
+        .map(
+            cast("Any", _render_page),
+            fn_kwargs={"job": job},
+            num_cpus=RENDER_CPUS,
+            memory=RENDER_MEMORY_BYTES,
+        )
+        .map_batches(
+            _TranscribeWorker,
+            fn_constructor_kwargs={"settings": settings, "job": job, "crash": os.environ.get(CRASH_ENV)},
+            batch_size=batch_size,
+            compute=compute,
+            num_gpus=plan.gpus or None,
+            num_cpus=plan.cpus,
+        )
+    )
+
+
+def _rows(dataset: Any) -> Iterator[dict[str, Any]]:
+    """Stream the pipeline's rows to the driver; a failure Ray could not recover from is a KosmosError."""
+    from ray.exceptions import RayError
+
+    try:
+        yield from dataset.iter_rows()
+    except RayError as error:
+        lines = str(error).strip().splitlines()
+        raise KosmosError(
+            f"the Ray job failed: {lines[0] if lines else type(error).__name__}",
+            hint="finished documents are kept; rerun the same command to resume (--verbose shows why)",
+        ) from error
+
+
+def _collect(
+    rows: Iterable[dict[str, Any]], documents: Sequence[Document], assembly: Assembly, reporter: Reporter
+) -> None:
+    """Hand each row that reaches the driver to the assembly, in whatever order rows arrive."""
+    listed: set[int] = set()
+    for row in rows:
+        number, kind, page_index = int(row["document"]), str(row["kind"]), int(row["page_index"])
+        payload = pickle.loads(row["payload"])
+        if kind == _LOAD_ERROR:
+            message, hint = payload
+            raise ModelLoadError(message, hint=hint)
+        document = documents[number]
+        if kind == _LISTED:
+            if number in listed:
+                continue  # a listing task that was retried
+            listed.add(number)
+            reporter.add_total(len(payload))
+            assembly.expect(document, payload)
+            assembly.listed(document)
+        elif kind == _RESULT:
+            result, drawing = payload
+            assembly.page_done(result, drawing=drawing)
+        elif kind == _PAGE_ERROR:
+            message, hint, page_count = payload
+            error = PageError(
+                message, document=document, page_index=page_index, page_count=page_count, hint=hint
+            )
+            assembly.page_error(document, error)
+        elif kind == _ERROR:
+            message, hint = payload
+            assembly.document_error(document, InputError(message, hint=hint))
+        else:
+            raise RuntimeError(f"unexpected row kind {kind!r} from the Ray pipeline")
+
+
+# --- worker side: these run in Ray tasks and actors -------------------------------------------------
+
+
+def _row(document: int, kind: str, page_index: int, payload: object) -> dict[str, Any]:
+    return {"document": document, "kind": kind, "page_index": page_index, "payload": pickle.dumps(payload)}
+
+
+def _list_pages(row: dict[str, Any], *, job: Job) -> list[dict[str, Any]]:
+    """Count a document's pages, apply --pages, and emit its `listed` row and one item per page to do."""
+    from kosmos_cli.sources import count_pages
+
+    number = int(row["document"])
+    document, resumed = pickle.loads(row["payload"])
+    try:
+        count = count_pages(document, password=job.password)
+        selected = (
+            job.pages.indices(count, source=f"`{document.display_name}`") if job.pages else list(range(count))
+        )
+    except InputError as error:
+        return [_row(number, _ERROR, -1, (error.message, error.hint))]
+    todo = [page_index for page_index in selected if page_index not in set(resumed)]
+    return [_row(number, _LISTED, -1, selected)] + [_row(number, _PAGE_ITEM, i, document) for i in todo]
+
+
+def _render_page(row: dict[str, Any], *, job: Job) -> dict[str, Any]:
+    """Rasterize one page item; pass other rows through."""
+    from kosmos_cli.sources import PageError, PageSelection, iter_pages
+
+    if row["kind"] != _PAGE_ITEM:
+        return row
+    number, page_index = int(row["document"]), int(row["page_index"])
+    document = pickle.loads(row["payload"])
+    page_number = page_index + 1  # PageSelection speaks the user's 1-based page numbers
+    try:
+        for page in iter_pages(
+            document, pages=PageSelection(((page_number, page_number),)), dpi=job.dpi, password=job.password
+        ):
+            if isinstance(page, PageError):
+                return _row(number, _PAGE_ERROR, page_index, (page.message, page.hint, page.page_count))
+            return _row(number, _PAGE, page_index, page)
+    except InputError as error:
+        return _row(number, _ERROR, -1, (error.message, error.hint))
+    return _row(number, _ERROR, -1, (f"`{document.display_name}` has no page {page_number}", None))
+
+
+class _TranscribeWorker:
+    """A Ray Data actor holding one model: transcribes the `page` rows of each batch it is handed."""
+
+    def __init__(self, *, settings: Settings, job: Job, crash: str | None = None) -> None:
+        from kosmos_cli.runner import load_runner
+
+        self.job = job
+        self.pages_done = 0
+        self.crash = _parse_crash(crash)
+        self.runner: Runner | None = None
+        self.load_error: ModelLoadError | None = None
+        try:
+            self.runner = load_runner(settings)
+        except ModelLoadError as error:
+            # Handed to the driver as a row: an actor that raises here would only be retried by Ray
+            # and end in an error that has lost the message and hint.
+            self.load_error = error
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list[Any]]:
+        """Transcribe a batch's pages and return the batch with a `result` row in place of each page."""
+        from kosmos_cli.pipeline import transcribe_pages
+        from kosmos_cli.writers import render_drawing
+
+        rows: list[dict[str, Any]] = [
+            {
+                "document": int(number),
+                "kind": str(kind),
+                "page_index": int(page_index),
+                "payload": bytes(payload),
+            }
+            for number, kind, page_index, payload in zip(*(batch[column] for column in _COLUMNS), strict=True)
+        ]
+        if self.load_error is not None:
+            error = self.load_error
+            return _columns([_row(-1, _LOAD_ERROR, -1, (error.message, error.hint))])
+        assert self.runner is not None
+        pages: list[tuple[Page, int]] = [
+            (pickle.loads(row["payload"]), position)
+            for position, row in enumerate(rows)
+            if row["kind"] == _PAGE
+        ]
+        job = self.job
+        for page, position, result in transcribe_pages(pages, self.runner, task=job.task):
+            drawing = None
+            if job.draw and job.output_dir is not None and result.status is not Status.FAILED:
+                drawing = render_drawing(page, result, numbered=job.numbered)
+            rows[position] = _row(
+                rows[position]["document"], _RESULT, page.info.page_index, (result, drawing)
+            )
+            self._after_page()
+        return _columns(rows)
+
+    def _after_page(self) -> None:
+        """Die once after N pages when the tests ask for it (`KOSMOS_TEST_RAY_CRASH=N:MARKER`)."""
+        self.pages_done += 1
+        if self.crash is None:
+            return
+        after, marker = self.crash
+        if self.pages_done >= after and not marker.exists():
+            marker.touch()
+            os._exit(1)  # a lost worker, as a killed process or a lost node looks to Ray
+
+
+def _columns(rows: list[dict[str, Any]]) -> dict[str, list[Any]]:
+    return {column: [row[column] for row in rows] for column in _COLUMNS}
+
+
+def _parse_crash(value: str | None) -> tuple[int, Path] | None:
+    if not value:
+        return None
+    after, _, marker = value.partition(":")
+    return int(after), Path(marker)

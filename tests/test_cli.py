@@ -1,0 +1,210 @@
+"""The `kosmos` command end to end: help, version, usage errors and every model-loading error."""
+
+from __future__ import annotations
+
+import http.server
+import json
+import os
+import socket
+import subprocess
+import sys
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from inputs import make_image
+from typer.testing import CliRunner
+
+from kosmos_cli import __version__
+from kosmos_cli.cli import app
+
+runner = CliRunner()
+
+
+@pytest.fixture
+def png(tmp_path: Path) -> Path:
+    return make_image(tmp_path / "page.png", fmt="PNG")
+
+
+def test_help_lists_the_commands() -> None:
+    result = runner.invoke(app, ["--help"])
+    assert result.exit_code == 0
+    for command in ("md", "ocr", "download", "doctor"):
+        assert command in result.stdout
+
+
+@pytest.mark.parametrize("command", ["md", "ocr"])
+def test_command_help_names_the_shared_options(command: str) -> None:
+    result = runner.invoke(app, [command, "--help"])
+    assert result.exit_code == 0
+    for option in ("--model", "--revision", "--device", "--dtype", "--attn", "--batch-size", "--max-new-tokens"):
+        assert option in result.stdout
+
+
+def test_version() -> None:
+    result = runner.invoke(app, ["--version"])
+    assert result.exit_code == 0
+    assert result.stdout == f"kosmos {__version__}\n"
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["md"], "error: no inputs given"),
+        (["ocr", "{png}", "--draw"], "error: --draw writes PNG files and needs an output folder"),
+        (["ocr", "{png}", "-f", "pdf"], "error: --format pdf writes a PDF file and needs an output folder"),
+        (["ocr", "{png}", "-f", "txt", "-f", "json"], "error: several formats need an output folder"),
+        (["md", "{png}", "--pages", "3-1"], "error: "),
+        (["md", "{png}", "--device", "tpu"], "is not a device"),
+        (["md", "{png}", "-f", "hocr"], "Invalid value for '--format'"),
+    ],
+)
+def test_usage_errors_exit_2(args: list[str], message: str, png: Path) -> None:
+    result = runner.invoke(app, [a.format(png=png) for a in args])
+    assert result.exit_code == 2, result.stderr
+    assert message in result.stderr
+    assert result.stdout == ""
+
+
+def _load_error(args: list[str]) -> tuple[int, str, str]:
+    result = runner.invoke(app, args)
+    return result.exit_code, result.stdout, result.stderr
+
+
+def test_model_not_cached_offline_exits_3(png: Path) -> None:
+    code, stdout, stderr = _load_error(["md", str(png), "--model", "microsoft/kosmos-2.5"])
+    assert code == 3
+    assert stdout == ""
+    assert stderr.splitlines()[:2] == [
+        "error: model `microsoft/kosmos-2.5` is not in the Hugging Face cache and offline mode is on (HF_HUB_OFFLINE)",
+        "hint: download it once with `kosmos download` (needs network), or pass a local folder with --model",
+    ]
+    assert "Traceback" not in stderr
+
+
+def test_kosmos_model_env_names_the_default(png: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("KOSMOS_MODEL", "someone/other-kosmos")
+    code, _, stderr = _load_error(["md", str(png)])
+    assert code == 3
+    assert "model `someone/other-kosmos` is not in the Hugging Face cache" in stderr
+
+
+def test_folder_without_config_exits_3(png: Path, tmp_path: Path) -> None:
+    empty = tmp_path / "empty-model"
+    empty.mkdir()
+    code, _, stderr = _load_error(["ocr", str(png), "--model", str(empty)])
+    assert code == 3
+    assert f"error: `{empty}` is not a Kosmos-2.5 checkpoint: it has no config.json" in stderr
+
+
+def test_folder_of_another_model_exits_3(png: Path, tmp_path: Path) -> None:
+    other = tmp_path / "bert"
+    other.mkdir()
+    (other / "config.json").write_text(json.dumps({"model_type": "bert", "hidden_size": 8}))
+    code, _, stderr = _load_error(["md", str(png), "--model", str(other)])
+    assert code == 3
+    assert f"error: `{other}` is a `bert` checkpoint, not Kosmos-2.5" in stderr
+
+
+def test_broken_checkpoint_folder_exits_3(png: Path, tmp_path: Path, tiny_checkpoint: Path) -> None:
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "config.json").write_bytes((tiny_checkpoint / "config.json").read_bytes())
+    code, _, stderr = _load_error(["md", str(png), "--model", str(broken)])
+    assert code == 3
+    assert f"error: `{broken}` is not a usable Kosmos-2.5 checkpoint" in stderr
+    assert "Traceback" not in stderr
+
+
+@pytest.mark.parametrize("device", ["cuda", "cuda:3"])
+def test_cuda_on_a_machine_without_it_exits_3(device: str, png: Path, tiny_checkpoint: Path) -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    code, _, stderr = _load_error(["md", str(png), "--model", str(tiny_checkpoint), "--device", device])
+    assert code == 3
+    assert f"error: device `{device}` was asked for but CUDA is not available on this machine" in stderr
+
+
+def test_flash_attention_without_the_package_exits_3(png: Path, tiny_checkpoint: Path) -> None:
+    code, _, stderr = _load_error(["md", str(png), "--model", str(tiny_checkpoint), "--attn", "flash_attention_2"])
+    assert code == 3
+    assert "flash_attention_2 needs the flash-attn package" in stderr
+
+
+def test_model_is_not_loaded_when_every_output_exists(png: Path, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "page.md").write_text("done before\n")
+    # The model does not exist anywhere: the run succeeds only because it never loads it.
+    result = runner.invoke(app, ["md", str(png), "-o", str(out), "--model", "nobody/nothing"])
+    assert result.exit_code == 0, result.stderr
+    assert "1 skipped" in result.stderr
+    assert (out / "page.md").read_text() == "done before\n"
+
+
+# --- errors that need the hub: a subprocess, because huggingface_hub reads its settings at import ---------
+
+
+class _FakeHub(http.server.BaseHTTPRequestHandler):
+    """Answer every request the way the hub answers for a repository that does not exist."""
+
+    def _not_found(self) -> None:
+        self.send_response(404)
+        self.send_header("X-Error-Code", "RepoNotFound")
+        self.send_header("X-Error-Message", "Repository not found")
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
+    do_GET = do_HEAD = _not_found
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+@pytest.fixture
+def fake_hub() -> Iterator[str]:
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _FakeHub)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+
+
+def _closed_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _kosmos(args: list[str], *, endpoint: str) -> subprocess.CompletedProcess[str]:
+    env = dict(os.environ, HF_HUB_OFFLINE="0", TRANSFORMERS_OFFLINE="0", HF_ENDPOINT=endpoint)
+    return subprocess.run(
+        [sys.executable, "-m", "kosmos_cli", *args], env=env, capture_output=True, text=True, timeout=120
+    )
+
+
+def test_unknown_hub_id_exits_3(png: Path, fake_hub: str) -> None:
+    result = _kosmos(["md", str(png), "--model", "nobody/no-such-model"], endpoint=fake_hub)
+    assert result.returncode == 3, result.stderr
+    assert "error: model `nobody/no-such-model` was not found on the hub" in result.stderr
+    assert result.stdout == ""
+    assert "Traceback" not in result.stderr
+
+
+def test_unreachable_hub_exits_3(png: Path) -> None:
+    result = _kosmos(["md", str(png)], endpoint=f"http://127.0.0.1:{_closed_port()}")
+    assert result.returncode == 3, result.stderr
+    assert (
+        "error: model `microsoft/kosmos-2.5` is not in the Hugging Face cache and the hub could not be reached"
+        in result.stderr
+    )
+    assert "hint: download it once with `kosmos download`" in result.stderr
+
+
+def test_download_reports_an_unknown_id(fake_hub: str) -> None:
+    result = _kosmos(["download", "nobody/no-such-model"], endpoint=fake_hub)
+    assert result.returncode == 3
+    assert "error: model `nobody/no-such-model` was not found on the hub" in result.stderr

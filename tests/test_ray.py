@@ -1,0 +1,298 @@
+"""The Ray path (`kosmos ... --ray`) against the single-machine path: same bytes, same failures, resumable.
+
+Everything runs on one local Ray instance with 2 CPUs, started once for the module, and the tiny
+random checkpoint on CPU actors. The single-machine reference runs the same library calls as the
+CLI (`discover`, `plan`, `load_runner`, `run_job`); the Ray runs swap the last two for `run_on_ray`.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import pytest
+from inputs import MIXED_PAGES, PdfPage, make_corrupt, make_image, make_pdf
+
+from kosmos_cli.distributed import CRASH_ENV, INSTALL_HINT, WorkerPlan, plan_workers, require_ray, run_on_ray
+from kosmos_cli.document import PageResult, Task
+from kosmos_cli.errors import KosmosError, ModelLoadError, UsageError
+from kosmos_cli.jobs import PROGRESS_SUFFIX, Assembly, Job, Summary, plan, run_job
+from kosmos_cli.runner import Settings, load_runner
+from kosmos_cli.sources import discover
+
+FORMATS = {Task.MD: ("md", "json", "jsonl"), Task.OCR: ("txt", "json", "jsonl", "hocr", "pdf")}
+PAGES = 5  # readable pages in the corpus
+BROKEN = "broken.png"
+
+
+# --- without a cluster ------------------------------------------------------------------------------
+
+
+def test_without_ray_says_how_to_install(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "ray", None)  # what `import ray` meets when Ray is not installed
+    with pytest.raises(UsageError) as caught:
+        require_ray()
+    assert caught.value.message == f"--ray needs Ray, which is not installed: {INSTALL_HINT}"
+    assert caught.value.hint is None  # one line
+    assert caught.value.exit_code == 2
+
+
+@pytest.mark.parametrize(
+    ("resources", "device", "workers", "gpus_per_worker", "expected"),
+    [
+        ({"CPU": 16, "GPU": 4}, "auto", None, 1.0, WorkerPlan(4, False, 1.0, None, "cuda")),
+        ({"CPU": 16, "GPU": 4}, "auto", None, 0.5, WorkerPlan(8, False, 0.5, None, "cuda")),
+        ({"CPU": 16, "GPU": 4}, "cuda:3", 2, 1.0, WorkerPlan(2, True, 1.0, None, "cuda")),
+        ({"CPU": 16, "GPU": 3}, "auto", None, 2.0, WorkerPlan(1, False, 2.0, None, "cuda")),
+        ({"CPU": 16, "GPU": 4}, "cpu", None, 1.0, WorkerPlan(8, False, 0.0, 1.0, "cpu")),
+        ({"CPU": 16, "GPU": 4}, "auto", None, 0.0, WorkerPlan(8, False, 0.0, 1.0, "cpu")),
+        ({"CPU": 16}, "auto", None, 1.0, WorkerPlan(8, False, 0.0, 1.0, "cpu")),
+        ({"CPU": 2}, "auto", 3, 1.0, WorkerPlan(3, True, 0.0, 1.0, "cpu")),
+        ({"CPU": 1}, "auto", None, 1.0, WorkerPlan(1, False, 0.0, 1.0, "cpu")),
+    ],
+)
+def test_plan_workers(
+    resources: dict[str, float],
+    device: str,
+    workers: int | None,
+    gpus_per_worker: float,
+    expected: WorkerPlan,
+) -> None:
+    settings = Settings(device=device)
+    assert plan_workers(resources, settings, workers=workers, gpus_per_worker=gpus_per_worker) == expected
+
+
+@pytest.mark.parametrize(
+    ("resources", "device", "workers", "gpus_per_worker", "message"),
+    [
+        ({"CPU": 8}, "cuda", None, 1.0, "--device cuda asks for GPUs, but the Ray cluster has none"),
+        ({"CPU": 8, "GPU": 2}, "auto", None, 4.0, "--gpus-per-worker 4 is more than the cluster's 2 GPUs"),
+        ({"CPU": 8}, "auto", 0, 1.0, "--workers must be at least 1, not 0"),
+        ({"CPU": 8}, "auto", None, -1.0, "--gpus-per-worker must be 0 or more, not -1"),
+    ],
+)
+def test_plan_workers_refuses(
+    resources: dict[str, float], device: str, workers: int | None, gpus_per_worker: float, message: str
+) -> None:
+    with pytest.raises(UsageError) as caught:
+        plan_workers(resources, Settings(device=device), workers=workers, gpus_per_worker=gpus_per_worker)
+    assert caught.value.message == message
+
+
+# --- on a local Ray instance ------------------------------------------------------------------------
+
+
+@dataclass
+class Recorder:
+    """A Reporter that keeps what it is told."""
+
+    total: int = 0
+    results: list[PageResult] = field(default_factory=list)
+    errors: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+
+    def add_total(self, pages: int) -> None:
+        self.total += pages
+
+    def page_done(self, result: PageResult) -> None:
+        self.results.append(result)
+
+    def error(self, error: KosmosError) -> None:
+        self.errors.append(error.message)
+
+    def warning(self, message: str) -> None:
+        self.warnings.append(message)
+
+
+@dataclass
+class Run:
+    summary: Summary
+    recorder: Recorder
+    stdout: bytes
+    output_dir: Path | None
+
+
+@pytest.fixture(scope="module")
+def ray_instance() -> Iterator[None]:
+    """Start one local Ray instance for the module: 2 CPUs, no GPU, quiet."""
+    ray = pytest.importorskip("ray")
+    ray.init(
+        num_cpus=2, num_gpus=0, include_dashboard=False, log_to_driver=False, logging_level=logging.ERROR
+    )
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A folder of an image, two multi-page PDFs (one scanned) in a subfolder tree, and a broken file."""
+    folder = tmp_path_factory.mktemp("corpus")
+    (folder / "sub").mkdir()
+    make_image(folder / "a.png")
+    make_pdf(folder / "b.pdf", pages=MIXED_PAGES[:2])
+    make_pdf(folder / "sub" / "c.pdf", pages=(PdfPage(rotate=90, text="Rotated"), PdfPage(scan=True)))
+    make_corrupt(folder / BROKEN)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def settings(tiny_checkpoint: Path) -> Settings:
+    # One page per generate call on both paths, so batching cannot change a float and a token.
+    return Settings(model=str(tiny_checkpoint), device="cpu", batch_size=1, max_new_tokens=6)
+
+
+def make_job(task: Task, output_dir: Path | None, *, formats: tuple[str, ...] | None = None) -> Job:
+    return Job(
+        task=task,
+        formats=formats or FORMATS[task],
+        output_dir=output_dir,
+        draw=task is Task.OCR and output_dir is not None,
+        fingerprint="tiny",
+    )
+
+
+def run_single(corpus: Path, job: Job, settings: Settings) -> Run:
+    """Run a job as the CLI does on one machine."""
+    todo, skipped = plan(discover([str(corpus)]).documents, job)
+    summary, recorder, stdout = Summary(documents_skipped=len(skipped)), Recorder(), io.BytesIO()
+    run_job(todo, load_runner(settings), job, recorder, stdout, summary)
+    return Run(summary, recorder, stdout.getvalue(), job.output_dir)
+
+
+def run_ray(corpus: Path, job: Job, settings: Settings) -> Run:
+    """Run a job as the CLI does with --ray."""
+    todo, skipped = plan(discover([str(corpus)]).documents, job)
+    summary, recorder, stdout = Summary(documents_skipped=len(skipped)), Recorder(), io.BytesIO()
+    run_on_ray(todo, job, settings, recorder, stdout=stdout, summary=summary, workers=1)
+    return Run(summary, recorder, stdout.getvalue(), job.output_dir)
+
+
+def tree(folder: Path) -> dict[str, bytes]:
+    return {
+        path.relative_to(folder).as_posix(): path.read_bytes()
+        for path in sorted(folder.rglob("*"))
+        if path.is_file()
+    }
+
+
+def counts(summary: Summary) -> tuple[int, ...]:
+    return (
+        summary.documents_done,
+        summary.documents_skipped,
+        summary.documents_failed,
+        summary.pages_done,
+        summary.pages_resumed,
+        summary.pages_failed,
+    )
+
+
+class References:
+    """Single-machine runs, each done once for the module when a test first needs it."""
+
+    def __init__(self, corpus: Path, settings: Settings, folders: pytest.TempPathFactory) -> None:
+        self.corpus = corpus
+        self.settings = settings
+        self.folders = folders
+        self.runs: dict[tuple[Task, bool], Run] = {}
+
+    def get(self, task: Task, *, to_folder: bool = True) -> Run:
+        key = (task, to_folder)
+        if key not in self.runs:
+            output_dir = self.folders.mktemp(f"single-{task.value}") if to_folder else None
+            formats = None if to_folder else (FORMATS[task][0],)
+            self.runs[key] = run_single(
+                self.corpus, make_job(task, output_dir, formats=formats), self.settings
+            )
+        return self.runs[key]
+
+
+@pytest.fixture(scope="module")
+def references(corpus: Path, settings: Settings, tmp_path_factory: pytest.TempPathFactory) -> References:
+    return References(corpus, settings, tmp_path_factory)
+
+
+class TestOnRay:
+    pytestmark = [  # noqa: RUF012 - pytest reads it as is
+        pytest.mark.ray,
+        pytest.mark.usefixtures("ray_instance"),
+        # Ray Data's context warns about its own deprecated settings whenever it is copied.
+        pytest.mark.filterwarnings("ignore::DeprecationWarning:ray.data.context"),
+    ]
+
+    @pytest.mark.parametrize("task", [Task.MD, Task.OCR], ids=["md", "ocr"])
+    def test_same_bytes_and_failures_as_one_machine(
+        self, task: Task, references: References, settings: Settings, corpus: Path, tmp_path: Path
+    ) -> None:
+        reference = references.get(task)
+        assert reference.output_dir is not None
+        expected = tree(reference.output_dir)
+        ray_run = run_ray(corpus, make_job(task, tmp_path), settings)
+        assert {name.rsplit(".", 1)[1] for name in expected} >= set(FORMATS[task])  # every format is compared
+        assert tree(tmp_path) == expected
+        assert counts(ray_run.summary) == counts(reference.summary) == (3, 0, 1, PAGES, 0, 0)
+        assert ray_run.recorder.errors == reference.recorder.errors
+        assert len(ray_run.recorder.errors) == 1 and BROKEN in ray_run.recorder.errors[0]
+        assert ray_run.summary.failed  # the CLI exits 1 on this, as on one machine
+        assert ray_run.recorder.total == reference.recorder.total == PAGES
+
+    def test_rerun_skips_finished_documents_and_resumes_pages(
+        self, references: References, settings: Settings, corpus: Path, tmp_path: Path
+    ) -> None:
+        reference = references.get(Task.OCR)
+        assert reference.output_dir is not None
+        expected = tree(reference.output_dir)
+        job = make_job(Task.OCR, tmp_path)
+        for name, data in expected.items():  # a run that stopped inside sub/c.pdf, after its first page
+            if not name.startswith("sub/c") or name == "sub/c-p001.png":
+                (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+                (tmp_path / name).write_bytes(data)
+        first_page = next(
+            r
+            for r in reference.recorder.results
+            if r.info.document.name == "sub/c" and r.info.page_index == 0
+        )
+        document = first_page.info.document
+        interrupted = Assembly([document], job, Recorder(), io.BytesIO(), Summary())
+        interrupted.start(document)
+        interrupted.expect(document, [0, 1])
+        interrupted.page_done(first_page)
+        assert (tmp_path / f"sub/c{PROGRESS_SUFFIX}").exists()
+
+        ray_run = run_ray(corpus, job, settings)
+
+        assert tree(tmp_path) == expected  # the progress file is gone too
+        # done, skipped, failed documents; pages done, resumed, failed
+        assert counts(ray_run.summary) == (1, 2, 1, 1, 1, 0)
+
+    def test_lost_worker_is_replaced_without_losing_or_repeating_pages(
+        self,
+        references: References,
+        settings: Settings,
+        corpus: Path,
+        tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch,
+    ) -> None:
+        reference = references.get(Task.MD, to_folder=False)
+        marker = tmp_path / "crashed"
+        monkeypatch.setenv(CRASH_ENV, f"2:{marker}")  # one model actor exits after its second page, once
+
+        ray_run = run_ray(corpus, make_job(Task.MD, None, formats=("md",)), settings)
+
+        assert marker.exists()
+        assert ray_run.stdout == reference.stdout  # every page once, documents in input order
+        assert ray_run.stdout.count(b"<!-- kosmos: page 1") == 2  # the two multi-page PDFs
+        assert counts(ray_run.summary) == counts(reference.summary) == (3, 0, 1, PAGES, 0, 0)
+
+    def test_model_that_cannot_load_stops_the_run(
+        self, settings: Settings, corpus: Path, tmp_path: Path
+    ) -> None:
+        missing = tmp_path / "no-such-model"
+        with pytest.raises(ModelLoadError) as caught:
+            run_ray(corpus, make_job(Task.MD, tmp_path / "out"), replace(settings, model=str(missing)))
+        assert str(missing) in caught.value.message
+        assert caught.value.exit_code == 3
+        assert not (tmp_path / "out").exists()
