@@ -294,6 +294,14 @@ def _run(task: Task, options: dict[str, object]) -> None:
     except KeyboardInterrupt:
         console.print("error: interrupted; finished documents are kept, rerun the same command to resume")
         raise typer.Exit(EXIT_INTERRUPTED) from None
+    except Exception as error:  # a bug, not bad input: one line, the traceback with --verbose
+        crash = KosmosError(
+            f"unexpected {type(error).__name__}: {error}",
+            hint="rerun with --verbose for the traceback, and please report it",
+        )
+        crash.__cause__ = error
+        reporter.error(crash)
+        raise typer.Exit(1) from None
     console.print(_summary_line(summary), markup=False)
     raise typer.Exit(1 if summary.failed or discovery.errors else 0)
 

@@ -53,6 +53,7 @@ STDIN_NAME = "stdin"  # output stem of a document read from stdin
 STDIN_LABEL = "<stdin>"  # what messages call it
 
 PYMUPDF_LOCK = threading.RLock()  # PyMuPDF must not run in two threads at once
+_PIL_INIT_LOCK = threading.Lock()  # PIL registers its plugins lazily, and not thread-safely
 
 _HEADER_BYTES = 1024  # a PDF header may follow up to 1 KiB of junk
 _TAIL_BYTES = 1024  # where a complete PDF's %%EOF marker sits
@@ -570,8 +571,11 @@ def _decode_problem(error: Exception) -> str:
 
 @contextlib.contextmanager
 def _open_image(document: Document, kind: str, label: str) -> Iterator[_ImageSource]:
+    with _PIL_INIT_LOCK:
+        Image.init()  # a no-op once done; racing threads otherwise see a half-filled plugin registry
+    formats = [name for name in _PIL_FORMATS[kind] if name in Image.OPEN]  # Pillow 13 dropped MPO's own opener
     try:
-        image = Image.open(document.path, formats=_PIL_FORMATS[kind])
+        image = Image.open(document.path, formats=formats)
     except Image.DecompressionBombError:
         raise InputError(
             f"{label} is larger than {MAX_PAGE_PIXELS:,} pixels, too large to read safely",

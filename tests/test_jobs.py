@@ -1,0 +1,280 @@
+"""PDFs, folders and pipelines end to end through the CLI on the tiny offline model."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from inputs import (
+    MIXED_PAGES,
+    PdfPage,
+    make_bomb,
+    make_corrupt,
+    make_empty,
+    make_image,
+    make_pdf,
+    make_text,
+    make_tiff,
+    make_truncated,
+)
+from typer.testing import CliRunner, Result
+
+from kosmos_cli import jobs, sources
+from kosmos_cli.cli import app
+
+TOKENS = "6"  # new tokens per page: enough to make distinct outputs, few enough to be quick
+
+
+@pytest.fixture
+def kosmos(tiny_checkpoint: Path) -> Iterator[object]:
+    """Run the CLI in-process on the tiny model; returns (exit code, stdout, stderr)."""
+    runner = CliRunner()
+
+    def invoke(*args: str, input: bytes | None = None) -> Result:
+        return runner.invoke(
+            app, [*args, "--model", str(tiny_checkpoint), "--max-new-tokens", TOKENS], input=input
+        )
+
+    yield invoke
+
+
+@pytest.fixture
+def tree(tmp_path: Path) -> Path:
+    """A folder of scans: nested PDFs, images, an unsupported file and a hidden one."""
+    root = tmp_path / "in"
+    (root / "a" / "b").mkdir(parents=True)
+    make_pdf(root / "a" / "report.pdf", pages=MIXED_PAGES[:3])
+    make_image(root / "a" / "b" / "photo.jpg", fmt="JPEG", orientation=6)
+    make_image(root / "scan.png", size=(120, 90))
+    make_tiff(root / "fax.tif")
+    make_text(root / "notes.txt")
+    make_image(root / ".hidden.png")
+    return root
+
+
+def _json(path: Path) -> dict[str, object]:
+    return json.loads(path.read_text(encoding="utf-8"))  # type: ignore[no-any-return]
+
+
+def test_folder_tree_is_mirrored(kosmos, tree: Path, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    out = tmp_path / "out"
+    result = kosmos("ocr", str(tree), "-o", str(out), "-f", "txt", "-f", "json")
+    assert result.exit_code == 0, result.stderr
+    written = sorted(str(p.relative_to(out)) for p in out.rglob("*") if p.is_file())
+    assert written == [
+        "a/b/photo.json", "a/b/photo.txt", "a/report.json", "a/report.txt",
+        "fax.json", "fax.txt", "scan.json", "scan.txt",
+    ]  # fmt: skip
+    assert result.stdout == ""
+    assert "4 done, 0 skipped (outputs exist), 0 failed; 8 pages" in result.stderr
+    assert "1 unsupported files ignored" in result.stderr
+    report = _json(out / "a" / "report.json")
+    pages = report["pages"]
+    assert isinstance(pages, list)
+    assert [p["page_number"] for p in pages] == [1, 2, 3]
+    letter, a4, rotated = pages
+    assert letter["width"] < letter["height"] and a4["width"] < a4["height"]
+    assert rotated["width"] > rotated["height"], "a /Rotate 90 page renders landscape"
+    photo = _json(out / "a" / "b" / "photo.json")["pages"][0]  # type: ignore[index]
+    assert (photo["width"], photo["height"]) == (96, 64), "EXIF orientation 6 is applied"
+    assert len(_json(out / "fax.json")["pages"]) == 3  # type: ignore[arg-type]
+
+
+def test_stdout_separates_documents_and_keeps_input_order(kosmos, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    first = make_image(tmp_path / "first.png", size=(80, 60))
+    second = make_pdf(tmp_path / "second.pdf", pages=MIXED_PAGES[:2])
+    result = kosmos("md", str(second), str(first))
+    assert result.exit_code == 0, result.stderr
+    headers = [line for line in result.stdout.splitlines() if line.startswith("<!-- kosmos: document")]
+    assert headers == [f"<!-- kosmos: document {second} -->", f"<!-- kosmos: document {first} -->"]
+    second_part = result.stdout.split(headers[1])[0]
+    assert second_part.count("<!-- kosmos: page 1") == 1 and second_part.count("<!-- kosmos: page 2") == 1
+
+
+def test_pages_select_per_document(kosmos, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    pdf = make_pdf(tmp_path / "six.pdf", pages=MIXED_PAGES)
+    out = tmp_path / "out"
+    result = kosmos("ocr", str(pdf), "-o", str(out), "-f", "json", "--pages", "2,5-")
+    assert result.exit_code == 0, result.stderr
+    pages = _json(out / "six.json")["pages"]
+    assert [p["page_number"] for p in pages] == [2, 5, 6]  # type: ignore[union-attr]
+
+
+def test_pages_out_of_range_fail_that_document_only(kosmos, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    short = make_pdf(tmp_path / "short.pdf", pages=MIXED_PAGES[:2])
+    long = make_pdf(tmp_path / "long.pdf", pages=MIXED_PAGES[:4])
+    out = tmp_path / "out"
+    result = kosmos("md", str(short), str(long), "-o", str(out), "--pages", "4")
+    assert result.exit_code == 1
+    assert "error: `" in result.stderr and "short.pdf` has 2 pages; --pages asks for 4" in result.stderr
+    assert not (out / "short.md").exists()
+    assert (out / "long.md").exists()
+
+
+def test_encrypted_pdf_needs_the_password(kosmos, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    locked = make_pdf(tmp_path / "locked.pdf", pages=MIXED_PAGES[:1], password="s3cret")
+    out = tmp_path / "out"
+    refused = kosmos("md", str(locked), "-o", str(out))
+    assert refused.exit_code == 1
+    assert "locked.pdf` is encrypted" in refused.stderr
+    assert "hint: " in refused.stderr and "--password" in refused.stderr
+    opened = kosmos("md", str(locked), "-o", str(out), "--password", "s3cret")
+    assert opened.exit_code == 0, opened.stderr
+    assert (out / "locked.md").exists()
+
+
+BROKEN = {
+    "empty.png": lambda p: make_empty(p),
+    "truncated.png": lambda p: make_truncated(p, fmt="PNG"),
+    "corrupt.jpg": lambda p: make_corrupt(p, fmt="JPEG"),
+    "truncated.pdf": lambda p: make_truncated(p, fmt="PDF"),
+    "bomb.png": lambda p: make_bomb(p),
+    "text.pdf": lambda p: make_text(p),
+}
+
+
+def test_broken_inputs_are_reported_and_the_rest_finishes(kosmos, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    folder = tmp_path / "in"
+    folder.mkdir()
+    for name, build in BROKEN.items():
+        build(folder / name)
+    make_image(folder / "good.png")
+    make_image(folder / "png-named.pdf", fmt="PNG")  # mislabelled, but readable by content
+    make_pdf(folder / "pdf-named.png", pages=MIXED_PAGES[:1])
+    out = tmp_path / "out"
+    result = kosmos("md", str(folder), "-o", str(out))
+    assert result.exit_code == 1
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == len(BROKEN), result.stderr
+    for name in BROKEN:
+        assert sum(name in line for line in errors) == 1, (name, errors)
+    assert "Traceback" not in result.stderr
+    assert sorted(p.name for p in out.iterdir()) == ["good.md", "pdf-named.md", "png-named.md"]
+    assert f"3 done, 0 skipped (outputs exist), {len(BROKEN)} failed" in result.stderr
+
+
+def test_a_file_that_vanishes_mid_run_is_reported(kosmos, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:  # type: ignore[no-untyped-def]
+    keep = make_image(tmp_path / "keep.png")
+    gone = make_image(tmp_path / "gone.png")
+    discover = sources.discover
+
+    def discover_then_delete(*args: object, **kwargs: object) -> sources.Discovery:
+        found = discover(*args, **kwargs)  # type: ignore[arg-type]
+        gone.unlink()
+        return found
+
+    monkeypatch.setattr(sources, "discover", discover_then_delete)
+    out = tmp_path / "out"
+    result = kosmos("ocr", str(keep), str(gone), "-o", str(out))
+    assert result.exit_code == 1
+    assert "gone.png" in result.stderr and "error: " in result.stderr
+    assert (out / "keep.txt").exists()
+
+
+def test_stdin_and_from_list(kosmos, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    png = make_image(tmp_path / "page.png", size=(100, 70))
+    from_file = kosmos("md", str(png))
+    from_stdin = kosmos("md", "-", input=png.read_bytes())
+    assert from_stdin.exit_code == 0, from_stdin.stderr
+    assert from_stdin.stdout == from_file.stdout
+    listing = tmp_path / "list.txt"
+    listing.write_text(f"# scans to do\n{png}\n\n")
+    from_list = kosmos("md", "--from-list", str(listing))
+    assert from_list.exit_code == 0, from_list.stderr
+    assert from_list.stdout == from_file.stdout
+    piped = kosmos("md", "--from-list", "-", input=f"{png}\n".encode())
+    assert piped.stdout == from_file.stdout
+
+
+def test_existing_outputs_are_skipped_until_overwrite(kosmos, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    png = make_image(tmp_path / "page.png")
+    out = tmp_path / "out"
+    assert kosmos("md", str(png), "-o", str(out)).exit_code == 0
+    (out / "page.md").write_text("edited by hand\n")
+    again = kosmos("md", str(png), "-o", str(out))
+    assert again.exit_code == 0
+    assert "0 done, 1 skipped (outputs exist)" in again.stderr
+    assert (out / "page.md").read_text() == "edited by hand\n"
+    redo = kosmos("md", str(png), "-o", str(out), "--overwrite")
+    assert redo.exit_code == 0
+    assert (out / "page.md").read_text() != "edited by hand\n"
+
+
+def test_interrupted_run_resumes_without_redoing_pages(
+    kosmos,  # type: ignore[no-untyped-def]
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    pdf = make_pdf(tmp_path / "long.pdf", pages=MIXED_PAGES)
+    clean = tmp_path / "clean"
+    assert kosmos("ocr", str(pdf), "-o", str(clean), "-f", "txt", "-f", "json").exit_code == 0
+
+    page_done = jobs.Assembly.page_done
+    calls: list[int] = []
+
+    def interrupt_after_three(self: jobs.Assembly, result: object, **kwargs: object) -> bool:
+        calls.append(result.info.page_index)  # type: ignore[attr-defined]
+        if len(calls) == 4:
+            raise KeyboardInterrupt
+        return page_done(self, result, **kwargs)  # type: ignore[arg-type]
+
+    out = tmp_path / "out"
+    monkeypatch.setattr(jobs.Assembly, "page_done", interrupt_after_three)
+    stopped = kosmos("ocr", str(pdf), "-o", str(out), "-f", "txt", "-f", "json")
+    assert stopped.exit_code == 130
+    assert "interrupted" in stopped.stderr
+    assert sorted(p.name for p in out.iterdir()) == ["long.kosmos-progress.jsonl"]
+
+    calls.clear()
+    monkeypatch.setattr(jobs.Assembly, "page_done", page_done)
+    resumed = kosmos("ocr", str(pdf), "-o", str(out), "-f", "txt", "-f", "json")
+    assert resumed.exit_code == 0, resumed.stderr
+    assert "3 resumed" in resumed.stderr
+    assert sorted(p.name for p in out.iterdir()) == ["long.json", "long.txt"]
+    for name in ("long.json", "long.txt"):
+        assert (out / name).read_bytes() == (clean / name).read_bytes()
+
+
+def test_a_torn_progress_line_is_redone(kosmos, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    pdf = make_pdf(tmp_path / "doc.pdf", pages=MIXED_PAGES[:2])
+    clean = tmp_path / "clean"
+    assert kosmos("md", str(pdf), "-o", str(clean)).exit_code == 0
+    out = tmp_path / "out"
+    out.mkdir()
+    progress = out / "doc.kosmos-progress.jsonl"
+    progress.write_text('{"kosmos_progress": 1, "fingerprint": "x"}\n{"document": {"pa')
+    result = kosmos("md", str(pdf), "-o", str(out))
+    assert result.exit_code == 0, result.stderr
+    assert (out / "doc.md").read_bytes() == (clean / "doc.md").read_bytes()
+    assert not progress.exists()
+
+
+def test_killed_process_resumes_to_identical_outputs(tiny_checkpoint: Path, tmp_path: Path) -> None:
+    pdf = make_pdf(tmp_path / "many.pdf", pages=[PdfPage(text=f"page {n}") for n in range(12)])
+    command = [sys.executable, "-m", "kosmos_cli", "md", str(pdf), "--model", str(tiny_checkpoint)]
+    command += ["--max-new-tokens", TOKENS]
+    clean = tmp_path / "clean"
+    subprocess.run([*command, "-o", str(clean)], check=True, capture_output=True, timeout=300)
+
+    out = tmp_path / "out"
+    progress = out / "many.kosmos-progress.jsonl"
+    process = subprocess.Popen([*command, "-o", str(out)], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline:
+        if progress.exists() and progress.read_text().count("\n") >= 3:  # header + 2 pages
+            break
+        time.sleep(0.05)
+    os.kill(process.pid, signal.SIGKILL)
+    process.wait()
+    assert not (out / "many.md").exists()
+
+    subprocess.run([*command, "-o", str(out)], check=True, capture_output=True, timeout=300)
+    assert (out / "many.md").read_bytes() == (clean / "many.md").read_bytes()
+    assert not progress.exists()
