@@ -8,7 +8,7 @@ import sys
 import time
 from enum import Enum
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Optional
+from typing import TYPE_CHECKING, Annotated, Any, Optional
 
 import typer
 from rich.console import Console
@@ -63,6 +63,10 @@ class DType(str, Enum):
     float32 = "float32"
 
 
+class Quantization(str, Enum):
+    int8 = "int8"
+
+
 class Attention(str, Enum):
     auto = "auto"
     sdpa = "sdpa"
@@ -72,15 +76,22 @@ class Attention(str, Enum):
 
 Inputs = Annotated[
     Optional[list[str]],  # noqa: UP045 - typer reads the annotation at runtime on Python 3.10
-    typer.Argument(help="Images, PDFs or folders (walked recursively); `-` reads one file from stdin.", show_default=False),
+    typer.Argument(
+        help="Images, PDFs or folders (walked recursively); `-` reads one file from stdin.",
+        show_default=False,
+    ),
 ]
 Output = Annotated[
-    Optional[Path],  # noqa: UP045
-    typer.Option("--output", "-o", help="Write one file per input and format here, mirroring folders; default: stdout."),
+    Optional[str],  # noqa: UP045
+    typer.Option(
+        "--output", "-o", help="Write one file per input and format here, mirroring folders; default: stdout."
+    ),
 ]
 FromList = Annotated[
     Optional[str],  # noqa: UP045
-    typer.Option("--from-list", help="Read input paths, one per line, from this file (`-`: stdin).", show_default=False),
+    typer.Option(
+        "--from-list", help="Read input paths, one per line, from this file (`-`: stdin).", show_default=False
+    ),
 ]
 Pages = Annotated[
     Optional[str],  # noqa: UP045
@@ -88,36 +99,101 @@ Pages = Annotated[
 ]
 Dpi = Annotated[
     Optional[float],  # noqa: UP045
-    typer.Option("--dpi", help="PDF render resolution; default: the size the model reads (about 1 megapixel).", min=10),
+    typer.Option(
+        "--dpi", help="PDF render resolution; default: the size the model reads (about 1 megapixel).", min=10
+    ),
 ]
 Password = Annotated[Optional[str], typer.Option("--password", help="Password for encrypted PDFs.")]  # noqa: UP045
 Overwrite = Annotated[bool, typer.Option("--overwrite", help="Redo inputs whose outputs already exist.")]
 Model = Annotated[
     Optional[str],  # noqa: UP045
-    typer.Option("--model", help=f"Hub id or local folder [env {MODEL_ENV}; default {DEFAULT_MODEL}].", show_default=False),
+    typer.Option(
+        "--model",
+        help=f"Hub id or local folder [env {MODEL_ENV}; default {DEFAULT_MODEL}].",
+        show_default=False,
+    ),
 ]
 Revision = Annotated[Optional[str], typer.Option("--revision", help="Hub branch, tag or commit of --model.")]  # noqa: UP045
+
+
 def _check_device(value: str) -> str:
     if value in ("auto", "cpu", "cuda", "mps") or re.fullmatch(r"cuda:\d+", value):
         return value
     raise typer.BadParameter(f"`{value}` is not a device: use auto, cpu, cuda, cuda:N or mps")
 
 
-DeviceOpt = Annotated[str, typer.Option("--device", help="auto, cpu, cuda, cuda:N or mps.", callback=_check_device)]
-DTypeOpt = Annotated[DType, typer.Option("--dtype", help="auto: bfloat16 on GPUs that support it, else float16 on GPU, float32 on CPU.")]
-AttnOpt = Annotated[Attention, typer.Option("--attn", help="Attention kernel; auto picks flash_attention_2 when installed.")]
+DeviceOpt = Annotated[
+    str, typer.Option("--device", help="auto, cpu, cuda, cuda:N or mps.", callback=_check_device)
+]
+DTypeOpt = Annotated[
+    DType,
+    typer.Option(
+        "--dtype", help="auto: bfloat16 on GPUs that support it, else float16 on GPU, float32 on CPU."
+    ),
+]
+AttnOpt = Annotated[
+    Attention, typer.Option("--attn", help="Attention kernel; auto picks flash_attention_2 when installed.")
+]
 BatchSize = Annotated[
     Optional[int],  # noqa: UP045
-    typer.Option("--batch-size", "-b", min=1, help="Pages per batch; default: from the device and its free memory.", show_default=False),
+    typer.Option(
+        "--batch-size",
+        "-b",
+        min=1,
+        help="Pages per batch; default: from the device and its free memory.",
+        show_default=False,
+    ),
 ]
 MaxNewTokens = Annotated[
     Optional[int],  # noqa: UP045
     typer.Option(
-        "--max-new-tokens", min=1, help="Token budget per page; default: all the model's 4096 positions allow (2044).",
+        "--max-new-tokens",
+        min=1,
+        help="Token budget per page; default: all the model's 4096 positions allow (2044).",
         show_default=False,
     ),
 ]
-Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar or warnings; errors and the summary only.")]
+Compile = Annotated[
+    bool,
+    typer.Option("--compile", help="Static KV cache and torch.compile'd decoding, in fixed batches (GPU)."),
+]
+Quantize = Annotated[
+    Optional[Quantization],  # noqa: UP045
+    typer.Option(
+        "--quantize",
+        help="int8: dynamic int8 linear layers, CPU only (see BENCHMARKS.md).",
+        show_default=False,
+    ),
+]
+Threads = Annotated[
+    Optional[int],  # noqa: UP045
+    typer.Option(
+        "--threads", min=1, help="CPU threads; default: the cores this process may use.", show_default=False
+    ),
+]
+Ray = Annotated[bool, typer.Option("--ray", help="Run on a Ray cluster (RAY_ADDRESS, or a local instance).")]
+RayAddress = Annotated[
+    Optional[str],  # noqa: UP045
+    typer.Option(
+        "--ray-address", envvar="RAY_ADDRESS", help="Ray cluster to join (implies --ray).", show_default=False
+    ),
+]
+Workers = Annotated[
+    Optional[int],  # noqa: UP045
+    typer.Option(
+        "--workers",
+        min=1,
+        help="Model actors on Ray; default: as many as the cluster has room for.",
+        show_default=False,
+    ),
+]
+GpusPerWorker = Annotated[
+    float,
+    typer.Option("--gpus-per-worker", min=0.0, help="GPUs each Ray model actor reserves (0.5: two per GPU)."),
+]
+Quiet = Annotated[
+    bool, typer.Option("--quiet", "-q", help="No progress bar or warnings; errors and the summary only.")
+]
 Verbose = Annotated[bool, typer.Option("--verbose", "-v", help="Debug logs and tracebacks.")]
 
 
@@ -142,7 +218,9 @@ def md(
     output: Output = None,
     format: Annotated[
         Optional[list[MdFormat]],  # noqa: UP045
-        typer.Option("--format", "-f", help="Output format, repeatable (with -o): md, json, jsonl.", show_default="md"),
+        typer.Option(
+            "--format", "-f", help="Output format, repeatable (with -o): md, json, jsonl.", show_default="md"
+        ),
     ] = None,
     from_list: FromList = None,
     pages: Pages = None,
@@ -156,6 +234,13 @@ def md(
     attn: AttnOpt = Attention.auto,
     batch_size: BatchSize = None,
     max_new_tokens: MaxNewTokens = None,
+    compile: Compile = False,
+    quantize: Quantize = None,
+    threads: Threads = None,
+    ray: Ray = False,
+    ray_address: RayAddress = None,
+    workers: Workers = None,
+    gpus_per_worker: GpusPerWorker = 1.0,
     quiet: Quiet = False,
     verbose: Verbose = False,
 ) -> None:
@@ -171,10 +256,15 @@ def ocr(
     format: Annotated[
         Optional[list[OcrFormat]],  # noqa: UP045
         typer.Option(
-            "--format", "-f", help="Output format, repeatable (with -o): txt, json, jsonl, hocr, pdf.", show_default="txt"
+            "--format",
+            "-f",
+            help="Output format, repeatable (with -o): txt, json, jsonl, hocr, pdf.",
+            show_default="txt",
         ),
     ] = None,
-    draw: Annotated[bool, typer.Option("--draw", help="Also write a PNG per page with each line's box drawn (needs -o).")] = False,
+    draw: Annotated[
+        bool, typer.Option("--draw", help="Also write a PNG per page with each line's box drawn (needs -o).")
+    ] = False,
     numbered: Annotated[bool, typer.Option("--numbered", help="Number the boxes drawn by --draw.")] = False,
     from_list: FromList = None,
     pages: Pages = None,
@@ -188,6 +278,13 @@ def ocr(
     attn: AttnOpt = Attention.auto,
     batch_size: BatchSize = None,
     max_new_tokens: MaxNewTokens = None,
+    compile: Compile = False,
+    quantize: Quantize = None,
+    threads: Threads = None,
+    ray: Ray = False,
+    ray_address: RayAddress = None,
+    workers: Workers = None,
+    gpus_per_worker: GpusPerWorker = 1.0,
     quiet: Quiet = False,
     verbose: Verbose = False,
 ) -> None:
@@ -200,7 +297,9 @@ def ocr(
 def download(
     model: Annotated[
         Optional[str],  # noqa: UP045
-        typer.Argument(help=f"Hub id to fetch [env {MODEL_ENV}; default {DEFAULT_MODEL}].", show_default=False),
+        typer.Argument(
+            help=f"Hub id to fetch [env {MODEL_ENV}; default {DEFAULT_MODEL}].", show_default=False
+        ),
     ] = None,
     revision: Revision = None,
     to: Annotated[
@@ -219,14 +318,16 @@ def download(
         _print_error(console, error)
         raise typer.Exit(error.exit_code) from None
     typer.echo(str(path))
-    console.print(f"downloaded `{name}`; use it offline with HF_HUB_OFFLINE=1 or --model {path}", markup=False)
+    console.print(
+        f"downloaded `{name}`; use it offline with HF_HUB_OFFLINE=1 or --model {path}", markup=False
+    )
 
 
 @app.command()
 def doctor(
     smoke: Annotated[bool, typer.Option("--smoke/--no-smoke", help="Run a tiny random model once.")] = True,
 ) -> None:
-    """Print versions, the device and dtype kosmos would pick, and run a smoke test: paste it in bug reports."""
+    """Print versions, the device and dtype kosmos would pick, and a smoke run: paste it into bug reports."""
     from kosmos_cli.doctor import diagnose
 
     _configure_logging(Console(stderr=True), verbose=False, quiet=True)
@@ -238,52 +339,79 @@ def doctor(
         raise typer.Exit(1)
 
 
-def _run(task: Task, options: dict[str, object]) -> None:
+def _run(task: Task, options: dict[str, Any]) -> None:
     """Run md or ocr with the parsed options and exit with the right code."""
     from kosmos_cli.jobs import Job, Summary, plan, run_job
     from kosmos_cli.runner import Settings, default_model, load_runner
     from kosmos_cli.sources import discover, parse_pages
 
-    verbose = bool(options["verbose"])
-    quiet = bool(options["quiet"])
+    verbose, quiet = bool(options["verbose"]), bool(options["quiet"])
     console = Console(stderr=True, highlight=False, soft_wrap=True)
     _configure_logging(console, verbose=verbose, quiet=quiet)
     reporter = _Reporter(console, quiet=quiet, verbose=verbose)
+    on_ray = bool(options["ray"] or options["ray_address"])
     try:
-        output = options["output"]
-        formats: tuple[str, ...] = options["formats"]  # type: ignore[assignment]
-        _check_formats(formats, output_dir=output, draw=bool(options["draw"]))
-        inputs = list(options["inputs"] or [])  # type: ignore[call-overload]
+        formats: tuple[str, ...] = options["formats"]
+        _check_formats(formats, output_dir=options["output"], draw=options["draw"])
+        inputs = list(options["inputs"] or [])
         if not inputs and not options["from_list"]:
-            raise UsageError("no inputs given", hint="name files or folders, `-` for stdin, or --from-list FILE")
-        page_selection = parse_pages(str(options["pages"])) if options["pages"] else None
-        discovery = discover(inputs, from_list=options["from_list"])  # type: ignore[arg-type]
+            raise UsageError(
+                "no inputs given", hint="name files or folders, `-` for stdin, or --from-list FILE"
+            )
+        page_selection = parse_pages(options["pages"]) if options["pages"] else None
+        if on_ray:
+            from kosmos_cli.distributed import discover_inputs, output_folder, require_ray
+
+            require_ray()
+            discovery = discover_inputs(inputs, from_list=options["from_list"])
+            output_dir = output_folder(options["output"]) if options["output"] else None
+        else:
+            discovery = discover(inputs, from_list=options["from_list"])
+            output_dir = Path(options["output"]) if options["output"] else None
         for error in discovery.errors:
             reporter.error(error)
         settings = Settings(
-            model=str(options["model"] or default_model()),
-            revision=options["revision"],  # type: ignore[arg-type]
-            device=str(options["device"]),
-            dtype=options["dtype"].value,  # type: ignore[attr-defined]
-            attn=options["attn"].value,  # type: ignore[attr-defined]
-            batch_size=options["batch_size"],  # type: ignore[arg-type]
-            max_new_tokens=options["max_new_tokens"],  # type: ignore[arg-type]
+            model=options["model"] or default_model(),
+            revision=options["revision"],
+            device=options["device"],
+            dtype=options["dtype"].value,
+            attn=options["attn"].value,
+            batch_size=options["batch_size"],
+            max_new_tokens=options["max_new_tokens"],
+            compile=options["compile"],
+            quantize=options["quantize"].value if options["quantize"] else None,
+            threads=options["threads"],
         )
         job = Job(
             task=task,
             formats=formats,
-            output_dir=output,  # type: ignore[arg-type]
-            draw=bool(options["draw"]),
-            numbered=bool(options["numbered"]),
+            output_dir=output_dir,
+            draw=options["draw"],
+            numbered=options["numbered"],
             pages=page_selection,
-            dpi=options["dpi"],  # type: ignore[arg-type]
-            password=options["password"],  # type: ignore[arg-type]
-            overwrite=bool(options["overwrite"]),
+            dpi=options["dpi"],
+            password=options["password"],
+            overwrite=options["overwrite"],
             fingerprint=f"{settings.model}@{settings.revision or 'main'} dpi={options['dpi']}",
         )
         todo, skipped = plan(discovery.documents, job)
         summary = Summary(documents_skipped=len(skipped), unsupported=discovery.unsupported)
-        if todo:
+        if todo and on_ray:
+            from kosmos_cli.distributed import run_on_ray
+
+            with reporter:
+                run_on_ray(
+                    todo,
+                    job,
+                    settings,
+                    reporter,
+                    stdout=sys.stdout.buffer,
+                    summary=summary,
+                    address=options["ray_address"],
+                    workers=options["workers"],
+                    gpus_per_worker=options["gpus_per_worker"],
+                )
+        elif todo:
             reporter.note(f"loading model `{settings.model}`")
             runner = load_runner(settings)
             with reporter:
@@ -306,7 +434,7 @@ def _run(task: Task, options: dict[str, object]) -> None:
     raise typer.Exit(1 if summary.failed or discovery.errors else 0)
 
 
-def _check_formats(formats: tuple[str, ...], *, output_dir: object, draw: bool) -> None:
+def _check_formats(formats: tuple[str, ...], *, output_dir: str | None, draw: bool) -> None:
     if output_dir is not None:
         return
     if draw:
