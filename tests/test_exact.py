@@ -213,3 +213,36 @@ def test_drawn_png_has_the_boxes(kosmos, scripted, tmp_path: Path) -> None:  # t
     assert drawn.getpixel((x0, middle_y)) != original.getpixel((x0, middle_y))  # on the left edge
     inside = (x0 + 5, middle_y)
     assert drawn.getpixel(inside) == original.getpixel(inside)
+
+
+IMAGE_KINDS = [
+    ("png", "png", dict(fmt="PNG")),
+    ("exif-rotated", "jpg", dict(fmt="JPEG", orientation=6)),
+    ("webp", "webp", dict(fmt="WEBP")),
+    ("tiff", "tif", dict(fmt="TIFF")),
+    ("bmp", "bmp", dict(fmt="BMP")),
+    ("gif", "gif", dict(fmt="GIF", mode="P")),
+    ("palette-alpha", "png", dict(fmt="PNG", mode="P", transparent=True)),
+    ("gray", "png", dict(fmt="PNG", mode="L")),
+    ("gray16", "png", dict(fmt="PNG", mode="I;16")),
+    ("rgb16", "png", dict(fmt="PNG", mode="RGB;16")),
+    ("alpha", "png", dict(fmt="PNG", mode="RGBA")),
+]
+
+
+@pytest.mark.parametrize(("name", "suffix", "options"), IMAGE_KINDS, ids=[name for name, _, _ in IMAGE_KINDS])
+def test_every_image_kind_through_both_commands(  # type: ignore[no-untyped-def]
+    kosmos, scripted, tmp_path: Path, name: str, suffix: str, options: dict[str, Any]
+) -> None:
+    # make_image stores the picture so that its EXIF orientation, if any, shows it upright at `size`.
+    width, height = size = (300, 200)
+    image = make_image(tmp_path / f"{name}.{suffix}", size=size, **options)
+    scripted(OCR_SCRIPT)
+    ocr = kosmos("ocr", str(image))
+    first = expected_boxes(width, height)[0]
+    assert ocr.stdout.splitlines()[0] == "{0},{1},{2},{1},{2},{3},{0},{3},Hello world".format(*first)
+    scripted(MD_SCRIPT)
+    out = tmp_path / "out"
+    md = kosmos("md", str(image), "-o", str(out))
+    assert md.stdout == ""
+    assert (out / f"{name}.md").read_text() == "# Receipt\nTotal: 12,50\n\n| a | b |\n"
