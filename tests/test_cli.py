@@ -38,7 +38,15 @@ def test_help_lists_the_commands() -> None:
 def test_command_help_names_the_shared_options(command: str) -> None:
     result = runner.invoke(app, [command, "--help"])
     assert result.exit_code == 0
-    for option in ("--model", "--revision", "--device", "--dtype", "--attn", "--batch-size", "--max-new-tokens"):
+    for option in (
+        "--model",
+        "--revision",
+        "--device",
+        "--dtype",
+        "--attn",
+        "--batch-size",
+        "--max-new-tokens",
+    ):
         assert option in result.stdout
 
 
@@ -129,7 +137,9 @@ def test_cuda_on_a_machine_without_it_exits_3(device: str, png: Path, tiny_check
 
 
 def test_flash_attention_without_the_package_exits_3(png: Path, tiny_checkpoint: Path) -> None:
-    code, _, stderr = _load_error(["md", str(png), "--model", str(tiny_checkpoint), "--attn", "flash_attention_2"])
+    code, _, stderr = _load_error(
+        ["md", str(png), "--model", str(tiny_checkpoint), "--attn", "flash_attention_2"]
+    )
     assert code == 3
     assert "flash_attention_2 needs the flash-attn package" in stderr
 

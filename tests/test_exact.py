@@ -24,8 +24,12 @@ from kosmos_cli import runner as runner_module
 from kosmos_cli.cli import app
 from kosmos_cli.tiling import plan_tiles
 
-OCR_SCRIPT = "<bbox><x_10><y_20><x_300><y_60></bbox>Hello world<bbox><x_40><y_80><x_900><y_2000></bbox>Total 12,50"
+OCR_SCRIPT = (
+    "<bbox><x_10><y_20><x_300><y_60></bbox>Hello world<bbox><x_40><y_80><x_900><y_2000></bbox>Total 12,50"
+)
 MD_SCRIPT = "# Receipt<br>  Total: 12,50  \n\n\n\n| a | b |"
+Kosmos = Callable[..., Any]
+Script = Callable[[str], None]
 PATCH = 16
 MAX_PATCHES = 4096
 
@@ -60,7 +64,7 @@ class ScriptedModel:
 
 
 @pytest.fixture
-def scripted(monkeypatch: pytest.MonkeyPatch) -> Callable[[str], None]:
+def scripted(monkeypatch: pytest.MonkeyPatch) -> Script:
     """Make every runner the CLI loads follow the given raw output."""
 
     def install(raw: str) -> None:
@@ -80,7 +84,7 @@ def scripted(monkeypatch: pytest.MonkeyPatch) -> Callable[[str], None]:
 
 
 @pytest.fixture
-def kosmos(tiny_checkpoint: Path) -> Iterator[Callable[..., Any]]:
+def kosmos(tiny_checkpoint: Path) -> Iterator[Kosmos]:
     cli = CliRunner()
 
     def invoke(*args: str) -> Any:
@@ -117,7 +121,7 @@ def expected_boxes(width: int, height: int, *, offset: tuple[int, int] = (0, 0))
 SIZES = [(640, 480), (480, 640), (1700, 2200), (300, 301), (2000, 500), (97, 1203)]
 
 
-def test_polygons_are_rescaled_per_image_in_mixed_batches(kosmos, scripted, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+def test_polygons_are_rescaled_per_image_in_mixed_batches(kosmos: Kosmos, scripted, tmp_path: Path) -> None:
     scripted(OCR_SCRIPT)
     folder = tmp_path / "in"
     folder.mkdir()
@@ -139,7 +143,7 @@ def test_polygons_are_rescaled_per_image_in_mixed_batches(kosmos, scripted, tmp_
         assert txt[0] == "{0},{1},{2},{1},{2},{3},{0},{3},Hello world".format(*first)
 
 
-def test_markdown_is_tidied_and_printed(kosmos, scripted, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+def test_markdown_is_tidied_and_printed(kosmos: Kosmos, scripted, tmp_path: Path) -> None:
     scripted(MD_SCRIPT)
     png = make_image(tmp_path / "page.png", size=(400, 500))
     result = kosmos("md", str(png))
@@ -157,7 +161,7 @@ def test_markdown_is_tidied_and_printed(kosmos, scripted, tmp_path: Path) -> Non
     ],
     ids=["letter", "rotate90", "a5-rotate270", "cropbox", "moved-origin-rotate180"],
 )
-def test_pdf_pages_get_pixel_and_point_boxes(kosmos, scripted, tmp_path: Path, spec: PdfPage) -> None:  # type: ignore[no-untyped-def]
+def test_pdf_pages_get_pixel_and_point_boxes(kosmos: Kosmos, scripted, tmp_path: Path, spec: PdfPage) -> None:
     # One box covering the whole image the model saw: in PDF points it must be the visible page.
     pdf = make_pdf(tmp_path / "page.pdf", pages=[spec])
     out = tmp_path / "out"
@@ -177,11 +181,16 @@ def test_pdf_pages_get_pixel_and_point_boxes(kosmos, scripted, tmp_path: Path, s
     [line] = page["lines"]
     assert line["bbox"] == [0, 0, pixel_w, pixel_h]
     x0, y0, x1, y1 = line["pdf_bbox"]
-    crop = spec.cropbox or (spec.origin[0], spec.origin[1], spec.origin[0] + spec.width, spec.origin[1] + spec.height)
+    crop = spec.cropbox or (
+        spec.origin[0],
+        spec.origin[1],
+        spec.origin[0] + spec.width,
+        spec.origin[1] + spec.height,
+    )
     assert [x0, y0, x1, y1] == pytest.approx(list(crop), abs=0.6)
 
 
-def test_a_tall_image_is_tiled_and_merged(kosmos, scripted, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+def test_a_tall_image_is_tiled_and_merged(kosmos: Kosmos, scripted, tmp_path: Path) -> None:
     scripted(OCR_SCRIPT)
     width, height = 400, 6000
     png = make_image(tmp_path / "receipt.png", size=(width, height))
@@ -198,7 +207,7 @@ def test_a_tall_image_is_tiled_and_merged(kosmos, scripted, tmp_path: Path) -> N
     assert all(line["bbox"][3] <= height for line in lines)
 
 
-def test_drawn_png_has_the_boxes(kosmos, scripted, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+def test_drawn_png_has_the_boxes(kosmos: Kosmos, scripted, tmp_path: Path) -> None:
     from PIL import Image
 
     scripted(OCR_SCRIPT)
@@ -208,7 +217,7 @@ def test_drawn_png_has_the_boxes(kosmos, scripted, tmp_path: Path) -> None:  # t
     kosmos("ocr", str(png), "-o", str(out), "--draw")
     drawn = Image.open(out / "page.png").convert("RGB")
     original = Image.open(png).convert("RGB")
-    x0, y0, x1, y1 = expected_boxes(width, height)[0]
+    x0, y0, _, y1 = expected_boxes(width, height)[0]
     middle_y = (y0 + y1) // 2
     assert drawn.getpixel((x0, middle_y)) != original.getpixel((x0, middle_y))  # on the left edge
     inside = (x0 + 5, middle_y)
@@ -231,8 +240,8 @@ IMAGE_KINDS = [
 
 
 @pytest.mark.parametrize(("name", "suffix", "options"), IMAGE_KINDS, ids=[name for name, _, _ in IMAGE_KINDS])
-def test_every_image_kind_through_both_commands(  # type: ignore[no-untyped-def]
-    kosmos, scripted, tmp_path: Path, name: str, suffix: str, options: dict[str, Any]
+def test_every_image_kind_through_both_commands(
+    kosmos: Kosmos, scripted: Script, tmp_path: Path, name: str, suffix: str, options: dict[str, Any]
 ) -> None:
     # make_image stores the picture so that its EXIF orientation, if any, shows it upright at `size`.
     width, height = size = (300, 200)

@@ -8,7 +8,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -29,11 +29,12 @@ from typer.testing import CliRunner, Result
 from kosmos_cli import jobs, sources
 from kosmos_cli.cli import app
 
+Kosmos = Callable[..., Result]
 TOKENS = "6"  # new tokens per page: enough to make distinct outputs, few enough to be quick
 
 
 @pytest.fixture
-def kosmos(tiny_checkpoint: Path) -> Iterator[object]:
+def kosmos(tiny_checkpoint: Path) -> Iterator[Kosmos]:
     """Run the CLI in-process on the tiny model; returns (exit code, stdout, stderr)."""
     runner = CliRunner()
 
@@ -63,7 +64,7 @@ def _json(path: Path) -> dict[str, object]:
     return json.loads(path.read_text(encoding="utf-8"))  # type: ignore[no-any-return]
 
 
-def test_folder_tree_is_mirrored(kosmos, tree: Path, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+def test_folder_tree_is_mirrored(kosmos: Kosmos, tree: Path, tmp_path: Path) -> None:
     out = tmp_path / "out"
     result = kosmos("ocr", str(tree), "-o", str(out), "-f", "txt", "-f", "json")
     assert result.exit_code == 0, result.stderr
@@ -87,7 +88,7 @@ def test_folder_tree_is_mirrored(kosmos, tree: Path, tmp_path: Path) -> None:  #
     assert len(_json(out / "fax.json")["pages"]) == 3  # type: ignore[arg-type]
 
 
-def test_stdout_separates_documents_and_keeps_input_order(kosmos, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+def test_stdout_separates_documents_and_keeps_input_order(kosmos: Kosmos, tmp_path: Path) -> None:
     first = make_image(tmp_path / "first.png", size=(80, 60))
     second = make_pdf(tmp_path / "second.pdf", pages=MIXED_PAGES[:2])
     result = kosmos("md", str(second), str(first))
@@ -98,7 +99,7 @@ def test_stdout_separates_documents_and_keeps_input_order(kosmos, tmp_path: Path
     assert second_part.count("<!-- kosmos: page 1") == 1 and second_part.count("<!-- kosmos: page 2") == 1
 
 
-def test_pages_select_per_document(kosmos, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+def test_pages_select_per_document(kosmos: Kosmos, tmp_path: Path) -> None:
     pdf = make_pdf(tmp_path / "six.pdf", pages=MIXED_PAGES)
     out = tmp_path / "out"
     result = kosmos("ocr", str(pdf), "-o", str(out), "-f", "json", "--pages", "2,5-")
@@ -107,7 +108,7 @@ def test_pages_select_per_document(kosmos, tmp_path: Path) -> None:  # type: ign
     assert [p["page_number"] for p in pages] == [2, 5, 6]  # type: ignore[union-attr]
 
 
-def test_pages_out_of_range_fail_that_document_only(kosmos, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+def test_pages_out_of_range_fail_that_document_only(kosmos: Kosmos, tmp_path: Path) -> None:
     short = make_pdf(tmp_path / "short.pdf", pages=MIXED_PAGES[:2])
     long = make_pdf(tmp_path / "long.pdf", pages=MIXED_PAGES[:4])
     out = tmp_path / "out"
@@ -118,7 +119,7 @@ def test_pages_out_of_range_fail_that_document_only(kosmos, tmp_path: Path) -> N
     assert (out / "long.md").exists()
 
 
-def test_encrypted_pdf_needs_the_password(kosmos, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+def test_encrypted_pdf_needs_the_password(kosmos: Kosmos, tmp_path: Path) -> None:
     locked = make_pdf(tmp_path / "locked.pdf", pages=MIXED_PAGES[:1], password="s3cret")
     out = tmp_path / "out"
     refused = kosmos("md", str(locked), "-o", str(out))
@@ -140,7 +141,7 @@ BROKEN = {
 }
 
 
-def test_broken_inputs_are_reported_and_the_rest_finishes(kosmos, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+def test_broken_inputs_are_reported_and_the_rest_finishes(kosmos: Kosmos, tmp_path: Path) -> None:
     folder = tmp_path / "in"
     folder.mkdir()
     for name, build in BROKEN.items():
@@ -160,7 +161,9 @@ def test_broken_inputs_are_reported_and_the_rest_finishes(kosmos, tmp_path: Path
     assert f"3 done, 0 skipped (outputs exist), {len(BROKEN)} failed" in result.stderr
 
 
-def test_a_file_that_vanishes_mid_run_is_reported(kosmos, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:  # type: ignore[no-untyped-def]
+def test_a_file_that_vanishes_mid_run_is_reported(
+    kosmos: Kosmos, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     keep = make_image(tmp_path / "keep.png")
     gone = make_image(tmp_path / "gone.png")
     discover = sources.discover
@@ -178,7 +181,7 @@ def test_a_file_that_vanishes_mid_run_is_reported(kosmos, tmp_path: Path, monkey
     assert (out / "keep.txt").exists()
 
 
-def test_stdin_and_from_list(kosmos, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+def test_stdin_and_from_list(kosmos: Kosmos, tmp_path: Path) -> None:
     png = make_image(tmp_path / "page.png", size=(100, 70))
     from_file = kosmos("md", str(png))
     from_stdin = kosmos("md", "-", input=png.read_bytes())
@@ -193,7 +196,7 @@ def test_stdin_and_from_list(kosmos, tmp_path: Path) -> None:  # type: ignore[no
     assert piped.stdout == from_file.stdout
 
 
-def test_existing_outputs_are_skipped_until_overwrite(kosmos, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+def test_existing_outputs_are_skipped_until_overwrite(kosmos: Kosmos, tmp_path: Path) -> None:
     png = make_image(tmp_path / "page.png")
     out = tmp_path / "out"
     assert kosmos("md", str(png), "-o", str(out)).exit_code == 0
@@ -208,7 +211,7 @@ def test_existing_outputs_are_skipped_until_overwrite(kosmos, tmp_path: Path) ->
 
 
 def test_interrupted_run_resumes_without_redoing_pages(
-    kosmos,  # type: ignore[no-untyped-def]
+    kosmos: Kosmos,
     tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
@@ -242,7 +245,7 @@ def test_interrupted_run_resumes_without_redoing_pages(
         assert (out / name).read_bytes() == (clean / name).read_bytes()
 
 
-def test_a_torn_progress_line_is_redone(kosmos, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+def test_a_torn_progress_line_is_redone(kosmos: Kosmos, tmp_path: Path) -> None:
     pdf = make_pdf(tmp_path / "doc.pdf", pages=MIXED_PAGES[:2])
     clean = tmp_path / "clean"
     assert kosmos("md", str(pdf), "-o", str(clean)).exit_code == 0
