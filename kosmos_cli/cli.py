@@ -552,13 +552,16 @@ def _configure_logging(console: Console, *, verbose: bool, quiet: bool) -> None:
         logger.handlers[:] = [_MessageHandler(console)]
         logger.setLevel(logging.DEBUG if verbose else logging.ERROR if quiet else logging.WARNING)
         logger.propagate = False
+    from huggingface_hub.utils import logging as hub_logging
     from transformers.utils import logging as hf_logging
 
     if verbose:
         hf_logging.set_verbosity_info()
-    else:
+        hub_logging.set_verbosity_info()
+    else:  # their retries and load reports say nothing the one-line error will not
         hf_logging.set_verbosity_error()
         hf_logging.disable_progress_bar()
+        hub_logging.set_verbosity_error()
 
 
 def main() -> None:

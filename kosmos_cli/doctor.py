@@ -9,9 +9,27 @@ import tempfile
 import time
 from pathlib import Path
 
-from kosmos_cli.runner import Settings, cached_model_path, default_model, load_runner, resolve_device, resolve_dtype
+from kosmos_cli.runner import (
+    Settings,
+    cached_model_path,
+    default_model,
+    hub_offline,
+    load_runner,
+    resolve_device,
+    resolve_dtype,
+)
 
-PACKAGES = ("kosmos-cli", "torch", "transformers", "accelerate", "tokenizers", "pillow", "pymupdf", "typer", "rich")
+PACKAGES = (
+    "kosmos-cli",
+    "torch",
+    "transformers",
+    "accelerate",
+    "tokenizers",
+    "pillow",
+    "pymupdf",
+    "typer",
+    "rich",
+)
 OPTIONAL_PACKAGES = ("flash-attn", "ray")
 
 
@@ -26,10 +44,12 @@ def diagnose(*, smoke: bool = True) -> list[tuple[str, str]]:
     rows.append(("device", _describe_device(device)))
     rows.append(("dtype", str(resolve_dtype("auto", device)).removeprefix("torch.")))
     rows.append(("torch threads", str(torch.get_num_threads())))
-    attention = ["sdpa", "eager"] + (["flash_attention_2"] if _version("flash-attn") != "not installed" else [])
+    attention = ["sdpa", "eager"] + (
+        ["flash_attention_2"] if _version("flash-attn") != "not installed" else []
+    )
     rows.append(("attention", ", ".join(attention)))
     rows.append(("HF cache", os.environ.get("HF_HOME") or str(Path.home() / ".cache" / "huggingface")))
-    rows.append(("offline", "yes (HF_HUB_OFFLINE)" if os.environ.get("HF_HUB_OFFLINE") not in (None, "", "0") else "no"))
+    rows.append(("offline", "yes (HF_HUB_OFFLINE)" if hub_offline() else "no"))
     model = default_model()
     cached = cached_model_path(model)
     rows.append((f"model {model}", f"cached at {cached}" if cached else "not cached (run `kosmos download`)"))
@@ -43,8 +63,8 @@ def _smoke_run(device: str) -> str:
     from PIL import Image
 
     from kosmos_cli.checkpoint import save_random_checkpoint
-    from kosmos_cli.runner import Request
     from kosmos_cli.document import Task
+    from kosmos_cli.runner import Request
 
     started = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="kosmos-doctor-") as folder:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import http.server
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -218,3 +219,33 @@ def test_download_reports_an_unknown_id(fake_hub: str) -> None:
     result = _kosmos(["download", "nobody/no-such-model"], endpoint=fake_hub)
     assert result.returncode == 3
     assert "error: model `nobody/no-such-model` was not found on the hub" in result.stderr
+
+
+def test_default_model_loads_offline_from_the_hub_cache(
+    png: Path, tiny_checkpoint: Path, offline_hub: Path
+) -> None:
+    # The layout huggingface_hub gives a downloaded repo: snapshots/<commit>/ and refs/main naming it.
+    repo = offline_hub / "hub" / "models--microsoft--kosmos-2.5"
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    shutil.copytree(tiny_checkpoint, repo / "snapshots" / commit)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    try:
+        result = runner.invoke(app, ["ocr", str(png), "--max-new-tokens", "4"])
+        doctor = runner.invoke(app, ["doctor", "--no-smoke"])
+    finally:
+        shutil.rmtree(repo)
+    assert result.exit_code == 0, result.stderr
+    assert "1 done" in result.stderr
+    assert f"cached at {repo / 'snapshots' / commit}" in doctor.stdout
+
+
+def test_doctor_runs_the_smoke_test() -> None:
+    result = runner.invoke(app, ["doctor"])
+    assert result.exit_code == 0, result.stdout
+    rows = dict(
+        line.split(None, 1) for line in result.stdout.splitlines() if line.startswith(("device", "smoke"))
+    )
+    assert rows["device"].startswith("cpu")
+    assert rows["smoke"].startswith("run") and "ok: " in rows["smoke"]
+    assert "not cached (run `kosmos download`)" in result.stdout
