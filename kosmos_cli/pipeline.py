@@ -40,7 +40,7 @@ T = TypeVar("T")
 class _Tile:
     """Which page a request belongs to and where its tile sits on that page."""
 
-    page_key: object
+    page_key: int  # the page's place in the input order
     box: BBox
     tile_count: int
 
@@ -76,24 +76,28 @@ def transcribe_pages(
     for request, outcome in runner.generate(requests()):
         tile_key = request.key
         assert isinstance(tile_key, _Tile)
-        entry = pending[tile_key.page_key]  # type: ignore[index]
+        entry = pending.get(tile_key.page_key)
+        if entry is None:
+            continue  # another tile of this page failed it already
         if isinstance(outcome, GenerationError):
-            del pending[tile_key.page_key]  # type: ignore[arg-type]
+            del pending[tile_key.page_key]
             yield entry.page, entry.item, failed_result(entry.page.info, task, outcome.message)
             continue
-        if tile_key.page_key not in pending:
-            continue  # another tile of this page already failed it
         entry.tiles[tile_key.box] = outcome
         if len(entry.tiles) == tile_key.tile_count:
-            del pending[tile_key.page_key]  # type: ignore[arg-type]
-            yield entry.page, entry.item, build_result(entry.page.info, task, entry.tiles, runner.max_new_tokens)
+            del pending[tile_key.page_key]
+            yield (
+                entry.page,
+                entry.item,
+                build_result(entry.page.info, task, entry.tiles, runner.max_new_tokens),
+            )
 
 
 def build_result(
     info: PageInfo, task: Task, tiles: dict[BBox, Generation], max_new_tokens: int
 ) -> PageResult:
     """Parse the generation(s) of one page into its result, merging tiles back together."""
-    generations = list(tiles.values())
+    generations = [tiles[box] for box in sorted(tiles, key=lambda box: (box[1], box[0]))]
     token_count = sum(g.token_count for g in generations)
     finishes = {g.finish for g in generations}
     status = Status.OK if finishes == {Finish.EOS} else Status.TRUNCATED
@@ -107,7 +111,9 @@ def build_result(
         text = tidy_markdown(generations[0].text)
         return PageResult(info, task, text, (), raw, status, None, token_count, extra)
     lines = _ocr_lines(tiles)
-    return PageResult(info, task, format_ocr_lines(lines), tuple(lines), raw, status, None, token_count, extra)
+    return PageResult(
+        info, task, format_ocr_lines(lines), tuple(lines), raw, status, None, token_count, extra
+    )
 
 
 def _ocr_lines(tiles: dict[BBox, Generation]) -> list[Line]:
@@ -215,4 +221,3 @@ class Transcriber:
         for _, index, result in transcribe_pages(pages, self.runner, task=Task(task)):
             results[index] = result
         return [r for r in results if r is not None]
-
