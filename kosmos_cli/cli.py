@@ -84,7 +84,9 @@ Inputs = Annotated[
 Output = Annotated[
     Optional[str],  # noqa: UP045
     typer.Option(
-        "--output", "-o", help="Write one file per input and format here, mirroring folders; default: stdout."
+        "--output",
+        "-o",
+        help="Write one file per input and format here (a folder or an s3://, gs:// URI); default: stdout.",
     ),
 ]
 FromList = Annotated[
@@ -341,6 +343,7 @@ def doctor(
 
 def _run(task: Task, options: dict[str, Any]) -> None:
     """Run md or ocr with the parsed options and exit with the right code."""
+    from kosmos_cli.files import output_location
     from kosmos_cli.jobs import Job, Summary, plan, run_job
     from kosmos_cli.runner import Settings, default_model, load_runner
     from kosmos_cli.sources import discover, parse_pages
@@ -360,14 +363,13 @@ def _run(task: Task, options: dict[str, Any]) -> None:
             )
         page_selection = parse_pages(options["pages"]) if options["pages"] else None
         if on_ray:
-            from kosmos_cli.distributed import discover_inputs, output_folder, require_ray
+            from kosmos_cli.distributed import discover_inputs, require_ray
 
             require_ray()
             discovery = discover_inputs(inputs, from_list=options["from_list"])
-            output_dir = output_folder(options["output"]) if options["output"] else None
         else:
             discovery = discover(inputs, from_list=options["from_list"])
-            output_dir = Path(options["output"]) if options["output"] else None
+        output_dir = output_location(options["output"]) if options["output"] else None
         for error in discovery.errors:
             reporter.error(error)
         settings = Settings(
@@ -410,12 +412,13 @@ def _run(task: Task, options: dict[str, Any]) -> None:
                     address=options["ray_address"],
                     workers=options["workers"],
                     gpus_per_worker=options["gpus_per_worker"],
+                    inputs=discovery.documents,
                 )
         elif todo:
             reporter.note(f"loading model `{settings.model}`")
             runner = load_runner(settings)
             with reporter:
-                run_job(todo, runner, job, reporter, sys.stdout.buffer, summary)
+                run_job(todo, runner, job, reporter, sys.stdout.buffer, summary, inputs=discovery.documents)
     except KosmosError as error:
         reporter.error(error)
         raise typer.Exit(error.exit_code) from None

@@ -25,36 +25,50 @@ Rows carry four columns, so every block has the same Arrow schema: `document` (i
 driver's list), `kind`, `page_index` (-1 for a whole-document row) and `payload`, the pickled Python
 value of that kind (kosmos' own frozen dataclasses; the driver and workers run the same code).
 
+Inputs may be URIs of any file system `pyarrow.fs.FileSystem.from_uri` knows (`s3://`, `gs://`,
+`hdfs://`, `file://`): `discover_uris` lists them on the driver and each worker fetches a document
+into a local temporary file before `sources` opens it. Outputs go wherever `files.output_store`
+writes: a local folder or an object-store URI, written by the driver alone, as on one machine.
+
 Ray is imported inside functions only: `kosmos --help` stays fast and kosmos works without Ray.
 """
 
 from __future__ import annotations
 
+import atexit
+import contextlib
 import logging
 import math
 import os
 import pickle
+import shutil
 import sys
+import tempfile
+from collections import OrderedDict
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, replace
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING, Any, BinaryIO, cast
 
 from kosmos_cli.document import Document, Page, Status
 from kosmos_cli.errors import InputError, KosmosError, ModelLoadError, UsageError
+from kosmos_cli.files import is_uri, output_location, public_location
 from kosmos_cli.jobs import Assembly, Job, Reporter, Summary
 from kosmos_cli.runner import Runner, Settings
-from kosmos_cli.sources import PageError
+from kosmos_cli.sources import Discovery, PageError
 
 if TYPE_CHECKING:
     import numpy as np
+    import pyarrow.fs
 
 logger = logging.getLogger(__name__)
 
 INSTALL_HINT = "pip install 'kosmos-cli[ray]'"
 ADDRESS_ENV = "RAY_ADDRESS"  # Ray's own variable: the cluster `--ray` joins when no address is given
 DEFAULT_GPUS_PER_WORKER = 1.0  # GPUs each model actor reserves; 0.5 puts two models on one GPU
-WORKER_BATCH_PAGES = 16  # pages handed to a model actor per call when --batch-size is not given
+# Pages handed to a model actor per call (unless --batch-size is larger): the most that
+# `runner.default_batch_size` puts in one GPU batch, so a batch is never cut short by Ray Data.
+WORKER_BATCH_PAGES = 64
 CPU_WORKER_CPUS = 1.0  # CPUs a model actor reserves on a cluster without GPUs
 CPU_SHARE_FOR_MODELS = 0.5  # on a cluster without GPUs, at most this share of its CPUs runs models
 LIST_CPUS = 0.25  # CPUs a listing task reserves: it opens a document and counts its pages
@@ -63,6 +77,7 @@ RENDER_CPUS = 1.0  # CPUs a render task reserves
 # Ray Data from fusing rendering into the model actors on CPU-only clusters (it fuses map stages whose
 # resource requests are equal), so a model never waits for a page to be drawn.
 RENDER_MEMORY_BYTES = 256 * 2**20
+FETCHED_DOCUMENTS = 4  # object-store documents a worker keeps a local copy of, so each is fetched once
 CRASH_ENV = "KOSMOS_TEST_RAY_CRASH"  # tests only: `N:MARKER` makes one model actor exit after N pages, once
 
 # Row kinds, in pipeline order.
@@ -75,6 +90,9 @@ _ERROR = "error"  # payload: (message, hint)
 _RESULT = "result"  # payload: (PageResult, --draw PNG or None)
 _LOAD_ERROR = "load_error"  # payload: (message, hint) of the ModelLoadError an actor met
 _COLUMNS = ("document", "kind", "page_index", "payload")
+
+# What an `-o` value gives `Job.output_dir`, object stores included; the CLI's name for it.
+output_folder = output_location
 
 
 @dataclass(frozen=True)
@@ -139,8 +157,12 @@ def run_on_ray(
     address: str | None = None,
     workers: int | None = None,
     gpus_per_worker: float = DEFAULT_GPUS_PER_WORKER,
+    inputs: Sequence[Document] | None = None,
 ) -> Summary:
     """Transcribe `documents` (already planned, see `jobs.plan`) on Ray and write them as `run_job` does.
+
+    `inputs` are every document of the run, skipped ones included (default: `documents`): no output
+    may overwrite one of them.
 
     `address` is a cluster to join (`HOST:PORT`, `ray://HOST:PORT` or `auto`); without one, Ray joins
     the cluster named by `RAY_ADDRESS` or started on this machine with `ray start`, else starts a
@@ -152,6 +174,15 @@ def run_on_ray(
 
     summary = summary if summary is not None else Summary()
     todo = list(documents)
+    if not todo:
+        return summary
+    if "pdf" in job.formats and any(is_uri(document.path) for document in todo):
+        raise UsageError(
+            "--format pdf rereads each input where outputs are written, which cannot read object-store URIs",
+            hint="use the other formats, or mount the bucket and pass local paths",
+        )
+    assembly = Assembly(todo, job, reporter, stdout or sys.stdout.buffer, summary, inputs=inputs)
+    todo = assembly.admit(todo)
     if not todo:
         return summary
     started = _connect(address)
@@ -166,9 +197,9 @@ def run_on_ray(
             f"{plan.gpus:g}",
             plan.device,
         )
-        assembly = Assembly(todo, job, reporter, stdout or sys.stdout.buffer, summary)
         resumed = [assembly.start(document) for document in todo]
-        dataset = _pipeline(todo, resumed, job, replace(settings, device=plan.device), plan)
+        model = os.path.abspath(settings.model) if os.path.exists(settings.model) else settings.model
+        dataset = _pipeline(todo, resumed, job, replace(settings, device=plan.device, model=model), plan)
         _collect(_rows(dataset), todo, assembly, reporter)
         assembly.close()
     finally:
@@ -203,6 +234,7 @@ def _pipeline(
     """Build the lazy Ray Data pipeline from documents to page results."""
     import ray.data
 
+    cwd = os.getcwd()  # workers resolve relative input paths against the driver's folder
     items = [
         _row(number, _DOCUMENT, -1, (document, sorted(done)))
         for number, (document, done) in enumerate(zip(documents, resumed, strict=True))
@@ -216,12 +248,12 @@ def _pipeline(
     return (
         ray.data.from_items(items, override_num_blocks=len(items))
         # Ray's annotations leave out fn_kwargs, which these functions take their options from.
-        .flat_map(cast("Any", _list_pages), fn_kwargs={"job": job}, num_cpus=LIST_CPUS)
+        .flat_map(cast("Any", _list_pages), fn_kwargs={"job": job, "cwd": cwd}, num_cpus=LIST_CPUS)
         # One page per block, so the pages of one document render in parallel.
         .repartition(target_num_rows_per_block=1)
         .map(
             cast("Any", _render_page),
-            fn_kwargs={"job": job},
+            fn_kwargs={"job": job, "cwd": cwd},
             num_cpus=RENDER_CPUS,
             memory=RENDER_MEMORY_BYTES,
         )
@@ -285,6 +317,135 @@ def _collect(
             raise RuntimeError(f"unexpected row kind {kind!r} from the Ray pipeline")
 
 
+# --- object-store inputs ----------------------------------------------------------------------------
+
+
+def discover_inputs(inputs: Sequence[str], *, from_list: str | None = None) -> Discovery:
+    """Find the documents inputs name: local paths with `sources.discover`, URIs with `discover_uris`."""
+    from kosmos_cli.sources import discover
+
+    uris = [location for location in inputs if is_uri(location)]
+    if not uris:
+        return discover(inputs, from_list=from_list)
+    if len(uris) < len(inputs) or from_list is not None:
+        raise UsageError(
+            "inputs must be all local paths or all URIs, and URIs cannot come from --from-list",
+            hint="run local and object-store inputs as two commands",
+        )
+    return discover_uris(uris)
+
+
+def discover_uris(uris: Sequence[str]) -> Discovery:
+    """List the documents that object-store URIs name: files, or every file below a prefix, recursively.
+
+    Output names follow `sources.discover`: a file is named by its stem, a file below a prefix by
+    its path below it without the suffix, and clashes are settled the same way. Only the suffix
+    tells whether a file is worth reading (content sniffing would fetch every object); hidden files
+    and folders are skipped.
+    """
+    from pyarrow import fs
+
+    from kosmos_cli.sources import _SUFFIX_FORMATS, _Found, _unique_names
+
+    found: list[_Found] = []
+    unsupported: list[str] = []
+    errors: list[InputError] = []
+    seen: set[str] = set()
+    for uri in uris:
+        try:
+            filesystem, path = _filesystem(uri)
+            info = filesystem.get_file_info(path)
+            if info.type == fs.FileType.Directory:
+                entries = filesystem.get_file_info(fs.FileSelector(path, recursive=True))
+            else:
+                entries = [info]
+        except (InputError, OSError) as error:
+            errors.append(
+                error
+                if isinstance(error, InputError)
+                else InputError(f"cannot list `{public_location(uri)}`: {error}")
+            )
+            continue
+        if info.type == fs.FileType.NotFound:
+            errors.append(InputError(f"`{public_location(uri)}` does not exist"))
+            continue
+        base = PurePosixPath(path if info.type == fs.FileType.Directory else path.rpartition("/")[0])
+        # Each file's URI is the one given with the path below it added, so a host, port or query
+        # (hdfs://host:port/..., s3://bucket/prefix?region=...) carries over.
+        root, _, query = uri.partition("?")
+        root, path = root.rstrip("/"), path.rstrip("/")
+        for entry in sorted((e for e in entries if e.type == fs.FileType.File), key=lambda e: e.path):
+            relative = PurePosixPath(entry.path).relative_to(base)
+            if any(part.startswith(".") for part in relative.parts):
+                continue
+            location = root + entry.path[len(path) :] + ("?" + query if query else "")
+            if relative.suffix.lower() not in _SUFFIX_FORMATS:
+                unsupported.append(location)
+            elif location not in seen:
+                seen.add(location)
+                found.append(_Found(location, relative, tuple(p for p in base.parts if p != "/")))
+    names = _unique_names(found)
+    documents = [
+        # Messages and outputs name a document without the credentials or query its URI may carry.
+        Document(
+            item.path,
+            name,
+            label=public_location(item.path) if public_location(item.path) != item.path else None,
+        )
+        for item, name in zip(found, names, strict=True)
+    ]
+    return Discovery(documents, [public_location(location) for location in unsupported], errors)
+
+
+def _filesystem(uri: str) -> tuple[pyarrow.fs.FileSystem, str]:
+    from pyarrow import ArrowException, fs
+
+    try:
+        return fs.FileSystem.from_uri(uri)
+    except ArrowException as error:
+        raise InputError(f"`{public_location(uri)}` cannot be opened: {error}") from None
+
+
+_fetched: OrderedDict[str, str] = OrderedDict()  # URI -> local copy in this worker, most recent last
+
+
+def _localize(document: Document, *, cwd: str) -> Document:
+    """Return a document this worker can open: a relative path made absolute, a URI fetched (once)."""
+    if not is_uri(document.path):
+        if os.path.isabs(document.path):
+            return document
+        return Document(os.path.join(cwd, document.path), document.name, label=document.display_name)
+    local = _fetched.get(document.path)
+    if local is None or not os.path.exists(local):
+        local = _fetched[document.path] = _fetch(document.path)
+    _fetched.move_to_end(document.path)
+    while len(_fetched) > FETCHED_DOCUMENTS:
+        _remove(_fetched.popitem(last=False)[1])
+    return Document(local, document.name, label=document.display_name)
+
+
+def _fetch(uri: str) -> str:
+    """Copy an object to a local temporary file, removed when the worker exits, and return its path."""
+    from pyarrow import ArrowException
+
+    filesystem, path = _filesystem(uri)
+    # The suffix stays: sources tells XPS, EPUB and CBZ apart by it.
+    descriptor, local = tempfile.mkstemp(prefix="kosmos-fetched-", suffix=PurePosixPath(path).suffix)
+    atexit.register(_remove, local)
+    try:
+        with os.fdopen(descriptor, "wb") as copy, filesystem.open_input_stream(path) as stream:
+            shutil.copyfileobj(stream, copy)
+    except (OSError, ArrowException) as error:
+        _remove(local)
+        raise InputError(f"cannot read `{public_location(uri)}`: {error}") from None
+    return local
+
+
+def _remove(path: str) -> None:
+    with contextlib.suppress(FileNotFoundError):
+        os.remove(path)
+
+
 # --- worker side: these run in Ray tasks and actors -------------------------------------------------
 
 
@@ -292,26 +453,27 @@ def _row(document: int, kind: str, page_index: int, payload: object) -> dict[str
     return {"document": document, "kind": kind, "page_index": page_index, "payload": pickle.dumps(payload)}
 
 
-def _list_pages(row: dict[str, Any], *, job: Job) -> list[dict[str, Any]]:
+def _list_pages(row: dict[str, Any], *, job: Job, cwd: str) -> list[dict[str, Any]]:
     """Count a document's pages, apply --pages, and emit its `listed` row and one item per page to do."""
     from kosmos_cli.sources import count_pages
 
     number = int(row["document"])
     document, resumed = pickle.loads(row["payload"])
     try:
-        count = count_pages(document, password=job.password)
+        count = count_pages(_localize(document, cwd=cwd), password=job.password)
         selected = (
             job.pages.indices(count, source=f"`{document.display_name}`") if job.pages else list(range(count))
         )
     except InputError as error:
         return [_row(number, _ERROR, -1, (error.message, error.hint))]
-    todo = [page_index for page_index in selected if page_index not in set(resumed)]
+    done = set(resumed)
+    todo = [page_index for page_index in selected if page_index not in done]
     return [_row(number, _LISTED, -1, selected)] + [_row(number, _PAGE_ITEM, i, document) for i in todo]
 
 
-def _render_page(row: dict[str, Any], *, job: Job) -> dict[str, Any]:
+def _render_page(row: dict[str, Any], *, job: Job, cwd: str) -> dict[str, Any]:
     """Rasterize one page item; pass other rows through."""
-    from kosmos_cli.sources import PageError, PageSelection, iter_pages
+    from kosmos_cli.sources import PageSelection, iter_pages
 
     if row["kind"] != _PAGE_ITEM:
         return row
@@ -319,12 +481,13 @@ def _render_page(row: dict[str, Any], *, job: Job) -> dict[str, Any]:
     document = pickle.loads(row["payload"])
     page_number = page_index + 1  # PageSelection speaks the user's 1-based page numbers
     try:
-        for page in iter_pages(
-            document, pages=PageSelection(((page_number, page_number),)), dpi=job.dpi, password=job.password
-        ):
+        local = _localize(document, cwd=cwd)
+        selection = PageSelection(((page_number, page_number),))
+        for page in iter_pages(local, pages=selection, dpi=job.dpi, password=job.password):
             if isinstance(page, PageError):
                 return _row(number, _PAGE_ERROR, page_index, (page.message, page.hint, page.page_count))
-            return _row(number, _PAGE, page_index, page)
+            # Results name the document as the driver knows it (its URI), not the local copy.
+            return _row(number, _PAGE, page_index, replace(page, info=replace(page.info, document=document)))
     except InputError as error:
         return _row(number, _ERROR, -1, (error.message, error.hint))
     return _row(number, _ERROR, -1, (f"`{document.display_name}` has no page {page_number}", None))
@@ -353,6 +516,10 @@ class _TranscribeWorker:
         from kosmos_cli.pipeline import transcribe_pages
         from kosmos_cli.writers import render_drawing
 
+        if self.load_error is not None:
+            error = self.load_error
+            return _columns([_row(-1, _LOAD_ERROR, -1, (error.message, error.hint))])
+        assert self.runner is not None
         rows: list[dict[str, Any]] = [
             {
                 "document": int(number),
@@ -362,10 +529,6 @@ class _TranscribeWorker:
             }
             for number, kind, page_index, payload in zip(*(batch[column] for column in _COLUMNS), strict=True)
         ]
-        if self.load_error is not None:
-            error = self.load_error
-            return _columns([_row(-1, _LOAD_ERROR, -1, (error.message, error.hint))])
-        assert self.runner is not None
         pages: list[tuple[Page, int]] = [
             (pickle.loads(row["payload"]), position)
             for position, row in enumerate(rows)

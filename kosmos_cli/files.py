@@ -1,15 +1,414 @@
-"""Write output files atomically, so a killed run never leaves a half file that looks finished."""
+"""Where outputs go: a local folder or an object store, written so a killed run never leaves a half file.
+
+`output_store(location)` opens the `-o` of a job: a local path (or `file://` URI) gives a
+`LocalStore`, any other URI that `pyarrow.fs.FileSystem.from_uri` knows (`s3://`, `gs://`,
+`hdfs://`, ...) an `ObjectStore`. Both name outputs by `/`-separated paths relative to the output
+root and give the same guarantees:
+
+- `write` is atomic. On a local disk: a temporary file in the same folder, fsync'd, then renamed
+  over the output. On S3 and GCS: one upload of the whole bytes, which the store makes visible
+  only once it is complete. On other pyarrow file systems: a temporary object, then a move.
+- A *log* (`read_log`, `append_log`, `remove_log`) is the append-only record of finished pages
+  that makes long documents resumable. On a local disk it is one file, appended to line by line.
+  Object stores cannot append, and rewriting the whole object on every page costs the square of
+  its length, so there a log `x.jsonl` is a folder `x/` of one small object per line
+  (`x/00000000.json`, ...), read back in name order.
+"""
 
 from __future__ import annotations
 
 import contextlib
 import os
+import posixpath
+import re
 import uuid
+from abc import ABC, abstractmethod
+from collections.abc import Collection, Iterable, Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
+from urllib.parse import urlsplit
+from urllib.request import url2pathname
 
-from kosmos_cli.errors import KosmosError
+from kosmos_cli.errors import KosmosError, UsageError
+
+if TYPE_CHECKING:
+    import pyarrow.fs
 
 NEW_FILE_MODE = 0o666  # before the umask, as open() would create it
+ATOMIC_UPLOADS = frozenset({"s3", "gcs"})  # pyarrow file systems whose objects appear only when complete
+LISTING_THRESHOLD = 16  # ask an object store about more outputs than this with one listing, not one call each
+LOG_ENTRY_DIGITS = 8  # object-store log entries are named 00000000.json, 00000001.json, ...
+
+_URI = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://")  # a scheme, as in s3://bucket/key or file:///path
+
+
+def is_uri(location: str) -> bool:
+    """Whether a location is a URI (`s3://...`, `file://...`) rather than a local path."""
+    return _URI.match(location) is not None
+
+
+def public_location(location: str) -> str:
+    """Return a location as messages and outputs may show it: without credentials or query."""
+    if not is_uri(location):
+        return location
+    parts = urlsplit(location)
+    host = parts.netloc.rpartition("@")[2]
+    return f"{parts.scheme}://{host}{parts.path}"
+
+
+def location_identity(location: str | os.PathLike[str]) -> str:
+    """Return a key that two locations share when they name the same file (links resolved)."""
+    text = os.fspath(location)
+    if is_uri(text) and not text.lower().startswith("file://"):
+        parts = urlsplit(public_location(text))
+        path = posixpath.normpath(parts.path) if parts.path else ""
+        return f"{parts.scheme.lower()}://{parts.netloc.lower()}{path.rstrip('/')}"
+    local = _file_uri_path(text) if is_uri(text) else text
+    return "file://" + os.path.normcase(os.path.realpath(local))
+
+
+def output_location(value: str | os.PathLike[str]) -> Path | str:
+    """Return what `Job.output_dir` takes for an `-o` value: a local folder, or an object-store URI."""
+    text = os.fspath(value)
+    if not is_uri(text):
+        return Path(text)
+    if text.lower().startswith("file://"):
+        return Path(_file_uri_path(text))
+    output_store(text)  # a URI that cannot be opened is a usage error now, before the model loads
+    return text
+
+
+def output_store(location: str | os.PathLike[str]) -> OutputStore:
+    """Open the output root a job writes to: a local folder, a `file://` URI or an object-store URI."""
+    text = os.fspath(location)
+    if not is_uri(text):
+        return LocalStore(Path(text))
+    if text.lower().startswith("file://"):
+        return LocalStore(Path(_file_uri_path(text)))
+    try:
+        from pyarrow import ArrowException
+    except ImportError:
+        raise UsageError(
+            f"-o `{public_location(text)}` needs pyarrow, which is not installed",
+            hint="pip install 'kosmos-cli[ray]' (or just pyarrow)",
+        ) from None
+    try:
+        filesystem, root = _open_uri(text)
+    except (ArrowException, ValueError, OSError) as error:
+        raise UsageError(
+            f"-o `{public_location(text)}` cannot be opened: {error}",
+            hint="pass a local folder or a URI such as s3://bucket/prefix or gs://bucket/prefix",
+        ) from None
+    return ObjectStore(filesystem, root, public_location(text))
+
+
+def _open_uri(uri: str) -> tuple[pyarrow.fs.FileSystem, str]:
+    """Open a URI's file system; on S3, one that sends small objects in one request, not three."""
+    from pyarrow import ArrowInvalid, fs
+
+    if uri.lower().startswith("s3://") and "allow_delayed_open=" not in uri:
+        # With delayed open, an object smaller than one part is a single PutObject (atomic too) rather
+        # than a multipart upload's create, part and complete. pyarrow before 15 does not know it.
+        with contextlib.suppress(ArrowInvalid):
+            return fs.FileSystem.from_uri(uri + ("&" if "?" in uri else "?") + "allow_delayed_open=true")
+    return fs.FileSystem.from_uri(uri)
+
+
+def _file_uri_path(uri: str) -> str:
+    """Return the local path of a `file://` URI (`file:///data/out` -> `/data/out`)."""
+    parts = urlsplit(uri)
+    if parts.netloc not in ("", "localhost"):
+        raise UsageError(f"`{uri}` names a file on another host", hint="write file:///path for a local path")
+    return url2pathname(parts.path)
+
+
+class OutputStore(ABC):
+    """The output root of a job; every output is named by a `/`-separated path relative to it."""
+
+    location: str  # the root as messages show it
+
+    @abstractmethod
+    def describe(self, relative: str) -> str:
+        """Return how messages name an output: its path or URI, without credentials."""
+
+    def identity(self, relative: str) -> str:
+        """Return the `location_identity` of an output, to compare with the inputs'."""
+        return location_identity(self.describe(relative))
+
+    @abstractmethod
+    def exists(self, relative: str) -> bool:
+        """Whether an output exists."""
+
+    def existing(self, relatives: Iterable[str]) -> set[str]:
+        """Return those of the outputs that exist."""
+        return {relative for relative in relatives if self.exists(relative)}
+
+    def expect_logs(self, relatives: Collection[str]) -> None:
+        """Say which logs `read_log` is about to be asked for, so a store can look them up at once."""
+        return  # a local folder answers each as cheaply
+
+    @abstractmethod
+    def write(self, relative: str, data: bytes) -> None:
+        """Write an output atomically: readers see the old bytes or all the new ones, never a part."""
+
+    @abstractmethod
+    def read(self, relative: str) -> bytes | None:
+        """Return an output's bytes, or None if it does not exist."""
+
+    @abstractmethod
+    def remove(self, relative: str) -> None:
+        """Remove an output if it exists."""
+
+    @abstractmethod
+    def read_log(self, relative: str) -> list[str]:
+        """Return the lines of a log in the order they were appended; a torn last line may be among them."""
+
+    @abstractmethod
+    def append_log(self, relative: str, line: str) -> None:
+        """Add one line (without its newline) to a log, creating it if needed."""
+
+    @abstractmethod
+    def remove_log(self, relative: str) -> None:
+        """Remove a log if it exists."""
+
+
+class LocalStore(OutputStore):
+    """An output folder on a local (or mounted) file system."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.location = str(root)
+
+    def describe(self, relative: str) -> str:
+        """Return the output's path as the user named the folder."""
+        return str(self.root / relative)
+
+    def exists(self, relative: str) -> bool:
+        """Whether the output's path is a file."""
+        return (self.root / relative).is_file()
+
+    def write(self, relative: str, data: bytes) -> None:
+        """Write through a temporary file in the same folder, fsync'd, then renamed over the output."""
+        atomic_write(self.root / relative, data)
+
+    def read(self, relative: str) -> bytes | None:
+        """Return the file's bytes, or None if it does not exist."""
+        try:
+            return (self.root / relative).read_bytes()
+        except FileNotFoundError:
+            return None
+        except OSError as error:
+            raise KosmosError(
+                f"cannot read `{self.describe(relative)}`: {error.strerror or error}"
+            ) from error
+
+    def remove(self, relative: str) -> None:
+        """Remove the file if it exists."""
+        (self.root / relative).unlink(missing_ok=True)
+
+    def read_log(self, relative: str) -> list[str]:
+        """Return the log file's lines; bytes torn mid-character decode as U+FFFD."""
+        data = self.read(relative)
+        if data is None:
+            return []
+        return [line for line in data.decode("utf-8", errors="replace").split("\n") if line]
+
+    def append_log(self, relative: str, line: str) -> None:
+        """Append a line to the log file, first ending a line a killed run left torn."""
+        path = self.root / relative
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with path.open("a+b") as stream:
+                if stream.tell() > 0:  # append mode starts at the end
+                    stream.seek(-1, os.SEEK_END)
+                    if stream.read(1) != b"\n":
+                        stream.write(b"\n")  # the torn line stays unreadable, the new one is whole
+                stream.write(line.encode("utf-8") + b"\n")
+        except OSError as error:
+            raise KosmosError(f"cannot write `{path}`: {error.strerror or error}") from error
+
+    def remove_log(self, relative: str) -> None:
+        """Remove the log file if it exists."""
+        self.remove(relative)
+
+
+class ObjectStore(OutputStore):
+    """An output prefix on a pyarrow file system: S3, GCS, HDFS, ..."""
+
+    def __init__(self, filesystem: pyarrow.fs.FileSystem, root: str, location: str) -> None:
+        self.filesystem = filesystem
+        self.root = root.rstrip("/")
+        self.location = location.rstrip("/")
+        self._log_next: dict[str, int] = {}  # log -> the number of its next entry
+        self._listed_logs: dict[str, list[str]] = {}  # log -> its entries, from one listing (`expect_logs`)
+
+    def describe(self, relative: str) -> str:
+        """Return the output's URI, without credentials or query."""
+        return f"{self.location}/{relative}"
+
+    def exists(self, relative: str) -> bool:
+        """Whether an object exists at the output's key."""
+        from pyarrow import fs
+
+        with self._errors("read", relative):
+            return bool(self.filesystem.get_file_info(self._path(relative)).type == fs.FileType.File)
+
+    def existing(self, relatives: Iterable[str]) -> set[str]:
+        """Return those of the outputs that exist: one call each for a few, else one listing of the root."""
+        from pyarrow import fs
+
+        wanted = set(relatives)
+        if len(wanted) <= LISTING_THRESHOLD:
+            return {relative for relative in wanted if self.exists(relative)}
+        with self._errors("list", ""):
+            entries = self.filesystem.get_file_info(
+                fs.FileSelector(self.root, recursive=True, allow_not_found=True)
+            )
+        prefix = self.root + "/"
+        present = {e.path[len(prefix) :] for e in entries if e.type == fs.FileType.File}
+        return wanted & present
+
+    def write(self, relative: str, data: bytes) -> None:
+        """Upload the whole bytes at once (S3, GCS), or to a temporary object moved into place."""
+        path = self._path(relative)
+        with self._errors("write", relative):
+            if self.filesystem.type_name in ATOMIC_UPLOADS:
+                self._upload(path, data)
+                return
+            directory, _, name = path.rpartition("/")
+            temporary = f"{directory}/.{name[:200]}.{uuid.uuid4().hex[:12]}.tmp"
+            try:
+                self._upload(temporary, data)
+                self.filesystem.move(temporary, path)
+            except BaseException:
+                with contextlib.suppress(OSError):
+                    self.filesystem.delete_file(temporary)
+                raise
+
+    def _upload(self, path: str, data: bytes) -> None:
+        try:
+            stream = self.filesystem.open_output_stream(path)
+        except FileNotFoundError:  # file systems with real folders (HDFS) want the parent first
+            self.filesystem.create_dir(path.rpartition("/")[0], recursive=True)
+            stream = self.filesystem.open_output_stream(path)
+        # One write of everything, then close: closing is what completes (and publishes) an upload.
+        with stream:
+            stream.write(data)
+
+    def read(self, relative: str) -> bytes | None:
+        """Return the object's bytes, or None if there is none."""
+        try:
+            with (
+                self._errors("read", relative, missing=True),
+                self.filesystem.open_input_stream(self._path(relative)) as stream,
+            ):
+                return bytes(stream.read())
+        except _Missing:
+            return None
+
+    def remove(self, relative: str) -> None:
+        """Delete the object if it exists."""
+        with contextlib.suppress(_Missing), self._errors("remove", relative, missing=True):
+            self.filesystem.delete_file(self._path(relative))
+
+    def expect_logs(self, relatives: Collection[str]) -> None:
+        """Look many logs up with one listing of the root, not one listing each (a log is read once)."""
+        from pyarrow import fs
+
+        if len(relatives) <= LISTING_THRESHOLD:
+            return
+        with self._errors("list", ""):
+            entries = self.filesystem.get_file_info(
+                fs.FileSelector(self.root, recursive=True, allow_not_found=True)
+            )
+        folders: dict[str, list[str]] = {_log_folder(relative): [] for relative in relatives}
+        prefix = self.root + "/" if self.root else ""
+        for entry in entries:
+            folder, _, name = entry.path[len(prefix) :].rpartition("/")
+            if entry.type == fs.FileType.File and folder in folders and _is_log_entry(name):
+                folders[folder].append(name)
+        for relative in relatives:
+            self._listed_logs[relative] = sorted(folders[_log_folder(relative)])
+
+    def read_log(self, relative: str) -> list[str]:
+        """Return the lines of a log's entries, in the order they were added."""
+        names = self._listed_logs.pop(relative, None)
+        if names is None:
+            names = self._log_entries(relative)
+        else:
+            self._log_next[relative] = _next_entry(names)
+        lines = []
+        for name in names:
+            data = self.read(f"{_log_folder(relative)}/{name}")
+            if data is not None:
+                lines.append(data.decode("utf-8", errors="replace").rstrip("\n"))
+        return lines
+
+    def append_log(self, relative: str, line: str) -> None:
+        """Add a line as the log's next entry: one small object."""
+        number = self._log_next.get(relative)
+        if number is None:
+            self._log_entries(relative)
+            number = self._log_next[relative]
+        self.write(
+            f"{_log_folder(relative)}/{number:0{LOG_ENTRY_DIGITS}d}.json", line.encode("utf-8") + b"\n"
+        )
+        self._log_next[relative] = number + 1
+
+    def remove_log(self, relative: str) -> None:
+        """Delete a log's entries (and its folder)."""
+        self._log_next.pop(relative, None)
+        with contextlib.suppress(_Missing), self._errors("remove", _log_folder(relative), missing=True):
+            self.filesystem.delete_dir(self._path(_log_folder(relative)))
+
+    def _log_entries(self, relative: str) -> list[str]:
+        """Return a log's entry names in order, and note the number its next entry takes."""
+        from pyarrow import fs
+
+        folder = self._path(_log_folder(relative))
+        with self._errors("list", _log_folder(relative)):
+            infos = self.filesystem.get_file_info(fs.FileSelector(folder, allow_not_found=True))
+        names = sorted(info.base_name for info in infos if info.type == fs.FileType.File)
+        names = [name for name in names if _is_log_entry(name)]
+        self._log_next[relative] = _next_entry(names)
+        return names
+
+    def _path(self, relative: str) -> str:
+        return f"{self.root}/{relative}" if self.root else relative
+
+    @contextlib.contextmanager
+    def _errors(self, verb: str, relative: str, *, missing: bool = False) -> Iterator[None]:
+        """Turn pyarrow errors into KosmosErrors naming the object (missing ones into `_Missing` if asked)."""
+        from pyarrow import ArrowException
+
+        try:
+            yield
+        except FileNotFoundError as error:
+            if missing:
+                raise _Missing from error
+            where = self.describe(relative) if relative else self.location
+            raise KosmosError(f"cannot {verb} `{where}`: it does not exist") from error
+        except (OSError, ArrowException) as error:
+            where = self.describe(relative) if relative else self.location
+            raise KosmosError(f"cannot {verb} `{where}`: {error}") from error
+
+
+class _Missing(Exception):
+    """An object that was not there (internal to ObjectStore)."""
+
+
+def _log_folder(relative: str) -> str:
+    """Return the folder holding an object-store log's entries: `a/b.x.jsonl` -> `a/b.x`."""
+    return relative.removesuffix(".jsonl")
+
+
+def _is_log_entry(name: str) -> bool:
+    return re.fullmatch(rf"\d{{{LOG_ENTRY_DIGITS}}}\.json", name) is not None
+
+
+def _next_entry(names: list[str]) -> int:
+    """Return the number of the entry after the last of a log's sorted entry names."""
+    return int(names[-1].partition(".")[0]) + 1 if names else 0
 
 
 def atomic_write(path: Path, data: bytes) -> None:

@@ -13,7 +13,7 @@ from typing import Any, BinaryIO, Protocol
 
 from kosmos_cli.document import Document, Line, Page, PageInfo, PageResult, Status, Task
 from kosmos_cli.errors import InputError, KosmosError
-from kosmos_cli.files import atomic_write
+from kosmos_cli.files import OutputStore, location_identity, output_store
 from kosmos_cli.pipeline import failed_result, prefetch, transcribe_pages
 from kosmos_cli.runner import Runner
 from kosmos_cli.sources import PageError, PageSelection, count_pages, iter_pages
@@ -31,7 +31,7 @@ class Job:
 
     task: Task
     formats: tuple[str, ...]
-    output_dir: Path | None = None  # None: stdout
+    output_dir: Path | str | None = None  # a folder or object-store URI (`files.output_store`); None: stdout
     draw: bool = False
     numbered: bool = False
     pages: PageSelection | None = None
@@ -80,7 +80,8 @@ class Reporter(Protocol):
 @dataclass
 class _DocumentState:
     document: Document
-    progress_path: Path | None
+    progress: str | None  # the progress log's name in the output store; None when printing to stdout
+    progress_started: bool = False  # the log has its header
     results: dict[int, PageResult] = field(default_factory=dict)
     pending: set[int] = field(default_factory=set)  # page indices handed to the model, not yet back
     listed: bool = False  # every page has been read from the source (or listed, on Ray)
@@ -89,14 +90,22 @@ class _DocumentState:
 
 
 def plan(documents: Sequence[Document], job: Job) -> tuple[list[Document], list[Document]]:
-    """Split documents into those to do and those whose outputs all exist already (skipped)."""
+    """Split documents into those to do and those whose outputs all exist already (skipped).
+
+    A document with an output that would overwrite an input is never skipped (that output exists:
+    it is the input); `Assembly.admit` refuses it.
+    """
     if job.output_dir is None or job.overwrite:
         return list(documents), []
-    output_dir = job.output_dir
-    names = [make_writer(name, job).file_name for name in job.formats]
-    todo, skipped = [], []
+    store = output_store(job.output_dir)
+    writers = [make_writer(name, job) for name in job.formats]
+    outputs = {document: [writer.file_name(document) for writer in writers] for document in documents}
+    present = store.existing(name for names in outputs.values() for name in names)
+    guard = _InputGuard(documents, store)
+    todo: list[Document] = []
+    skipped: list[Document] = []
     for document in documents:
-        done = all((output_dir / file_name(document)).exists() for file_name in names)
+        done = all(name in present for name in outputs[document]) and not guard.clashes(outputs[document])
         (skipped if done else todo).append(document)
     return todo, skipped
 
@@ -107,12 +116,23 @@ def make_writer(name: str, job: Job) -> Writer:
 
 
 def run_job(
-    documents: Sequence[Document], runner: Runner, job: Job, reporter: Reporter, stdout: BinaryIO, summary: Summary
+    documents: Sequence[Document],
+    runner: Runner,
+    job: Job,
+    reporter: Reporter,
+    stdout: BinaryIO,
+    summary: Summary,
+    *,
+    inputs: Sequence[Document] | None = None,
 ) -> None:
-    """Transcribe every document and write its outputs, reporting as it goes."""
-    todo = list(documents)
+    """Transcribe every document and write its outputs, reporting as it goes.
+
+    `inputs` are every document of the run, skipped ones included (default: `documents`): no
+    output may overwrite one of them.
+    """
+    assembly = Assembly(documents, job, reporter, stdout, summary, inputs=inputs)
+    todo = assembly.admit(documents)
     threading.Thread(target=_count, args=(todo, job, reporter), name="kosmos-count", daemon=True).start()
-    assembly = Assembly(todo, job, reporter, stdout, summary)
     resumed: set[int] = set()
 
     def pages() -> Iterator[tuple[Page, Document]]:
@@ -146,14 +166,22 @@ def run_job(
 class Assembly:
     """Gather page results per document, in any order, and write each document once it has every page.
 
-    Shared by `run_job` and the Ray driver (`kosmos_cli.distributed`): it keeps the progress files
-    that make runs resumable, writes outputs atomically, prints to stdout in input order, counts the
-    summary and reports to the reporter. A result for a page that already has one is ignored, so a
-    page redone after a lost worker is neither counted nor written twice.
+    Shared by `run_job` and the Ray driver (`kosmos_cli.distributed`): it keeps the progress logs
+    that make runs resumable, writes outputs atomically to the output store (a local folder or an
+    object store), prints to stdout in input order, counts the summary and reports to the reporter.
+    A result for a page that already has one is ignored, so a page redone after a lost worker is
+    neither counted nor written twice. No output is written where it would overwrite an input.
     """
 
     def __init__(
-        self, documents: Sequence[Document], job: Job, reporter: Reporter, stdout: BinaryIO, summary: Summary
+        self,
+        documents: Sequence[Document],
+        job: Job,
+        reporter: Reporter,
+        stdout: BinaryIO,
+        summary: Summary,
+        *,
+        inputs: Sequence[Document] | None = None,
     ) -> None:
         self.job = job
         self.reporter = reporter
@@ -161,11 +189,33 @@ class Assembly:
         self.writers = [make_writer(name, job) for name in job.formats]
         self.order = _StdoutOrder(documents, job, self.writers, stdout)
         self.states: dict[Document, _DocumentState] = {}
+        self.store = output_store(job.output_dir) if job.output_dir is not None else None
+        self.guard = _InputGuard(documents if inputs is None else inputs, self.store)
+
+    def admit(self, documents: Sequence[Document]) -> list[Document]:
+        """Refuse (report, count failed) documents whose outputs would overwrite an input; return the rest.
+
+        `--draw` images are checked as they come, since their names depend on the page count.
+        """
+        admitted = []
+        for document in documents:
+            names = [writer.file_name(document) for writer in self.writers]
+            progress = _progress_name(document, self.job)
+            clash = self.guard.clashes(names + ([progress] if progress else []))
+            if clash is None:
+                admitted.append(document)
+            else:
+                self.states[document] = _DocumentState(document, None)
+                self.document_error(document, self.guard.error(*clash))
+        if self.store is not None and not self.job.overwrite:
+            self.store.expect_logs([document.name + PROGRESS_SUFFIX for document in admitted])
+        return admitted
 
     def start(self, document: Document) -> set[int]:
         """Begin a document: load the pages an earlier run finished and return their page indices."""
-        state = self.states[document] = _DocumentState(document, _progress_path(document, self.job))
-        state.results = _load_progress(state.progress_path, self.job)
+        state = self.states[document] = _DocumentState(document, _progress_name(document, self.job))
+        if self.store is not None and state.progress is not None:
+            state.results, state.progress_started = _load_progress(self.store, state.progress, self.job)
         for result in state.results.values():
             self.summary.pages_resumed += 1
             self.reporter.page_done(result)
@@ -185,7 +235,7 @@ class Assembly:
     def page_error(self, document: Document, error: PageError) -> None:
         """Report a page that could not be read and mark it failed in place."""
         state = self.states[document]
-        if error.page_index in state.results or state.finished:
+        if error.page_index in state.results or state.failed or state.finished:
             return
         self.reporter.error(error)
         self._record(state, failed_result(_failed_info(document, error), self.job.task, error.message))
@@ -208,8 +258,13 @@ class Assembly:
         state = self.states[result.info.document]
         if state.finished or result.info.page_index in state.results:
             return False
-        if drawing is not None and self.job.output_dir is not None:
-            atomic_write(self.job.output_dir / draw_file_name(result.info), drawing)
+        if drawing is not None and self.store is not None and not state.failed:
+            name = draw_file_name(result.info)
+            clash = self.guard.clashes([name])
+            if clash is not None:
+                self.document_error(state.document, self.guard.error(*clash))
+                return False
+            self.store.write(name, drawing)
         self._record(state, result)
         _count_result(result, self.summary, self.reporter)
         if self.job.output_dir is None and self.job.formats == ("jsonl",):
@@ -225,7 +280,14 @@ class Assembly:
         state.pending.discard(result.info.page_index)
         if state.failed:
             return
-        _record(state, result, self.job)
+        state.results[result.info.page_index] = result
+        if self.store is None or state.progress is None or (state.listed and not state.pending):
+            return  # the document is written next: progress would be removed straight away
+        if not state.progress_started:
+            header = {"kosmos_progress": PROGRESS_VERSION, "fingerprint": self.job.fingerprint}
+            self.store.append_log(state.progress, json.dumps(header))
+            state.progress_started = True
+        self.store.append_log(state.progress, json.dumps(_result_to_json(result), ensure_ascii=False))
 
     def _finish_if_complete(self, state: _DocumentState) -> None:
         if not state.listed or state.pending or state.failed or state.finished:
@@ -233,15 +295,43 @@ class Assembly:
         state.finished = True
         results = [state.results[i] for i in sorted(state.results)]
         state.results = {}  # a long run holds only the documents in flight
-        job = self.job
-        if job.output_dir is None:
+        if self.store is None:
             self.order.ready(state.document, results)
         else:
             for writer in self.writers:
-                atomic_write(job.output_dir / writer.file_name(state.document), writer.render(results))
-            if state.progress_path is not None:
-                state.progress_path.unlink(missing_ok=True)
+                self.store.write(writer.file_name(state.document), writer.render(results))
+            if state.progress is not None and state.progress_started:
+                self.store.remove_log(state.progress)
         self.summary.documents_done += 1
+
+
+class _InputGuard:
+    """Tell whether an output would land on an input file (an -o inside the input tree)."""
+
+    def __init__(self, inputs: Sequence[Document], store: OutputStore | None) -> None:
+        self.store = store
+        self.inputs: dict[str, Document] | None = None  # identity -> document, built on first use
+        self._documents = inputs
+
+    def clashes(self, names: Iterable[str]) -> tuple[str, Document] | None:
+        """Return the first output (relative name) that is an input file, with that input; else None."""
+        if self.store is None:
+            return None
+        if self.inputs is None:
+            self.inputs = {location_identity(d.path): d for d in self._documents}
+        for name in names:
+            document = self.inputs.get(self.store.identity(name))
+            if document is not None:
+                return name, document
+        return None
+
+    def error(self, name: str, document: Document) -> InputError:
+        """Return the one-line error for an output that would overwrite an input."""
+        assert self.store is not None
+        return InputError(
+            f"`{self.store.describe(name)}` would overwrite the input `{document.display_name}`",
+            hint="choose another -o",
+        )
 
 
 def _count(documents: Sequence[Document], job: Job, reporter: Reporter) -> None:
@@ -266,27 +356,21 @@ def _read(documents: Sequence[Document], job: Job) -> Iterator[tuple[str, Docume
         yield "end", document, None
 
 
-def _record(state: _DocumentState, result: PageResult, job: Job) -> None:
-    state.results[result.info.page_index] = result
-    if state.progress_path is None:
-        return
-    new = not state.progress_path.exists()
-    state.progress_path.parent.mkdir(parents=True, exist_ok=True)
-    with state.progress_path.open("a", encoding="utf-8") as stream:
-        if new:
-            stream.write(json.dumps({"kosmos_progress": PROGRESS_VERSION, "fingerprint": job.fingerprint}) + "\n")
-        stream.write(json.dumps(_result_to_json(result), ensure_ascii=False) + "\n")
-
-
 def _count_result(result: PageResult, summary: Summary, reporter: Reporter) -> None:
     summary.pages_done += 1
     if result.status is Status.FAILED:
         summary.pages_failed += 1
-        reporter.error(KosmosError(f"`{result.info.document.path}` page {result.info.page_number}: {result.error}"))
+        reporter.error(
+            KosmosError(
+                f"`{result.info.document.display_name}` page {result.info.page_number}: {result.error}"
+            )
+        )
     elif result.status is Status.TRUNCATED:
         summary.pages_truncated += 1
         reason = result.extra.get("truncation", "truncated")
-        reporter.warning(f"`{result.info.document.path}` page {result.info.page_number} is truncated: {reason}")
+        reporter.warning(
+            f"`{result.info.document.display_name}` page {result.info.page_number} is truncated: {reason}"
+        )
     reporter.page_done(result)
 
 
@@ -294,26 +378,33 @@ def _failed_info(document: Document, error: PageError) -> PageInfo:
     return PageInfo(document, error.page_index, error.page_count, 0, 0)
 
 
-def _progress_path(document: Document, job: Job) -> Path | None:
+def _progress_name(document: Document, job: Job) -> str | None:
+    """Return the name of a document's progress log in the output store, None when printing to stdout."""
     if job.output_dir is None:
         return None
-    return job.output_dir / (document.name + PROGRESS_SUFFIX)
+    return document.name + PROGRESS_SUFFIX
 
 
-def _load_progress(path: Path | None, job: Job) -> dict[int, PageResult]:
-    """Read finished pages back; a torn last line or another fingerprint means those pages are redone."""
-    if path is None or not path.exists() or job.overwrite:
-        return {}
-    results: dict[int, PageResult] = {}
-    with path.open(encoding="utf-8") as stream:
-        lines = stream.read().split("\n")
+def _load_progress(store: OutputStore, name: str, job: Job) -> tuple[dict[int, PageResult], bool]:
+    """Read finished pages back, and whether the log can be added to (its header is this job's).
+
+    A torn line is skipped (that page is redone); a log with a torn header, another fingerprint or
+    under --overwrite is removed and every page redone.
+    """
+    if job.overwrite:
+        store.remove_log(name)
+        return {}, False
+    lines = store.read_log(name)
+    if not lines:
+        return {}, False
     try:
         header = json.loads(lines[0])
     except json.JSONDecodeError:
-        return {}
-    if header.get("fingerprint") != job.fingerprint:
-        path.unlink()
-        return {}
+        header = None
+    if not isinstance(header, dict) or header.get("fingerprint") != job.fingerprint:
+        store.remove_log(name)
+        return {}, False
+    results: dict[int, PageResult] = {}
     for line in lines[1:]:
         try:
             result = _result_from_json(json.loads(line))
@@ -321,7 +412,7 @@ def _load_progress(path: Path | None, job: Job) -> dict[int, PageResult]:
             continue
         if result.status is not Status.FAILED:
             results[result.info.page_index] = result
-    return results
+    return results, True
 
 
 def _result_to_json(result: PageResult) -> dict[str, Any]:
@@ -354,7 +445,7 @@ def _result_from_json(data: dict[str, Any]) -> PageResult:
         data["width"],
         data["height"],
         data["dpi"],
-        tuple(matrix) if matrix else None,  # type: ignore[arg-type]
+        tuple(matrix) if matrix else None,
     )
     lines = tuple(
         Line(line["text"], tuple(tuple(p) for p in line["polygon"]) if line["polygon"] else None)  # type: ignore[arg-type]
@@ -376,7 +467,9 @@ def _result_from_json(data: dict[str, Any]) -> PageResult:
 class _StdoutOrder:
     """Print finished documents to stdout in input order, whatever order they finish in."""
 
-    def __init__(self, documents: Sequence[Document], job: Job, writers: list[Writer], stdout: BinaryIO) -> None:
+    def __init__(
+        self, documents: Sequence[Document], job: Job, writers: list[Writer], stdout: BinaryIO
+    ) -> None:
         self.pending = list(documents)
         self.done: dict[Document, list[PageResult]] = {}
         self.writer = writers[0] if job.output_dir is None else None

@@ -3,12 +3,14 @@
 Everything runs on one local Ray instance with 2 CPUs, started once for the module, and the tiny
 random checkpoint on CPU actors. The single-machine reference runs the same library calls as the
 CLI (`discover`, `plan`, `load_runner`, `run_job`); the Ray runs swap the last two for `run_on_ray`.
+Object-store inputs and outputs go to moto's S3 server on 127.0.0.1 (`test_outputs.S3Server`).
 """
 
 from __future__ import annotations
 
 import io
 import logging
+import shutil
 import sys
 from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
@@ -16,9 +18,19 @@ from pathlib import Path
 
 import pytest
 from inputs import MIXED_PAGES, PdfPage, make_corrupt, make_image, make_pdf
+from test_outputs import S3Server, run_s3_server
 
-from kosmos_cli.distributed import CRASH_ENV, INSTALL_HINT, WorkerPlan, plan_workers, require_ray, run_on_ray
-from kosmos_cli.document import PageResult, Task
+from kosmos_cli.distributed import (
+    CRASH_ENV,
+    INSTALL_HINT,
+    WorkerPlan,
+    discover_inputs,
+    discover_uris,
+    plan_workers,
+    require_ray,
+    run_on_ray,
+)
+from kosmos_cli.document import Document, PageInfo, PageResult, Task
 from kosmos_cli.errors import KosmosError, ModelLoadError, UsageError
 from kosmos_cli.jobs import PROGRESS_SUFFIX, Assembly, Job, Summary, plan, run_job
 from kosmos_cli.runner import Settings, load_runner
@@ -83,6 +95,88 @@ def test_plan_workers_refuses(
     assert caught.value.message == message
 
 
+def test_discover_uris_names_documents_as_sources_does(corpus: Path, tmp_path: Path) -> None:
+    folder = tmp_path / "in"
+    shutil.copytree(corpus, folder)
+    (folder / "notes.txt").write_text("not a document\n")
+    (folder / ".hidden.png").write_bytes((folder / "a.png").read_bytes())
+    local = discover([str(folder)])
+    remote = discover_uris([f"file://{folder}", f"file://{folder}/b.pdf", f"file://{tmp_path}/missing"])
+    assert [d.name for d in remote.documents] == [d.name for d in local.documents]  # b.pdf read once
+    assert [d.path for d in remote.documents] == [f"file://{d.path}" for d in local.documents]
+    assert [d.name for d in discover_uris([f"file://{folder}/sub/c.pdf"]).documents] == ["c"]
+    assert remote.unsupported == [f"file://{folder}/notes.txt"]
+    assert [e.message for e in remote.errors] == [f"`file://{tmp_path}/missing` does not exist"]
+
+
+def test_discover_inputs_takes_paths_or_uris_not_both(corpus: Path) -> None:
+    assert discover_inputs([corpus.name]) == discover([corpus.name])
+    assert discover_inputs([f"file://{corpus}"]) == discover_uris([f"file://{corpus}"])
+    with pytest.raises(UsageError) as caught:
+        discover_inputs([corpus.name, f"file://{corpus}"])
+    assert caught.value.message.startswith("inputs must be all local paths or all URIs")
+
+
+def test_driver_writes_each_document_once_whatever_order_and_repeats_rows_come_in(tmp_path: Path) -> None:
+    from kosmos_cli.distributed import _LISTED, _RESULT, _collect, _row
+
+    documents = [Document("in/a.pdf", "a"), Document("in/b.png", "b")]
+
+    def result(number: int, page_index: int, count: int) -> dict[str, object]:
+        info = PageInfo(documents[number], page_index, count, 10, 10)
+        return _row(number, _RESULT, page_index, (PageResult(info, Task.MD, f"page {page_index + 1}"), None))
+
+    rows = [
+        result(0, 1, 2),  # before its document is listed
+        _row(0, _LISTED, -1, [0, 1]),
+        result(0, 1, 2),  # redone by a restarted worker
+        _row(1, _LISTED, -1, [0]),
+        _row(0, _LISTED, -1, [0, 1]),  # a listing task that ran twice
+        result(1, 0, 1),
+        result(0, 0, 2),
+        result(0, 0, 2),
+    ]
+    job = Job(task=Task.MD, formats=("md",), output_dir=tmp_path)
+    summary, recorder = Summary(), Recorder()
+    assembly = Assembly(documents, job, recorder, io.BytesIO(), summary)
+    for document in documents:
+        assembly.start(document)
+
+    _collect(rows, documents, assembly, recorder)
+
+    assert tree(tmp_path) == {
+        "a.md": b"<!-- kosmos: page 1 -->\n\npage 1\n\n<!-- kosmos: page 2 -->\n\npage 2\n",
+        "b.md": b"page 1\n",
+    }
+    assert counts(summary) == (2, 0, 0, 3, 0, 0)
+    assert recorder.total == 3
+
+
+def test_outputs_over_inputs_are_refused_before_ray_starts(
+    settings: Settings, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import kosmos_cli.distributed
+
+    def no_ray(address: str | None) -> bool:
+        raise AssertionError("Ray was started for nothing")
+
+    monkeypatch.setattr(kosmos_cli.distributed, "_connect", no_ray)
+    folder = tmp_path / "in"
+    folder.mkdir()
+    make_pdf(folder / "scan.pdf")
+    job = Job(task=Task.OCR, formats=("txt", "pdf"), output_dir=folder, fingerprint="tiny")
+    documents = discover([str(folder)]).documents
+    todo, skipped = plan(documents, job)
+    assert (todo, skipped) == (documents, [])  # scan.pdf "exists", but as the input: not a finished output
+    summary, recorder = Summary(), Recorder()
+
+    run_on_ray(todo, job, settings, recorder, summary=summary)
+
+    assert recorder.errors == [f"`{folder}/scan.pdf` would overwrite the input `{folder}/scan.pdf`"]
+    assert counts(summary) == (0, 0, 1, 0, 0, 0)
+    assert sorted(p.name for p in folder.iterdir()) == ["scan.pdf"]
+
+
 # --- on a local Ray instance ------------------------------------------------------------------------
 
 
@@ -128,6 +222,12 @@ def ray_instance() -> Iterator[None]:
 
 
 @pytest.fixture(scope="module")
+def s3() -> Iterator[S3Server]:
+    """Run moto's S3 server on 127.0.0.1 for the module."""
+    yield from run_s3_server()
+
+
+@pytest.fixture(scope="module")
 def corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A folder of an image, two multi-page PDFs (one scanned) in a subfolder tree, and a broken file."""
     folder = tmp_path_factory.mktemp("corpus")
@@ -137,6 +237,14 @@ def corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
     make_pdf(folder / "sub" / "c.pdf", pages=(PdfPage(rotate=90, text="Rotated"), PdfPage(scan=True)))
     make_corrupt(folder / BROKEN)
     return folder
+
+
+@pytest.fixture(scope="module", autouse=True)
+def beside_corpus(corpus: Path) -> Iterator[None]:
+    """Work from the corpus's parent folder, so inputs are named by relative paths as users type them."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.chdir(corpus.parent)
+        yield
 
 
 @pytest.fixture(scope="module")
@@ -156,16 +264,16 @@ def make_job(task: Task, output_dir: Path | None, *, formats: tuple[str, ...] | 
 
 
 def run_single(corpus: Path, job: Job, settings: Settings) -> Run:
-    """Run a job as the CLI does on one machine."""
-    todo, skipped = plan(discover([str(corpus)]).documents, job)
+    """Run a job as the CLI does on one machine, on the corpus named as a relative path."""
+    todo, skipped = plan(discover([corpus.name]).documents, job)
     summary, recorder, stdout = Summary(documents_skipped=len(skipped)), Recorder(), io.BytesIO()
     run_job(todo, load_runner(settings), job, recorder, stdout, summary)
     return Run(summary, recorder, stdout.getvalue(), job.output_dir)
 
 
 def run_ray(corpus: Path, job: Job, settings: Settings) -> Run:
-    """Run a job as the CLI does with --ray."""
-    todo, skipped = plan(discover([str(corpus)]).documents, job)
+    """Run a job as the CLI does with --ray, on the corpus named as a relative path."""
+    todo, skipped = plan(discover([corpus.name]).documents, job)
     summary, recorder, stdout = Summary(documents_skipped=len(skipped)), Recorder(), io.BytesIO()
     run_on_ray(todo, job, settings, recorder, stdout=stdout, summary=summary, workers=1)
     return Run(summary, recorder, stdout.getvalue(), job.output_dir)
@@ -284,7 +392,7 @@ class TestOnRay:
 
         assert marker.exists()
         assert ray_run.stdout == reference.stdout  # every page once, documents in input order
-        assert ray_run.stdout.count(b"<!-- kosmos: page 1") == 2  # the two multi-page PDFs
+        assert ray_run.stdout.count(b"<!-- kosmos: document ") == 3
         assert counts(ray_run.summary) == counts(reference.summary) == (3, 0, 1, PAGES, 0, 0)
 
     def test_model_that_cannot_load_stops_the_run(
@@ -296,3 +404,28 @@ class TestOnRay:
         assert str(missing) in caught.value.message
         assert caught.value.exit_code == 3
         assert not (tmp_path / "out").exists()
+
+    def test_inputs_and_outputs_on_s3(
+        self, references: References, settings: Settings, corpus: Path, s3: S3Server
+    ) -> None:
+        reference = references.get(Task.MD)
+        assert reference.output_dir is not None
+        bucket = s3.new_bucket()
+        s3.upload(corpus, bucket, "in")
+        source = f"s3://{bucket}/in"  # what outputs and messages call the inputs: no credentials, no query
+        # The same objects as the local files, naming their sources by URI where a format names them.
+        expected = {
+            name: data.replace(corpus.name.encode(), source.encode())
+            for name, data in tree(reference.output_dir).items()
+        }
+        job = make_job(Task.MD, s3.uri(bucket, "out"))
+        todo, skipped = plan(discover_uris([s3.uri(bucket, "in")]).documents, job)
+        summary, recorder = Summary(documents_skipped=len(skipped)), Recorder()
+
+        run_on_ray(todo, job, settings, recorder, summary=summary, workers=1)
+
+        assert s3.tree(bucket, "out") == expected
+        assert counts(summary) == counts(reference.summary)
+        assert recorder.errors == [e.replace(corpus.name, source) for e in reference.recorder.errors]
+        again, _ = plan(discover_uris([s3.uri(bucket, "in")]).documents, job)
+        assert [d.name for d in again] == [BROKEN.removesuffix(".png")]  # the rest are done
