@@ -429,3 +429,25 @@ class TestOnRay:
         assert recorder.errors == [e.replace(corpus.name, source) for e in reference.recorder.errors]
         again, _ = plan(discover_uris([s3.uri(bucket, "in")]).documents, job)
         assert [d.name for d in again] == [BROKEN.removesuffix(".png")]  # the rest are done
+
+
+@pytest.mark.ray
+@pytest.mark.usefixtures("ray_instance")
+@pytest.mark.filterwarnings("ignore::DeprecationWarning:ray.data.context")
+def test_the_cli_runs_on_ray_with_the_same_exit_code_and_outputs(
+    references: References, tiny_checkpoint: Path, corpus: Path, tmp_path: Path
+) -> None:
+    from typer.testing import CliRunner
+
+    from kosmos_cli.cli import app
+
+    reference = references.get(Task.OCR)
+    assert reference.output_dir is not None
+    args = ["ocr", corpus.name, "-o", str(tmp_path), "--draw", "--model", str(tiny_checkpoint)]
+    args += [arg for name in FORMATS[Task.OCR] for arg in ("-f", name)]
+    args += ["--device", "cpu", "--batch-size", "1", "--max-new-tokens", "6", "--ray", "--workers", "1"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 1, result.stderr  # the broken file, as on one machine
+    assert f"error: `{corpus.name}/{BROKEN}`" in result.stderr
+    assert f"3 done, 0 skipped (outputs exist), 1 failed; {PAGES} pages" in result.stderr
+    assert tree(tmp_path) == tree(reference.output_dir)
