@@ -17,7 +17,7 @@ from kosmos_cli.files import OutputStore, location_identity, output_store
 from kosmos_cli.pipeline import failed_result, prefetch, transcribe_pages
 from kosmos_cli.runner import Runner
 from kosmos_cli.sources import PageError, PageSelection, count_pages, iter_pages
-from kosmos_cli.writers import WRITERS, Writer, draw_file_name, render_drawing
+from kosmos_cli.writers import Writer, draw_file_name, get_writer, render_drawing
 
 logger = logging.getLogger(__name__)
 
@@ -112,7 +112,7 @@ def plan(documents: Sequence[Document], job: Job) -> tuple[list[Document], list[
 
 def make_writer(name: str, job: Job) -> Writer:
     """Build the writer for one format with the job's options."""
-    return WRITERS[name](password=job.password) if name == "pdf" else WRITERS[name]()
+    return get_writer(name, task=job.task, password=job.password)
 
 
 def run_job(

@@ -14,11 +14,12 @@ import logging
 import sys
 import uuid
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 from inputs import MIXED_PAGES, make_image, make_pdf
+from recorder import Recorder
 from typer.testing import CliRunner
 
 from kosmos_cli.cli import app
@@ -278,28 +279,6 @@ def test_object_stores_without_pyarrow_say_what_to_install(monkeypatch: pytest.M
 
 
 # --- jobs writing to S3 -----------------------------------------------------------------------------
-
-
-@dataclass
-class Recorder:
-    """A Reporter that keeps what it is told."""
-
-    total: int = 0
-    results: list[PageResult] = field(default_factory=list)
-    errors: list[str] = field(default_factory=list)
-    warnings: list[str] = field(default_factory=list)
-
-    def add_total(self, pages: int) -> None:
-        self.total += pages
-
-    def page_done(self, result: PageResult) -> None:
-        self.results.append(result)
-
-    def error(self, error: KosmosError) -> None:
-        self.errors.append(error.message + (f"\nhint: {error.hint}" if error.hint else ""))
-
-    def warning(self, message: str) -> None:
-        self.warnings.append(message)
 
 
 @pytest.fixture(scope="module")

@@ -13,11 +13,12 @@ import logging
 import shutil
 import sys
 from collections.abc import Iterator
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import pytest
 from inputs import MIXED_PAGES, PdfPage, make_corrupt, make_image, make_pdf
+from recorder import Recorder
 from test_outputs import S3Server, run_s3_server
 
 from kosmos_cli.distributed import (
@@ -31,7 +32,7 @@ from kosmos_cli.distributed import (
     run_on_ray,
 )
 from kosmos_cli.document import Document, PageInfo, PageResult, Task
-from kosmos_cli.errors import KosmosError, ModelLoadError, UsageError
+from kosmos_cli.errors import ModelLoadError, UsageError
 from kosmos_cli.jobs import PROGRESS_SUFFIX, Assembly, Job, Summary, plan, run_job
 from kosmos_cli.runner import Settings, load_runner
 from kosmos_cli.sources import discover
@@ -178,28 +179,6 @@ def test_outputs_over_inputs_are_refused_before_ray_starts(
 
 
 # --- on a local Ray instance ------------------------------------------------------------------------
-
-
-@dataclass
-class Recorder:
-    """A Reporter that keeps what it is told."""
-
-    total: int = 0
-    results: list[PageResult] = field(default_factory=list)
-    errors: list[str] = field(default_factory=list)
-    warnings: list[str] = field(default_factory=list)
-
-    def add_total(self, pages: int) -> None:
-        self.total += pages
-
-    def page_done(self, result: PageResult) -> None:
-        self.results.append(result)
-
-    def error(self, error: KosmosError) -> None:
-        self.errors.append(error.message)
-
-    def warning(self, message: str) -> None:
-        self.warnings.append(message)
 
 
 @dataclass
