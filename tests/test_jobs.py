@@ -281,3 +281,36 @@ def test_killed_process_resumes_to_identical_outputs(tiny_checkpoint: Path, tmp_
     subprocess.run([*command, "-o", str(out)], check=True, capture_output=True, timeout=300)
     assert (out / "many.md").read_bytes() == (clean / "many.md").read_bytes()
     assert not progress.exists()
+
+
+def test_a_page_the_model_fails_on_is_marked_in_place(
+    kosmos: Kosmos, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from kosmos_cli.runner import KosmosRunner
+
+    pdf = make_pdf(tmp_path / "doc.pdf", pages=MIXED_PAGES[:3])
+    encode = KosmosRunner.encode
+
+    def fail_on_landscape(self: KosmosRunner, request: object) -> object:
+        image = request.image  # type: ignore[attr-defined]
+        if image.width > image.height:  # page 3 of MIXED_PAGES is /Rotate 90: the only landscape page
+            raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return encode(self, request)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(KosmosRunner, "encode", fail_on_landscape)
+    out = tmp_path / "out"
+    result = kosmos("md", str(pdf), "-o", str(out), "-f", "md", "-f", "json")
+    assert result.exit_code == 1
+    assert f"error: `{pdf}` page 3: " in result.stderr and "out of memory" in result.stderr
+    markdown = (out / "doc.md").read_text()
+    assert "<!-- kosmos: page 3 failed: " in markdown
+    assert (
+        markdown.index("<!-- kosmos: page 1")
+        < markdown.index("<!-- kosmos: page 2")
+        < markdown.index("page 3 failed")
+    )
+    pages = _json(out / "doc.json")["pages"]
+    assert [p["status"] for p in pages] == ["truncated", "truncated", "failed"]  # type: ignore[index]
+    assert "out of memory" in pages[2]["error"]  # type: ignore[index]
+    assert "kosmos: 1 done, 0 skipped (outputs exist), 0 failed; 3 pages in " in result.stderr
+    assert ", 1 failed, 2 truncated" in result.stderr
