@@ -573,7 +573,8 @@ def _decode_problem(error: Exception) -> str:
 def _open_image(document: Document, kind: str, label: str) -> Iterator[_ImageSource]:
     with _PIL_INIT_LOCK:
         Image.init()  # a no-op once done; racing threads otherwise see a half-filled plugin registry
-    formats = [name for name in _PIL_FORMATS[kind] if name in Image.OPEN]  # Pillow 13 dropped MPO's own opener
+    # Pillow 13 no longer registers an opener of its own for MPO.
+    formats = [name for name in _PIL_FORMATS[kind] if name in Image.OPEN]
     try:
         image = Image.open(document.path, formats=formats)
     except Image.DecompressionBombError:

@@ -1,0 +1,530 @@
+"""Kosmos-2.5 throughput: the model card's one-image loop against kosmos's own pipeline, side by side.
+
+    python benchmarks/throughput.py [--quick] [--pages N] [--tokens N] [--batch-size N] ...
+
+In one process, on the same pages of one PDF and the same checkpoint, it runs
+
+  (a) baseline: the loop of the Hugging Face model card (`microsoft/kosmos-2.5`, md.py / ocr.py): for
+      each page, render it, `processor(text=prompt, images=image)`, `model.generate`, `batch_decode`,
+      post-process (the card's bbox regex for ocr, its `<br>`/blank-line cleanup for md);
+  (b) kosmos: `kosmos md|ocr PDF -o DIR` as `kosmos_cli.cli` runs it (sources -> jobs -> pipeline ->
+      runner -> writers), PDF rasterization and output files included;
+
+and prints pages/s, generated tokens/s, time to first page, peak RAM and peak GPU memory for each,
+ending with `ratio: N.NNx` (kosmos pages/s over baseline pages/s). Model loading is timed apart.
+
+Without `--model` it uses a random-weights model of the real architecture and size (1.37B
+parameters), written once to a cache folder. Random weights never stop on their own and may loop,
+so both sides generate exactly `--tokens` new tokens per page: EOS is suppressed (`min_new_tokens`
+in the baseline, `Settings.ignore_eos` in kosmos) and kosmos's loop detector is off. With a real
+`--model` the same rule applies unless `--natural` lets both stop at EOS (then output lengths differ
+and are reported).
+
+`--also-int8` runs kosmos a second time with `--quantize int8` (CPU) and reports how far its
+next-token logits drift from the fp32 model's, teacher-forced on the baseline's outputs.
+`--decode-sweep 1,2,4` times decode steps alone at those batch sizes (one shared prefill).
+Results and how they were produced are recorded in BENCHMARKS.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import io
+import json
+import math
+import os
+import platform
+import re
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import psutil
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from kosmos_cli.document import PageResult, Task  # noqa: E402
+from kosmos_cli.errors import KosmosError  # noqa: E402
+
+RANDOM_MODEL_DIR = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "kosmos" / "benchmarks"
+MODEL_PIXELS = 4096 * 16 * 16  # what the processor keeps; kosmos renders PDF pages at the DPI that gives this
+QUICK = {"pages": 4, "tokens": 16}
+DEFAULTS = {"pages": 8, "tokens": 300}
+CARD_BBOX = re.compile(r"<bbox><x_\d+><y_\d+><x_\d+><y_\d+></bbox>")  # model card ocr.py
+_TEXT = (
+    "kosmos reads scanned pages and photos and writes markdown or text lines with their boxes "
+    "the quick brown fox jumps over the lazy dog while invoices receipts and forms pile up"
+)
+WORDS = tuple(_TEXT.split())
+
+
+@dataclass
+class Side:
+    """What one side of the comparison did."""
+
+    name: str
+    pages: int = 0
+    tokens: list[int] = field(default_factory=list)
+    load_s: float = 0.0
+    run_s: float = 0.0
+    first_page_s: float | None = None
+    peak_rss: int = 0
+    peak_gpu: int | None = None
+
+    @property
+    def pages_per_s(self) -> float:
+        return self.pages / self.run_s if self.run_s else 0.0
+
+    def report(self) -> str:
+        tokens = sum(self.tokens)
+        lengths = f"{min(self.tokens)}-{max(self.tokens)}" if self.tokens else "-"
+        first = f"{self.first_page_s:.1f} s" if self.first_page_s is not None else "-"
+        gpu = f"{self.peak_gpu / 2**30:.2f} GiB" if self.peak_gpu is not None else "n/a"
+        tokens_per_s = tokens / self.run_s if self.run_s else 0.0
+        return (
+            f"{self.name}: {self.pages} pages in {self.run_s:.1f} s (model load {self.load_s:.1f} s): "
+            f"{self.pages_per_s:.4f} pages/s, {tokens_per_s:.2f} generated tokens/s, "
+            f"first page after {first}, peak RAM {self.peak_rss / 2**30:.2f} GiB, peak GPU {gpu}, "
+            f"tokens per page {lengths} ({tokens} in all)"
+        )
+
+
+class PeakMemory:
+    """Sample this process's RSS in a thread (and read torch's GPU peak) between start() and stop()."""
+
+    def __init__(self, device: str) -> None:
+        self.device = device
+        self.process = psutil.Process()
+        self.peak = 0
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        import torch
+
+        self.peak = self.process.memory_info().rss
+        self._stop.clear()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+        if self.device.startswith("cuda"):
+            torch.cuda.reset_peak_memory_stats()
+
+    def _sample(self) -> None:
+        while not self._stop.wait(0.05):
+            self.peak = max(self.peak, self.process.memory_info().rss)
+
+    def stop(self, side: Side) -> None:
+        import torch
+
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+        side.peak_rss = max(self.peak, self.process.memory_info().rss)
+        if self.device.startswith("cuda"):
+            side.peak_gpu = torch.cuda.max_memory_allocated()
+
+
+# --- inputs -----------------------------------------------------------------------------------------
+
+
+def make_pdf(path: Path, pages: int) -> Path:
+    """Write a Letter-size PDF of text pages (headings, paragraphs, a table), different on every page."""
+    import random
+
+    import pymupdf
+
+    rng = random.Random(0)
+    document = pymupdf.open()
+    for number in range(pages):
+        page = document.new_page(width=612, height=792)
+        y = 72.0
+        page.insert_text((72, y), f"Report {number + 1}: {' '.join(rng.sample(WORDS, 4))}", fontsize=18)
+        y += 36
+        for _ in range(5):
+            for _ in range(6):
+                page.insert_text((72, y), " ".join(rng.choices(WORDS, k=11)), fontsize=10.5)
+                y += 14
+            y += 10
+        for _ in range(8):
+            cells = [
+                f"{rng.choice(WORDS)}",
+                f"{rng.randrange(1000)}.{rng.randrange(100):02d}",
+                rng.choice(WORDS),
+            ]
+            for column, cell in enumerate(cells):
+                page.insert_text((72 + 160 * column, y), cell, fontsize=10)
+            y += 14
+    document.save(path)
+    return path
+
+
+def render(page: Any) -> Any:
+    """Render a PDF page as kosmos does by default: at the DPI that fills the model's 4096 patches."""
+    import pymupdf
+    from PIL import Image
+
+    dpi = math.ceil(72 * math.sqrt(MODEL_PIXELS / (page.rect.width * page.rect.height)) * 100 - 1e-6) / 100
+    pixmap = page.get_pixmap(matrix=pymupdf.Matrix(dpi / 72, dpi / 72), alpha=False)
+    return Image.frombytes("RGB", (pixmap.width, pixmap.height), pixmap.samples)
+
+
+def random_model() -> Path:
+    """Return the random full-size checkpoint, writing it once (5.5 GB, about a minute)."""
+    from kosmos_cli.checkpoint import save_random_checkpoint
+
+    folder = RANDOM_MODEL_DIR / "random-full-seed0"
+    if not (folder / "config.json").is_file():
+        print(f"writing a random full-size Kosmos-2.5 to {folder} (once)", file=sys.stderr)
+        save_random_checkpoint(folder, size="full", seed=0)
+    return folder
+
+
+# --- (a) the model card's loop ----------------------------------------------------------------------
+
+
+def run_baseline(args: argparse.Namespace, pdf: Path, memory: PeakMemory) -> tuple[Side, list[list[int]]]:
+    """The model card's loop, one page at a time; returns the side and each page's generated ids."""
+    import pymupdf
+    import torch
+    from transformers import AutoProcessor, Kosmos2_5ForConditionalGeneration
+
+    side = Side("baseline (model card loop)")
+    memory.start()
+    started = time.perf_counter()
+    dtype = torch_dtype(args)
+    model = Kosmos2_5ForConditionalGeneration.from_pretrained(args.model, dtype=dtype).to(args.device).eval()
+    processor = AutoProcessor.from_pretrained(args.model)
+    side.load_s = time.perf_counter() - started
+    prompt = "<md>" if args.task == "md" else "<ocr>"
+    outputs: list[list[int]] = []
+    started = time.perf_counter()
+    with pymupdf.open(pdf) as document:
+        for page in document:
+            image = render(page)
+            inputs = processor(text=prompt, images=image, return_tensors="pt")
+            height, width = inputs.pop("height"), inputs.pop("width")
+            raw_width, raw_height = image.size
+            scale_height, scale_width = raw_height / height, raw_width / width
+            inputs = {k: v.to(args.device) if v is not None else None for k, v in inputs.items()}
+            inputs["flattened_patches"] = inputs["flattened_patches"].to(dtype)
+            limits = {"max_new_tokens": args.tokens}
+            if not args.natural:
+                limits["min_new_tokens"] = args.tokens  # random weights: EOS suppressed, exact length
+            with torch.inference_mode():
+                generated_ids = model.generate(**inputs, **limits)
+            new_ids = generated_ids[0, inputs["input_ids"].shape[1] :].tolist()
+            outputs.append(new_ids)
+            generated_text = processor.batch_decode(generated_ids, skip_special_tokens=True)[0]
+            card_post_process(generated_text, prompt, scale_width, scale_height)
+            side.pages += 1
+            side.tokens.append(len([t for t in new_ids if t != model.generation_config.eos_token_id]))
+            if side.first_page_s is None:
+                side.first_page_s = time.perf_counter() - started
+    side.run_s = time.perf_counter() - started
+    del model
+    gc.collect()
+    memory.stop(side)
+    return side, outputs
+
+
+def card_post_process(text: str, prompt: str, scale_width: Any, scale_height: Any) -> str:
+    """The model card's post-processing (md.py / ocr.py), kept so the baseline does all its work."""
+    y = text.replace(prompt, "")
+    if prompt == "<md>":
+        return "\n".join(line.strip() for line in y.replace("<br>", "\n").splitlines()).strip()
+    lines = []
+    bboxs_raw = CARD_BBOX.findall(y)
+    texts = CARD_BBOX.split(y)[1:]
+    bboxs = [re.findall(r"\d+", i) for i in bboxs_raw]
+    bboxs = [[int(j) for j in i] for i in bboxs]
+    for box, line in zip(bboxs, texts, strict=False):
+        x0, y0, x1, y1 = box
+        if not (x0 >= x1 or y0 >= y1):
+            x0, y0 = int(x0 * scale_width), int(y0 * scale_height)
+            x1, y1 = int(x1 * scale_width), int(y1 * scale_height)
+            lines.append(f"{x0},{y0},{x1},{y0},{x1},{y1},{x0},{y1},{line}")
+    return "\n".join(lines)
+
+
+# --- (b) kosmos, as the CLI runs it -----------------------------------------------------------------
+
+
+class _Reporter:
+    """The CLI's reporter without a screen: counts pages and their tokens, notes the first page."""
+
+    def __init__(self, side: Side, started: float) -> None:
+        self.side = side
+        self.started = started
+
+    def add_total(self, pages: int) -> None:
+        pass
+
+    def page_done(self, result: PageResult) -> None:
+        self.side.pages += 1
+        self.side.tokens.append(result.token_count)
+        if self.side.first_page_s is None:
+            self.side.first_page_s = time.perf_counter() - self.started
+
+    def error(self, error: KosmosError) -> None:
+        print(f"error: {error.message}", file=sys.stderr)
+
+    def warning(self, message: str) -> None:
+        if "truncated" not in message and "max-new-tokens" not in message:  # every page is, by design
+            print(f"warning: {message}", file=sys.stderr)
+
+
+def run_kosmos(
+    args: argparse.Namespace, pdf: Path, memory: PeakMemory, *, quantize: str | None = None
+) -> tuple[Side, Any]:
+    """`kosmos md|ocr PDF -o DIR` through the library calls cli.py makes; returns the side and runner."""
+    from kosmos_cli.jobs import Job, Summary, plan, run_job
+    from kosmos_cli.runner import Settings, load_runner
+    from kosmos_cli.sources import discover
+
+    side = Side("kosmos" + (f" --quantize {quantize}" if quantize else ""))
+    memory.start()
+    started = time.perf_counter()
+    settings = Settings(
+        model=str(args.model),
+        device=args.device,
+        dtype=args.dtype,
+        batch_size=args.batch_size,
+        max_new_tokens=args.tokens,
+        compile=args.compile,
+        quantize=quantize,
+        ignore_eos=not args.natural,
+        detect_loops=args.natural,
+    )
+    runner = load_runner(settings)
+    side.load_s = time.perf_counter() - started
+    task = Task(args.task)
+    with tempfile.TemporaryDirectory(prefix="kosmos-bench-out-") as out:
+        discovery = discover([str(pdf)])
+        job = Job(
+            task=task,
+            formats=("md",) if task is Task.MD else ("txt",),
+            output_dir=Path(out),
+            fingerprint=f"{settings.model} bench",
+        )
+        todo, _ = plan(discovery.documents, job)
+        summary = Summary()
+        started = time.perf_counter()
+        run_job(todo, runner, job, _Reporter(side, started), io.BytesIO(), summary)
+        side.run_s = time.perf_counter() - started
+        written = sorted(p.name for p in Path(out).iterdir())
+    if summary.failed or not written:
+        raise SystemExit(f"kosmos run failed: {summary}")
+    side.name += f" (batch {runner.batch_size})"
+    memory.stop(side)
+    return side, runner
+
+
+# --- int8 drift and the decode sweep ----------------------------------------------------------------
+
+
+def logit_drift(reference: Any, quantized: Any, pdf: Path, outputs: list[list[int]], task: str) -> str:
+    """Compare next-token logits of two runners, teacher-forced on the baseline's generated ids."""
+    import pymupdf
+    import torch
+
+    from kosmos_cli.runner import Request
+
+    worst, mean_abs, spread, agree, total = 0.0, 0.0, 0.0, 0, 0
+    with pymupdf.open(pdf) as document:
+        for page, ids in zip(document, outputs, strict=False):
+            image = render(page)
+            logits = []
+            for runner in (reference, quantized):
+                inputs = dict(runner.encode(Request(0, image, Task(task))).inputs)
+                prompt = inputs["input_ids"].shape[1]
+                inputs["input_ids"] = torch.cat([inputs["input_ids"], torch.tensor([ids[:-1]])], dim=1)
+                inputs["attention_mask"] = torch.ones_like(inputs["input_ids"])
+                mask = inputs["image_embeds_position_mask"]
+                inputs["image_embeds_position_mask"] = torch.cat(
+                    [mask, mask.new_zeros(1, inputs["input_ids"].shape[1] - prompt)], dim=1
+                )
+                with torch.inference_mode():
+                    logits.append(runner.model(**inputs, logits_to_keep=len(ids)).logits[0].float())
+            difference = (logits[0] - logits[1]).abs()
+            worst = max(worst, float(difference.max()))
+            mean_abs += float(difference.mean()) * len(ids)
+            spread += float(logits[0].std(dim=-1).mean()) * len(ids)
+            agree += int((logits[0].argmax(-1) == logits[1].argmax(-1)).sum())
+            total += len(ids)
+    return (
+        f"int8 vs fp32 next-token logits over {total} positions: max |diff| {worst:.3f}, "
+        f"mean |diff| {mean_abs / total:.4f} (logit std {spread / total:.3f}), "
+        f"same argmax at {100 * agree / total:.1f}% of positions"
+    )
+
+
+def fp32_runner(args: argparse.Namespace) -> Any:
+    """Load kosmos's fp32 runner again, as the reference for the int8 drift."""
+    from kosmos_cli.runner import Settings, load_runner
+
+    return load_runner(Settings(model=str(args.model), device=args.device, dtype=args.dtype))
+
+
+def decode_sweep(args: argparse.Namespace, batch_sizes: list[int], steps: int = 8) -> None:
+    """Time decode steps alone at several batch sizes, every row holding the same prefilled page."""
+    import pymupdf
+
+    from kosmos_cli.runner import Request, Settings, _Batch, load_runner
+
+    runner = load_runner(
+        Settings(model=str(args.model), device=args.device, dtype=args.dtype, max_new_tokens=steps + 2)
+    )
+    with pymupdf.open(make_pdf(Path(tempfile.mkdtemp()) / "one.pdf", 1)) as document:
+        image = render(document[0])
+    request = Request(0, image, Task(args.task))
+    encoded = runner.encode(request)
+    started = time.perf_counter()
+    cache, mask, first = runner._prefill([encoded])
+    print(f"prefill of one page: {time.perf_counter() - started:.1f} s")
+    for batch_size in batch_sizes:
+        rows = [runner._new_row(request, encoded) for _ in range(batch_size)]
+        repeated = _repeat_cache(runner, cache, batch_size)
+        batch = _Batch(rows, repeated, mask.repeat(batch_size, 1), first.repeat(batch_size))
+        runner._decode_step(batch)  # warm-up
+        started = time.perf_counter()
+        for _ in range(steps):
+            runner._decode_step(batch)
+        step = (time.perf_counter() - started) / steps
+        print(f"decode batch {batch_size}: {step:.3f} s/step, {batch_size / step:.2f} tokens/s")
+        del batch, repeated
+        gc.collect()
+
+
+def _repeat_cache(runner: Any, cache: Any, batch_size: int) -> Any:
+    from kosmos_cli.runner import _new_cache
+
+    repeated = _new_cache(runner.model)
+    for layer, source in zip(repeated.layers, cache.layers, strict=True):
+        layer.lazy_initialization(source.keys, source.values)
+        layer.keys = source.keys.repeat(batch_size, 1, 1, 1)
+        layer.values = source.values.repeat(batch_size, 1, 1, 1)
+    return repeated
+
+
+# --- main -------------------------------------------------------------------------------------------
+
+
+def torch_dtype(args: argparse.Namespace) -> Any:
+    from kosmos_cli.runner import resolve_dtype
+
+    return resolve_dtype(args.dtype, args.device)
+
+
+def machine(device: str) -> str:
+    """Name the hardware the figures come from."""
+    import torch
+
+    if device.startswith("cuda"):
+        return torch.cuda.get_device_name(torch.device(device))
+    name = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                name = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    from kosmos_cli.runner import available_cores
+
+    return f"{name}, {available_cores()} cores available, {psutil.virtual_memory().total / 2**30:.0f} GiB RAM"
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter
+    )
+    parser.add_argument("--model", help="checkpoint folder or hub id (default: a random full-size model)")
+    parser.add_argument("--pages", type=int, help=f"pages in the test PDF (default {DEFAULTS['pages']})")
+    parser.add_argument("--tokens", type=int, help=f"new tokens per page (default {DEFAULTS['tokens']})")
+    parser.add_argument("--batch-size", type=int, help="kosmos --batch-size (default: kosmos's own choice)")
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
+    parser.add_argument("--dtype", default="auto", help="auto, float32, bfloat16, float16 (both sides)")
+    parser.add_argument("--task", choices=("md", "ocr"), default="md")
+    parser.add_argument("--compile", action="store_true", help="kosmos --compile")
+    parser.add_argument(
+        "--also-int8", action="store_true", help="also run kosmos --quantize int8 and its drift"
+    )
+    parser.add_argument("--natural", action="store_true", help="stop at EOS on both sides (real weights)")
+    parser.add_argument("--decode-sweep", help="only time decode steps at these batch sizes, e.g. 1,2,4")
+    parser.add_argument("--skip-baseline", action="store_true", help="only run kosmos (no ratio)")
+    parser.add_argument("--json", type=Path, help="also write the figures to this JSON file")
+    parser.add_argument(
+        "--quick", action="store_true", help=f"{QUICK['pages']} pages x {QUICK['tokens']} tokens"
+    )
+    args = parser.parse_args(argv)
+    preset = QUICK if args.quick else DEFAULTS
+    args.pages = args.pages or preset["pages"]
+    args.tokens = args.tokens or preset["tokens"]
+    return args
+
+
+def main(argv: list[str] | None = None) -> None:
+    import logging
+
+    from transformers.utils import logging as hf_logging
+
+    from kosmos_cli.runner import resolve_device
+
+    args = parse_args(argv)
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    logging.getLogger("kosmos_cli").setLevel(logging.ERROR)
+    args.device = resolve_device(args.device)
+    args.model = args.model or str(random_model())
+    print(f"machine: {machine(args.device)}; python {platform.python_version()}; {_versions()}")
+    print(
+        f"model: {args.model}; {args.pages} pages, {args.tokens} tokens per page, task {args.task}, "
+        f"device {args.device}, dtype {torch_dtype(args)}"
+    )
+    if args.decode_sweep:
+        decode_sweep(args, [int(b) for b in args.decode_sweep.split(",")])
+        return
+    memory = PeakMemory(args.device)
+    figures: dict[str, Any] = {}
+    with tempfile.TemporaryDirectory(prefix="kosmos-bench-") as folder:
+        pdf = make_pdf(Path(folder) / "pages.pdf", args.pages)
+        baseline, outputs = None, []
+        if not args.skip_baseline:
+            baseline, outputs = run_baseline(args, pdf, memory)
+            print(baseline.report(), flush=True)
+            figures["baseline"] = vars(baseline)
+        kosmos, runner = run_kosmos(args, pdf, memory)
+        print(kosmos.report(), flush=True)
+        figures["kosmos"] = vars(kosmos)
+        del runner  # each side's peak RAM is its own
+        gc.collect()
+        if args.also_int8:
+            quantized, int8_runner = run_kosmos(args, pdf, memory, quantize="int8")
+            print(quantized.report(), flush=True)
+            figures["kosmos_int8"] = vars(quantized)
+            if baseline is not None:
+                print(f"ratio (int8): {quantized.pages_per_s / baseline.pages_per_s:.2f}x")
+                drift = logit_drift(fp32_runner(args), int8_runner, pdf, outputs, args.task)
+                print(drift)
+                figures["int8_drift"] = drift
+    if args.json:
+        args.json.write_text(json.dumps(figures, indent=2, default=str) + "\n")
+    if baseline is not None:
+        print(f"ratio: {kosmos.pages_per_s / baseline.pages_per_s:.2f}x")
+
+
+def _versions() -> str:
+    import torch
+    import transformers
+
+    return f"torch {torch.__version__}, transformers {transformers.__version__}"
+
+
+if __name__ == "__main__":
+    main()
