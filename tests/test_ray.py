@@ -173,7 +173,9 @@ def test_outputs_over_inputs_are_refused_before_ray_starts(
 
     run_on_ray(todo, job, settings, recorder, summary=summary)
 
-    assert recorder.errors == [f"`{folder}/scan.pdf` would overwrite the input `{folder}/scan.pdf`"]
+    assert recorder.errors == [
+        f"`{folder}/scan.pdf` would overwrite the input `{folder}/scan.pdf`\nhint: choose another -o"
+    ]
     assert counts(summary) == (0, 0, 1, 0, 0, 0)
     assert sorted(p.name for p in folder.iterdir()) == ["scan.pdf"]
 
