@@ -482,11 +482,13 @@ class _Reporter:
 
     def page_done(self, result: PageResult) -> None:
         task = self.progress.tasks[0]
-        speed = task.speed
+        # Pages finish in batches, so a windowed speed jumps; the mean since the start does not.
+        elapsed = task.elapsed or 0.0
+        rate = (task.completed + 1) / elapsed if elapsed > 0 else 0.0
         self.progress.update(
             self.task_id,
             advance=1,
-            rate=f"{speed:.2f} pages/s" if speed else "",
+            rate=f"{rate:.2f} pages/s" if rate else "",
             current=result.info.document.name,
         )
 
