@@ -74,7 +74,8 @@ class Side:
     load_s: float = 0.0
     run_s: float = 0.0
     first_page_s: float | None = None
-    peak_rss: int = 0
+    peak_rss: int = 0  # while transcribing, after the model is loaded
+    load_peak_rss: int = 0  # while loading (and converting) the model
     peak_gpu: int | None = None
 
     @property
@@ -90,7 +91,8 @@ class Side:
         return (
             f"{self.name}: {self.pages} pages in {self.run_s:.1f} s (model load {self.load_s:.1f} s): "
             f"{self.pages_per_s:.4f} pages/s, {tokens_per_s:.2f} generated tokens/s, "
-            f"first page after {first}, peak RAM {self.peak_rss / 2**30:.2f} GiB, peak GPU {gpu}, "
+            f"first page after {first}, peak RAM {self.peak_rss / 2**30:.2f} GiB "
+            f"(loading: {self.load_peak_rss / 2**30:.2f} GiB), peak GPU {gpu}, "
             f"tokens per page {lengths} ({tokens} in all)"
         )
 
@@ -118,6 +120,11 @@ class PeakMemory:
     def _sample(self) -> None:
         while not self._stop.wait(0.05):
             self.peak = max(self.peak, self.process.memory_info().rss)
+
+    def loaded(self, side: Side) -> None:
+        """Note the peak while loading, and measure the transcription's own peak from here."""
+        side.load_peak_rss = max(self.peak, self.process.memory_info().rss)
+        self.peak = self.process.memory_info().rss
 
     def stop(self, side: Side) -> None:
         import torch
@@ -201,6 +208,7 @@ def run_baseline(args: argparse.Namespace, pdf: Path, memory: PeakMemory) -> tup
     model = Kosmos2_5ForConditionalGeneration.from_pretrained(args.model, dtype=dtype).to(args.device).eval()
     processor = AutoProcessor.from_pretrained(args.model)
     side.load_s = time.perf_counter() - started
+    memory.loaded(side)
     prompt = "<md>" if args.task == "md" else "<ocr>"
     outputs: list[list[int]] = []
     started = time.perf_counter()
@@ -303,6 +311,7 @@ def run_kosmos(
     )
     runner = load_runner(settings)
     side.load_s = time.perf_counter() - started
+    memory.loaded(side)
     task = Task(args.task)
     with tempfile.TemporaryDirectory(prefix="kosmos-bench-out-") as out:
         discovery = discover([str(pdf)])
@@ -372,8 +381,14 @@ def fp32_runner(args: argparse.Namespace) -> Any:
 
 
 def decode_sweep(args: argparse.Namespace, batch_sizes: list[int], steps: int = 8) -> None:
-    """Time decode steps alone at several batch sizes, every row holding the same prefilled page."""
+    """Time decode steps alone at several batch sizes, against the memory-bandwidth bound.
+
+    Every row holds the same prefilled page (2052 prompt tokens). A decode step must read the text
+    model's weights once and each row's KV cache; the bound is those bytes over the copy bandwidth
+    measured here (or `--bandwidth`).
+    """
     import pymupdf
+    import torch
 
     from kosmos_cli.runner import Request, Settings, _Batch, load_runner
 
@@ -386,7 +401,16 @@ def decode_sweep(args: argparse.Namespace, batch_sizes: list[int], steps: int = 
     encoded = runner.encode(request)
     started = time.perf_counter()
     cache, mask, first = runner._prefill([encoded])
-    print(f"prefill of one page: {time.perf_counter() - started:.1f} s")
+    synchronize(args.device)
+    print(f"prefill of one page: {time.perf_counter() - started:.2f} s")
+    bandwidth = args.bandwidth * 1e9 if args.bandwidth else copy_bandwidth(args.device)
+    print(f"memory bandwidth: {bandwidth / 1e9:.0f} GB/s ({'given' if args.bandwidth else 'measured copy'})")
+    config = runner.model.config.text_config
+    weight_bytes = decode_weight_bytes(runner.model.text_model)
+    kv_bytes_per_token = (
+        2 * config.layers * config.embed_dim * torch.tensor([], dtype=runner.dtype).element_size()
+    )
+    context = mask.shape[1]
     for batch_size in batch_sizes:
         rows = [runner._new_row(request, encoded) for _ in range(batch_size)]
         repeated = _repeat_cache(runner, cache, batch_size)
@@ -396,9 +420,49 @@ def decode_sweep(args: argparse.Namespace, batch_sizes: list[int], steps: int = 
         for _ in range(steps):
             runner._decode_step(batch)
         step = (time.perf_counter() - started) / steps
-        print(f"decode batch {batch_size}: {step:.3f} s/step, {batch_size / step:.2f} tokens/s")
+        bound = (weight_bytes + batch_size * (context + steps) * kv_bytes_per_token) / bandwidth
+        print(
+            f"decode batch {batch_size}: {step:.4f} s/step, {batch_size / step:.2f} tokens/s; "
+            f"bandwidth bound {bound:.4f} s/step ({step / bound:.2f}x the bound)"
+        )
         del batch, repeated
         gc.collect()
+
+
+def decode_weight_bytes(text_model: Any) -> int:
+    """Bytes of weights one decode step reads: every linear layer of the text model, LM head included."""
+    import torch
+
+    total = 0
+    for module in text_model.modules():
+        packed = getattr(module, "packed_weight", None)  # kosmos's oneDNN linear on CPU
+        if packed is not None:
+            total += packed.numel() * packed.element_size()
+        elif isinstance(module, torch.nn.Linear):
+            total += module.weight.numel() * module.weight.element_size()
+    return total
+
+
+def copy_bandwidth(device: str, size: int = 2**29) -> float:
+    """Bytes per second moved by a large tensor copy (read + write) on `device`."""
+    import torch
+
+    source = torch.empty(size, dtype=torch.uint8, device=device).fill_(1)
+    target = torch.empty_like(source)
+    target.copy_(source)
+    synchronize(device)
+    started = time.perf_counter()
+    for _ in range(5):
+        target.copy_(source)
+    synchronize(device)
+    return 2 * size * 5 / (time.perf_counter() - started)
+
+
+def synchronize(device: str) -> None:
+    import torch
+
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
 
 
 def _repeat_cache(runner: Any, cache: Any, batch_size: int) -> Any:
@@ -457,6 +521,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--natural", action="store_true", help="stop at EOS on both sides (real weights)")
     parser.add_argument("--decode-sweep", help="only time decode steps at these batch sizes, e.g. 1,2,4")
+    parser.add_argument("--bandwidth", type=float, help="memory bandwidth in GB/s for --decode-sweep's bound")
     parser.add_argument("--skip-baseline", action="store_true", help="only run kosmos (no ratio)")
     parser.add_argument("--json", type=Path, help="also write the figures to this JSON file")
     parser.add_argument(
