@@ -20,8 +20,11 @@ in the baseline, `Settings.ignore_eos` in kosmos) and kosmos's loop detector is 
 `--model` the same rule applies unless `--natural` lets both stop at EOS (then output lengths differ
 and are reported).
 
-`--also-int8` runs kosmos a second time with `--quantize int8` (CPU) and reports how far its
-next-token logits drift from the fp32 model's, teacher-forced on the baseline's outputs.
+When kosmos runs in bf16 (its CPU default where the CPU has native bf16), the run also reports
+how far its next-token logits drift from the fp32 model's, teacher-forced on the baseline's outputs
+of the first pages. `--also-int8` runs kosmos a second time with `--quantize int8` (CPU) and
+reports its drift the same way. `--baseline-dtype` runs the baseline in another dtype (its faster
+one, say) than kosmos's `--dtype`.
 `--decode-sweep 1,2,4` times decode steps alone at those batch sizes (one shared prefill).
 Results and how they were produced are recorded in BENCHMARKS.md.
 """
@@ -55,6 +58,7 @@ from kosmos_cli.errors import KosmosError  # noqa: E402
 RANDOM_MODEL_DIR = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "kosmos" / "benchmarks"
 MODEL_PIXELS = 4096 * 16 * 16  # what the processor keeps; kosmos renders PDF pages at the DPI that gives this
 QUICK = {"pages": 4, "tokens": 16}
+DRIFT_PAGES = 2  # pages the logit drift is measured on (a teacher-forced forward per page and model)
 DEFAULTS = {"pages": 8, "tokens": 300}
 CARD_BBOX = re.compile(r"<bbox><x_\d+><y_\d+><x_\d+><y_\d+></bbox>")  # model card ocr.py
 _TEXT = (
@@ -201,10 +205,10 @@ def run_baseline(args: argparse.Namespace, pdf: Path, memory: PeakMemory) -> tup
     import torch
     from transformers import AutoProcessor, Kosmos2_5ForConditionalGeneration
 
-    side = Side("baseline (model card loop)")
+    dtype = torch_dtype(args, args.baseline_dtype)
+    side = Side(f"baseline (model card loop, {str(dtype).removeprefix('torch.')})")
     memory.start()
     started = time.perf_counter()
-    dtype = torch_dtype(args)
     model = Kosmos2_5ForConditionalGeneration.from_pretrained(args.model, dtype=dtype).to(args.device).eval()
     processor = AutoProcessor.from_pretrained(args.model)
     side.load_s = time.perf_counter() - started
@@ -235,9 +239,9 @@ def run_baseline(args: argparse.Namespace, pdf: Path, memory: PeakMemory) -> tup
             if side.first_page_s is None:
                 side.first_page_s = time.perf_counter() - started
     side.run_s = time.perf_counter() - started
-    del model
-    gc.collect()
     memory.stop(side)
+    del model
+    release_memory()
     return side, outputs
 
 
@@ -329,7 +333,7 @@ def run_kosmos(
         written = sorted(p.name for p in Path(out).iterdir())
     if summary.failed or not written:
         raise SystemExit(f"kosmos run failed: {summary}")
-    side.name += f" (batch {runner.batch_size})"
+    side.name += f" ({str(runner.dtype).removeprefix('torch.')}, batch {runner.batch_size})"
     memory.stop(side)
     return side, runner
 
@@ -337,7 +341,9 @@ def run_kosmos(
 # --- int8 drift and the decode sweep ----------------------------------------------------------------
 
 
-def logit_drift(reference: Any, quantized: Any, pdf: Path, outputs: list[list[int]], task: str) -> str:
+def logit_drift(
+    reference: Any, other: Any, pdf: Path, outputs: list[list[int]], task: str, label: str
+) -> str:
     """Compare next-token logits of two runners, teacher-forced on the baseline's generated ids."""
     import pymupdf
     import torch
@@ -346,10 +352,10 @@ def logit_drift(reference: Any, quantized: Any, pdf: Path, outputs: list[list[in
 
     worst, mean_abs, spread, agree, total = 0.0, 0.0, 0.0, 0, 0
     with pymupdf.open(pdf) as document:
-        for page, ids in zip(document, outputs, strict=False):
+        for page, ids in zip(document, outputs[:DRIFT_PAGES], strict=False):
             image = render(page)
             logits = []
-            for runner in (reference, quantized):
+            for runner in (reference, other):
                 inputs = dict(runner.encode(Request(0, image, Task(task))).inputs)
                 prompt = inputs["input_ids"].shape[1]
                 inputs["input_ids"] = torch.cat([inputs["input_ids"], torch.tensor([ids[:-1]])], dim=1)
@@ -367,17 +373,27 @@ def logit_drift(reference: Any, quantized: Any, pdf: Path, outputs: list[list[in
             agree += int((logits[0].argmax(-1) == logits[1].argmax(-1)).sum())
             total += len(ids)
     return (
-        f"int8 vs fp32 next-token logits over {total} positions: max |diff| {worst:.3f}, "
+        f"{label} vs float32 next-token logits over {total} positions: max |diff| {worst:.3f}, "
         f"mean |diff| {mean_abs / total:.4f} (logit std {spread / total:.3f}), "
         f"same argmax at {100 * agree / total:.1f}% of positions"
     )
 
 
 def fp32_runner(args: argparse.Namespace) -> Any:
-    """Load kosmos's fp32 runner again, as the reference for the int8 drift."""
+    """Load kosmos's fp32 runner, the reference for the bf16 and int8 drift."""
     from kosmos_cli.runner import Settings, load_runner
 
-    return load_runner(Settings(model=str(args.model), device=args.device, dtype=args.dtype))
+    return load_runner(Settings(model=str(args.model), device=args.device, dtype="float32"))
+
+
+def release_memory() -> None:
+    """Collect garbage and hand freed heap back to the OS, so each side's peak RAM is its own."""
+    import contextlib
+    import ctypes
+
+    gc.collect()
+    with contextlib.suppress(OSError, AttributeError):  # not glibc: freed memory may stay in RSS
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
 def decode_sweep(args: argparse.Namespace, batch_sizes: list[int], steps: int = 8) -> None:
@@ -421,11 +437,19 @@ def decode_sweep(args: argparse.Namespace, batch_sizes: list[int], steps: int = 
             runner._decode_step(batch)
         step = (time.perf_counter() - started) / steps
         bound = (weight_bytes + batch_size * (context + steps) * kv_bytes_per_token) / bandwidth
+        joining = _Batch(
+            [runner._new_row(request, encoded)], _repeat_cache(runner, cache, 1), mask.clone(), first.clone()
+        )
+        started = time.perf_counter()
+        batch.merge(joining)  # what a page joining this running batch costs, besides its prefill
+        synchronize(args.device)
+        join = time.perf_counter() - started
         print(
             f"decode batch {batch_size}: {step:.4f} s/step, {batch_size / step:.2f} tokens/s; "
-            f"bandwidth bound {bound:.4f} s/step ({step / bound:.2f}x the bound)"
+            f"bandwidth bound {bound:.4f} s/step ({step / bound:.2f}x the bound); "
+            f"a page joining costs {join:.4f} s besides its prefill"
         )
-        del batch, repeated
+        del batch, repeated, joining
         gc.collect()
 
 
@@ -479,10 +503,10 @@ def _repeat_cache(runner: Any, cache: Any, batch_size: int) -> Any:
 # --- main -------------------------------------------------------------------------------------------
 
 
-def torch_dtype(args: argparse.Namespace) -> Any:
+def torch_dtype(args: argparse.Namespace, dtype: str | None = None) -> Any:
     from kosmos_cli.runner import resolve_dtype
 
-    return resolve_dtype(args.dtype, args.device)
+    return resolve_dtype(dtype or args.dtype, args.device)
 
 
 def machine(device: str) -> str:
@@ -514,6 +538,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--batch-size", type=int, help="kosmos --batch-size (default: kosmos's own choice)")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
     parser.add_argument("--dtype", default="auto", help="auto, float32, bfloat16, float16 (both sides)")
+    parser.add_argument("--baseline-dtype", help="the baseline's dtype, if not --dtype (e.g. its faster one)")
     parser.add_argument("--task", choices=("md", "ocr"), default="md")
     parser.add_argument("--compile", action="store_true", help="kosmos --compile")
     parser.add_argument(
@@ -567,15 +592,19 @@ def main(argv: list[str] | None = None) -> None:
         kosmos, runner = run_kosmos(args, pdf, memory)
         print(kosmos.report(), flush=True)
         figures["kosmos"] = vars(kosmos)
+        if baseline is not None and str(runner.dtype) != "torch.float32":
+            label = str(runner.dtype).removeprefix("torch.")
+            figures["drift"] = logit_drift(fp32_runner(args), runner, pdf, outputs, args.task, label)
+            print(figures["drift"], flush=True)
         del runner  # each side's peak RAM is its own
-        gc.collect()
+        release_memory()
         if args.also_int8:
             quantized, int8_runner = run_kosmos(args, pdf, memory, quantize="int8")
             print(quantized.report(), flush=True)
             figures["kosmos_int8"] = vars(quantized)
             if baseline is not None:
                 print(f"ratio (int8): {quantized.pages_per_s / baseline.pages_per_s:.2f}x")
-                drift = logit_drift(fp32_runner(args), int8_runner, pdf, outputs, args.task)
+                drift = logit_drift(fp32_runner(args), int8_runner, pdf, outputs, args.task, "int8")
                 print(drift)
                 figures["int8_drift"] = drift
     if args.json:

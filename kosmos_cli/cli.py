@@ -130,7 +130,9 @@ DeviceOpt = Annotated[
 DTypeOpt = Annotated[
     DType,
     typer.Option(
-        "--dtype", help="auto: bfloat16 on GPUs that support it, else float16 on GPU, float32 on CPU."
+        "--dtype",
+        help="auto: bfloat16 on GPUs that support it, else float16 on GPU; on CPU bfloat16 where native, "
+        "else float32.",
     ),
 ]
 AttnOpt = Annotated[

@@ -39,6 +39,7 @@ CUDA_MEMORY_SHARE = 0.7  # of free GPU memory given to the KV cache
 KV_BYTES_PER_TOKEN_PER_DTYPE_BYTE = 24 * 2 * 1536  # layers x (key, value) x embed_dim
 ENCODE_WORKERS = 4  # processor threads on GPU machines (one on CPU, where cores are busy decoding)
 REFILL_SHARE = 8  # a batch of B refills once B / REFILL_SHARE rows are free (every row on CPU)
+CPU_DECODE_ATTENTION = "kosmos_cpu_decode"  # registered with transformers' AttentionInterface
 LOAD_HINT = "download it once with `kosmos download` (needs network), or pass a local folder with --model"
 
 
@@ -539,7 +540,7 @@ def _growing_layer_class() -> type:
 
     def _grow(tensor: torch.Tensor, length: int, capacity: int) -> torch.Tensor:
         shape = (*tensor.shape[:2], capacity, tensor.shape[-1])
-        grown = tensor.new_empty(shape)
+        grown = tensor.new_zeros(shape)  # zero spare columns: readers may use the whole buffer
         grown[:, :, :length] = tensor[:, :, :length]
         return grown
 
@@ -727,8 +728,13 @@ def resolve_device(device: str) -> str:
     return device
 
 
-def resolve_dtype(dtype: str, device: str) -> torch.dtype:
-    """Turn `auto` into bf16 on GPUs that support it, fp16 on other GPUs and fp32 on CPU."""
+def resolve_dtype(dtype: str, device: str, *, quantize: str | None = None) -> torch.dtype:
+    """Turn `auto` into bf16 where the hardware computes in it, else fp16 on GPU and fp32 on CPU.
+
+    On CPU, bf16 needs native instructions (AVX512-BF16 or AMX): with them its oneDNN matmuls run
+    about twice as fast as fp32 (BENCHMARKS.md); without them bf16 is emulated and slower.
+    `--quantize int8` starts from fp32 weights, so `auto` is fp32 then.
+    """
     import torch
 
     if dtype == "auto":
@@ -736,10 +742,24 @@ def resolve_dtype(dtype: str, device: str) -> torch.dtype:
             return (
                 torch.bfloat16 if torch.cuda.is_bf16_supported(including_emulation=False) else torch.float16
             )
-        return torch.float16 if device == "mps" else torch.float32
+        if device == "mps":
+            return torch.float16
+        return torch.bfloat16 if quantize is None and native_bf16_cpu() else torch.float32
     if dtype not in DTYPES:
         raise ModelLoadError(f"unknown dtype `{dtype}`", hint="use auto, bfloat16, float16 or float32")
     return getattr(torch, dtype)
+
+
+def native_bf16_cpu() -> bool:
+    """Whether this CPU computes bf16 matmuls natively (AVX512-BF16 or AMX) and oneDNN can use them."""
+    import torch
+
+    cpu = torch.cpu
+    native = any(
+        getattr(cpu, name, lambda: False)()
+        for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+    )
+    return native and torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
 
 
 def resolve_attn(attn: str, device: str, dtype: torch.dtype) -> str:
@@ -768,7 +788,7 @@ def _flash_attn_installed() -> bool:
 def load_runner(settings: Settings) -> KosmosRunner:
     """Load the processor and model named by `settings`, raising ModelLoadError with a hint on failure."""
     device = resolve_device(settings.device)
-    dtype = resolve_dtype(settings.dtype, device)
+    dtype = resolve_dtype(settings.dtype, device, quantize=settings.quantize)
     attn = resolve_attn(settings.attn, device, dtype)
     check_speed_settings(settings, device, dtype)
     source = settings.model
@@ -840,7 +860,7 @@ def check_speed_settings(settings: Settings, device: str, dtype: Any) -> None:
             )
         if dtype != torch.float32:
             raise ModelLoadError(
-                "--quantize int8 needs float32 weights", hint="use --dtype float32 (the CPU default)"
+                "--quantize int8 needs float32 weights", hint="use --dtype float32, or leave --dtype auto"
             )
         if settings.compile:
             raise ModelLoadError("--quantize and --compile do not work together", hint="pick one")
@@ -860,15 +880,12 @@ def prepare_for_speed(runner: KosmosRunner) -> None:
     fit_positions(runner.model, runner.prompt_length + runner.max_new_tokens)
     if runner.model.config.vision_config._attn_implementation != "eager":
         use_sdpa_in_vision(runner.model)
+    if runner.device == "cpu" and runner.dtype != torch.float32 and not settings.compile:
+        use_cpu_decode_attention(runner.model)
     if settings.quantize == "int8":
         quantize_int8(runner.model)
         own_weights(runner.model)
-    elif (
-        runner.device == "cpu"
-        and runner.dtype == torch.float32
-        and not settings.compile
-        and use_onednn_linears(runner.model)
-    ):
+    elif runner.device == "cpu" and not settings.compile and use_onednn_linears(runner.model):
         own_weights(runner.model)
     logger.info("batch size %d, %d CPU threads", runner.batch_size, torch.get_num_threads())
 
@@ -917,14 +934,79 @@ def _vision_attention_sdpa(
     return self.output(output.transpose(1, 2).reshape(*input_shape, -1)), None
 
 
+def use_cpu_decode_attention(model: Any) -> None:
+    """Make the text model's one-token (decode) attention in bf16/fp16 two matmuls over whole cache buffers.
+
+    torch's CPU flash-attention kernel is slow in bf16 for one query over a long cache, and a matmul
+    over the cache's filled columns (a strided view of the growing buffer) copies them first. Two
+    matmuls over the whole, contiguous buffer and a float32 softmax over the filled columns made a
+    bf16 decode step of 4 pages 1.8x faster on the 2-core CPU (BENCHMARKS.md); in fp32 the same
+    change was slower, so fp32 keeps SDPA. Scores are rounded to the model's dtype before the
+    softmax, as transformers' eager attention does. Prompts (more than one query) keep SDPA.
+    """
+    from transformers import AttentionInterface, AttentionMaskInterface
+    from transformers.masking_utils import sdpa_mask
+
+    if model.config.text_config._attn_implementation != "sdpa":
+        return  # an explicit --attn eager (or another kernel) stays as asked
+    AttentionInterface.register(CPU_DECODE_ATTENTION, _cpu_decode_attention)
+    AttentionMaskInterface.register(CPU_DECODE_ATTENTION, sdpa_mask)
+    model.set_attn_implementation({"text_config": CPU_DECODE_ATTENTION})
+
+
+def _cpu_decode_attention(
+    module: Any,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float | None = None,
+    **kwargs: Any,
+) -> tuple[torch.Tensor, None]:
+    """Attention for one query token as matmuls; SDPA for anything longer."""
+    import torch
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    if query.shape[2] != 1:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, **kwargs)
+    columns = key.shape[2]
+    key, value = _whole_buffer(key), _whole_buffer(value)
+    scores = torch.matmul(query, key.transpose(-1, -2))[..., :columns].float()
+    if scaling is not None:
+        scores *= scaling
+    if attention_mask is not None:
+        if attention_mask.dtype == torch.bool:
+            scores.masked_fill_(~attention_mask, float("-inf"))
+        else:
+            scores += attention_mask
+    weights = scores.softmax(dim=-1).to(value.dtype)
+    if value.shape[2] > columns:  # the spare columns are zeros (GrowingLayer) and get zero weight
+        weights = torch.nn.functional.pad(weights, (0, value.shape[2] - columns))
+    return torch.matmul(weights, value).transpose(1, 2).contiguous(), None
+
+
+def _whole_buffer(tensor: torch.Tensor) -> torch.Tensor:
+    """The contiguous [rows, heads, capacity, dim] buffer whose leading columns `tensor` is, if it is one."""
+    if tensor.is_contiguous():
+        return tensor
+    rows, heads, _, dim = tensor.shape
+    stride = tensor.stride()
+    whole_rows = (
+        stride[3] == 1 and stride[2] == dim and stride[1] % dim == 0 and stride[0] == heads * stride[1]
+    )
+    if whole_rows and tensor.storage_offset() == 0:
+        return tensor.as_strided((rows, heads, stride[1] // dim, dim), stride)
+    return tensor.contiguous()
+
+
 def use_onednn_linears(model: Any) -> int:
-    """Run every fp32 nn.Linear through oneDNN with a prepacked weight; return how many were swapped.
+    """Run every fp32 (and natively supported bf16) nn.Linear through oneDNN with a prepacked weight.
 
     On CPU, torch's fp32 `F.linear` goes to MKL, whose skinny GEMMs (2 to 8 rows: a decode step
     of a small batch) run at a fraction of its one-row speed, so batching decode gained nothing.
     oneDNN's `_linear_pointwise` on a prepacked weight (the kernel inductor uses on CPU) measured
     2-4x faster for those shapes and ~20% faster for prefill (BENCHMARKS.md). Results agree with
-    MKL's to float32 rounding.
+    MKL's to float32 rounding. Returns how many layers were swapped.
     """
     import torch
 
@@ -935,11 +1017,12 @@ def use_onednn_linears(model: Any) -> int:
         and hasattr(mkldnn, "_reorder_linear_weight")
     ):
         return 0
+    dtypes = {torch.float32, torch.bfloat16} if native_bf16_cpu() else {torch.float32}
     layer_class = _onednn_linear_class()
     swapped = 0
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
-            if type(child) is torch.nn.Linear and child.weight.dtype == torch.float32:
+            if type(child) is torch.nn.Linear and child.weight.dtype in dtypes:
                 setattr(parent, name, layer_class(child))
                 swapped += 1
     return swapped
@@ -947,7 +1030,7 @@ def use_onednn_linears(model: Any) -> int:
 
 @functools.cache
 def _onednn_linear_class() -> type:
-    """Build (once) the nn.Module that replaces an fp32 nn.Linear on CPU."""
+    """Build (once) the nn.Module that replaces an nn.Linear on CPU."""
     import torch
 
     class OneDnnLinear(torch.nn.Module):

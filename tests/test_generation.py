@@ -35,7 +35,8 @@ SMALL_LOOP_RULE = LoopRule(max_period=8, min_span=12, min_repeats=3)  # catches 
 
 def load(checkpoint: Path, **settings: object) -> KosmosRunner:
     # One thread: the tiny model's ops are too small to split, and a busy CI box makes two threads wait.
-    settings = {"device": "cpu", "max_new_tokens": BUDGET, "threads": 1, **settings}
+    # float32 unless a test asks: `auto` is bf16 on CPUs with native bf16, and exact comparisons need fp32.
+    settings = {"device": "cpu", "dtype": "float32", "max_new_tokens": BUDGET, "threads": 1, **settings}
     return load_runner(Settings(model=str(checkpoint), **settings))  # type: ignore[arg-type]
 
 
@@ -320,6 +321,56 @@ def test_cpu_linears_run_on_onednn(runner: KosmosRunner) -> None:
         pytest.skip("this torch build has no oneDNN")
     kinds = {type(module).__name__ for module in runner.model.modules()}
     assert "OneDnnLinear" in kinds and "Linear" not in kinds
+
+
+def test_cpu_decode_attention_matches_sdpa() -> None:
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    generator = torch.Generator().manual_seed(0)
+    rows, heads, columns, dim = 3, 4, 37, 8
+    buffer = torch.zeros(2, rows, heads, columns + 11, dim)  # spare columns are zeros, as GrowingLayer keeps
+    buffer[:, :, :, :columns].normal_(generator=generator)
+    key, value = buffer[0, :, :, :columns], buffer[1, :, :, :columns]  # strided views, as the cache gives
+    assert not key.is_contiguous()
+    mask = torch.ones(rows, 1, 1, columns, dtype=torch.bool)
+    mask[0, ..., :5] = False  # a row's left padding
+    module = torch.nn.Module()
+    for queries in (1, 3):
+        query = torch.randn(rows, heads, queries, dim, generator=generator)
+        query_mask = mask.expand(rows, 1, queries, columns)
+        expected, _ = sdpa_attention_forward(module, query, key, value, query_mask, scaling=0.3)
+        got, _ = runner_module._cpu_decode_attention(module, query, key, value, query_mask, scaling=0.3)
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.skipif(not runner_module.native_bf16_cpu(), reason="this CPU has no native bf16")
+def test_bf16_on_cpu_runs_onednn_and_matmul_decode_attention(tiny_checkpoint: Path) -> None:
+    fast = load(tiny_checkpoint, dtype="bfloat16", batch_size=3, detect_loops=False)
+    assert fast.dtype == torch.bfloat16
+    assert fast.model.config.text_config._attn_implementation == runner_module.CPU_DECODE_ATTENTION
+    assert "OneDnnLinear" in {type(module).__name__ for module in fast.model.modules()}
+    plain = load(tiny_checkpoint, dtype="bfloat16", attn="eager", batch_size=1, detect_loops=False)
+    assert plain.model.config.text_config._attn_implementation == "eager"
+    requests = pages(4)
+    expected = {key: (g.text, g.token_count) for key, g in generate(plain, requests).items()}
+    got = {key: (g.text, g.token_count) for key, g in generate(fast, requests).items()}
+    assert got == expected
+
+
+@pytest.mark.parametrize(
+    ("native", "quantize", "expected"),
+    [
+        (True, None, torch.bfloat16),
+        (False, None, torch.float32),
+        (True, "int8", torch.float32),
+    ],
+)
+def test_auto_dtype_on_cpu_is_bf16_only_where_native(
+    monkeypatch: pytest.MonkeyPatch, native: bool, quantize: str | None, expected: torch.dtype
+) -> None:
+    monkeypatch.setattr(runner_module, "native_bf16_cpu", lambda: native)
+    assert runner_module.resolve_dtype("auto", "cpu", quantize=quantize) == expected
+    assert runner_module.resolve_dtype("float32", "cpu") == torch.float32
 
 
 def test_cpu_threads_follow_the_cores_available(tiny_checkpoint: Path) -> None:
