@@ -1,10 +1,12 @@
-"""A Reporter for tests that keeps what the job tells it."""
+"""What a job tells and leaves behind, kept for tests: a recording Reporter, summary counts, written files."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from kosmos_cli import KosmosError, PageResult
+from kosmos_cli.jobs import Summary
 
 
 @dataclass
@@ -27,3 +29,24 @@ class Recorder:
 
     def warning(self, message: str) -> None:
         self.warnings.append(message)
+
+
+def counts(summary: Summary) -> tuple[int, ...]:
+    """Done, skipped, failed documents; pages done, resumed, failed."""
+    return (
+        summary.documents_done,
+        summary.documents_skipped,
+        summary.documents_failed,
+        summary.pages_done,
+        summary.pages_resumed,
+        summary.pages_failed,
+    )
+
+
+def tree(folder: Path) -> dict[str, bytes]:
+    """Every file under `folder`, by its relative POSIX path, with its bytes."""
+    return {
+        path.relative_to(folder).as_posix(): path.read_bytes()
+        for path in sorted(folder.rglob("*"))
+        if path.is_file()
+    }

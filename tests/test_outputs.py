@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 from inputs import MIXED_PAGES, make_image, make_pdf
-from recorder import Recorder
+from recorder import Recorder, counts, tree
 from typer.testing import CliRunner
 
 from kosmos_cli.cli import app
@@ -315,24 +315,6 @@ def run(folder: Path, job: Job, runner: object) -> tuple[Summary, Recorder]:
     summary, recorder = Summary(documents_skipped=len(skipped)), Recorder()
     run_job(todo, runner, job, recorder, io.BytesIO(), summary, inputs=documents)  # type: ignore[arg-type]
     return summary, recorder
-
-
-def tree(folder: Path) -> dict[str, bytes]:
-    return {
-        p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()
-    }
-
-
-def counts(summary: Summary) -> tuple[int, ...]:
-    """Done, skipped, failed documents; pages done, resumed, failed."""
-    return (
-        summary.documents_done,
-        summary.documents_skipped,
-        summary.documents_failed,
-        summary.pages_done,
-        summary.pages_resumed,
-        summary.pages_failed,
-    )
 
 
 @pytest.fixture(scope="module")

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 from inputs import MIXED_PAGES, PdfPage, make_corrupt, make_image, make_pdf
-from recorder import Recorder
+from recorder import Recorder, counts, tree
 from test_outputs import S3Server, run_s3_server
 
 from kosmos_cli.distributed import (
@@ -258,25 +258,6 @@ def run_ray(corpus: Path, job: Job, settings: Settings) -> Run:
     summary, recorder, stdout = Summary(documents_skipped=len(skipped)), Recorder(), io.BytesIO()
     run_on_ray(todo, job, settings, recorder, stdout=stdout, summary=summary, workers=1)
     return Run(summary, recorder, stdout.getvalue(), job.output_dir)
-
-
-def tree(folder: Path) -> dict[str, bytes]:
-    return {
-        path.relative_to(folder).as_posix(): path.read_bytes()
-        for path in sorted(folder.rglob("*"))
-        if path.is_file()
-    }
-
-
-def counts(summary: Summary) -> tuple[int, ...]:
-    return (
-        summary.documents_done,
-        summary.documents_skipped,
-        summary.documents_failed,
-        summary.pages_done,
-        summary.pages_resumed,
-        summary.pages_failed,
-    )
 
 
 class References:
