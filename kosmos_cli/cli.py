@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
+import atexit
+import contextlib
 import logging
+import os
 import re
+import signal
 import sys
 import time
+from collections.abc import Callable
+from dataclasses import replace
 from enum import Enum
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, Optional
@@ -25,11 +31,15 @@ from kosmos_cli import __version__
 from kosmos_cli.document import PageResult, Task
 from kosmos_cli.errors import KosmosError, UsageError
 from kosmos_cli.runner import DEFAULT_MODEL, MODEL_ENV
+from kosmos_cli.sandbox import DEFAULT_PAGE_TIMEOUT
 
 if TYPE_CHECKING:
     from kosmos_cli.jobs import Summary
 
-EXIT_INTERRUPTED = 130
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, as shells report a Ctrl-C
+EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE: stdout's reader went away (`| head`)
+EXIT_TERMINATED = 143  # 128 + SIGTERM
+PROGRESS_LOG_SECONDS = 30.0  # when stderr is not a terminal: one progress line this often
 
 app = typer.Typer(
     name="kosmos",
@@ -106,7 +116,12 @@ Dpi = Annotated[
     ),
 ]
 Password = Annotated[Optional[str], typer.Option("--password", help="Password for encrypted PDFs.")]  # noqa: UP045
-Overwrite = Annotated[bool, typer.Option("--overwrite", help="Redo inputs whose outputs already exist.")]
+Overwrite = Annotated[
+    bool,
+    typer.Option(
+        "--overwrite", help="Redo every input, replacing existing outputs (but never an input file)."
+    ),
+]
 Model = Annotated[
     Optional[str],  # noqa: UP045
     typer.Option(
@@ -175,12 +190,20 @@ Threads = Annotated[
         "--threads", min=1, help="CPU threads; default: the cores this process may use.", show_default=False
     ),
 ]
-Ray = Annotated[bool, typer.Option("--ray", help="Run on a Ray cluster (RAY_ADDRESS, or a local instance).")]
+Ray = Annotated[
+    bool, typer.Option("--ray", help="Run on a Ray cluster (the one RAY_ADDRESS names, or a local instance).")
+]
+PageTimeout = Annotated[
+    float,
+    typer.Option(
+        "--page-timeout",
+        min=1.0,
+        help="Seconds to open or render one page before it is marked failed (hostile PDFs can spin).",
+    ),
+]
 RayAddress = Annotated[
     Optional[str],  # noqa: UP045
-    typer.Option(
-        "--ray-address", envvar="RAY_ADDRESS", help="Ray cluster to join (implies --ray).", show_default=False
-    ),
+    typer.Option("--ray-address", help="Ray cluster to join (implies --ray).", show_default=False),
 ]
 Workers = Annotated[
     Optional[int],  # noqa: UP045
@@ -230,6 +253,7 @@ def md(
     pages: Pages = None,
     dpi: Dpi = None,
     password: Password = None,
+    page_timeout: PageTimeout = DEFAULT_PAGE_TIMEOUT,
     overwrite: Overwrite = False,
     model: Model = None,
     revision: Revision = None,
@@ -274,6 +298,7 @@ def ocr(
     pages: Pages = None,
     dpi: Dpi = None,
     password: Password = None,
+    page_timeout: PageTimeout = DEFAULT_PAGE_TIMEOUT,
     overwrite: Overwrite = False,
     model: Model = None,
     revision: Revision = None,
@@ -345,17 +370,22 @@ def doctor(
 
 def _run(task: Task, options: dict[str, Any]) -> None:
     """Run md or ocr with the parsed options and exit with the right code."""
-    from kosmos_cli.files import output_location
-    from kosmos_cli.jobs import Job, Summary, plan, run_job
+    from kosmos_cli.files import OutputStore, output_location, output_store
+    from kosmos_cli.jobs import Job, Summary, job_fingerprint, plan, probe, run_job
     from kosmos_cli.runner import Settings, default_model, load_runner
-    from kosmos_cli.sources import discover, parse_pages
+    from kosmos_cli.sandbox import Sandbox
+    from kosmos_cli.sources import discover, name_clashes, parse_pages, remove_stale_spools
 
     verbose, quiet = bool(options["verbose"]), bool(options["quiet"])
     console = Console(stderr=True, highlight=False, soft_wrap=True)
     _configure_logging(console, verbose=verbose, quiet=quiet)
     reporter = _Reporter(console, quiet=quiet, verbose=verbose)
     on_ray = bool(options["ray"] or options["ray_address"])
+    summary = Summary()
+    input_errors = 0
+    store: OutputStore | None = None
     try:
+        signal.signal(signal.SIGTERM, _terminate)
         formats: tuple[str, ...] = options["formats"]
         _check_formats(formats, output_dir=options["output"], draw=options["draw"])
         inputs = list(options["inputs"] or [])
@@ -364,16 +394,27 @@ def _run(task: Task, options: dict[str, Any]) -> None:
                 "no inputs given", hint="name files or folders, `-` for stdin, or --from-list FILE"
             )
         page_selection = parse_pages(options["pages"]) if options["pages"] else None
+        output_dir = output_location(options["output"]) if options["output"] else None
+        store = output_store(output_dir) if output_dir is not None else None
+        if store is not None:
+            store.open_for_run()
+        remove_stale_spools()
+        exclude = [str(output_dir)] if isinstance(output_dir, Path) else []
         if on_ray:
             from kosmos_cli.distributed import discover_inputs, require_ray
 
             require_ray()
             discovery = discover_inputs(inputs, from_list=options["from_list"])
         else:
-            discovery = discover(inputs, from_list=options["from_list"])
-        output_dir = output_location(options["output"]) if options["output"] else None
+            discovery = discover(inputs, from_list=options["from_list"], exclude=exclude)
+        if output_dir is not None and (clash := name_clashes(discovery.documents)) is not None:
+            raise clash
         for error in discovery.errors:
             reporter.error(error)
+        input_errors = len(discovery.errors)
+        for empty in discovery.empty:
+            reporter.warning(f"no images or PDFs found in `{empty}`")
+        summary.unsupported = discovery.unsupported
         settings = Settings(
             model=options["model"] or default_model(),
             revision=options["revision"],
@@ -396,37 +437,58 @@ def _run(task: Task, options: dict[str, Any]) -> None:
             dpi=options["dpi"],
             password=options["password"],
             overwrite=options["overwrite"],
-            fingerprint=f"{settings.model}@{settings.revision or 'main'} dpi={options['dpi']}",
+            page_timeout=options["page_timeout"],
         )
-        todo, skipped = plan(discovery.documents, job)
-        summary = Summary(documents_skipped=len(skipped), unsupported=discovery.unsupported)
-        if todo and on_ray:
-            from kosmos_cli.distributed import run_on_ray
+        documents = discovery.documents
+        if on_ray:
+            if documents and output_dir is not None:
+                job = replace(job, fingerprint=job_fingerprint(job, settings))
+            todo = plan(documents, job, reporter, summary, inputs=discovery.documents)
+            if todo:
+                from kosmos_cli.distributed import run_on_ray
 
-            with reporter:
-                run_on_ray(
-                    todo,
-                    job,
-                    settings,
-                    reporter,
-                    stdout=sys.stdout.buffer,
-                    summary=summary,
-                    address=options["ray_address"],
-                    workers=options["workers"],
-                    gpus_per_worker=options["gpus_per_worker"],
-                    inputs=discovery.documents,
-                )
-        elif todo:
-            reporter.note(f"loading model `{settings.model}`")
-            runner = load_runner(settings)
-            with reporter:
-                run_job(todo, runner, job, reporter, sys.stdout.buffer, summary, inputs=discovery.documents)
+                with reporter:
+                    run_on_ray(
+                        todo,
+                        job,
+                        settings,
+                        reporter,
+                        stdout=sys.stdout.buffer,
+                        summary=summary,
+                        address=options["ray_address"],
+                        workers=options["workers"],
+                        gpus_per_worker=options["gpus_per_worker"],
+                        inputs=discovery.documents,
+                        quiet=quiet,
+                    )
+        else:
+            with Sandbox(timeout=job.page_timeout) as sandbox:
+                pages = probe(documents, job, reporter, summary, sandbox=sandbox)
+                documents = [document for document in documents if document in pages]
+                if documents and output_dir is not None:
+                    job = replace(job, fingerprint=job_fingerprint(job, settings))
+                todo = plan(documents, job, reporter, summary, pages=pages, inputs=discovery.documents)
+                if todo:
+                    reporter.loading(f"loading model `{settings.model}`")
+                    runner = load_runner(settings)
+                    with reporter:
+                        run_job(
+                            todo, runner, job, reporter, sys.stdout.buffer, summary,
+                            inputs=discovery.documents, pages=pages, sandbox=sandbox,
+                        )  # fmt: skip
     except KosmosError as error:
         reporter.error(error)
         raise typer.Exit(error.exit_code) from None
+    except BrokenPipeError:
+        # The reader of stdout is gone (`| head`): stop quietly, as a shell tool killed by SIGPIPE would.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        raise typer.Exit(EXIT_BROKEN_PIPE) from None
     except KeyboardInterrupt:
         console.print("error: interrupted; finished documents are kept, rerun the same command to resume")
         raise typer.Exit(EXIT_INTERRUPTED) from None
+    except _Terminated:
+        console.print("error: terminated; finished documents are kept, rerun the same command to resume")
+        raise typer.Exit(EXIT_TERMINATED) from None
     except Exception as error:  # a bug, not bad input: one line, the traceback with --verbose
         crash = KosmosError(
             f"unexpected {type(error).__name__}: {error}",
@@ -435,8 +497,19 @@ def _run(task: Task, options: dict[str, Any]) -> None:
         crash.__cause__ = error
         reporter.error(crash)
         raise typer.Exit(1) from None
+    finally:
+        if store is not None:
+            store.close()
     console.print(_summary_line(summary), markup=False)
-    raise typer.Exit(1 if summary.failed or discovery.errors else 0)
+    raise typer.Exit(1 if summary.failed or input_errors else 0)
+
+
+class _Terminated(BaseException):
+    """SIGTERM arrived: unwind like Ctrl-C, with its own exit code."""
+
+
+def _terminate(signum: int, frame: object) -> None:
+    raise _Terminated
 
 
 def _check_formats(formats: tuple[str, ...], *, output_dir: str | None, draw: bool) -> None:
@@ -453,10 +526,23 @@ def _check_formats(formats: tuple[str, ...], *, output_dir: str | None, draw: bo
 class _Reporter:
     """Progress bar and messages on stderr; stdout stays clean for data."""
 
-    def __init__(self, console: Console, *, quiet: bool, verbose: bool) -> None:
+    def __init__(
+        self,
+        console: Console,
+        *,
+        quiet: bool,
+        verbose: bool,
+        interval: float = PROGRESS_LOG_SECONDS,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self.console = console
         self.quiet = quiet
         self.verbose = verbose
+        self.interval = interval  # between plain progress lines, when stderr is not a terminal
+        self.clock = clock
+        self.started = self.last_line = clock()
+        self.done = 0
+        self.total = 0
         self.progress = Progress(
             TextColumn("{task.description}"),
             BarColumn(),
@@ -479,10 +565,13 @@ class _Reporter:
         self.progress.stop()
 
     def add_total(self, pages: int) -> None:
-        total = (self.progress.tasks[0].total or 0) + pages
-        self.progress.update(self.task_id, total=total)
+        self.total += pages
+        self.progress.update(self.task_id, total=self.total)
 
     def page_done(self, result: PageResult) -> None:
+        self.done += 1
+        if not self.quiet and not self.console.is_terminal:
+            self._log_progress()
         task = self.progress.tasks[0]
         # Pages finish in batches, so a windowed speed jumps; the mean since the start does not.
         elapsed = task.elapsed or 0.0
@@ -494,8 +583,24 @@ class _Reporter:
             current=result.info.document.name,
         )
 
-    def note(self, message: str) -> None:
-        if self.verbose:
+    def _log_progress(self) -> None:
+        """Print `kosmos: 12/40 pages, 0.05 pages/s, about 9 min left` once per interval, for logs."""
+        now = self.clock()
+        if now - self.last_line < self.interval and self.done != self.total:
+            return
+        self.last_line = now
+        line = f"kosmos: {self.done}/{self.total} pages"
+        elapsed = now - self.started
+        if elapsed > 0:
+            rate = self.done / elapsed
+            line += f", {rate:.2f} pages/s"
+            if rate > 0 and self.total > self.done:
+                line += f", about {_duration((self.total - self.done) / rate)} left"
+        self.console.print(line, markup=False)
+
+    def loading(self, message: str) -> None:
+        """Say the model is loading (it takes a while): on a terminal, or with --verbose."""
+        if self.verbose or (self.console.is_terminal and not self.quiet):
             self.console.print(message, markup=False)
 
     def error(self, error: KosmosError) -> None:
@@ -504,6 +609,14 @@ class _Reporter:
     def warning(self, message: str) -> None:
         if not self.quiet:
             self.console.print(f"warning: {message}", markup=False)
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    if seconds < 90 * 60:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.1f} h"
 
 
 def _print_error(console: Console, error: KosmosError, *, verbose: bool = False) -> None:
@@ -522,7 +635,7 @@ def _summary_line(summary: Summary) -> str:
     elapsed = time.monotonic() - summary.started
     parts = [
         f"{summary.documents_done} done",
-        f"{summary.documents_skipped} skipped (outputs exist)",
+        f"{summary.documents_skipped} skipped (done before)",
         f"{summary.documents_failed} failed",
     ]
     pages = f"{summary.pages_done} pages in {elapsed:.1f}s"
@@ -562,8 +675,8 @@ def _configure_logging(console: Console, *, verbose: bool, quiet: bool) -> None:
     from huggingface_hub.utils import logging as hub_logging
     from transformers.utils import logging as hf_logging
 
-    if verbose:
-        hf_logging.set_verbosity_info()
+    if verbose:  # transformers' INFO lists every one of the tokenizer's 8,000 added tokens
+        hf_logging.set_verbosity_warning()
         hub_logging.set_verbosity_info()
     else:  # their retries and load reports say nothing the one-line error will not
         hf_logging.set_verbosity_error()
@@ -573,4 +686,15 @@ def _configure_logging(console: Console, *, verbose: bool, quiet: bool) -> None:
 
 def main() -> None:
     """Entry point of the `kosmos` console script."""
-    app()
+    try:
+        app()
+    except SystemExit as done:
+        if done.code not in (EXIT_INTERRUPTED, EXIT_TERMINATED, EXIT_BROKEN_PIPE):
+            raise
+        # Stopped early, torch's and the tokenizer's native threads may still run, and tearing the
+        # interpreter down under them can abort ("terminate called without an active exception").
+        # Run the exit handlers (temporary files, the reader process), then leave at once.
+        atexit._run_exitfuncs()
+        with contextlib.suppress(OSError, ValueError):
+            sys.stderr.flush()
+        os._exit(int(done.code))

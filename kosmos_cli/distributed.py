@@ -158,6 +158,7 @@ def run_on_ray(
     workers: int | None = None,
     gpus_per_worker: float = DEFAULT_GPUS_PER_WORKER,
     inputs: Sequence[Document] | None = None,
+    quiet: bool = False,
 ) -> Summary:
     """Transcribe `documents` (already planned, see `jobs.plan`) on Ray and write them as `run_job` does.
 
@@ -167,7 +168,8 @@ def run_on_ray(
     `address` is a cluster to join (`HOST:PORT`, `ray://HOST:PORT` or `auto`); without one, Ray joins
     the cluster named by `RAY_ADDRESS` or started on this machine with `ray start`, else starts a
     local instance with every CPU and GPU here. A Ray instance already running in this process is
-    used as it is. Raises UsageError without Ray, ModelLoadError when no actor can load the model.
+    used as it is. `quiet` silences Ray's own messages too. Raises UsageError without Ray,
+    ModelLoadError when no actor can load the model.
     """
     require_ray()
     import ray
@@ -185,7 +187,7 @@ def run_on_ray(
     todo = assembly.admit(todo)
     if not todo:
         return summary
-    started = _connect(address)
+    started = _connect(address, quiet=quiet)
     try:
         plan = plan_workers(
             ray.cluster_resources(), settings, workers=workers, gpus_per_worker=gpus_per_worker
@@ -208,7 +210,7 @@ def run_on_ray(
     return summary
 
 
-def _connect(address: str | None) -> bool:
+def _connect(address: str | None, *, quiet: bool = False) -> bool:
     """Join or start Ray unless this process already has; return whether it was started here."""
     import ray
     import ray.data
@@ -220,9 +222,11 @@ def _connect(address: str | None) -> bool:
     context.enable_progress_bars = False
     if ray.is_initialized():
         return False
+    if quiet:
+        logging.getLogger("ray").setLevel(logging.CRITICAL)
     ray.init(
         address=address,  # None: RAY_ADDRESS, else a cluster started here, else a new local instance
-        logging_level=logging.INFO if verbose else logging.ERROR,
+        logging_level=logging.INFO if verbose else logging.CRITICAL if quiet else logging.ERROR,
         log_to_driver=verbose,
     )
     return True
@@ -338,16 +342,16 @@ def discover_inputs(inputs: Sequence[str], *, from_list: str | None = None) -> D
 def discover_uris(uris: Sequence[str]) -> Discovery:
     """List the documents that object-store URIs name: files, or every file below a prefix, recursively.
 
-    Output names follow `sources.discover`: a file is named by its stem, a file below a prefix by
-    its path below it without the suffix, and clashes are settled the same way. Only the suffix
+    Output names follow `sources.mirror_names`: each file's path below the common prefix of every
+    URI given, suffix kept. Only the suffix
     tells whether a file is worth reading (content sniffing would fetch every object); hidden files
     and folders are skipped.
     """
     from pyarrow import fs
 
-    from kosmos_cli.sources import _SUFFIX_FORMATS, _Found, _unique_names
+    from kosmos_cli.sources import _SUFFIX_FORMATS, Found, mirror_names
 
-    found: list[_Found] = []
+    found: list[Found] = []
     unsupported: list[str] = []
     errors: list[InputError] = []
     seen: set[str] = set()
@@ -383,8 +387,8 @@ def discover_uris(uris: Sequence[str]) -> Discovery:
                 unsupported.append(location)
             elif location not in seen:
                 seen.add(location)
-                found.append(_Found(location, relative, tuple(p for p in base.parts if p != "/")))
-    names = _unique_names(found)
+                found.append(Found(location, PurePosixPath("/", entry.path), PurePosixPath("/", base)))
+    names = mirror_names(found)
     documents = [
         # Messages and outputs name a document without the credentials or query its URI may carry.
         Document(

@@ -48,8 +48,8 @@ class Document:
 
     @property
     def display_name(self) -> str:
-        """The name messages show for this input: its label, else its path."""
-        return self.label or self.path
+        """The name messages and outputs show for this input: its label, else its path, made safe."""
+        return safe_text(self.label or self.path)
 
 
 @dataclass(frozen=True)
@@ -72,7 +72,11 @@ class PageInfo:
 
 @dataclass(frozen=True)
 class Page:
-    """A page ready for the model: its info and its RGB pixels."""
+    """A page ready for the model: its info and its RGB pixels.
+
+    The image is the page at `info.width` x `info.height`, or smaller where the page was far
+    larger than the model reads (`sources.model_image`); boxes are always in the full size.
+    """
 
     info: PageInfo
     image: Image.Image
@@ -118,3 +122,18 @@ class PageResult:
     error: str | None = None
     token_count: int = 0
     extra: dict[str, Any] = field(default_factory=dict, compare=False)
+
+
+def safe_text(text: str) -> str:
+    """Return a path or name as it can be shown and written anywhere as UTF-8 on one line.
+
+    Bytes that are not UTF-8 (kept by Python as surrogates) show as `\\xff`, control characters
+    (a newline in a file name, ESC) as `\\n`, `\\x1b`.
+    """
+    if text.isprintable():
+        return text
+    try:
+        raw = text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    except UnicodeEncodeError:  # a surrogate that stands for no byte
+        raw = text.encode("utf-8", "backslashreplace").decode("utf-8")
+    return "".join(char if char.isprintable() else char.encode("unicode_escape").decode() for char in raw)

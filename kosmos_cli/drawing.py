@@ -15,8 +15,17 @@ LABEL_HEIGHT_SHARE = 0.012  # line-number height as a share of the image's long 
 MIN_LABEL_HEIGHT = 10  # pixels
 
 
-def draw_boxes(image: Image.Image, lines: Sequence[Line], *, numbered: bool = False) -> Image.Image:
-    """Return an RGB copy of the image with each line's polygon outlined, optionally numbered from 1."""
+def draw_boxes(
+    image: Image.Image,
+    lines: Sequence[Line],
+    *,
+    numbered: bool = False,
+    scale: tuple[float, float] = (1.0, 1.0),
+) -> Image.Image:
+    """Return an RGB copy of the image with each line's polygon outlined, optionally numbered from 1.
+
+    `scale` maps the lines' pixels onto the image's, for an image shrunk from the page they are in.
+    """
     canvas = image.convert("RGB")  # always a copy, even when the image is RGB already
     draw = ImageDraw.Draw(canvas)
     long_side = max(canvas.size)
@@ -25,9 +34,10 @@ def draw_boxes(image: Image.Image, lines: Sequence[Line], *, numbered: bool = Fa
     for number, line in enumerate(lines, start=1):
         if line.polygon is None:
             continue
-        draw.polygon(line.polygon, outline=BOX_COLOR, width=stroke)
+        polygon = [(round(x * scale[0]), round(y * scale[1])) for x, y in line.polygon]
+        draw.polygon(polygon, outline=BOX_COLOR, width=stroke)
         if numbered:
-            x0, y0 = line.polygon[0]
+            x0, y0 = polygon[0]
             label = str(number)
             _, top, _, bottom = draw.textbbox((0, 0), label, font=font)
             # Above the box's top-left corner when there is room, else just inside it.

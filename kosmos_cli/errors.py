@@ -13,6 +13,17 @@ class KosmosError(Exception):
         self.message = message
         self.hint = hint
 
+    def __reduce__(self) -> tuple[object, ...]:
+        """Pickle with every attribute (errors cross into and out of the reader process and Ray)."""
+        return (_restore, (type(self), self.message, self.__dict__))
+
+
+def _restore(cls: type[KosmosError], message: str, state: dict[str, object]) -> KosmosError:
+    error = cls.__new__(cls)
+    Exception.__init__(error, message)
+    error.__dict__.update(state)
+    return error
+
 
 class InputError(KosmosError):
     """One input (file or page) cannot be read; the run goes on without it."""

@@ -30,6 +30,7 @@ from urllib.parse import urlsplit
 from urllib.request import url2pathname
 
 from kosmos_cli.errors import KosmosError, UsageError
+from kosmos_cli.sources import RECORD_FOLDER
 
 if TYPE_CHECKING:
     import pyarrow.fs
@@ -39,6 +40,7 @@ ATOMIC_UPLOADS = frozenset({"s3", "gcs"})  # pyarrow file systems whose objects 
 LISTING_THRESHOLD = 16  # ask an object store about more outputs than this with one listing, not one call each
 LOG_ENTRY_DIGITS = 8  # object-store log entries are named 00000000.json, 00000001.json, ...
 
+_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
 _URI = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://")  # a scheme, as in s3://bucket/key or file:///path
 
 
@@ -122,10 +124,31 @@ def _file_uri_path(uri: str) -> str:
     return url2pathname(parts.path)
 
 
+def object_info(uri: str) -> tuple[int, int | None]:
+    """Return an object's size and modification time (ns, None if the store keeps none)."""
+    from pyarrow import ArrowException
+
+    try:
+        filesystem, path = _open_uri(uri)
+        info = filesystem.get_file_info(path)
+    except (ArrowException, ValueError) as error:
+        raise OSError(str(error)) from error
+    mtime = info.mtime_ns if info.mtime is not None else None
+    return int(info.size or 0), mtime
+
+
 class OutputStore(ABC):
     """The output root of a job; every output is named by a `/`-separated path relative to it."""
 
     location: str  # the root as messages show it
+
+    def open_for_run(self) -> None:
+        """Check the root can be written and claim it for this run (a lock where the store has one)."""
+        return
+
+    def close(self) -> None:
+        """Give up the claim `open_for_run` made."""
+        return
 
     @abstractmethod
     def describe(self, relative: str) -> str:
@@ -173,11 +196,52 @@ class OutputStore(ABC):
 
 
 class LocalStore(OutputStore):
-    """An output folder on a local (or mounted) file system."""
+    """An output folder on a local (or mounted) file system.
+
+    Temporary files go to `ROOT/.kosmos/tmp/` and are renamed into place; a run holds an exclusive
+    lock on `ROOT/.kosmos/lock`, so it can remove what a killed run left there.
+    """
 
     def __init__(self, root: Path) -> None:
         self.root = root
         self.location = str(root)
+        self._lock: int | None = None
+
+    def open_for_run(self) -> None:
+        """Refuse a root that is a file or links its record folder away; lock it; clear old temporaries."""
+        records = self.root / RECORD_FOLDER
+        if self.root.exists() and not self.root.is_dir():
+            raise UsageError(
+                f"-o `{self.root}` is a file, not a folder", hint="name a folder (it is created)"
+            )
+        if records.is_symlink() or (records.exists() and not records.is_dir()):
+            raise UsageError(
+                f"`{records}` is not a folder kosmos made", hint="remove it, or choose another -o"
+            )
+        try:
+            (records / "tmp").mkdir(parents=True, exist_ok=True)
+            self._lock = os.open(records / "lock", os.O_RDWR | os.O_CREAT | _NOFOLLOW, NEW_FILE_MODE)
+        except OSError as error:
+            raise UsageError(f"cannot write to -o `{self.root}`: {error.strerror or error}") from None
+        try:
+            import fcntl
+
+            fcntl.flock(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except ImportError:  # Windows: no advisory locks
+            pass
+        except OSError:
+            raise UsageError(
+                f"another kosmos run is writing to -o `{self.root}`",
+                hint="wait for it to finish, or choose another -o",
+            ) from None
+        for leftover in (records / "tmp").iterdir():
+            leftover.unlink(missing_ok=True)
+
+    def close(self) -> None:
+        """Let another run have the folder."""
+        if self._lock is not None:
+            os.close(self._lock)
+            self._lock = None
 
     def describe(self, relative: str) -> str:
         """Return the output's path as the user named the folder."""
@@ -188,8 +252,9 @@ class LocalStore(OutputStore):
         return (self.root / relative).is_file()
 
     def write(self, relative: str, data: bytes) -> None:
-        """Write through a temporary file in the same folder, fsync'd, then renamed over the output."""
-        atomic_write(self.root / relative, data)
+        """Write through a temporary file, fsync'd, then renamed over the output."""
+        temporary = self.root / RECORD_FOLDER / "tmp"
+        atomic_write(self.root / relative, data, temporary_folder=temporary if temporary.is_dir() else None)
 
     def read(self, relative: str) -> bytes | None:
         """Return the file's bytes, or None if it does not exist."""
@@ -218,7 +283,9 @@ class LocalStore(OutputStore):
         path = self.root / relative
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
-            with path.open("a+b") as stream:
+            # Never through a link: a planted one would send the log outside the output folder.
+            descriptor = os.open(path, os.O_RDWR | os.O_CREAT | os.O_APPEND | _NOFOLLOW, NEW_FILE_MODE)
+            with os.fdopen(descriptor, "a+b") as stream:
                 if stream.tell() > 0:  # append mode starts at the end
                     stream.seek(-1, os.SEEK_END)
                     if stream.read(1) != b"\n":
@@ -411,10 +478,13 @@ def _next_entry(names: list[str]) -> int:
     return int(names[-1].partition(".")[0]) + 1 if names else 0
 
 
-def atomic_write(path: Path, data: bytes) -> None:
-    """Write `data` to `path` through a temporary file in the same folder, fsync'd, then renamed over it."""
+def atomic_write(path: Path, data: bytes, *, temporary_folder: Path | None = None) -> None:
+    """Write `data` to `path` through a temporary file, fsync'd, then renamed over it.
+
+    The temporary file sits in `temporary_folder` (on the same file system) or beside `path`.
+    """
     # Cut long names so the temporary name stays within the usual 255-byte limit.
-    temporary = path.with_name(f".{path.name[:200]}.{uuid.uuid4().hex[:12]}.tmp")
+    temporary = (temporary_folder or path.parent) / f".{path.name[:200]}.{uuid.uuid4().hex[:12]}.tmp"
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         # os.open with O_EXCL (not tempfile) so the file gets the usual umask permissions, not 0600.

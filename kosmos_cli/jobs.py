@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import threading
@@ -11,18 +12,28 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO, Protocol
 
-from kosmos_cli.document import Document, Line, Page, PageInfo, PageResult, Status, Task
+from kosmos_cli.document import Document, Line, Page, PageInfo, PageResult, Status, Task, safe_text
 from kosmos_cli.errors import InputError, KosmosError
 from kosmos_cli.files import OutputStore, location_identity, output_store
+from kosmos_cli.manifest import (
+    InputIdentity,
+    Manifest,
+    Record,
+    fingerprint,
+    identify,
+    input_path,
+    progress_name,
+    unchanged,
+)
 from kosmos_cli.pipeline import failed_result, prefetch, transcribe_pages
-from kosmos_cli.runner import Runner
+from kosmos_cli.runner import Runner, Settings, output_settings
+from kosmos_cli.sandbox import DEFAULT_PAGE_TIMEOUT, ReaderStopped, Sandbox
 from kosmos_cli.sources import PageError, PageSelection, count_pages, iter_pages
 from kosmos_cli.writers import Writer, draw_file_name, get_writer, render_drawing
 
 logger = logging.getLogger(__name__)
 
-PROGRESS_SUFFIX = ".kosmos-progress.jsonl"  # per-page results kept beside an unfinished document's outputs
-PROGRESS_VERSION = 1
+PROGRESS_VERSION = 2  # per-page results of unfinished documents, in `manifest.PROGRESS_FOLDER`
 
 
 @dataclass(frozen=True)
@@ -38,7 +49,8 @@ class Job:
     dpi: float | None = None
     password: str | None = None
     overwrite: bool = False
-    fingerprint: str = ""  # model and settings; progress saved under another fingerprint is not reused
+    fingerprint: str = ""  # every setting that changes outputs (`manifest.fingerprint`)
+    page_timeout: float = DEFAULT_PAGE_TIMEOUT  # seconds to open or render one page
 
 
 @dataclass
@@ -65,7 +77,7 @@ class Reporter(Protocol):
     """Where the job reports progress and problems (the CLI draws a bar and prints lines)."""
 
     def add_total(self, pages: int) -> None:
-        """Add pages to the expected total (called from a background thread)."""
+        """Add pages to the expected total."""
 
     def page_done(self, result: PageResult) -> None:
         """Count one finished page."""
@@ -81,33 +93,136 @@ class Reporter(Protocol):
 class _DocumentState:
     document: Document
     progress: str | None  # the progress log's name in the output store; None when printing to stdout
+    identity: InputIdentity | None = None  # the input as it was when its pages were read
     progress_started: bool = False  # the log has its header
     results: dict[int, PageResult] = field(default_factory=dict)
     pending: set[int] = field(default_factory=set)  # page indices handed to the model, not yet back
+    drawings: list[str] = field(default_factory=list)  # --draw pictures written
     listed: bool = False  # every page has been read from the source (or listed, on Ray)
     failed: bool = False
     finished: bool = False  # outputs written (or printed); later results for it are duplicates
 
 
-def plan(documents: Sequence[Document], job: Job) -> tuple[list[Document], list[Document]]:
-    """Split documents into those to do and those whose outputs all exist already (skipped).
+@dataclass(frozen=True)
+class Pages:
+    """A document's page count and the 0-based indices of the pages to read."""
 
-    A document with an output that would overwrite an input is never skipped (that output exists:
-    it is the input); `Assembly.admit` refuses it.
+    count: int
+    selected: tuple[int, ...]
+
+
+def probe(
+    documents: Sequence[Document], job: Job, reporter: Reporter, summary: Summary, *, sandbox: Sandbox
+) -> dict[Document, Pages]:
+    """Open and count every document and apply --pages, before any model loads.
+
+    Returns each readable document's pages; the others are reported, counted as failed and left out.
     """
-    if job.output_dir is None or job.overwrite:
-        return list(documents), []
-    store = output_store(job.output_dir)
-    writers = [make_writer(name, job) for name in job.formats]
-    outputs = {document: [writer.file_name(document) for writer in writers] for document in documents}
-    present = store.existing(name for names in outputs.values() for name in names)
-    guard = _InputGuard(documents, store)
-    todo: list[Document] = []
-    skipped: list[Document] = []
+    found: dict[Document, Pages] = {}
     for document in documents:
-        done = all(name in present for name in outputs[document]) and not guard.clashes(outputs[document])
-        (skipped if done else todo).append(document)
-    return todo, skipped
+        try:
+            count = count_pages(document, password=job.password, sandbox=sandbox)
+            selected = (
+                job.pages.indices(count, source=f"`{document.display_name}`") if job.pages else range(count)
+            )
+        except InputError as error:
+            reporter.error(error)
+            summary.documents_failed += 1
+            continue
+        found[document] = Pages(count, tuple(selected))
+    return found
+
+
+def planned_outputs(document: Document, job: Job, pages: Pages | None) -> list[str]:
+    """Return the names of every output a document gets (its drawings only when its pages are known)."""
+    names = [make_writer(name, job).file_name(document) for name in job.formats]
+    if job.draw and pages is not None:
+        names += [draw_file_name(document, index, pages.count) for index in pages.selected]
+    return names
+
+
+def plan(
+    documents: Sequence[Document],
+    job: Job,
+    reporter: Reporter,
+    summary: Summary,
+    *,
+    pages: dict[Document, Pages] | None = None,
+    inputs: Sequence[Document] | None = None,
+) -> list[Document]:
+    """Return the documents to transcribe: those not already done, as the manifest says.
+
+    A document is skipped (and counted) when every output it would get exists and the manifest
+    recorded it from the same input, unchanged, with this job's fingerprint. A document one of
+    whose outputs exists but was not recorded from its input (another input's output, or a file
+    kosmos did not write) is refused with one error line, unless --overwrite; one that would
+    overwrite any of `inputs` (default: `documents`) is refused even then.
+    """
+    if job.output_dir is None:
+        return list(documents)
+    store = output_store(job.output_dir)
+    manifest = Manifest(store)
+    outputs = {d: planned_outputs(d, job, pages.get(d) if pages else None) for d in documents}
+    present = store.existing(name for names in outputs.values() for name in names)
+    guard = _InputGuard(documents if inputs is None else inputs, store)
+    todo: list[Document] = []
+    for document in documents:
+        names = outputs[document]
+        clash = guard.clashes(names)
+        if clash is not None:
+            reporter.error(guard.error(*clash))
+            summary.documents_failed += 1
+            continue
+        owners = [manifest.owner(name) for name in names]
+        path = input_path(document)
+        foreign = [
+            (name, owner)
+            for name, owner in zip(names, owners, strict=True)
+            if name in present and (owner is None or owner.input.path != path)
+        ]
+        if foreign and not job.overwrite:
+            name, owner = foreign[0]
+            where = store.describe(name)
+            source = (
+                "kosmos did not write it"
+                if owner is None
+                else f"it was written from `{safe_text(owner.input.path)}`"
+            )
+            reporter.error(
+                InputError(
+                    f"`{where}` exists and {source}; `{document.display_name}` is not transcribed",
+                    hint="choose another -o, or pass --overwrite to replace it",
+                )
+            )
+            summary.documents_failed += 1
+            continue
+        done = (
+            not job.overwrite
+            and all(name in present for name in names)
+            and all(
+                owner is not None and owner.fingerprint == job.fingerprint and owner.task == job.task.value
+                for owner in owners
+            )
+            and len({id(owner) for owner in owners}) == 1
+            and owners[0] is not None
+            and unchanged(owners[0].input, document)
+        )
+        if done:
+            summary.documents_skipped += 1
+            store.remove_log(progress_name(document))  # a run killed after writing its outputs
+        else:
+            todo.append(document)
+    return todo
+
+
+def job_fingerprint(job: Job, settings: Settings) -> str:
+    """Return the fingerprint of every setting that changes a job's outputs (`Job.fingerprint`)."""
+    from kosmos_cli import __version__
+
+    pages = [list(pair) for pair in job.pages.ranges] if job.pages else None
+    described = {"kosmos": __version__, "task": job.task.value, "dpi": job.dpi, "pages": pages}
+    described |= {"tiling": True, "formats_numbered": job.numbered, **output_settings(settings)}
+    return fingerprint(described)
 
 
 def make_writer(name: str, job: Job) -> Writer:
@@ -124,53 +239,66 @@ def run_job(
     summary: Summary,
     *,
     inputs: Sequence[Document] | None = None,
+    pages: dict[Document, Pages] | None = None,
+    sandbox: Sandbox | None = None,
 ) -> None:
     """Transcribe every document and write its outputs, reporting as it goes.
 
     `inputs` are every document of the run, skipped ones included (default: `documents`): no
-    output may overwrite one of them.
+    output may overwrite one of them. `pages` are what `probe` found. Documents are opened and
+    rendered in `sandbox` (default: a new one) under `job.page_timeout`.
     """
-    assembly = Assembly(documents, job, reporter, stdout, summary, inputs=inputs)
-    todo = assembly.admit(documents)
-    threading.Thread(target=_count, args=(todo, job, reporter), name="kosmos-count", daemon=True).start()
-    resumed: set[int] = set()
+    with contextlib.ExitStack() as stack:
+        reader = sandbox or stack.enter_context(Sandbox(timeout=job.page_timeout))
+        builder = stack.enter_context(Sandbox(timeout=job.page_timeout))  # starts only if a format needs it
+        assembly = Assembly(documents, job, reporter, stdout, summary, inputs=inputs, sandbox=builder)
+        todo = assembly.admit(documents)
+        if pages is not None:
+            reporter.add_total(sum(len(pages[d].selected) for d in todo if d in pages))
+        else:
+            threading.Thread(
+                target=_count, args=(todo, job, reporter), name="kosmos-count", daemon=True
+            ).start()
+        resumed: set[int] = set()
 
-    def pages() -> Iterator[tuple[Page, Document]]:
-        nonlocal resumed
-        for kind, document, payload in prefetch(_read(todo, job)):
-            if kind == "start":
-                resumed = assembly.start(document)
-            elif kind == "page":
-                assert isinstance(payload, Page)
-                if payload.info.page_index in resumed:
-                    continue
-                assembly.expect(document, [payload.info.page_index])
-                yield payload, document
-            elif kind == "page_error":
-                assert isinstance(payload, PageError)
-                assembly.page_error(document, payload)
-            elif kind == "error":
-                assert isinstance(payload, InputError)
-                assembly.document_error(document, payload)
-            elif kind == "end":
-                assembly.listed(document)
+        def pages_to_do() -> Iterator[tuple[Page, Document]]:
+            nonlocal resumed
+            for kind, document, payload in prefetch(_read(todo, job, reader)):
+                if kind == "start":
+                    resumed = assembly.start(document)
+                elif kind == "page":
+                    assert isinstance(payload, Page)
+                    if payload.info.page_index in resumed:
+                        continue
+                    assembly.expect(document, [payload.info.page_index])
+                    yield payload, document
+                elif kind == "page_error":
+                    assert isinstance(payload, PageError)
+                    assembly.page_error(document, payload)
+                elif kind == "error":
+                    assert isinstance(payload, InputError)
+                    assembly.document_error(document, payload)
+                elif kind == "end":
+                    assembly.listed(document)
 
-    for page, _, result in transcribe_pages(pages(), runner, task=job.task):
-        drawing = None
-        if job.draw and job.output_dir is not None and result.status is not Status.FAILED:
-            drawing = render_drawing(page, result, numbered=job.numbered)
-        assembly.page_done(result, drawing=drawing)
-    assembly.close()
+        for page, _, result in transcribe_pages(pages_to_do(), runner, task=job.task):
+            drawing = None
+            if job.draw and job.output_dir is not None and result.status is not Status.FAILED:
+                drawing = render_drawing(page, result, numbered=job.numbered)
+            assembly.page_done(result, drawing=drawing)
+        assembly.close()
 
 
 class Assembly:
     """Gather page results per document, in any order, and write each document once it has every page.
 
     Shared by `run_job` and the Ray driver (`kosmos_cli.distributed`): it keeps the progress logs
-    that make runs resumable, writes outputs atomically to the output store (a local folder or an
-    object store), prints to stdout in input order, counts the summary and reports to the reporter.
-    A result for a page that already has one is ignored, so a page redone after a lost worker is
-    neither counted nor written twice. No output is written where it would overwrite an input.
+    that make runs resumable and the manifest that records finished documents, writes outputs
+    atomically to the output store (a local folder or an object store), prints to stdout in input
+    order, counts the summary and reports to the reporter. A result for a page that already has one
+    is ignored, so a page redone after a lost worker is neither counted nor written twice. No
+    output is written where it would overwrite an input. Whatever one document causes while it is
+    written (a writer that fails on it, a full disk) fails that document alone.
     """
 
     def __init__(
@@ -182,14 +310,17 @@ class Assembly:
         summary: Summary,
         *,
         inputs: Sequence[Document] | None = None,
+        sandbox: Sandbox | None = None,
     ) -> None:
         self.job = job
         self.reporter = reporter
         self.summary = summary
+        self.sandbox = sandbox  # builds the formats that read the input again (searchable PDF)
         self.writers = [make_writer(name, job) for name in job.formats]
         self.order = _StdoutOrder(documents, job, self.writers, stdout)
         self.states: dict[Document, _DocumentState] = {}
         self.store = output_store(job.output_dir) if job.output_dir is not None else None
+        self.manifest = Manifest(self.store) if self.store is not None else None
         self.guard = _InputGuard(documents if inputs is None else inputs, self.store)
 
     def admit(self, documents: Sequence[Document]) -> list[Document]:
@@ -200,22 +331,28 @@ class Assembly:
         admitted = []
         for document in documents:
             names = [writer.file_name(document) for writer in self.writers]
-            progress = _progress_name(document, self.job)
-            clash = self.guard.clashes(names + ([progress] if progress else []))
+            clash = self.guard.clashes(names)
             if clash is None:
                 admitted.append(document)
             else:
                 self.states[document] = _DocumentState(document, None)
                 self.document_error(document, self.guard.error(*clash))
         if self.store is not None and not self.job.overwrite:
-            self.store.expect_logs([document.name + PROGRESS_SUFFIX for document in admitted])
+            self.store.expect_logs([progress_name(document) for document in admitted])
         return admitted
 
     def start(self, document: Document) -> set[int]:
-        """Begin a document: load the pages an earlier run finished and return their page indices."""
-        state = self.states[document] = _DocumentState(document, _progress_name(document, self.job))
-        if self.store is not None and state.progress is not None:
-            state.results, state.progress_started = _load_progress(self.store, state.progress, self.job)
+        """Begin a document: note what its input is now, load the pages an earlier run finished."""
+        progress = progress_name(document) if self.store is not None else None
+        state = self.states[document] = _DocumentState(document, progress)
+        if self.store is None or progress is None:
+            return set()
+        try:
+            state.identity = identify(document)
+        except OSError as error:
+            self.document_error(document, InputError(f"cannot read `{document.display_name}`: {error}"))
+            return set()
+        state.results, state.progress_started = self._load_progress(state)
         for result in state.results.values():
             self.summary.pages_resumed += 1
             self.reporter.page_done(result)
@@ -242,8 +379,8 @@ class Assembly:
         self.summary.pages_failed += 1
         self._finish_if_complete(state)
 
-    def document_error(self, document: Document, error: InputError) -> None:
-        """Report a document that cannot be read; nothing is written for it."""
+    def document_error(self, document: Document, error: KosmosError) -> None:
+        """Report a document that cannot be read or written; nothing more is written for it."""
         state = self.states[document]
         if state.failed or state.finished:
             return
@@ -259,12 +396,18 @@ class Assembly:
         if state.finished or result.info.page_index in state.results:
             return False
         if drawing is not None and self.store is not None and not state.failed:
-            name = draw_file_name(result.info)
+            info = result.info
+            name = draw_file_name(info.document, info.page_index, info.page_count)
             clash = self.guard.clashes([name])
             if clash is not None:
                 self.document_error(state.document, self.guard.error(*clash))
                 return False
-            self.store.write(name, drawing)
+            try:
+                self.store.write(name, drawing)
+            except KosmosError as error:
+                self.document_error(state.document, error)
+                return False
+            state.drawings.append(name)
         self._record(state, result)
         _count_result(result, self.summary, self.reporter)
         if self.job.output_dir is None and self.job.formats == ("jsonl",):
@@ -283,26 +426,95 @@ class Assembly:
         state.results[result.info.page_index] = result
         if self.store is None or state.progress is None or (state.listed and not state.pending):
             return  # the document is written next: progress would be removed straight away
-        if not state.progress_started:
-            header = {"kosmos_progress": PROGRESS_VERSION, "fingerprint": self.job.fingerprint}
-            self.store.append_log(state.progress, json.dumps(header))
-            state.progress_started = True
-        self.store.append_log(state.progress, json.dumps(_result_to_json(result), ensure_ascii=False))
+        try:
+            if not state.progress_started:
+                self.store.append_log(state.progress, json.dumps(self._progress_header(state)))
+                state.progress_started = True
+            self.store.append_log(state.progress, json.dumps(_result_to_json(result), ensure_ascii=True))
+        except KosmosError as error:
+            self.document_error(state.document, error)
+
+    def _progress_header(self, state: _DocumentState) -> dict[str, Any]:
+        identity = state.identity.to_dict() if state.identity is not None else None
+        return {"kosmos_progress": PROGRESS_VERSION, "fingerprint": self.job.fingerprint, "input": identity}
+
+    def _load_progress(self, state: _DocumentState) -> tuple[dict[int, PageResult], bool]:
+        """Read finished pages back, and whether the log can be added to (its header is this job's).
+
+        A torn line is skipped (that page is redone); a log with a torn header, or from other
+        settings or another input, is discarded with a warning and every page redone.
+        """
+        assert self.store is not None and state.progress is not None
+        if self.job.overwrite:
+            self.store.remove_log(state.progress)
+            return {}, False
+        lines = self.store.read_log(state.progress)
+        if not lines:
+            return {}, False
+        try:
+            header = json.loads(lines[0])
+        except json.JSONDecodeError:
+            header = None
+        if header != self._progress_header(state):
+            self.reporter.warning(
+                f"discarding the saved pages of `{state.document.display_name}`: "
+                "they were made from other settings or another version of the input"
+            )
+            self.store.remove_log(state.progress)
+            return {}, False
+        results: dict[int, PageResult] = {}
+        for line in lines[1:]:
+            try:
+                result = _result_from_json(json.loads(line), state.document)
+            except (json.JSONDecodeError, KeyError, TypeError, ValueError):
+                continue
+            if result.status is not Status.FAILED:
+                results[result.info.page_index] = result
+        return results, True
 
     def _finish_if_complete(self, state: _DocumentState) -> None:
         if not state.listed or state.pending or state.failed or state.finished:
             return
-        state.finished = True
         results = [state.results[i] for i in sorted(state.results)]
-        state.results = {}  # a long run holds only the documents in flight
         if self.store is None:
+            state.finished = True
+            state.results = {}
             self.order.ready(state.document, results)
-        else:
-            for writer in self.writers:
-                self.store.write(writer.file_name(state.document), writer.render(results))
+            self.summary.documents_done += 1
+            return
+        try:
+            rendered = [
+                (writer.file_name(state.document), self._render(writer, results)) for writer in self.writers
+            ]
+            for name, data in rendered:
+                self.store.write(name, data)
+            if self.manifest is not None and state.identity is not None:
+                outputs = tuple(name for name, _ in rendered) + tuple(state.drawings)
+                record = Record(
+                    state.identity, state.document.name, self.job.task.value, self.job.fingerprint, outputs
+                )
+                self.manifest.add(record)
             if state.progress is not None and state.progress_started:
                 self.store.remove_log(state.progress)
+        except KosmosError as error:
+            self.document_error(state.document, error)
+            return
+        state.finished = True
+        state.results = {}  # a long run holds only the documents in flight
         self.summary.documents_done += 1
+
+    def _render(self, writer: Writer, results: list[PageResult]) -> bytes:
+        """Render one format; formats that read the input again do it in the sandbox, time-limited."""
+        if not writer.reads_input or self.sandbox is None:
+            return writer.render(results)
+        try:
+            return self.sandbox.call(writer.render, results, timeout=self.job.page_timeout * len(results))
+        except ReaderStopped as error:
+            document = results[0].info.document
+            raise InputError(
+                f"building the {writer.format} output of `{document.display_name}` {error.message}",
+                hint=error.hint,
+            ) from None
 
 
 class _InputGuard:
@@ -344,12 +556,15 @@ def _count(documents: Sequence[Document], job: Job, reporter: Reporter) -> None:
             continue  # reported when the document is read
 
 
-def _read(documents: Sequence[Document], job: Job) -> Iterator[tuple[str, Document, object]]:
+def _read(
+    documents: Sequence[Document], job: Job, reader: Sandbox | None
+) -> Iterator[tuple[str, Document, object]]:
     """Yield ("start" | "page" | "page_error" | "error" | "end", document, payload) events, in order."""
     for document in documents:
         yield "start", document, None
         try:
-            for page in iter_pages(document, pages=job.pages, dpi=job.dpi, password=job.password):
+            pages = iter_pages(document, pages=job.pages, dpi=job.dpi, password=job.password, sandbox=reader)
+            for page in pages:
                 yield ("page_error" if isinstance(page, PageError) else "page"), document, page
         except InputError as error:
             yield "error", document, error
@@ -378,47 +593,9 @@ def _failed_info(document: Document, error: PageError) -> PageInfo:
     return PageInfo(document, error.page_index, error.page_count, 0, 0)
 
 
-def _progress_name(document: Document, job: Job) -> str | None:
-    """Return the name of a document's progress log in the output store, None when printing to stdout."""
-    if job.output_dir is None:
-        return None
-    return document.name + PROGRESS_SUFFIX
-
-
-def _load_progress(store: OutputStore, name: str, job: Job) -> tuple[dict[int, PageResult], bool]:
-    """Read finished pages back, and whether the log can be added to (its header is this job's).
-
-    A torn line is skipped (that page is redone); a log with a torn header, another fingerprint or
-    under --overwrite is removed and every page redone.
-    """
-    if job.overwrite:
-        store.remove_log(name)
-        return {}, False
-    lines = store.read_log(name)
-    if not lines:
-        return {}, False
-    try:
-        header = json.loads(lines[0])
-    except json.JSONDecodeError:
-        header = None
-    if not isinstance(header, dict) or header.get("fingerprint") != job.fingerprint:
-        store.remove_log(name)
-        return {}, False
-    results: dict[int, PageResult] = {}
-    for line in lines[1:]:
-        try:
-            result = _result_from_json(json.loads(line))
-        except (json.JSONDecodeError, KeyError, TypeError, ValueError):
-            continue
-        if result.status is not Status.FAILED:
-            results[result.info.page_index] = result
-    return results, True
-
-
 def _result_to_json(result: PageResult) -> dict[str, Any]:
     info = result.info
     return {
-        "document": {"path": info.document.path, "name": info.document.name},
         "page_index": info.page_index,
         "page_count": info.page_count,
         "width": info.width,
@@ -436,10 +613,10 @@ def _result_to_json(result: PageResult) -> dict[str, Any]:
     }
 
 
-def _result_from_json(data: dict[str, Any]) -> PageResult:
+def _result_from_json(data: dict[str, Any], document: Document) -> PageResult:
     matrix = data["pixel_to_pdf"]
     info = PageInfo(
-        Document(**data["document"]),
+        document,
         data["page_index"],
         data["page_count"],
         data["width"],

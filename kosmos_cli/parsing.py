@@ -22,6 +22,9 @@ _STRAY_TOKEN = re.compile(r"</?bbox>|<[xy]_\d+>")
 # A special token cut in half at the very end of the output (e.g. `<y_3`).
 _CUT_TOKEN = re.compile(r"<(?:/?b(?:b(?:o(?:x)?)?)?|/|[xy](?:_\d*)?)$")
 _BLANK_RUNS = re.compile(r"\n{2,}")
+# Control characters other than tab and newline: ESC, NUL, BEL from the model must not reach a terminal.
+_CONTROL = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f]")
+_MARKER = re.compile(r"<!--\s*kosmos\s*:", re.IGNORECASE)  # what starts kosmos's page and document markers
 
 
 def parse_ocr(raw: str, *, resized_size: tuple[int, int], original_size: tuple[int, int]) -> list[Line]:
@@ -61,7 +64,7 @@ def parse_ocr(raw: str, *, resized_size: tuple[int, int], original_size: tuple[i
 
 def _append(lines: list[Line], text: str, polygon: tuple[Point, Point, Point, Point] | None) -> None:
     """Add a line unless it has no text; whitespace runs, newlines included, become one space."""
-    words = _STRAY_TOKEN.sub(" ", text).split()
+    words = _CONTROL.sub("", _STRAY_TOKEN.sub(" ", text)).split()
     if words:
         lines.append(Line(" ".join(words), polygon))
 
@@ -69,8 +72,10 @@ def _append(lines: list[Line], text: str, polygon: tuple[Point, Point, Point, Po
 def tidy_markdown(raw: str) -> str:
     """Tidy markdown as the original inference code does: `<br>` to newline, strip, collapse blanks."""
     # microsoft/unilm kosmos-2.5/inference.py, get_markdown_res.md_post_process
-    text = raw.replace("<br>", "\n")
+    text = _CONTROL.sub("", raw.replace("<br>", "\n"))
     text = "\n".join(line.strip() for line in text.split("\n"))
+    # kosmos's own page markers cannot come from the model: `&lt;` shows as `<` all the same.
+    text = _MARKER.sub(lambda match: "&lt;" + match[0][1:], text)
     return _BLANK_RUNS.sub("\n\n", text).strip()
 
 

@@ -71,7 +71,7 @@ def transcribe_pages(
                 yield Request(_Tile(number, whole, 1), page.image, task)
                 continue
             for box in boxes:
-                yield Request(_Tile(number, box, len(boxes)), page.image.crop(box), task)
+                yield Request(_Tile(number, box, len(boxes)), page.image.crop(_scaled(box, page)), task)
 
     for request, outcome in runner.generate(requests()):
         tile_key = request.key
@@ -91,6 +91,13 @@ def transcribe_pages(
                 entry.item,
                 build_result(entry.page.info, task, entry.tiles, runner.max_new_tokens),
             )
+
+
+def _scaled(box: BBox, page: Page) -> BBox:
+    """Map a box in the page's full-size pixels onto its image, which may have been shrunk."""
+    scale_x, scale_y = page.image.width / page.info.width, page.image.height / page.info.height
+    x0, y0, x1, y1 = box
+    return (round(x0 * scale_x), round(y0 * scale_y), round(x1 * scale_x), round(y1 * scale_y))
 
 
 def build_result(

@@ -6,6 +6,7 @@ import functools
 import logging
 import math
 import os
+import pickle
 import warnings
 from collections import deque
 from collections.abc import Iterable, Iterator, Sequence
@@ -41,6 +42,39 @@ ENCODE_WORKERS = 4  # processor threads on GPU machines (one on CPU, where cores
 REFILL_SHARE = 8  # a batch of B refills once B / REFILL_SHARE rows are free (every row on CPU)
 CPU_DECODE_ATTENTION = "kosmos_cpu_decode"  # registered with transformers' AttentionInterface
 LOAD_HINT = "download it once with `kosmos download` (needs network), or pass a local folder with --model"
+
+
+def output_settings(settings: Settings) -> dict[str, Any]:
+    """Return every model setting that changes outputs, resolved as `load_runner` resolves it.
+
+    The model is named by what is in it: a hub model by the cached snapshot's commit, a folder by
+    its files' names, sizes and modification times, so new weights in the same folder count as a
+    change. Resolving the device and dtype imports torch but loads nothing.
+    """
+    device = resolve_device(settings.device)
+    dtype = resolve_dtype(settings.dtype, device, quantize=settings.quantize)
+    return {
+        "model": model_identity(settings.model, settings.revision),
+        "dtype": str(dtype).removeprefix("torch."),
+        "attn": resolve_attn(settings.attn, device, dtype),
+        "quantize": settings.quantize,
+        "max_new_tokens": settings.max_new_tokens,
+        "compile": settings.compile,
+        "detect_loops": settings.detect_loops,
+    }
+
+
+def model_identity(model: str, revision: str | None) -> str:
+    """Name a checkpoint by its contents where they can be seen without loading it."""
+    import hashlib
+
+    folder = Path(model)
+    if folder.is_dir():
+        files = sorted(path for path in folder.iterdir() if path.is_file())
+        listing = [(path.name, path.stat().st_size, path.stat().st_mtime_ns) for path in files]
+        return "folder:" + hashlib.sha256(repr(listing).encode()).hexdigest()[:32]
+    cached = cached_model_path(model, revision=revision)
+    return f"{model}@{cached.name if cached is not None else revision or 'main'}"
 
 
 def default_model() -> str:
@@ -791,6 +825,8 @@ def load_runner(settings: Settings) -> KosmosRunner:
     dtype = resolve_dtype(settings.dtype, device, quantize=settings.quantize)
     attn = resolve_attn(settings.attn, device, dtype)
     check_speed_settings(settings, device, dtype)
+    from safetensors import SafetensorError
+
     source = settings.model
     if Path(source).exists() and not Path(source, "config.json").is_file():
         raise ModelLoadError(
@@ -810,7 +846,8 @@ def load_runner(settings: Settings) -> KosmosRunner:
             processor, model = _load_parts(settings, dtype, attn, local_only=False)  # a partial cache
     except ModelLoadError:
         raise
-    except (OSError, ValueError) as error:
+    except (OSError, ValueError, RuntimeError, EOFError, pickle.UnpicklingError, SafetensorError) as error:
+        # A damaged folder raises whatever its reader raises: a truncated safetensors file, a bad pickle.
         raise _load_error(source, error) from error
     model.to(device).eval()
     logger.info("loaded %s on %s as %s with %s attention", source, device, dtype, attn)
@@ -1103,9 +1140,28 @@ def _load_error(source: str, error: Exception) -> ModelLoadError:
             return ModelLoadError(f"revision not found for model `{source}`", hint="check --revision")
         cause = cause.__cause__ or cause.__context__
     if Path(source).exists():
+        damaged = _damaged_weights(Path(source))
+        if damaged is not None:
+            return ModelLoadError(
+                f"`{damaged}` is damaged: {_describe(error)}",
+                hint="download the checkpoint again (`kosmos download --to DIR`)",
+            )
         return ModelLoadError(f"`{source}` is not a usable Kosmos-2.5 checkpoint: {_describe(error)}")
     where = "offline mode is on (HF_HUB_OFFLINE)" if hub_offline() else "the hub could not be reached"
     return ModelLoadError(f"model `{source}` is not in the Hugging Face cache and {where}", hint=LOAD_HINT)
+
+
+def _damaged_weights(folder: Path) -> Path | None:
+    """Return the first weights file in a checkpoint folder that does not open, if any."""
+    from safetensors import SafetensorError, safe_open
+
+    for path in sorted(folder.glob("*.safetensors")):
+        try:
+            with safe_open(path, framework="pt") as weights:
+                weights.keys()
+        except (SafetensorError, OSError):
+            return path
+    return next(iter(sorted(folder.glob("*.bin"))), None)
 
 
 def _describe(error: BaseException) -> str:

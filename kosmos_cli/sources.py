@@ -22,24 +22,26 @@ import glob
 import logging
 import math
 import os
+import posixpath
 import re
-import shutil
+import select
 import stat
 import struct
 import sys
 import tempfile
 import threading
 import zlib
-from collections import Counter, defaultdict
-from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
-from pathlib import Path, PurePath, PurePosixPath
-from typing import TYPE_CHECKING, BinaryIO, Protocol
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import PurePath, PurePosixPath
+from typing import TYPE_CHECKING, Protocol, TypeVar
 
 from PIL import Image, ImageOps
 
-from kosmos_cli.document import Document, Matrix, Page, PageInfo
+from kosmos_cli.document import Document, Matrix, Page, PageInfo, safe_text
 from kosmos_cli.errors import InputError, UsageError
+from kosmos_cli.sandbox import ReaderStopped, Sandbox
+from kosmos_cli.tiling import plan_tiles
 
 if TYPE_CHECKING:
     import pymupdf
@@ -48,13 +50,20 @@ logger = logging.getLogger(__name__)
 
 MODEL_PIXELS = 4096 * 16 * 16  # pixels the Kosmos-2.5 processor keeps: 4096 patches of 16x16 (1,048,576)
 MAX_PAGE_PIXELS = 2 * 89_478_485  # largest page read, in pixels: PIL's decompression-bomb error limit
+WORK_PIXELS_PER_TILE = 4 * MODEL_PIXELS  # larger pages are shrunk before the model's processor sees them
 SUPPORTED_FORMATS = "PDF, PNG, JPEG, WebP, TIFF, BMP, GIF, XPS, EPUB, CBZ"
 STDIN_NAME = "stdin"  # output stem of a document read from stdin
 STDIN_LABEL = "<stdin>"  # what messages call it
+SPOOL_PREFIX = "kosmos-input-"  # temporary copies of stdin and pipes: kosmos-input-PID-XXXX
+MAX_SPOOL_BYTES = 4 << 30  # largest stdin or pipe read (4 GiB)
+FIFO_WAIT_SECONDS = 10.0  # how long a named pipe may stay silent before it is reported
+RECORD_FOLDER = ".kosmos"  # in an output folder: the manifest, progress and temporary files of runs
+DRAWING_SUFFIX = ".boxes.png"  # --draw pictures: NAME.boxes.png, NAME-p001.boxes.png
 
 PYMUPDF_LOCK = threading.RLock()  # PyMuPDF must not run in two threads at once
 _PIL_INIT_LOCK = threading.Lock()  # PIL registers its plugins lazily, and not thread-safely
 
+T = TypeVar("T")
 _HEADER_BYTES = 1024  # a PDF header may follow up to 1 KiB of junk
 _TAIL_BYTES = 1024  # where a complete PDF's %%EOF marker sits
 _WHITE = (255, 255, 255)
@@ -184,24 +193,26 @@ class Discovery:
     documents: list[Document]
     unsupported: list[str]  # files met in folders that are not images or PDFs; skipped, not errors
     errors: list[InputError]  # inputs that do not exist, folders that cannot be listed, ...
+    empty: list[str] = field(default_factory=list)  # folders, globs or lists that named no document
 
 
-def discover(inputs: Sequence[str], *, from_list: str | None = None) -> Discovery:
+def discover(
+    inputs: Sequence[str], *, from_list: str | None = None, exclude: Sequence[str] = ()
+) -> Discovery:
     """Expand files, folders, quoted globs, `-` (stdin) and a --from-list file into documents.
 
-    Folders are walked recursively in sorted order, skipping hidden files and folders; files in
-    them that are neither named nor sniffed as a supported format are listed as unsupported. A file
-    reached twice is read once. `from_list` names a file of paths, one a line (`-`: stdin); blank
-    lines and lines starting with `#` are ignored, and relative paths are taken from the current
-    folder. Stdin and other pipes are spooled to a temporary file removed at exit.
+    Folders are walked recursively in sorted order, skipping hidden files and folders, kosmos's
+    own outputs (the folders in `exclude`, any folder holding a `.kosmos` run record, and
+    `*.boxes.png` drawings), FIFOs, devices and links that loop; files in them that are neither
+    named nor sniffed as a supported format are listed as unsupported. A file reached twice is read
+    once. `from_list` names a file of paths, one a line (`-`: stdin); blank lines and lines
+    starting with `#` are ignored, and relative paths are taken from the current folder. Stdin and
+    other pipes are spooled to a temporary file removed at exit.
 
-    Output names: a file argument is named by its stem (`x/y.png` -> `y`), a file found in a folder
-    by its path below that folder without the suffix (`in/` holding `a/b.pdf` -> `a/b`), stdin
-    `stdin`. Names that clash (ignoring case, for case-insensitive file systems) keep their suffix
-    (`a.png`, `a.pdf`); if they still clash they gain parent folders one at a time (`x/a.pdf`,
-    `y/a.pdf`); failing even that, a number (`a.pdf-2`).
+    Output names are given by `mirror_names`: each document's path below the common root of all
+    inputs, suffix kept.
     """
-    finder = _Finder()
+    finder = _Finder(exclude)
     for argument in inputs:
         finder.add(argument, stdin_allowed=True)
     if from_list is not None:
@@ -209,43 +220,71 @@ def discover(inputs: Sequence[str], *, from_list: str | None = None) -> Discover
             raise UsageError("stdin cannot carry both a document (`-`) and --from-list -")
         for entry in _read_list(from_list):
             finder.add(entry, stdin_allowed=False)
-    names = _unique_names(finder.found)
+    names = mirror_names(finder.found)
     documents = [
         Document(item.path, name, item.label) for item, name in zip(finder.found, names, strict=True)
     ]
-    return Discovery(documents, finder.unsupported, finder.errors)
+    if not documents and not finder.errors and not finder.empty:
+        finder.empty.extend(inputs if from_list is None else [f"--from-list {from_list}"])
+    return Discovery(documents, finder.unsupported, finder.errors, finder.empty)
 
 
 @dataclass(frozen=True)
-class _Found:
+class Found:
     """A document found by discovery, before its output name is settled."""
 
-    path: str
-    relative: PurePosixPath  # below the folder it was found in (or just its file name), suffix kept
-    parents: tuple[str, ...]  # the folders above that, outermost first
-    label: str | None = None
+    path: str  # what is opened: a path, a spooled copy, or a URI
+    location: PurePosixPath  # where it is, absolute (a URI's path below its scheme), for naming
+    root: PurePosixPath | None  # the input it was found through: a folder, else the file's folder
+    label: str | None = None  # what messages call it when `path` is not that
+    fixed_name: str | None = None  # the output name of stdin and pipes, which have no place
 
-    @property
-    def top_level(self) -> int:
-        """The most specific naming level `name` accepts."""
-        return 1 + len(self.parents)
 
-    def name(self, level: int) -> str:
-        """Return the output name at a level: 0 stem, 1 with suffix, 2+ with that many folders - 1."""
-        if level == 0:
-            return self.relative.with_suffix("").as_posix()
-        return PurePosixPath(*self.parents[len(self.parents) - level + 1 :], self.relative).as_posix()
+def mirror_names(found: Sequence[Found]) -> list[str]:
+    """Name each document's outputs by its path below the common root of every input, suffix kept.
+
+    `kosmos md in/` names `in/a/b.pdf` `a/b.pdf` (outputs `a/b.pdf.md`, ...); `kosmos md x/y.png`
+    names it `y.png`; `kosmos md s/2024/a.pdf s/2025/a.pdf` names them `2024/a.pdf` and
+    `2025/a.pdf`. The name depends only on the document's path and the run's input roots, never on
+    which other files are in the run. Stdin is `stdin`; a pipe is named by its file name.
+    """
+    roots = [str(item.root) for item in found if item.fixed_name is None and item.root is not None]
+    common = PurePosixPath(posixpath.commonpath(roots)) if roots else PurePosixPath("/")
+    names = []
+    for item in found:
+        if item.fixed_name is not None:
+            names.append(item.fixed_name)
+        else:
+            names.append(item.location.relative_to(common).as_posix())
+    return names
+
+
+def name_clashes(documents: Sequence[Document]) -> UsageError | None:
+    """Return the usage error for two documents whose outputs would share a name (ignoring case)."""
+    seen: dict[str, Document] = {}
+    for document in documents:
+        key = document.name.casefold()
+        other = seen.setdefault(key, document)
+        if other is not document:
+            return UsageError(
+                f"`{other.display_name}` and `{document.display_name}` would both be written as "
+                f"`{document.name}`",
+                hint="output names ignore case; transcribe them in separate runs with different -o",
+            )
+    return None
 
 
 class _Finder:
     """Collect documents, unsupported files and errors from arguments, in order."""
 
-    def __init__(self) -> None:
-        self.found: list[_Found] = []
+    def __init__(self, exclude: Sequence[str]) -> None:
+        self.found: list[Found] = []
         self.unsupported: list[str] = []
         self.errors: list[InputError] = []
+        self.empty: list[str] = []  # inputs that named nothing to read
         self.stdin_used = False
         self._seen: set[str] = set()
+        self._exclude = {os.path.realpath(path) for path in exclude}
 
     def add(self, argument: str, *, stdin_allowed: bool) -> None:
         """Add what one argument names: stdin, a folder, a file, a pipe, or a quoted glob pattern."""
@@ -256,11 +295,11 @@ class _Finder:
         elif os.path.exists(argument):
             self._add_file(argument)
         elif os.path.lexists(argument):
-            self.errors.append(InputError(f"`{argument}` is a broken symbolic link"))
+            self.errors.append(InputError(f"`{safe_text(argument)}` is a broken symbolic link"))
         elif any(char in argument for char in "*?["):
             self._add_glob(argument)
         else:
-            self.errors.append(InputError(f"`{argument}` does not exist"))
+            self.errors.append(InputError(f"`{safe_text(argument)}` does not exist"))
 
     def _add_stdin(self) -> None:
         if self.stdin_used:
@@ -271,13 +310,13 @@ class _Finder:
                 hint="pipe a file in, e.g. `kosmos md - < scan.pdf`",
             )
         self.stdin_used = True
-        path = _spool(sys.stdin.buffer)
-        self.found.append(_Found(path, PurePosixPath(STDIN_NAME), (), STDIN_LABEL))
+        path = _spool(sys.stdin.buffer, STDIN_LABEL)
+        self.found.append(Found(path, PurePosixPath("/"), None, STDIN_LABEL, STDIN_NAME))
 
     def _add_glob(self, pattern: str) -> None:
         matches = sorted(glob.glob(pattern, recursive=True))
         if not matches:
-            self.errors.append(InputError(f"no files match `{pattern}`"))
+            self.errors.append(InputError(f"no files match `{safe_text(pattern)}`"))
         for match in matches:
             if os.path.isdir(match):
                 self._walk(match)
@@ -285,60 +324,75 @@ class _Finder:
                 self._add_file(match)
 
     def _add_file(self, path: str) -> None:
-        location = Path(os.path.abspath(path))
+        location = PurePosixPath(os.path.abspath(path))
+        label = f"`{safe_text(path)}`"
         try:
-            regular = stat.S_ISREG(os.stat(path).st_mode)
+            mode = os.stat(path).st_mode
         except OSError as error:
-            self.errors.append(_file_error(f"`{path}`", error))
+            self.errors.append(_file_error(label, error))
             return
-        if regular:
-            self._keep(path, PurePosixPath(location.name), location.parent.parts[1:])
+        if stat.S_ISREG(mode):
+            self._keep(path, location, location.parent)
+            return
+        if not stat.S_ISFIFO(mode):
+            self.errors.append(InputError(f"{label} is a device, not a file"))
             return
         # A pipe such as `<(curl ...)` can be read once, but pages are read more than once.
         try:
-            with open(path, "rb") as stream:
-                spooled = _spool(stream)
-        except OSError as error:
-            self.errors.append(_file_error(f"`{path}`", error))
+            spooled = _spool_fifo(path, label)
+        except InputError as error:
+            self.errors.append(error)
             return
-        self.found.append(_Found(spooled, PurePosixPath(location.name), location.parent.parts[1:], path))
+        self.found.append(Found(spooled, location, None, path, location.name))
 
-    def _keep(self, path: str, relative: PurePosixPath, parents: tuple[str, ...]) -> None:
+    def _keep(self, path: str, location: PurePosixPath, root: PurePosixPath) -> None:
         real = os.path.normcase(os.path.realpath(path))
         if real in self._seen:
-            logger.debug("`%s` was already found; reading it once", path)
+            logger.debug("`%s` was already found; reading it once", safe_text(path))
             return
         self._seen.add(real)
-        self.found.append(_Found(path, relative, parents))
+        self.found.append(Found(path, location, root))
 
     def _walk(self, root: str) -> None:
-        parents = Path(os.path.abspath(root)).parts[1:]
-        visited = {os.path.realpath(root)}
-        self._visit(root, PurePosixPath(), parents, visited)
+        real = os.path.realpath(root)
+        before = len(self.found)
+        if real in self._exclude or _is_output_folder(root):
+            logger.debug("skipping `%s`: it holds kosmos outputs", safe_text(root))
+        else:
+            self._visit(root, PurePosixPath(os.path.abspath(root)), {real})
+        if len(self.found) == before:
+            self.empty.append(root)
 
-    def _visit(
-        self, folder: str, relative: PurePosixPath, parents: tuple[str, ...], visited: set[str]
-    ) -> None:
+    def _visit(self, folder: str, root: PurePosixPath, visited: set[str]) -> None:
         try:
             with os.scandir(folder) as scan:
                 entries = sorted(scan, key=lambda entry: entry.name)
         except OSError as error:
-            self.errors.append(_file_error(f"folder `{folder}`", error))
+            self.errors.append(_file_error(f"folder `{safe_text(folder)}`", error))
             return
         for entry in entries:
             if entry.name.startswith("."):
                 continue
-            if entry.is_dir():
+            try:
+                mode = os.stat(entry.path).st_mode  # follows links; a loop raises ELOOP
+            except OSError as error:
+                logger.debug("skipping `%s`: %s", safe_text(entry.path), error.strerror or error)
+                continue
+            if stat.S_ISDIR(mode):
                 real = os.path.realpath(entry.path)
-                if real in visited:
-                    logger.debug("skipping `%s`: a link back to a folder already walked", entry.path)
+                if real in visited or real in self._exclude or _is_output_folder(entry.path):
+                    logger.debug("skipping `%s`: walked already or kosmos outputs", safe_text(entry.path))
                     continue
                 visited.add(real)
-                self._visit(entry.path, relative / entry.name, parents, visited)
-            elif entry.is_file() and _looks_supported(entry.path):
-                self._keep(entry.path, relative / entry.name, parents)
+                self._visit(entry.path, root, visited)
+            elif not stat.S_ISREG(mode):
+                logger.debug("skipping `%s`: not a regular file", safe_text(entry.path))
+            elif entry.name.endswith(DRAWING_SUFFIX):
+                logger.debug("skipping `%s`: a kosmos drawing", safe_text(entry.path))
+            elif _looks_supported(entry.path):
+                self._keep(entry.path, PurePosixPath(os.path.abspath(entry.path)), root)
             else:
-                self.unsupported.append(entry.path)
+                self.unsupported.append(safe_text(entry.path))
 
 
 def _looks_supported(path: str) -> bool:
@@ -367,13 +421,75 @@ def _read_list(from_list: str) -> list[str]:
     return [line for line in lines if line and not line.startswith("#")]
 
 
-def _spool(stream: BinaryIO) -> str:
-    """Copy a stream to a temporary file, removed when the process exits, and return its path."""
-    descriptor, path = tempfile.mkstemp(prefix="kosmos-input-")
+class _Readable(Protocol):
+    def read(self, size: int, /) -> bytes: ...
+
+
+def _spool(stream: _Readable, label: str) -> str:
+    """Copy a stream to a temporary file, removed when the process exits, and return its path.
+
+    The file's name carries this process's id, so a later run removes what a killed one left
+    (`remove_stale_spools`). More than MAX_SPOOL_BYTES is refused: no page needs that much.
+    """
+    descriptor, path = tempfile.mkstemp(prefix=f"{SPOOL_PREFIX}{os.getpid()}-")
     atexit.register(_remove, path)
     with os.fdopen(descriptor, "wb") as spooled:
-        shutil.copyfileobj(stream, spooled)
+        copied = 0
+        while chunk := stream.read(1 << 20):
+            copied += len(chunk)
+            if copied > MAX_SPOOL_BYTES:
+                spooled.close()
+                _remove(path)
+                raise InputError(f"{label} holds more than {MAX_SPOOL_BYTES:,} bytes, too much to read")
+            spooled.write(chunk)
     return path
+
+
+def _spool_fifo(path: str, label: str) -> str:
+    """Spool a named pipe, failing at once (not hanging) when nothing writes to it."""
+    try:
+        descriptor = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    except OSError as error:
+        raise _file_error(label, error) from None
+    with os.fdopen(descriptor, "rb", buffering=0) as stream:
+        ready, _, _ = select.select([descriptor], [], [], FIFO_WAIT_SECONDS)
+        first = stream.read(1 << 16) if ready else None
+        if not first:  # None: a writer that sends nothing; b"": no writer at all
+            raise InputError(f"{label} is a pipe with nothing written to it")
+        os.set_blocking(descriptor, True)
+        return _spool(_Prefixed(first, stream), label)
+
+
+class _Prefixed:
+    """A stream that yields some bytes already read before the rest of another stream."""
+
+    def __init__(self, head: bytes, rest: _Readable) -> None:
+        self.head = head
+        self.rest = rest
+
+    def read(self, size: int) -> bytes:
+        if self.head:
+            chunk, self.head = self.head, b""
+            return chunk
+        return self.rest.read(size)
+
+
+def remove_stale_spools() -> None:
+    """Remove spooled stdin copies left in the temporary folder by runs that were killed."""
+    for path in glob.glob(os.path.join(tempfile.gettempdir(), f"{SPOOL_PREFIX}*")):
+        pid = PurePath(path).name[len(SPOOL_PREFIX) :].partition("-")[0]
+        if pid.isdigit() and not _alive(int(pid)):
+            _remove(path)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def _remove(path: str) -> None:
@@ -381,45 +497,22 @@ def _remove(path: str) -> None:
         os.remove(path)
 
 
-def _unique_names(found: list[_Found]) -> list[str]:
-    """Settle output names: raise the naming level of clashing documents until no two names clash."""
-    levels = [0] * len(found)
-    while True:
-        names = [item.name(level) for item, level in zip(found, levels, strict=True)]
-        groups: defaultdict[str, list[int]] = defaultdict(list)
-        for index, name in enumerate(names):
-            groups[name.casefold()].append(index)
-        raised = False
-        for group in groups.values():
-            if len(group) == 1:
-                continue
-            # Documents whose full paths differ only in case cannot be told apart by more folders.
-            fullest = Counter(found[index].name(found[index].top_level).casefold() for index in group)
-            for index in group:
-                item = found[index]
-                if levels[index] < item.top_level and fullest[item.name(item.top_level).casefold()] == 1:
-                    levels[index] += 1
-                    raised = True
-        if not raised:
-            break
-    taken: set[str] = set()
-    unique = []
-    for name in names:  # clashes left differ only in case: number them
-        candidate, number = name, 2
-        while candidate.casefold() in taken:
-            candidate, number = f"{name}-{number}", number + 1
-        taken.add(candidate.casefold())
-        unique.append(candidate)
-    return unique
+def _is_output_folder(folder: str) -> bool:
+    """Whether a folder holds kosmos outputs: it has the run record kosmos keeps in `.kosmos/`."""
+    return os.path.lexists(os.path.join(folder, RECORD_FOLDER))
 
 
 # --- reading pages ----------------------------------------------------------------------------------
 
 
-def count_pages(document: Document, *, password: str | None = None) -> int:
-    """Return how many pages a document has, without rendering any."""
-    with _open(document, password=password) as source:
-        return source.page_count
+def count_pages(document: Document, *, password: str | None = None, sandbox: Sandbox | None = None) -> int:
+    """Return how many pages a document has, without rendering any (in `sandbox` if given)."""
+    try:
+        return _run(sandbox, probe_document, document, password)
+    except ReaderStopped as error:
+        raise InputError(f"`{document.display_name}` {error.message}", hint=error.hint) from None
+    finally:
+        _release(sandbox)
 
 
 def iter_pages(
@@ -428,41 +521,60 @@ def iter_pages(
     pages: PageSelection | None = None,
     dpi: float | None = None,
     password: str | None = None,
+    sandbox: Sandbox | None = None,
 ) -> Iterator[Page | PageError]:
     """Stream a document's pages as RGB images, one at a time, with a `PageError` for a page that fails.
 
     PDF and other PyMuPDF pages render at `dpi`, by default at the DPI (rounded up to 0.01) that gives
     the model its full 4096 patches of 16x16 (1,048,576 pixels), so its resize never upscales.
-    Images keep their own pixels; `dpi` does not apply to them. Raises `InputError` when the
-    document cannot be read at all, when `pages` asks for pages it lacks, and when its only page
-    fails.
+    Images keep their own pixels; `dpi` does not apply to them. A page far larger than the model
+    reads is handed over shrunk (`model_image`), its `PageInfo` keeping the full size. With a
+    `sandbox`, opening and rendering run in its process under its time limit. Raises
+    `InputError` when the document cannot be read at all, when `pages` asks for pages it lacks,
+    and when its only page fails.
     """
     _check_dpi(dpi)
-    with _open(document, password=password) as source:
-        count = source.page_count
-        selected = pages.indices(count, source=f"`{document.display_name}`") if pages else range(count)
+    label = f"`{document.display_name}`"
+    try:
+        count = _run(sandbox, probe_document, document, password)
+    except ReaderStopped as error:
+        raise InputError(f"{label} {error.message}", hint=error.hint) from None
+    try:
+        selected = pages.indices(count, source=label) if pages else range(count)
         for page_index in selected:
+            rendered: _Rendered | PageError
             try:
-                rendered = source.render(page_index, dpi=dpi)
+                rendered = _run(sandbox, render_page, document, page_index, dpi, password)
+            except ReaderStopped as error:
+                where = _where(label, page_index, count)
+                rendered = PageError(
+                    f"{where} {error.message}", document=document, page_index=page_index,
+                    page_count=count, hint=error.hint,
+                )  # fmt: skip
             except PageError as error:
+                rendered = error
+            if isinstance(rendered, PageError):
                 if count == 1:
-                    raise
-                yield error
+                    raise rendered
+                yield rendered
                 continue
+            width, height = rendered.size
             info = PageInfo(
                 document=document,
                 page_index=page_index,
                 page_count=count,
-                width=rendered.image.width,
-                height=rendered.image.height,
+                width=width,
+                height=height,
                 dpi=rendered.dpi,
                 pixel_to_pdf=rendered.pixel_to_pdf,
             )
             yield Page(info, rendered.image)
+    finally:
+        _release(sandbox)
 
 
 def load_page_image(info: PageInfo, *, password: str | None = None) -> Image.Image:
-    """Read a page again and return the same RGB pixels `iter_pages` gave for it."""
+    """Read a page again and return the same RGB pixels `iter_pages` read for it, at full size."""
     with _open(info.document, password=password) as source:
         if info.page_index >= source.page_count:
             raise InputError(f"`{info.document.display_name}` changed since it was read: it has fewer pages")
@@ -478,6 +590,70 @@ def load_image(path: str | os.PathLike[str], *, password: str | None = None) -> 
         return source.render(0, dpi=None).image
 
 
+def model_image(image: Image.Image) -> Image.Image:
+    """Shrink an image far larger than the model reads to WORK_PIXELS_PER_TILE per tile it is read in.
+
+    The processor squeezes every tile into MODEL_PIXELS; handing it a 170-megapixel image costs
+    gigabytes of float copies for nothing. Tiles are planned on the full size, so the shrunk image
+    keeps enough pixels for each.
+    """
+    width, height = image.size
+    budget = WORK_PIXELS_PER_TILE * len(plan_tiles(width, height))
+    if width * height <= budget:
+        return image
+    scale = math.sqrt(budget / (width * height))
+    size = (max(1, round(width * scale)), max(1, round(height * scale)))
+    return image.resize(size, Image.Resampling.BILINEAR, reducing_gap=3.0)
+
+
+# --- what runs in the reader process (or here, without a sandbox) ----------------------------------
+
+_opened: tuple[tuple[str, str | None], contextlib.ExitStack, _Source] | None = None  # the open document
+
+
+def probe_document(document: Document, password: str | None) -> int:
+    """Open a document (kept open for the pages that follow) and return its page count."""
+    return _source(document, password).page_count
+
+
+def render_page(document: Document, page_index: int, dpi: float | None, password: str | None) -> _Rendered:
+    """Render one page of the open document, shrunk for the model; `size` keeps its full size."""
+    rendered = _source(document, password).render(page_index, dpi=dpi)
+    image = model_image(rendered.image)
+    return _Rendered(image, rendered.dpi, rendered.pixel_to_pdf, rendered.image.size)
+
+
+def close_document() -> None:
+    """Close the document `probe_document` opened, if any."""
+    global _opened
+    if _opened is not None:
+        stack, _opened = _opened[1], None
+        stack.close()
+
+
+def _source(document: Document, password: str | None) -> _Source:
+    global _opened
+    key = (document.path, password)
+    if _opened is not None and _opened[0] == key:
+        return _opened[2]
+    close_document()
+    stack = contextlib.ExitStack()
+    source = stack.enter_context(_open(document, password=password))
+    _opened = (key, stack, source)
+    return source
+
+
+def _run(sandbox: Sandbox | None, function: Callable[..., T], *args: object) -> T:
+    return function(*args) if sandbox is None else sandbox.call(function, *args)
+
+
+def _release(sandbox: Sandbox | None) -> None:
+    if sandbox is None:
+        close_document()
+    else:
+        sandbox.release(close_document)
+
+
 def _check_dpi(dpi: float | None) -> None:
     if dpi is not None and not (math.isfinite(dpi) and dpi > 0):
         raise UsageError(f"--dpi must be a positive number, not {dpi:g}")
@@ -488,6 +664,7 @@ class _Rendered:
     image: Image.Image
     dpi: float | None = None
     pixel_to_pdf: Matrix | None = None
+    size: tuple[int, int] = (0, 0)  # the page's full size, when `image` was shrunk for the model
 
 
 class _Source(Protocol):

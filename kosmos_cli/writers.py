@@ -40,11 +40,11 @@ from pathlib import PurePath
 from typing import TYPE_CHECKING, Any, ClassVar
 from xml.sax.saxutils import escape, quoteattr
 
-from kosmos_cli.document import Document, Line, Matrix, Page, PageInfo, PageResult, Status, Task
+from kosmos_cli.document import Document, Line, Matrix, Page, PageInfo, PageResult, Status, Task, safe_text
 from kosmos_cli.drawing import draw_boxes
 from kosmos_cli.errors import InputError, KosmosError, UsageError
 from kosmos_cli.parsing import format_ocr_lines, pixel_bbox_to_pdf
-from kosmos_cli.sources import PYMUPDF_LOCK, load_page_image
+from kosmos_cli.sources import DRAWING_SUFFIX, PYMUPDF_LOCK, load_page_image
 
 if TYPE_CHECKING:
     import pymupdf
@@ -70,6 +70,7 @@ class Writer(ABC):
     format: ClassVar[str]  # name on the command line, e.g. "md"
     extension: ClassVar[str]  # file name suffix, e.g. ".md"
     tasks: ClassVar[frozenset[Task]]  # tasks whose results this format can hold
+    reads_input: ClassVar[bool] = False  # opens the input again (run where a hostile file can be stopped)
 
     def __init__(self, *, password: str | None = None) -> None:
         self.password = password  # opens encrypted PDF inputs for formats that reread them
@@ -324,7 +325,7 @@ class HocrWriter(Writer):
         # hOCR numbers physical pages from 0.
         properties = [f"bbox 0 0 {info.width} {info.height}", f"ppageno {info.page_index}"]
         if info.document.label is None:
-            image = info.document.path.replace("\\", "\\\\").replace('"', '\\"')
+            image = safe_text(info.document.path).replace("\\", "\\\\").replace('"', '\\"')
             properties.insert(0, f'image "{image}"')
         out = [f'  <div class="ocr_page" id="page_{number}" title={_xml_attribute("; ".join(properties))}>']
         if result.status is not Status.OK:
@@ -353,12 +354,24 @@ class PdfWriter(Writer):
     format = "pdf"
     extension = ".pdf"
     tasks = frozenset({Task.OCR})
+    reads_input = True
 
     def render(self, results: Sequence[PageResult]) -> bytes:
-        """Build the PDF; PDF inputs are reopened (with the password) to copy their pages."""
+        """Build the PDF; PDF inputs are reopened (with the password) to copy their pages.
+
+        MuPDF errors on a damaged input (a broken outline, a bad page tree) fail this document only.
+        """
+        import pymupdf
+
         pages = self._pages(results)
         with PYMUPDF_LOCK:  # pages may be being read in another thread, and PyMuPDF is not thread-safe
-            return self._build(pages)
+            try:
+                return self._build(pages)
+            except (RuntimeError, ValueError, IndexError, pymupdf.mupdf.FzErrorBase) as error:
+                document = pages[0].info.document
+                raise InputError(
+                    f"cannot build the searchable PDF of `{document.display_name}`: {error}"
+                ) from error
 
     def _build(self, pages: list[PageResult]) -> bytes:
         import pymupdf
@@ -371,6 +384,7 @@ class PdfWriter(Writer):
             if pages[-1].info.page_index >= out.page_count:
                 raise InputError(f"`{document.display_name}` changed since it was read: it has fewer pages")
             out.select([result.info.page_index for result in pages])
+            _remove_scripts(out)
             targets = [(result, out[number]) for number, result in enumerate(pages)]
         else:
             out = pymupdf.open()
@@ -407,6 +421,22 @@ class PdfWriter(Writer):
         page = out.new_page(width=width * 72 / dpi_x, height=height * 72 / dpi_y)
         page.insert_image(page.rect, stream=_encode_image(image, result.info.document.path))
         return page
+
+
+def _remove_scripts(pdf: pymupdf.Document) -> None:
+    """Drop the JavaScript and automatic actions the input carries: the output shows text, runs nothing."""
+    catalog = pdf.pdf_catalog()
+    for key in ("OpenAction", "AA", "Names/JavaScript"):
+        if pdf.xref_get_key(catalog, key)[0] != "null":
+            pdf.xref_set_key(catalog, key, "null")
+    for xref in range(1, pdf.xref_length()):
+        if not pdf.xref_is_stream(xref) and pdf.xref_object(xref, compressed=True).startswith("<<"):
+            if pdf.xref_get_key(xref, "AA")[0] != "null":
+                pdf.xref_set_key(xref, "AA", "null")
+            if pdf.xref_get_key(xref, "A/S")[1] == "/JavaScript":
+                pdf.xref_set_key(xref, "A", "null")
+            if pdf.xref_get_key(xref, "S")[1] == "/JavaScript":
+                pdf.xref_set_key(xref, "JS", "()")
 
 
 def _open_source_pdf(document: Document, password: str | None) -> pymupdf.Document:
@@ -532,11 +562,14 @@ def _overlay(page: pymupdf.Page, layer: pymupdf.Document, number: int) -> None:
 # --- drawings -----------------------------------------------------------------------------------
 
 
-def draw_file_name(info: PageInfo) -> str:
-    """Return a page drawing's path relative to the output folder: `NAME.png`, or `NAME-pNNN.png`."""
-    if info.page_count == 1:
-        return f"{info.document.name}.png"
-    return f"{info.document.name}-p{info.page_number:03}.png"
+def draw_file_name(document: Document, page_index: int, page_count: int) -> str:
+    """Return a page drawing's path relative to the output folder: `NAME.boxes.png`, `NAME-p001.boxes.png`.
+
+    The name never equals an input's: walks skip `*.boxes.png`, and NAME keeps the input's suffix.
+    """
+    if page_count == 1:
+        return f"{document.name}{DRAWING_SUFFIX}"
+    return f"{document.name}-p{page_index + 1:03}{DRAWING_SUFFIX}"
 
 
 def render_drawing(page: Page, result: PageResult, *, numbered: bool = False) -> bytes:
@@ -544,5 +577,6 @@ def render_drawing(page: Page, result: PageResult, *, numbered: bool = False) ->
     if page.info != result.info:
         raise ValueError("the result is not the page's")
     buffer = io.BytesIO()
-    draw_boxes(page.image, result.lines, numbered=numbered).save(buffer, format="PNG")
+    scale = (page.image.width / page.info.width, page.image.height / page.info.height)
+    draw_boxes(page.image, result.lines, numbered=numbered, scale=scale).save(buffer, format="PNG")
     return buffer.getvalue()

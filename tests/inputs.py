@@ -78,6 +78,7 @@ def make_image(
     32-bit modes hold each 8-bit value v as v * 257, so scaling back gives v exactly.
     `fmt` is the file's real format, whatever `path`'s suffix says, so misnamed files are easy.
     """
+    path.parent.mkdir(parents=True, exist_ok=True)
     upright = sample_image(size=size)
     stored = upright.transpose(_STORED_AS[orientation]) if orientation != 1 else upright
     if mode == "RGB;16":
@@ -146,6 +147,7 @@ MIXED_PAGES = (
 
 def make_pdf(path: Path, *, pages: Sequence[PdfPage] = (PdfPage(),), password: str | None = None) -> Path:
     """Write a PDF with the given pages; with `password`, encrypted (AES-256) and needing it to open."""
+    path.parent.mkdir(parents=True, exist_ok=True)
     doc = pymupdf.open()
     for spec in pages:
         _add_pdf_page(doc, spec)

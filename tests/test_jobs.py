@@ -74,7 +74,7 @@ def test_folder_tree_is_mirrored(kosmos: Kosmos, tree: Path, tmp_path: Path) -> 
         "fax.json", "fax.txt", "scan.json", "scan.txt",
     ]  # fmt: skip
     assert result.stdout == ""
-    assert "4 done, 0 skipped (outputs exist), 0 failed; 8 pages" in result.stderr
+    assert "4 done, 0 skipped (done before), 0 failed; 8 pages" in result.stderr
     assert "1 unsupported files ignored" in result.stderr
     report = _json(out / "a" / "report.json")
     pages = report["pages"]
@@ -158,7 +158,7 @@ def test_broken_inputs_are_reported_and_the_rest_finishes(kosmos: Kosmos, tmp_pa
         assert sum(name in line for line in errors) == 1, (name, errors)
     assert "Traceback" not in result.stderr
     assert sorted(p.name for p in out.iterdir()) == ["good.md", "pdf-named.md", "png-named.md"]
-    assert f"3 done, 0 skipped (outputs exist), {len(BROKEN)} failed" in result.stderr
+    assert f"3 done, 0 skipped (done before), {len(BROKEN)} failed" in result.stderr
 
 
 def test_a_file_that_vanishes_mid_run_is_reported(
@@ -203,7 +203,7 @@ def test_existing_outputs_are_skipped_until_overwrite(kosmos: Kosmos, tmp_path: 
     (out / "page.md").write_text("edited by hand\n")
     again = kosmos("md", str(png), "-o", str(out))
     assert again.exit_code == 0
-    assert "0 done, 1 skipped (outputs exist)" in again.stderr
+    assert "0 done, 1 skipped (done before)" in again.stderr
     assert (out / "page.md").read_text() == "edited by hand\n"
     redo = kosmos("md", str(png), "-o", str(out), "--overwrite")
     assert redo.exit_code == 0
@@ -312,5 +312,5 @@ def test_a_page_the_model_fails_on_is_marked_in_place(
     pages = _json(out / "doc.json")["pages"]
     assert [p["status"] for p in pages] == ["truncated", "truncated", "failed"]  # type: ignore[index]
     assert "out of memory" in pages[2]["error"]  # type: ignore[index]
-    assert "kosmos: 1 done, 0 skipped (outputs exist), 0 failed; 3 pages in " in result.stderr
+    assert "kosmos: 1 done, 0 skipped (done before), 0 failed; 3 pages in " in result.stderr
     assert ", 1 failed, 2 truncated" in result.stderr

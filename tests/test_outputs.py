@@ -35,9 +35,11 @@ from kosmos_cli.files import (
     output_store,
     public_location,
 )
-from kosmos_cli.jobs import PROGRESS_SUFFIX, Assembly, Job, Summary, plan, run_job
+from kosmos_cli.jobs import Assembly, Job, Summary, plan, run_job
 from kosmos_cli.runner import Settings, load_runner
 from kosmos_cli.sources import discover
+
+PROGRESS_SUFFIX = ".progress.jsonl"  # a log name, as the manifest's progress logs end
 
 CREDENTIALS = "kosmos-test:kosmos-test-secret"  # moto takes any
 TOKENS = 6  # new tokens per page: distinct outputs, quick
@@ -445,7 +447,7 @@ def test_cli_refuses_to_overwrite_an_input_and_goes_on(tiny_checkpoint: Path, tm
         f"error: `{folder}/scan.pdf` would overwrite the input `{folder}/scan.pdf`",
         "hint: choose another -o",
     ]
-    assert "1 done, 0 skipped (outputs exist), 1 failed" in lines[-1]
+    assert "1 done, 0 skipped (done before), 1 failed" in lines[-1]
     assert (folder / "scan.pdf").read_bytes() == scan
     assert sorted(p.name for p in folder.iterdir()) == ["photo.pdf", "photo.png", "scan.pdf"]
 

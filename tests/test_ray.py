@@ -33,9 +33,11 @@ from kosmos_cli.distributed import (
 )
 from kosmos_cli.document import Document, PageInfo, PageResult, Task
 from kosmos_cli.errors import ModelLoadError, UsageError
-from kosmos_cli.jobs import PROGRESS_SUFFIX, Assembly, Job, Summary, plan, run_job
+from kosmos_cli.jobs import Assembly, Job, Summary, plan, run_job
 from kosmos_cli.runner import Settings, load_runner
 from kosmos_cli.sources import discover
+
+PROGRESS_SUFFIX = ".progress.jsonl"  # a log name, as the manifest's progress logs end
 
 FORMATS = {Task.MD: ("md", "json", "jsonl"), Task.OCR: ("txt", "json", "jsonl", "hocr", "pdf")}
 PAGES = 5  # readable pages in the corpus
@@ -411,5 +413,5 @@ def test_the_cli_runs_on_ray_with_the_same_exit_code_and_outputs(
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 1, result.stderr  # the broken file, as on one machine
     assert f"error: `{corpus.name}/{BROKEN}`" in result.stderr
-    assert f"3 done, 0 skipped (outputs exist), 1 failed; {PAGES} pages" in result.stderr
+    assert f"3 done, 0 skipped (done before), 1 failed; {PAGES} pages" in result.stderr
     assert tree(tmp_path) == tree(reference.output_dir)

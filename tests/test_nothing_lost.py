@@ -1,0 +1,672 @@
+"""Every input is written or reported, and every run ends: names, the manifest, hostile inputs, signals.
+
+The model is not the subject here: runs go through the real CLI with `load_runner` swapped for
+`ScriptedRunner`, whose text is a hash of each page's pixels, so a page in the wrong file shows.
+Tests marked `model` in their name run the tiny real checkpoint in a subprocess instead.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pymupdf
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from inputs import MIXED_PAGES, PdfPage, make_corrupt, make_image, make_pdf
+from scripted import ScriptedRunner, image_hash
+from typer.testing import CliRunner, Result
+
+from kosmos_cli import files, runner
+from kosmos_cli.cli import _Reporter, app
+from kosmos_cli.errors import KosmosError
+from kosmos_cli.files import LocalStore
+from kosmos_cli.parsing import parse_ocr, tidy_markdown
+from kosmos_cli.sources import discover, load_image, name_clashes
+
+Kosmos = Callable[..., Result]
+
+
+@pytest.fixture
+def model_folder(tmp_path: Path) -> Path:
+    """A folder that stands for a checkpoint: the fingerprint reads its files, nothing loads them."""
+    folder = tmp_path / "model"
+    folder.mkdir()
+    (folder / "config.json").write_text('{"model_type": "kosmos-2.5"}')
+    return folder
+
+
+@pytest.fixture
+def scripted(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[ScriptedRunner]]:
+    """Swap the model for ScriptedRunner; yields the runners made, one per loading."""
+    made: list[ScriptedRunner] = []
+
+    def load(settings: runner.Settings) -> ScriptedRunner:
+        made.append(ScriptedRunner())
+        return made[-1]
+
+    monkeypatch.setattr(runner, "load_runner", load)
+    yield made
+
+
+@pytest.fixture
+def kosmos(scripted: list[ScriptedRunner], model_folder: Path, monkeypatch: pytest.MonkeyPatch) -> Kosmos:
+    """Run the CLI in-process with the scripted model; the working folder is the test's."""
+    cli = CliRunner()
+
+    def invoke(*args: str, input: bytes | None = None) -> Result:
+        return cli.invoke(app, [*args, "--model", str(model_folder), "--device", "cpu"], input=input)
+
+    return invoke
+
+
+def _scans(root: Path) -> Path:
+    """scans/2024/03/a.pdf, scans/2025/01/a.pdf (different documents, one name) and scans/b.png."""
+    make_pdf(root / "scans/2024/03/a.pdf", pages=[PdfPage(text="March")])
+    make_pdf(root / "scans/2025/01/a.pdf", pages=[PdfPage(text="January"), PdfPage(text="two")])
+    make_image(root / "scans/b.png", size=(90, 70))
+    return root / "scans"
+
+
+def _names(arguments: list[str], from_list: list[str] | None, root: Path) -> list[str]:
+    listing = None
+    if from_list is not None:
+        listing = root / "list.txt"
+        listing.write_text("".join(f"{line}\n" for line in from_list))
+    return [d.name for d in discover(arguments, from_list=str(listing) if listing else None).documents]
+
+
+NAMING = [
+    # arguments, --from-list lines, output names
+    (["scans"], None, ["2024/03/a.pdf", "2025/01/a.pdf", "b.png"]),
+    (
+        [],
+        ["scans/2024/03/a.pdf", "scans/2025/01/a.pdf", "scans/b.png"],
+        ["2024/03/a.pdf", "2025/01/a.pdf", "b.png"],
+    ),
+    ([], ["scans/2024/03/a.pdf", "scans/2025/01/a.pdf"], ["2024/03/a.pdf", "2025/01/a.pdf"]),
+    ([], ["scans/2025/01/a.pdf"], ["a.pdf"]),
+    (["scans/2024/03/a.pdf"], None, ["a.pdf"]),
+    (["scans/2024", "scans/b.png"], None, ["2024/03/a.pdf", "b.png"]),
+    (["scans/*/*/a.pdf"], None, ["2024/03/a.pdf", "2025/01/a.pdf"]),
+    (["scans/2025", "scans/2024/03/a.pdf"], None, ["2025/01/a.pdf", "2024/03/a.pdf"]),
+]
+
+
+@pytest.mark.parametrize(("arguments", "from_list", "expected"), NAMING)
+def test_output_names_mirror_the_inputs_below_their_common_root(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    arguments: list[str],
+    from_list: list[str] | None,
+    expected: list[str],
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    _scans(tmp_path)
+    assert _names(arguments, from_list, tmp_path) == expected
+
+
+def test_a_name_does_not_depend_on_the_other_files_in_the_run(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    _scans(tmp_path)
+    make_pdf(tmp_path / "scans/2024/03/a.png.pdf")  # would once have pushed `a` to `a.pdf`
+    alone = _names([], ["scans/2024/03/a.pdf", "scans/b.png"], tmp_path)
+    crowded = _names([], ["scans/2024/03/a.pdf", "scans/2024/03/a.png.pdf", "scans/b.png"], tmp_path)
+    assert alone[0] == crowded[0] == "2024/03/a.pdf"
+
+
+def test_names_that_differ_only_in_case_are_a_usage_error_before_the_model_loads(
+    kosmos: Kosmos, scripted: list[ScriptedRunner], tmp_path: Path
+) -> None:
+    make_image(tmp_path / "in/Page.png")
+    make_image(tmp_path / "in/page.png", size=(50, 40))
+    assert name_clashes(discover([str(tmp_path / "in")]).documents) is not None
+    result = kosmos("md", str(tmp_path / "in"), "-o", str(tmp_path / "out"))
+    assert result.exit_code == 2
+    assert "Page.png` and `" in result.stderr and "page.png` would both be written as" in result.stderr
+    assert scripted == []
+
+
+def test_another_document_of_the_same_name_is_refused_not_skipped(
+    kosmos: Kosmos, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    _scans(tmp_path)
+    first = kosmos("md", "--from-list", "-", "-o", "o", input=b"scans/2024/03/a.pdf\n")
+    assert first.exit_code == 0, first.stderr
+    march = (tmp_path / "o/a.pdf.md").read_bytes()
+    second = kosmos("md", "--from-list", "-", "-o", "o", input=b"scans/2025/01/a.pdf\n")
+    assert second.exit_code == 1
+    assert "error: `o/a.pdf.md` exists and it was written from `" in second.stderr
+    assert "scans/2024/03/a.pdf`; `scans/2025/01/a.pdf` is not transcribed" in second.stderr
+    assert "0 done, 0 skipped (done before), 1 failed" in second.stderr
+    assert (tmp_path / "o/a.pdf.md").read_bytes() == march
+    forced = kosmos("md", "--from-list", "-", "-o", "o", "--overwrite", input=b"scans/2025/01/a.pdf\n")
+    assert forced.exit_code == 0, forced.stderr
+    assert "page 2" in (tmp_path / "o/a.pdf.md").read_text()
+
+
+def test_a_changed_file_a_new_stdin_document_and_new_settings_are_redone(
+    kosmos: Kosmos, tmp_path: Path, model_folder: Path
+) -> None:
+    page = make_image(tmp_path / "page.png")
+    out = str(tmp_path / "out")
+    assert kosmos("md", str(page), "-o", out).exit_code == 0
+    again = kosmos("md", str(page), "-o", out)
+    assert "0 done, 1 skipped (done before)" in again.stderr
+    make_image(page, size=(70, 50))
+    changed = kosmos("md", str(page), "-o", out)
+    assert "1 done, 0 skipped" in changed.stderr
+    assert image_hash(load_image(page).tobytes()) in (tmp_path / "out/page.png.md").read_text()
+
+    for args in (("--max-new-tokens", "9"), ("--dpi", "50"), ("--pages", "1")):
+        redone = kosmos("md", str(page), "-o", out, *args)
+        assert "1 done, 0 skipped" in redone.stderr, args
+    (model_folder / "model.safetensors").write_bytes(b"new weights")
+    assert "1 done, 0 skipped" in kosmos("md", str(page), "-o", out, "--pages", "1").stderr
+
+    first, second = make_image(tmp_path / "first.png"), make_image(tmp_path / "second.png", size=(40, 30))
+    assert kosmos("md", "-", "-o", out, input=first.read_bytes()).exit_code == 0
+    piped = kosmos("md", "-", "-o", out, input=second.read_bytes())
+    assert "1 done, 0 skipped" in piped.stderr
+    assert image_hash(load_image(second).tobytes()) in (tmp_path / "out/stdin.md").read_text()
+
+
+def test_another_task_rewrites_the_shared_json(kosmos: Kosmos, tmp_path: Path) -> None:
+    page = make_image(tmp_path / "x.png")
+    out = str(tmp_path / "d")
+    assert kosmos("md", str(page), "-o", out, "-f", "json").exit_code == 0
+    ocr = kosmos("ocr", str(page), "-o", out, "-f", "json")
+    assert ocr.exit_code == 0 and "1 done, 0 skipped" in ocr.stderr
+    assert json.loads((tmp_path / "d/x.png.json").read_text())["task"] == "ocr"
+
+
+def _interrupt_after(monkeypatch: pytest.MonkeyPatch, pages: int) -> None:
+    from kosmos_cli import jobs
+
+    page_done = jobs.Assembly.page_done
+    calls: list[int] = []
+
+    def interrupt(self: jobs.Assembly, result: object, **kwargs: object) -> bool:
+        calls.append(1)
+        if len(calls) > pages:
+            raise KeyboardInterrupt
+        return page_done(self, result, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(jobs.Assembly, "page_done", interrupt)
+
+
+def test_saved_pages_are_reused_only_by_the_same_job(
+    kosmos: Kosmos, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    pdf = make_pdf(tmp_path / "doc.pdf", pages=MIXED_PAGES)
+    out = str(tmp_path / "out")
+    with monkeypatch.context() as patch:
+        _interrupt_after(patch, 3)
+        assert kosmos("md", str(pdf), "-o", out).exit_code == 130
+    assert list((tmp_path / "out/.kosmos/progress").iterdir())
+
+    ocr = kosmos("ocr", str(pdf), "-o", out)  # once crashed: "the txt format cannot hold md results"
+    assert ocr.exit_code == 0, ocr.stderr
+    assert "warning: discarding the saved pages of" in ocr.stderr
+
+    with monkeypatch.context() as patch:
+        _interrupt_after(patch, 2)
+        assert kosmos("md", str(pdf), "-o", out).exit_code == 130
+    fewer = kosmos("md", str(pdf), "-o", out, "--pages", "5-6")
+    assert fewer.exit_code == 0, fewer.stderr
+    markdown = (tmp_path / "out/doc.pdf.md").read_text()
+    assert [line for line in markdown.splitlines() if line.startswith("<!-- kosmos: page")] == [
+        "<!-- kosmos: page 5 -->", "<!-- kosmos: page 6 -->",
+    ]  # fmt: skip
+    assert not list((tmp_path / "out/.kosmos/progress").iterdir())
+
+
+def test_an_output_folder_inside_the_inputs_is_never_read_back(kosmos: Kosmos, tmp_path: Path) -> None:
+    folder = tmp_path / "in"
+    make_image(folder / "receipt.png")
+    make_pdf(folder / "doc.pdf", pages=MIXED_PAGES[:2])
+    for _ in range(2):
+        result = kosmos("ocr", str(folder), "-o", str(folder / "out"), "--draw", "-f", "pdf")
+        assert result.exit_code == 0, result.stderr
+    written = sorted(
+        p.relative_to(folder / "out").as_posix()
+        for p in (folder / "out").rglob("*")
+        if p.is_file() and ".kosmos" not in p.parts
+    )
+    assert written == [
+        "doc.pdf-p001.boxes.png", "doc.pdf-p002.boxes.png", "doc.pdf.pdf", "receipt.png.boxes.png", "receipt.png.pdf",
+    ]  # fmt: skip
+    elsewhere = kosmos(
+        "ocr", str(folder), "-o", str(tmp_path / "other")
+    )  # an old output folder is skipped too
+    assert elsewhere.exit_code == 0 and sorted(p.name for p in (tmp_path / "other").glob("*.txt")) == [
+        "doc.pdf.txt", "receipt.png.txt",
+    ]  # fmt: skip
+
+
+def test_a_file_kosmos_did_not_write_is_never_replaced(kosmos: Kosmos, tmp_path: Path) -> None:
+    page = make_image(tmp_path / "notes.png")
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "notes.png.md").write_text("my own notes\n")
+    result = kosmos("md", str(page), "-o", str(out), "-f", "md", "-f", "json")
+    assert result.exit_code == 1
+    assert "notes.png.md` exists and kosmos did not write it" in result.stderr
+    assert (out / "notes.png.md").read_text() == "my own notes\n"
+    assert not (out / "notes.png.json").exists()
+
+
+def test_bad_output_folders_are_usage_errors_before_the_model_loads(
+    kosmos: Kosmos, scripted: list[ScriptedRunner], tmp_path: Path
+) -> None:
+    page = make_image(tmp_path / "page.png")
+    (tmp_path / "taken").write_text("a file")
+    result = kosmos("md", str(page), "-o", str(tmp_path / "taken"))
+    assert result.exit_code == 2 and "is a file, not a folder" in result.stderr
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o500)
+    try:
+        if os.access(locked, os.W_OK):
+            pytest.skip("running as a user who may write anywhere")
+        result = kosmos("md", str(page), "-o", str(locked / "out"))
+        assert result.exit_code == 2 and "cannot write to -o" in result.stderr
+    finally:
+        locked.chmod(0o700)
+    assert scripted == []
+
+
+def test_every_input_is_checked_before_the_model_loads(
+    kosmos: Kosmos, scripted: list[ScriptedRunner], tmp_path: Path
+) -> None:
+    make_corrupt(tmp_path / "bad.png", fmt="PNG")
+    make_pdf(tmp_path / "short.pdf", pages=MIXED_PAGES[:1])
+    result = kosmos(
+        "md",
+        str(tmp_path / "bad.png"),
+        str(tmp_path / "short.pdf"),
+        "--pages",
+        "2",
+        "-o",
+        str(tmp_path / "o"),
+    )
+    assert result.exit_code == 1
+    assert (
+        "bad.png` cannot be decoded" in result.stderr
+        and "short.pdf` has 1 page; --pages asks for 2" in result.stderr
+    )
+    assert scripted == [], "nothing was left to transcribe, so no model was loaded"
+
+
+def test_nothing_to_transcribe_is_a_warning(kosmos: Kosmos, tmp_path: Path) -> None:
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty/notes.txt").write_text("not a scan")
+    result = kosmos("md", str(tmp_path / "empty"))
+    assert result.exit_code == 0
+    assert f"warning: no images or PDFs found in `{tmp_path / 'empty'}`" in result.stderr
+
+
+def test_ray_address_alone_does_not_turn_ray_on(
+    kosmos: Kosmos, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("RAY_ADDRESS", "127.0.0.1:9")
+    result = kosmos("md", str(make_image(tmp_path / "page.png")))
+    assert result.exit_code == 0, result.stderr
+    assert result.stdout.startswith("# page ")
+
+
+def test_the_walk_survives_link_loops_and_skips_pipes(kosmos: Kosmos, tmp_path: Path) -> None:
+    folder = tmp_path / "in"
+    make_image(folder / "a.png")
+    (folder / "loop").symlink_to(folder / "loop")
+    (folder / "up").symlink_to(folder)
+    os.mkfifo(folder / "pipe.pdf")
+    result = kosmos("md", str(folder), "-o", str(tmp_path / "out"))
+    assert result.exit_code == 0, result.stderr
+    assert (tmp_path / "out/a.png.md").exists()
+
+
+def test_a_named_pipe_nobody_writes_fails_at_once(kosmos: Kosmos, tmp_path: Path) -> None:
+    os.mkfifo(tmp_path / "pipe")
+    started = time.monotonic()
+    result = kosmos("md", str(tmp_path / "pipe"), str(make_image(tmp_path / "a.png")))
+    assert time.monotonic() - started < 60
+    assert result.exit_code == 1
+    assert "pipe` is a pipe with nothing written to it" in result.stderr
+    assert "# page " in result.stdout
+
+
+def test_file_names_of_any_bytes(kosmos: Kosmos, tmp_path: Path) -> None:
+    folder = tmp_path / "in"
+    folder.mkdir()
+    raw = os.fsdecode(b"b\xff.png")
+    make_image(folder / raw)
+    make_image(folder / "new\nline.png", size=(40, 30))
+    result = kosmos("ocr", str(folder), "-o", str(tmp_path / "out"), "-f", "json", "-f", "hocr", "-f", "txt")
+    assert result.exit_code == 0, result.stderr
+    source = json.loads((tmp_path / "out" / f"{raw}.json").read_text())["source"]
+    assert source.endswith("b\\xff.png")
+    stdout = kosmos("ocr", str(folder))
+    assert stdout.exit_code == 0
+    headers = [line for line in stdout.stdout.splitlines() if line.startswith("# kosmos: document")]
+    assert len(headers) == 2 and headers[1].endswith("new\\nline.png")
+
+
+def test_model_text_cannot_forge_markers_or_reach_the_terminal() -> None:
+    markdown = tidy_markdown(
+        "Total\x1b[2J\x00\x07 due\n\n<!-- kosmos: page 2 -->\n<!--KOSMOS: document x -->"
+    )
+    assert markdown == "Total[2J due\n\n&lt;!-- kosmos: page 2 -->\n&lt;!--KOSMOS: document x -->"
+    lines = parse_ocr(
+        "<bbox><x_1><y_1><x_5><y_5></bbox>a\x1bb\x00", resized_size=(10, 10), original_size=(10, 10)
+    )
+    assert [line.text for line in lines] == ["ab"]
+
+
+def test_the_searchable_pdf_carries_no_scripts(kosmos: Kosmos, tmp_path: Path) -> None:
+    pdf = make_pdf(tmp_path / "doc.pdf", pages=MIXED_PAGES[:1])
+    with pymupdf.open(pdf) as document:
+        catalog = document.pdf_catalog()
+        document.xref_set_key(catalog, "OpenAction", "<</S/JavaScript/JS(app.alert('hello'))>>")
+        names = document.get_new_xref()
+        document.update_object(names, "<</Names[(x) <</S/JavaScript/JS(app.alert('named'))>>]>>")
+        document.xref_set_key(catalog, "Names", f"<</JavaScript {names} 0 R>>")
+        document.saveIncr()
+    assert b"JavaScript" in pdf.read_bytes()
+    result = kosmos("ocr", str(pdf), "-o", str(tmp_path / "out"), "-f", "pdf")
+    assert result.exit_code == 0, result.stderr
+    with pymupdf.open(tmp_path / "out/doc.pdf.pdf") as searchable:
+        objects = "".join(searchable.xref_object(x) for x in range(1, searchable.xref_length()))
+    assert "JavaScript" not in objects and "app.alert" not in objects
+
+
+def test_a_planted_link_is_never_written_through(tmp_path: Path) -> None:
+    outside = tmp_path / "outside.txt"
+    outside.write_text("precious\n")
+    store = LocalStore(tmp_path / "out")
+    store.open_for_run()
+    (tmp_path / "out/.kosmos/progress").mkdir()
+    (tmp_path / "out/.kosmos/progress/x.jsonl").symlink_to(outside)
+    with pytest.raises(KosmosError):
+        store.append_log(".kosmos/progress/x.jsonl", "line")
+    assert outside.read_text() == "precious\n"
+
+
+def test_a_full_disk_fails_the_document_and_the_run_ends_with_its_summary(
+    kosmos: Kosmos, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    write = files.atomic_write
+
+    def full_for_b(path: Path, data: bytes, **kwargs: object) -> None:
+        if path.name.startswith("b."):
+            raise KosmosError(f"cannot write `{path}`: {os.strerror(errno.ENOSPC)}")
+        write(path, data, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(files, "atomic_write", full_for_b)
+    for name in ("a", "b", "c"):
+        make_image(tmp_path / f"in/{name}.png")
+    result = kosmos("md", str(tmp_path / "in"), "-o", str(tmp_path / "out"))
+    assert result.exit_code == 1
+    assert "No space left on device" in result.stderr
+    assert "kosmos: 2 done, 0 skipped (done before), 1 failed" in result.stderr
+    assert sorted(p.name for p in (tmp_path / "out").glob("*.md")) == ["a.png.md", "c.png.md"]
+
+
+def _laughs_pdf(path: Path, *, levels: int = 12, copies: int = 10) -> Path:
+    """A one-page PDF whose form XObjects each draw the next `copies` times: copies**levels draws."""
+    document = pymupdf.open()
+    page = document.new_page(width=200, height=200)
+    xrefs = [document.get_new_xref() for _ in range(levels)]
+    for depth, xref in enumerate(xrefs):
+        if depth == levels - 1:
+            content, resources = b"0 0 m 10 10 l S", "<<>>"
+        else:
+            content = b"q 1 0 0 1 0.1 0.1 cm /X Do Q " * copies
+            resources = f"<</XObject<</X {xrefs[depth + 1]} 0 R>>>>"
+        document.update_object(
+            xref, f"<</Type/XObject/Subtype/Form/BBox[0 0 200 200]/Resources {resources}>>"
+        )
+        document.update_stream(xref, content)
+    page_resources = f"<</XObject<</X {xrefs[0]} 0 R>>>>"
+    document.xref_set_key(page.xref, "Resources", page_resources)
+    contents = document.get_new_xref()
+    document.update_object(contents, "<<>>")
+    document.update_stream(contents, b"/X Do")
+    document.xref_set_key(page.xref, "Contents", f"{contents} 0 R")
+    document.save(path)
+    return path
+
+
+def test_a_page_that_makes_mupdf_spin_fails_alone_within_the_page_timeout(
+    kosmos: Kosmos, tmp_path: Path
+) -> None:
+    folder = tmp_path / "in"
+    folder.mkdir()
+    _laughs_pdf(folder / "laughs.pdf")
+    make_pdf(folder / "spins-on-page-2.pdf", pages=[PdfPage(text="fine")])
+    with pymupdf.open(folder / "spins-on-page-2.pdf") as good, pymupdf.open(folder / "laughs.pdf") as bad:
+        good.insert_pdf(bad)
+        good.saveIncr()
+    make_image(folder / "after.png")
+    started = time.monotonic()
+    result = kosmos("md", str(folder), "-o", str(tmp_path / "out"), "--page-timeout", "3")
+    assert time.monotonic() - started < 60
+    assert result.exit_code == 1
+    assert "laughs.pdf` took longer than 3 s" in result.stderr
+    assert "spins-on-page-2.pdf` page 2 took longer than 3 s" in result.stderr
+    assert (tmp_path / "out/after.png.md").exists()
+    two = (tmp_path / "out/spins-on-page-2.pdf.md").read_text()
+    assert "<!-- kosmos: page 2 failed: " in two and "# page " in two
+
+
+def test_huge_pages_and_long_documents_stay_bounded(kosmos: Kosmos, tmp_path: Path) -> None:
+    long = pymupdf.open()
+    for _ in range(5000):
+        long.new_page(width=100, height=100)
+    long.save(tmp_path / "long.pdf")
+    make_pdf(tmp_path / "wide.pdf", pages=[PdfPage(width=14400, height=14400, text="big")])
+    make_image(tmp_path / "large.png", size=(6000, 6000))
+    result = kosmos("md", str(tmp_path / "long.pdf"), "--pages", "4999-", "-o", str(tmp_path / "out"))
+    assert result.exit_code == 0, result.stderr
+    assert "1 done" in result.stderr and "2 pages" in result.stderr
+    big = kosmos(
+        "ocr",
+        str(tmp_path / "wide.pdf"),
+        str(tmp_path / "large.png"),
+        "-o",
+        str(tmp_path / "out"),
+        "-f",
+        "json",
+        "--draw",
+    )
+    assert big.exit_code == 0, big.stderr
+    large = json.loads((tmp_path / "out/large.png.json").read_text())["pages"][0]
+    assert (large["width"], large["height"]) == (6000, 6000), "sizes and boxes stay in the page's own pixels"
+    assert large["lines"][0]["bbox"][2] > 5000
+
+
+def test_plain_progress_lines_when_stderr_is_a_log(tmp_path: Path) -> None:
+    from rich.console import Console
+
+    from kosmos_cli.document import Document, PageInfo, PageResult, Task
+
+    _result = PageResult(PageInfo(Document("a.png", "a.png"), 0, 1, 10, 10), Task.MD, "text")
+
+    now = [0.0]
+    with (tmp_path / "log").open("w") as log:
+        reporter = _Reporter(
+            Console(file=log, force_terminal=False),
+            quiet=False,
+            verbose=False,
+            interval=30,
+            clock=lambda: now[0],
+        )
+        reporter.add_total(10)
+        for second in (10, 20, 31, 40, 62):
+            now[0] = second
+            reporter.page_done(_result)
+    lines = (tmp_path / "log").read_text().splitlines()
+    assert lines == [
+        "kosmos: 3/10 pages, 0.10 pages/s, about 72 s left",
+        "kosmos: 5/10 pages, 0.08 pages/s, about 62 s left",
+    ]
+
+
+# --- the real tiny model in a subprocess --------------------------------------------------------
+
+
+def _command(checkpoint: Path, *args: str) -> list[str]:
+    return [sys.executable, "-m", "kosmos_cli", *args, "--model", str(checkpoint), "--max-new-tokens", "6"]
+
+
+def test_a_closed_stdout_ends_the_run_quietly_model(tiny_checkpoint: Path, tmp_path: Path) -> None:
+    pages = [str(make_image(tmp_path / f"p{n}.png", size=(60 + n, 40))) for n in range(3)]
+    shell = " ".join(_command(tiny_checkpoint, "md", *pages)) + " | head -c 1"
+    result = subprocess.run(
+        ["bash", "-c", f"set -o pipefail; {shell}"], capture_output=True, timeout=300, text=True
+    )
+    assert result.returncode == 141
+    assert "error" not in result.stderr.lower()
+
+
+def test_a_damaged_checkpoint_is_a_loading_error_model(tiny_checkpoint: Path, tmp_path: Path) -> None:
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_checkpoint, broken)
+    weights = broken / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    page = make_image(tmp_path / "page.png")
+    result = subprocess.run(_command(broken, "md", str(page)), capture_output=True, timeout=300, text=True)
+    assert result.returncode == 3, result.stderr
+    assert f"error: `{weights}` is damaged" in result.stderr
+
+
+KILLS = [(signal.SIGKILL, 0.3), (signal.SIGINT, 0.6), (signal.SIGTERM, 0.45)]
+
+
+@pytest.mark.parametrize(("signum", "share"), KILLS, ids=[s.name for s, _ in KILLS])
+def test_a_killed_run_resumes_to_identical_outputs_model(
+    tiny_checkpoint: Path, tmp_path: Path, signum: signal.Signals, share: float
+) -> None:
+    folder = tmp_path / "in"
+    make_pdf(folder / "many.pdf", pages=[PdfPage(text=f"page {n}") for n in range(8)])
+    for n in range(3):
+        make_image(folder / f"img{n}.png", size=(50 + 7 * n, 40))
+    args = ["ocr", str(folder), "-f", "txt", "-f", "json", "--draw"]
+    clean = tmp_path / "clean"
+    started = time.monotonic()
+    subprocess.run(
+        _command(tiny_checkpoint, *args, "-o", str(clean)), check=True, capture_output=True, timeout=300
+    )
+    whole = time.monotonic() - started
+    out = tmp_path / "out"
+    process = subprocess.Popen(
+        _command(tiny_checkpoint, *args, "-o", str(out)), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+    )
+    time.sleep(whole * share * random.Random(signum).uniform(0.8, 1.2))
+    process.send_signal(signum)
+    _, stderr = process.communicate(timeout=120)
+    if process.returncode != 0:  # it may have finished first
+        expected = {signal.SIGKILL: -9, signal.SIGINT: 130, signal.SIGTERM: 143}[signum]
+        assert process.returncode == expected, stderr.decode()
+        assert b"terminate called" not in stderr
+    subprocess.run(
+        _command(tiny_checkpoint, *args, "-o", str(out)), check=True, capture_output=True, timeout=300
+    )
+    assert _outputs(out) == _outputs(clean)
+    assert not list((out / ".kosmos/tmp").iterdir())
+    assert not list((out / ".kosmos/progress").iterdir())
+
+
+def _outputs(folder: Path) -> dict[str, bytes]:
+    return {
+        p.relative_to(folder).as_posix(): p.read_bytes()
+        for p in sorted(folder.rglob("*"))
+        if p.is_file() and ".kosmos" not in p.parts
+    }
+
+
+# --- randomized: trees, changes, tasks and formats ----------------------------------------------
+
+_NAMES = st.sampled_from(["a", "b", "scan", "A"])
+_FOLDERS = st.sampled_from(["", "x", "y", "x/z"])
+_KINDS = st.sampled_from(["png", "pdf", "jpg"])
+_TREES = st.lists(st.tuples(_FOLDERS, _NAMES, _KINDS, st.integers(1, 3)), min_size=1, max_size=6)
+_RUNS = st.lists(
+    st.tuples(
+        st.sampled_from(["md", "ocr"]),
+        st.sampled_from([("json",), ("md",), ("txt",), ("json", "jsonl")]),
+        st.integers(0, 5),
+    ),
+    min_size=2,
+    max_size=3,
+)
+
+
+@settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(tree=_TREES, runs=_RUNS)
+def test_every_input_is_written_from_itself_and_never_redone_without_cause(
+    kosmos: Kosmos,
+    scripted: list[ScriptedRunner],
+    tmp_path_factory: pytest.TempPathFactory,
+    tree: list[tuple[str, str, str, int]],
+    runs: list[tuple[str, tuple[str, ...], int]],
+) -> None:
+    root = tmp_path_factory.mktemp("tree")
+    files_made: dict[Path, int] = {}
+    for folder, name, kind, size in tree:
+        path = root / "in" / folder / f"{name}.{kind}"
+        if path in files_made or any(p.as_posix().lower() == path.as_posix().lower() for p in files_made):
+            continue
+        _make(path, kind, size)
+        files_made[path] = size
+    out = root / "out"
+    previous: tuple[str, tuple[str, ...]] | None = None
+    for task, formats, change in runs:
+        formats = tuple(f for f in formats if (task, f) not in {("md", "txt"), ("ocr", "md")}) or ("json",)
+        changed = sorted(files_made)[change % len(files_made)] if change else None
+        if changed is not None:
+            _make(changed, changed.suffix[1:], files_made[changed] + 3)
+            files_made[changed] += 3
+        before = len(scripted)
+        result = kosmos(task, str(root / "in"), "-o", str(out), *(a for f in formats for a in ("-f", f)))
+        assert result.exit_code == 0, result.stderr
+        same_job = previous == (task, formats)
+        if same_job and changed is None:
+            assert len(scripted) == before, "nothing changed, so nothing was transcribed"
+        for path in files_made:
+            name = path.relative_to(root / "in").as_posix()
+            for fmt in formats:
+                text = (out / f"{name}.{fmt}").read_text()
+                if fmt in ("json", "jsonl"):
+                    assert f'"task": "{task}"' in text
+                for page_bytes in _page_pixels(path):
+                    assert image_hash(page_bytes) in text, (name, fmt)
+        previous = (task, formats)
+
+
+def _make(path: Path, kind: str, size: int) -> None:
+    if kind == "pdf":
+        make_pdf(path, pages=[PdfPage(text=f"{path.name} {size} {n}") for n in range(size)])
+    else:
+        make_image(path, size=(30 + 11 * size, 20 + 5 * size), fmt="JPEG" if kind == "jpg" else "PNG")
+
+
+def _page_pixels(path: Path) -> Iterator[bytes]:
+    from kosmos_cli.document import Document
+    from kosmos_cli.sources import iter_pages
+
+    for page in iter_pages(Document(str(path), path.name)):
+        yield page.image.tobytes()  # type: ignore[union-attr]
