@@ -399,7 +399,7 @@ def _run(task: Task, options: dict[str, Any]) -> None:
         if store is not None:
             store.open_for_run()
         remove_stale_spools()
-        exclude = [str(output_dir)] if isinstance(output_dir, Path) else []
+        exclude = _own_outputs(output_dir) if isinstance(output_dir, Path) else []
         if on_ray:
             from kosmos_cli.distributed import discover_inputs, require_ray
 
@@ -502,6 +502,14 @@ def _run(task: Task, options: dict[str, Any]) -> None:
             store.close()
     console.print(_summary_line(summary), markup=False)
     raise typer.Exit(1 if summary.failed or input_errors else 0)
+
+
+def _own_outputs(output_dir: Path) -> list[str]:
+    """Return what discovery must not read back: the output folder and every output it records."""
+    from kosmos_cli.files import LocalStore
+    from kosmos_cli.manifest import Manifest
+
+    return [str(output_dir)] + [str(output_dir / name) for name in Manifest(LocalStore(output_dir)).owners]
 
 
 class _Terminated(BaseException):

@@ -202,8 +202,8 @@ def discover(
     """Expand files, folders, quoted globs, `-` (stdin) and a --from-list file into documents.
 
     Folders are walked recursively in sorted order, skipping hidden files and folders, kosmos's
-    own outputs (the folders in `exclude`, any folder holding a `.kosmos` run record, and
-    `*.boxes.png` drawings), FIFOs, devices and links that loop; files in them that are neither
+    own outputs (the folders and files in `exclude`, any folder below holding a `.kosmos` run
+    record, and `*.boxes.png` drawings), FIFOs, devices and links that loop; files in them that are neither
     named nor sniffed as a supported format are listed as unsupported. A file reached twice is read
     once. `from_list` names a file of paths, one a line (`-`: stdin); blank lines and lines
     starting with `#` are ignored, and relative paths are taken from the current folder. Stdin and
@@ -354,12 +354,10 @@ class _Finder:
         self.found.append(Found(path, location, root))
 
     def _walk(self, root: str) -> None:
+        # A folder named on the command line is walked even when it is the output folder too.
         real = os.path.realpath(root)
         before = len(self.found)
-        if real in self._exclude or _is_output_folder(root):
-            logger.debug("skipping `%s`: it holds kosmos outputs", safe_text(root))
-        else:
-            self._visit(root, PurePosixPath(os.path.abspath(root)), {real})
+        self._visit(root, PurePosixPath(os.path.abspath(root)), {real})
         if len(self.found) == before:
             self.empty.append(root)
 
@@ -387,8 +385,8 @@ class _Finder:
                 self._visit(entry.path, root, visited)
             elif not stat.S_ISREG(mode):
                 logger.debug("skipping `%s`: not a regular file", safe_text(entry.path))
-            elif entry.name.endswith(DRAWING_SUFFIX):
-                logger.debug("skipping `%s`: a kosmos drawing", safe_text(entry.path))
+            elif entry.name.endswith(DRAWING_SUFFIX) or os.path.realpath(entry.path) in self._exclude:
+                logger.debug("skipping `%s`: a kosmos output", safe_text(entry.path))
             elif _looks_supported(entry.path):
                 self._keep(entry.path, PurePosixPath(os.path.abspath(entry.path)), root)
             else:

@@ -74,16 +74,15 @@ def test_numbers_sit_above_the_box_or_inside_at_the_top() -> None:
 @pytest.mark.parametrize(
     ("name", "page_index", "page_count", "expected"),
     [
-        ("scan", 0, 1, "scan.png"),
-        ("a/b", 0, 1, "a/b.png"),
-        ("a/b", 0, 3, "a/b-p001.png"),
-        ("report", 41, 120, "report-p042.png"),
-        ("book", 1233, 2000, "book-p1234.png"),
+        ("scan.png", 0, 1, "scan.png.boxes.png"),
+        ("a/b.pdf", 0, 1, "a/b.pdf.boxes.png"),
+        ("a/b.pdf", 0, 3, "a/b.pdf-p001.boxes.png"),
+        ("report.pdf", 41, 120, "report.pdf-p042.boxes.png"),
+        ("book.pdf", 1233, 2000, "book.pdf-p1234.boxes.png"),
     ],
 )
 def test_draw_file_name(name: str, page_index: int, page_count: int, expected: str) -> None:
-    info = PageInfo(Document(f"/in/{name}.pdf", name), page_index, page_count, 10, 10)
-    assert draw_file_name(info) == expected
+    assert draw_file_name(Document(f"/in/{name}", name), page_index, page_count) == expected
 
 
 def test_render_drawing_writes_a_png_of_the_page() -> None:

@@ -130,7 +130,7 @@ def test_polygons_are_rescaled_per_image_in_mixed_batches(kosmos: Kosmos, script
     out = tmp_path / "out"
     kosmos("ocr", str(folder), "-o", str(out), "-f", "txt", "-f", "json")
     for index, (width, height) in enumerate(SIZES):
-        document = json.loads((out / f"p{index}.json").read_text())
+        document = json.loads((out / f"p{index}.png.json").read_text())
         [page] = document["pages"]
         assert (page["width"], page["height"]) == (width, height)
         assert [line["text"] for line in page["lines"]] == ["Hello world", "Total 12,50"]
@@ -138,7 +138,7 @@ def test_polygons_are_rescaled_per_image_in_mixed_batches(kosmos: Kosmos, script
         for line in page["lines"]:
             x0, y0, x1, y1 = line["bbox"]
             assert line["polygon"] == [[x0, y0], [x1, y0], [x1, y1], [x0, y1]]
-        txt = (out / f"p{index}.txt").read_text().splitlines()
+        txt = (out / f"p{index}.png.txt").read_text().splitlines()
         first = expected_boxes(width, height)[0]
         assert txt[0] == "{0},{1},{2},{1},{2},{3},{0},{3},Hello world".format(*first)
 
@@ -175,7 +175,7 @@ def test_pdf_pages_get_pixel_and_point_boxes(kosmos: Kosmos, scripted, tmp_path:
         size = resized_size(pixel_w, pixel_h) if attempt else (16, 16)
         scripted(raw.format(w=size[0], h=size[1]))
         kosmos("ocr", str(pdf), "-o", str(out), "-f", "json", "--overwrite")
-        page = json.loads((out / "page.json").read_text())["pages"][0]
+        page = json.loads((out / "page.pdf.json").read_text())["pages"][0]
         pixel_w, pixel_h = page["width"], page["height"]
     assert abs(pixel_w / pixel_h - rect.width / rect.height) < 0.01
     [line] = page["lines"]
@@ -198,7 +198,7 @@ def test_a_tall_image_is_tiled_and_merged(kosmos: Kosmos, scripted, tmp_path: Pa
     assert len(tiles) > 1
     out = tmp_path / "out"
     kosmos("ocr", str(png), "-o", str(out), "-f", "json")
-    lines = json.loads((out / "receipt.json").read_text())["pages"][0]["lines"]
+    lines = json.loads((out / "receipt.png.json").read_text())["pages"][0]["lines"]
     expected = []
     for x0, y0, x1, y1 in tiles:
         expected += expected_boxes(x1 - x0, y1 - y0, offset=(x0, y0))
@@ -215,7 +215,7 @@ def test_drawn_png_has_the_boxes(kosmos: Kosmos, scripted, tmp_path: Path) -> No
     png = make_image(tmp_path / "page.png", size=(width, height))
     out = tmp_path / "out"
     kosmos("ocr", str(png), "-o", str(out), "--draw")
-    drawn = Image.open(out / "page.png").convert("RGB")
+    drawn = Image.open(out / "page.png.boxes.png").convert("RGB")
     original = Image.open(png).convert("RGB")
     x0, y0, _, y1 = expected_boxes(width, height)[0]
     middle_y = (y0 + y1) // 2
@@ -254,4 +254,4 @@ def test_every_image_kind_through_both_commands(
     out = tmp_path / "out"
     md = kosmos("md", str(image), "-o", str(out))
     assert md.stdout == ""
-    assert (out / f"{name}.md").read_text() == "# Receipt\nTotal: 12,50\n\n| a | b |\n"
+    assert (out / f"{name}.{suffix}.md").read_text() == "# Receipt\nTotal: 12,50\n\n| a | b |\n"

@@ -28,6 +28,8 @@ from typer.testing import CliRunner, Result
 
 from kosmos_cli import jobs, sources
 from kosmos_cli.cli import app
+from kosmos_cli.document import Document
+from kosmos_cli.manifest import progress_name
 
 Kosmos = Callable[..., Result]
 TOKENS = "6"  # new tokens per page: enough to make distinct outputs, few enough to be quick
@@ -68,24 +70,26 @@ def test_folder_tree_is_mirrored(kosmos: Kosmos, tree: Path, tmp_path: Path) -> 
     out = tmp_path / "out"
     result = kosmos("ocr", str(tree), "-o", str(out), "-f", "txt", "-f", "json")
     assert result.exit_code == 0, result.stderr
-    written = sorted(str(p.relative_to(out)) for p in out.rglob("*") if p.is_file())
+    written = sorted(
+        str(p.relative_to(out)) for p in out.rglob("*") if p.is_file() and ".kosmos" not in p.parts
+    )
     assert written == [
-        "a/b/photo.json", "a/b/photo.txt", "a/report.json", "a/report.txt",
-        "fax.json", "fax.txt", "scan.json", "scan.txt",
+        "a/b/photo.jpg.json", "a/b/photo.jpg.txt", "a/report.pdf.json", "a/report.pdf.txt",
+        "fax.tif.json", "fax.tif.txt", "scan.png.json", "scan.png.txt",
     ]  # fmt: skip
     assert result.stdout == ""
     assert "4 done, 0 skipped (done before), 0 failed; 8 pages" in result.stderr
     assert "1 unsupported files ignored" in result.stderr
-    report = _json(out / "a" / "report.json")
+    report = _json(out / "a" / "report.pdf.json")
     pages = report["pages"]
     assert isinstance(pages, list)
     assert [p["page_number"] for p in pages] == [1, 2, 3]
     letter, a4, rotated = pages
     assert letter["width"] < letter["height"] and a4["width"] < a4["height"]
     assert rotated["width"] > rotated["height"], "a /Rotate 90 page renders landscape"
-    photo = _json(out / "a" / "b" / "photo.json")["pages"][0]  # type: ignore[index]
+    photo = _json(out / "a" / "b" / "photo.jpg.json")["pages"][0]  # type: ignore[index]
     assert (photo["width"], photo["height"]) == (96, 64), "EXIF orientation 6 is applied"
-    assert len(_json(out / "fax.json")["pages"]) == 3  # type: ignore[arg-type]
+    assert len(_json(out / "fax.tif.json")["pages"]) == 3  # type: ignore[arg-type]
 
 
 def test_stdout_separates_documents_and_keeps_input_order(kosmos: Kosmos, tmp_path: Path) -> None:
@@ -104,7 +108,7 @@ def test_pages_select_per_document(kosmos: Kosmos, tmp_path: Path) -> None:
     out = tmp_path / "out"
     result = kosmos("ocr", str(pdf), "-o", str(out), "-f", "json", "--pages", "2,5-")
     assert result.exit_code == 0, result.stderr
-    pages = _json(out / "six.json")["pages"]
+    pages = _json(out / "six.pdf.json")["pages"]
     assert [p["page_number"] for p in pages] == [2, 5, 6]  # type: ignore[union-attr]
 
 
@@ -115,8 +119,8 @@ def test_pages_out_of_range_fail_that_document_only(kosmos: Kosmos, tmp_path: Pa
     result = kosmos("md", str(short), str(long), "-o", str(out), "--pages", "4")
     assert result.exit_code == 1
     assert "error: `" in result.stderr and "short.pdf` has 2 pages; --pages asks for 4" in result.stderr
-    assert not (out / "short.md").exists()
-    assert (out / "long.md").exists()
+    assert not (out / "short.pdf.md").exists()
+    assert (out / "long.pdf.md").exists()
 
 
 def test_encrypted_pdf_needs_the_password(kosmos: Kosmos, tmp_path: Path) -> None:
@@ -128,7 +132,7 @@ def test_encrypted_pdf_needs_the_password(kosmos: Kosmos, tmp_path: Path) -> Non
     assert "hint: " in refused.stderr and "--password" in refused.stderr
     opened = kosmos("md", str(locked), "-o", str(out), "--password", "s3cret")
     assert opened.exit_code == 0, opened.stderr
-    assert (out / "locked.md").exists()
+    assert (out / "locked.pdf.md").exists()
 
 
 BROKEN = {
@@ -157,7 +161,7 @@ def test_broken_inputs_are_reported_and_the_rest_finishes(kosmos: Kosmos, tmp_pa
     for name in BROKEN:
         assert sum(name in line for line in errors) == 1, (name, errors)
     assert "Traceback" not in result.stderr
-    assert sorted(p.name for p in out.iterdir()) == ["good.md", "pdf-named.md", "png-named.md"]
+    assert sorted(p.name for p in out.glob("*.md")) == ["good.png.md", "pdf-named.png.md", "png-named.pdf.md"]
     assert f"3 done, 0 skipped (done before), {len(BROKEN)} failed" in result.stderr
 
 
@@ -178,7 +182,7 @@ def test_a_file_that_vanishes_mid_run_is_reported(
     result = kosmos("ocr", str(keep), str(gone), "-o", str(out))
     assert result.exit_code == 1
     assert "gone.png" in result.stderr and "error: " in result.stderr
-    assert (out / "keep.txt").exists()
+    assert (out / "keep.png.txt").exists()
 
 
 def test_stdin_and_from_list(kosmos: Kosmos, tmp_path: Path) -> None:
@@ -200,14 +204,14 @@ def test_existing_outputs_are_skipped_until_overwrite(kosmos: Kosmos, tmp_path: 
     png = make_image(tmp_path / "page.png")
     out = tmp_path / "out"
     assert kosmos("md", str(png), "-o", str(out)).exit_code == 0
-    (out / "page.md").write_text("edited by hand\n")
+    (out / "page.png.md").write_text("edited by hand\n")
     again = kosmos("md", str(png), "-o", str(out))
     assert again.exit_code == 0
     assert "0 done, 1 skipped (done before)" in again.stderr
-    assert (out / "page.md").read_text() == "edited by hand\n"
+    assert (out / "page.png.md").read_text() == "edited by hand\n"
     redo = kosmos("md", str(png), "-o", str(out), "--overwrite")
     assert redo.exit_code == 0
-    assert (out / "page.md").read_text() != "edited by hand\n"
+    assert (out / "page.png.md").read_text() != "edited by hand\n"
 
 
 def test_interrupted_run_resumes_without_redoing_pages(
@@ -233,15 +237,17 @@ def test_interrupted_run_resumes_without_redoing_pages(
     stopped = kosmos("ocr", str(pdf), "-o", str(out), "-f", "txt", "-f", "json")
     assert stopped.exit_code == 130
     assert "interrupted" in stopped.stderr
-    assert sorted(p.name for p in out.iterdir()) == ["long.kosmos-progress.jsonl"]
+    assert [p for p in out.iterdir() if not p.name.startswith(".")] == []
+    assert len(list((out / ".kosmos/progress").iterdir())) == 1
 
     calls.clear()
     monkeypatch.setattr(jobs.Assembly, "page_done", page_done)
     resumed = kosmos("ocr", str(pdf), "-o", str(out), "-f", "txt", "-f", "json")
     assert resumed.exit_code == 0, resumed.stderr
     assert "3 resumed" in resumed.stderr
-    assert sorted(p.name for p in out.iterdir()) == ["long.json", "long.txt"]
-    for name in ("long.json", "long.txt"):
+    assert sorted(p.name for p in out.iterdir() if not p.name.startswith(".")) == ["long.pdf.json", "long.pdf.txt"]
+    assert list((out / ".kosmos/progress").iterdir()) == []
+    for name in ("long.pdf.json", "long.pdf.txt"):
         assert (out / name).read_bytes() == (clean / name).read_bytes()
 
 
@@ -251,11 +257,12 @@ def test_a_torn_progress_line_is_redone(kosmos: Kosmos, tmp_path: Path) -> None:
     assert kosmos("md", str(pdf), "-o", str(clean)).exit_code == 0
     out = tmp_path / "out"
     out.mkdir()
-    progress = out / "doc.kosmos-progress.jsonl"
+    progress = out / progress_name(Document(str(pdf), "doc.pdf"))
+    progress.parent.mkdir(parents=True)
     progress.write_text('{"kosmos_progress": 1, "fingerprint": "x"}\n{"document": {"pa')
     result = kosmos("md", str(pdf), "-o", str(out))
     assert result.exit_code == 0, result.stderr
-    assert (out / "doc.md").read_bytes() == (clean / "doc.md").read_bytes()
+    assert (out / "doc.pdf.md").read_bytes() == (clean / "doc.pdf.md").read_bytes()
     assert not progress.exists()
 
 
@@ -267,7 +274,7 @@ def test_killed_process_resumes_to_identical_outputs(tiny_checkpoint: Path, tmp_
     subprocess.run([*command, "-o", str(clean)], check=True, capture_output=True, timeout=300)
 
     out = tmp_path / "out"
-    progress = out / "many.kosmos-progress.jsonl"
+    progress = out / progress_name(Document(str(pdf), "many.pdf"))
     process = subprocess.Popen([*command, "-o", str(out)], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     deadline = time.monotonic() + 240
     while time.monotonic() < deadline:
@@ -276,10 +283,10 @@ def test_killed_process_resumes_to_identical_outputs(tiny_checkpoint: Path, tmp_
         time.sleep(0.05)
     os.kill(process.pid, signal.SIGKILL)
     process.wait()
-    assert not (out / "many.md").exists()
+    assert not (out / "many.pdf.md").exists()
 
     subprocess.run([*command, "-o", str(out)], check=True, capture_output=True, timeout=300)
-    assert (out / "many.md").read_bytes() == (clean / "many.md").read_bytes()
+    assert (out / "many.pdf.md").read_bytes() == (clean / "many.pdf.md").read_bytes()
     assert not progress.exists()
 
 
@@ -302,14 +309,14 @@ def test_a_page_the_model_fails_on_is_marked_in_place(
     result = kosmos("md", str(pdf), "-o", str(out), "-f", "md", "-f", "json")
     assert result.exit_code == 1
     assert f"error: `{pdf}` page 3: " in result.stderr and "out of memory" in result.stderr
-    markdown = (out / "doc.md").read_text()
+    markdown = (out / "doc.pdf.md").read_text()
     assert "<!-- kosmos: page 3 failed: " in markdown
     assert (
         markdown.index("<!-- kosmos: page 1")
         < markdown.index("<!-- kosmos: page 2")
         < markdown.index("page 3 failed")
     )
-    pages = _json(out / "doc.json")["pages"]
+    pages = _json(out / "doc.pdf.json")["pages"]
     assert [p["status"] for p in pages] == ["truncated", "truncated", "failed"]  # type: ignore[index]
     assert "out of memory" in pages[2]["error"]  # type: ignore[index]
     assert "kosmos: 1 done, 0 skipped (done before), 0 failed; 3 pages in " in result.stderr

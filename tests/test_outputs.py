@@ -35,8 +35,10 @@ from kosmos_cli.files import (
     output_store,
     public_location,
 )
-from kosmos_cli.jobs import Assembly, Job, Summary, plan, run_job
+from kosmos_cli.jobs import Assembly, Job, Summary, plan, probe, run_job
+from kosmos_cli.manifest import progress_name
 from kosmos_cli.runner import Settings, load_runner
+from kosmos_cli.sandbox import Sandbox
 from kosmos_cli.sources import discover
 
 PROGRESS_SUFFIX = ".progress.jsonl"  # a log name, as the manifest's progress logs end
@@ -162,6 +164,11 @@ def test_store_leaves_no_temporary_files(store: OutputStore, tmp_path: Path) -> 
     store.write("x/y.md", b"data")
     if isinstance(store, LocalStore) or store.location == "subtree://out":
         assert [p.name for p in tmp_path.rglob("*") if p.is_file()] == ["y.md"]
+    if isinstance(store, LocalStore):
+        store.open_for_run()  # from now on temporary files go to .kosmos/tmp, emptied by each run
+        store.write("x/z.md", b"data")
+        assert list((store.root / ".kosmos/tmp").iterdir()) == []
+        store.close()
 
 
 def test_store_logs_append_and_resume_in_order(store: OutputStore) -> None:
@@ -216,7 +223,7 @@ def test_s3_objects_and_messages(s3: S3Server) -> None:
     assert isinstance(store, ObjectStore)
     assert store.describe("a/b.md") == f"s3://{bucket}/out/a/b.md"  # no credentials, no endpoint
     store.append_log(f"doc{PROGRESS_SUFFIX}", "line")
-    assert set(s3.tree(bucket, "out")) == {"doc.kosmos-progress/00000000.json"}
+    assert set(s3.tree(bucket, "out")) == {"doc.progress/00000000.json"}
     store.remove_log(f"doc{PROGRESS_SUFFIX}")
     assert s3.tree(bucket, "out") == {}
     missing = output_store(s3.uri("no-such-bucket", "out"))
@@ -313,9 +320,13 @@ def ocr_job(output_dir: Path | str) -> Job:
 def run(folder: Path, job: Job, runner: object) -> tuple[Summary, Recorder]:
     """Plan and run a job over a folder as the CLI does on one machine."""
     documents = discover([str(folder)]).documents
-    todo, skipped = plan(documents, job)
-    summary, recorder = Summary(documents_skipped=len(skipped)), Recorder()
-    run_job(todo, runner, job, recorder, io.BytesIO(), summary, inputs=documents)  # type: ignore[arg-type]
+    summary, recorder = Summary(), Recorder()
+    with Sandbox() as sandbox:
+        pages = probe(documents, job, recorder, summary, sandbox=sandbox)
+        todo = plan(documents, job, recorder, summary, pages=pages, inputs=documents)
+        run_job(
+            todo, runner, job, recorder, io.BytesIO(), summary, inputs=documents, pages=pages, sandbox=sandbox
+        )  # type: ignore[arg-type]
     return summary, recorder
 
 
@@ -326,7 +337,12 @@ def local_reference(
     out = tmp_path_factory.mktemp("local-out")
     summary, recorder = run(scans, ocr_job(out), runner)
     assert counts(summary) == (2, 0, 0, 3, 0, 0) and recorder.errors == []
-    return tree(out)
+    return _outputs(tree(out))
+
+
+def _outputs(files: dict[str, bytes]) -> dict[str, bytes]:
+    """The outputs among files, without the run records in .kosmos/."""
+    return {name: data for name, data in files.items() if not name.startswith(".kosmos/")}
 
 
 def test_job_writes_to_s3_what_it_writes_locally_and_skips_it_after(
@@ -338,10 +354,12 @@ def test_job_writes_to_s3_what_it_writes_locally_and_skips_it_after(
     summary, recorder = run(scans, job, runner)
 
     assert set(local_reference) == {  # every format and the --draw images, compared byte for byte
-        "a.txt", "a.json", "a.hocr", "a.pdf", "a.png",
-        "sub/b.txt", "sub/b.json", "sub/b.hocr", "sub/b.pdf", "sub/b-p001.png", "sub/b-p002.png",
+        "a.png.txt", "a.png.json", "a.png.hocr", "a.png.pdf", "a.png.boxes.png",
+        "sub/b.pdf.txt", "sub/b.pdf.json", "sub/b.pdf.hocr", "sub/b.pdf.pdf",
+        "sub/b.pdf-p001.boxes.png", "sub/b.pdf-p002.boxes.png",
     }  # fmt: skip
-    assert s3.tree(bucket, "out") == local_reference  # and no progress objects left
+    assert _outputs(s3.tree(bucket, "out")) == local_reference  # and no progress objects left
+    assert not [name for name in s3.tree(bucket, "out") if "/progress/" in name]
     assert counts(summary) == (2, 0, 0, 3, 0, 0) and recorder.errors == []
 
     again, _ = run(scans, job, runner)
@@ -361,18 +379,23 @@ def test_job_on_s3_resumes_a_half_done_document(
     assembly.expect(documents[1], [0, 1])
     first_page = _first_page(documents[1], runner, job)
     assembly.page_done(first_page)
-    assert set(s3.tree(bucket, "out")) == {
-        "a.txt", "a.json", "a.hocr", "a.pdf", "a.png", "sub/b.kosmos-progress/00000000.json",
-        "sub/b.kosmos-progress/00000001.json",
-    }  # fmt: skip
+    progress = progress_name(documents[1]).removesuffix(".jsonl")
+    assert set(_outputs(s3.tree(bucket, "out"))) == {
+        "a.png.txt",
+        "a.png.json",
+        "a.png.hocr",
+        "a.png.pdf",
+        "a.png.boxes.png",
+    }
+    assert {f"{progress}/00000000.json", f"{progress}/00000001.json"} <= set(s3.tree(bucket, "out"))
 
     summary, recorder = run(scans, job, runner)
 
     assert counts(summary) == (1, 1, 0, 1, 1, 0)
     assert recorder.errors == []
     # The resumed page's drawing was not kept by the interrupted run, so only the rest are compared.
-    expected = {name: data for name, data in local_reference.items() if name != "sub/b-p001.png"}
-    assert s3.tree(bucket, "out") == expected
+    expected = {name: data for name, data in local_reference.items() if name != "sub/b.pdf-p001.boxes.png"}
+    assert _outputs(s3.tree(bucket, "out")) == expected
 
 
 def _first_page(document: object, runner: object, job: Job) -> PageResult:
@@ -390,50 +413,32 @@ def _first_page(document: object, runner: object, job: Job) -> PageResult:
 def test_outputs_that_would_overwrite_inputs_fail_their_document(tmp_path: Path, runner: object) -> None:
     folder = tmp_path / "in"
     folder.mkdir()
-    make_pdf(folder / "scan.pdf", pages=MIXED_PAGES[:2])  # scan.pdf would be its own searchable PDF
-    make_image(folder / "note.png")  # note.png would be its own --draw image
-    make_image(folder / "photo.jpg", fmt="JPEG")  # photo.pdf and photo.png are new files
+    make_image(folder / "scan.png")  # its searchable PDF would be scan.png.pdf, another input
+    make_pdf(folder / "scan.png.pdf", pages=MIXED_PAGES[:2])
+    make_image(folder / "photo.jpg", fmt="JPEG")
     before = tree(folder)
     job = Job(task=Task.OCR, formats=("txt", "pdf"), output_dir=folder, draw=True, fingerprint="tiny")
 
     summary, recorder = run(folder, job, runner)
 
     assert recorder.errors == [
-        f"`{folder}/scan.pdf` would overwrite the input `{folder}/scan.pdf`\nhint: choose another -o",
-        f"`{folder}/note.png` would overwrite the input `{folder}/note.png`\nhint: choose another -o",
+        f"`{folder}/scan.png.pdf` would overwrite the input `{folder}/scan.png.pdf`\nhint: choose another -o",
     ]
-    assert counts(summary)[:3] == (1, 0, 2) and summary.failed
-    after = tree(folder)
+    assert counts(summary)[:3] == (2, 0, 1) and summary.failed
+    after = _outputs(tree(folder))
     assert {name: after[name] for name in before} == before  # every input as it was
-    assert sorted(set(after) - set(before)) == ["photo.pdf", "photo.png", "photo.txt"]
-
-
-def test_an_input_that_was_skipped_is_protected_too(tmp_path: Path, runner: object) -> None:
-    folder = tmp_path / "in"
-    folder.mkdir()
-    make_pdf(folder / "doc.pdf", pages=MIXED_PAGES[:2])  # draws doc-p001.png and doc-p002.png
-    make_image(folder / "doc-p002.png")  # an input whose own output exists, so it is skipped
-    (folder / "doc-p002.txt").write_text("done before\n")
-    before = tree(folder)
-    job = Job(task=Task.OCR, formats=("txt",), output_dir=folder, draw=True, fingerprint="tiny")
-
-    summary, recorder = run(folder, job, runner)
-
-    assert recorder.errors == [
-        f"`{folder}/doc-p002.png` would overwrite the input `{folder}/doc-p002.png`\nhint: choose another -o"
-    ]
-    assert counts(summary)[:3] == (0, 1, 1)
-    after = tree(folder)
-    assert {name: after[name] for name in before} == before
-    assert set(after) - set(before) <= {"doc-p001.png", f"doc{PROGRESS_SUFFIX}"}  # nothing of doc's finished
+    assert sorted(set(after) - set(before)) == [
+        "photo.jpg.boxes.png", "photo.jpg.pdf", "photo.jpg.txt",
+        "scan.png.pdf-p001.boxes.png", "scan.png.pdf-p002.boxes.png", "scan.png.pdf.pdf", "scan.png.pdf.txt",
+    ]  # fmt: skip
 
 
 def test_cli_refuses_to_overwrite_an_input_and_goes_on(tiny_checkpoint: Path, tmp_path: Path) -> None:
     folder = tmp_path / "scans"
     folder.mkdir()
-    make_pdf(folder / "scan.pdf", pages=MIXED_PAGES[:1])
-    make_image(folder / "photo.png")
-    scan = (folder / "scan.pdf").read_bytes()
+    make_image(folder / "scan.pdf")  # an image despite its name: its searchable PDF is scan.pdf.pdf
+    make_pdf(folder / "scan.pdf.pdf", pages=MIXED_PAGES[:1])
+    scan = (folder / "scan.pdf.pdf").read_bytes()
     args = ["ocr", str(folder), "-o", str(folder), "-f", "pdf"]
 
     result = CliRunner().invoke(
@@ -444,12 +449,17 @@ def test_cli_refuses_to_overwrite_an_input_and_goes_on(tiny_checkpoint: Path, tm
     assert result.stdout == ""
     lines = result.stderr.splitlines()
     assert lines[:2] == [
-        f"error: `{folder}/scan.pdf` would overwrite the input `{folder}/scan.pdf`",
+        f"error: `{folder}/scan.pdf.pdf` would overwrite the input `{folder}/scan.pdf.pdf`",
         "hint: choose another -o",
     ]
     assert "1 done, 0 skipped (done before), 1 failed" in lines[-1]
-    assert (folder / "scan.pdf").read_bytes() == scan
-    assert sorted(p.name for p in folder.iterdir()) == ["photo.pdf", "photo.png", "scan.pdf"]
+    assert (folder / "scan.pdf.pdf").read_bytes() == scan
+    assert sorted(p.name for p in folder.iterdir()) == [
+        ".kosmos",
+        "scan.pdf",
+        "scan.pdf.pdf",
+        "scan.pdf.pdf.pdf",
+    ]
 
 
 def test_cli_writes_to_s3(
@@ -469,6 +479,8 @@ def test_cli_writes_to_s3(
     )
 
     assert result.exit_code == 0, result.stderr
-    assert s3.tree(bucket, "out") == {name: local_reference[name] for name in ("a.json", "a.txt")}
+    assert _outputs(s3.tree(bucket, "out")) == {
+        name: local_reference[name] for name in ("a.png.json", "a.png.txt")
+    }
     assert CREDENTIALS not in result.stderr
     assert list(tmp_path.iterdir()) == []

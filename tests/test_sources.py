@@ -189,7 +189,7 @@ def test_discover_walks_folders_sorted_skipping_hidden_and_listing_unsupported(t
 
     found = discover([str(root)])
 
-    assert _names(found) == ["README", "a/b", "a/c", "sub/empty", "z"]
+    assert _names(found) == ["README", "a/b.pdf", "a/c.png", "sub/empty.png", "z.jpg"]
     assert [document.path for document in found.documents] == [
         str(root / "README"),
         str(root / "a" / "b.pdf"),
@@ -204,18 +204,17 @@ def test_discover_walks_folders_sorted_skipping_hidden_and_listing_unsupported(t
 @pytest.mark.parametrize(
     ("files", "arguments", "expected"),
     [
-        # Same stem, other format, one folder: the suffix stays.
-        (["in/a.png", "in/a.pdf", "in/b.png"], ["in"], ["a.pdf", "a.png", "b"]),
-        # Same file name in two folders given as files: a parent folder is added.
+        # Same stem, other format, one folder: the suffix always stays.
+        (["in/a.png", "in/a.pdf", "in/b.png"], ["in"], ["a.pdf", "a.png", "b.png"]),
+        # Same file name in two folders given as files: the path below their common folder.
         (["x/a.pdf", "y/a.pdf"], ["x/a.pdf", "y/a.pdf"], ["x/a.pdf", "y/a.pdf"]),
-        # Same stem, other suffix, in two folders: the suffix is enough.
-        (["x/a.pdf", "y/a.png"], ["x/a.pdf", "y/a.png"], ["a.pdf", "a.png"]),
+        (["x/a.pdf", "y/a.png"], ["x/a.pdf", "y/a.png"], ["x/a.pdf", "y/a.png"]),
         # Two folders with the same tree: the folder names come in.
         (["one/s/p.png", "two/s/p.png"], ["one", "two"], ["one/s/p.png", "two/s/p.png"]),
-        # Names differing only in case clash on case-insensitive file systems: numbered.
-        (["in/A.png", "in/a.png"], ["in"], ["A", "a-2"]),
-        # No clash: plain stems, mirrored tree.
-        (["in/a/b.pdf", "c.png"], ["in", "c.png"], ["a/b", "c"]),
+        # Names differing only in case are kept; `name_clashes` refuses them where outputs are written.
+        (["in/A.png", "in/a.png"], ["in"], ["A.png", "a.png"]),
+        # A folder and a file beside it: mirrored below their common folder.
+        (["in/a/b.pdf", "c.png"], ["in", "c.png"], ["in/a/b.pdf", "c.png"]),
     ],
 )
 def test_discover_names_are_unique(
@@ -239,7 +238,7 @@ def test_discover_reads_a_file_reached_twice_once(tmp_path: Path) -> None:
     found = discover(
         [str(tmp_path / "in" / "a.png"), str(tmp_path / "in"), str(tmp_path / "in" / "." / "a.png")]
     )
-    assert _names(found) == ["a"]
+    assert _names(found) == ["a.png"]
 
 
 def test_discover_survives_a_folder_link_loop(tmp_path: Path) -> None:
@@ -247,7 +246,7 @@ def test_discover_survives_a_folder_link_loop(tmp_path: Path) -> None:
     root.mkdir()
     make_image(root / "a.png")
     (root / "loop").symlink_to(root, target_is_directory=True)
-    assert _names(discover([str(root)])) == ["a"]
+    assert _names(discover([str(root)])) == ["a.png"]
 
 
 def test_discover_expands_quoted_globs_and_reports_misses(tmp_path: Path) -> None:
@@ -257,7 +256,7 @@ def test_discover_expands_quoted_globs_and_reports_misses(tmp_path: Path) -> Non
         make_pdf(scans / name)
     make_image(scans / "d.png")
     found = discover([str(scans / "*.pdf"), str(scans / "*.tif")])
-    assert _names(found) == ["a", "b"]
+    assert _names(found) == ["a.pdf", "b.pdf"]
     assert [error.message for error in found.errors] == [f"no files match `{scans / '*.tif'}`"]
 
 
@@ -275,7 +274,7 @@ def test_discover_takes_explicit_files_whatever_they_hold(tmp_path: Path) -> Non
     make_text(tmp_path / "notes.txt")
     make_image(tmp_path / ".hidden.png")
     found = discover([str(tmp_path / "notes.txt"), str(tmp_path / ".hidden.png")])
-    assert _names(found) == ["notes", ".hidden"]
+    assert _names(found) == ["notes.txt", ".hidden.png"]
     assert found.unsupported == []
     assert _read_error(tmp_path / "notes.txt").message == f"`{tmp_path / 'notes.txt'}` is not an image or PDF"
 
@@ -288,14 +287,14 @@ def test_discover_reads_a_list_file(tmp_path: Path, monkeypatch: pytest.MonkeyPa
     listing = "\ufeff# scans to do\n\na.png\n  docs  \r\n# done: old.png\nmissing.png\n-\n"
     (tmp_path / "list.txt").write_text(listing, encoding="utf-8")
     found = discover([], from_list="list.txt")
-    assert _names(found) == ["a", "b"]
+    assert _names(found) == ["a.png", "docs/b.pdf"]
     assert [error.message for error in found.errors] == ["`missing.png` does not exist", "`-` does not exist"]
 
 
 def test_discover_reads_the_list_from_stdin(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     make_image(tmp_path / "a.png")
     _feed_stdin(monkeypatch, f"{tmp_path / 'a.png'}\n".encode())
-    assert _names(discover([], from_list="-")) == ["a"]
+    assert _names(discover([], from_list="-")) == ["a.png"]
 
 
 def test_discover_rejects_an_unreadable_list(tmp_path: Path) -> None:
