@@ -44,9 +44,9 @@ def counts(summary: Summary) -> tuple[int, ...]:
 
 
 def tree(folder: Path) -> dict[str, bytes]:
-    """Every file under `folder`, by its relative POSIX path, with its bytes."""
+    """Every file under `folder` but the run records in `.kosmos/`, by relative POSIX path, with its bytes."""
     return {
         path.relative_to(folder).as_posix(): path.read_bytes()
         for path in sorted(folder.rglob("*"))
-        if path.is_file()
+        if path.is_file() and ".kosmos" not in path.relative_to(folder).parts
     }

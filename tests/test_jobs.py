@@ -245,7 +245,10 @@ def test_interrupted_run_resumes_without_redoing_pages(
     resumed = kosmos("ocr", str(pdf), "-o", str(out), "-f", "txt", "-f", "json")
     assert resumed.exit_code == 0, resumed.stderr
     assert "3 resumed" in resumed.stderr
-    assert sorted(p.name for p in out.iterdir() if not p.name.startswith(".")) == ["long.pdf.json", "long.pdf.txt"]
+    assert sorted(p.name for p in out.iterdir() if not p.name.startswith(".")) == [
+        "long.pdf.json",
+        "long.pdf.txt",
+    ]
     assert list((out / ".kosmos/progress").iterdir()) == []
     for name in ("long.pdf.json", "long.pdf.txt"):
         assert (out / name).read_bytes() == (clean / name).read_bytes()

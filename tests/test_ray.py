@@ -34,10 +34,9 @@ from kosmos_cli.distributed import (
 from kosmos_cli.document import Document, PageInfo, PageResult, Task
 from kosmos_cli.errors import ModelLoadError, UsageError
 from kosmos_cli.jobs import Assembly, Job, Summary, plan, run_job
+from kosmos_cli.manifest import progress_name
 from kosmos_cli.runner import Settings, load_runner
 from kosmos_cli.sources import discover
-
-PROGRESS_SUFFIX = ".progress.jsonl"  # a log name, as the manifest's progress logs end
 
 FORMATS = {Task.MD: ("md", "json", "jsonl"), Task.OCR: ("txt", "json", "jsonl", "hocr", "pdf")}
 PAGES = 5  # readable pages in the corpus
@@ -107,7 +106,7 @@ def test_discover_uris_names_documents_as_sources_does(corpus: Path, tmp_path: P
     remote = discover_uris([f"file://{folder}", f"file://{folder}/b.pdf", f"file://{tmp_path}/missing"])
     assert [d.name for d in remote.documents] == [d.name for d in local.documents]  # b.pdf read once
     assert [d.path for d in remote.documents] == [f"file://{d.path}" for d in local.documents]
-    assert [d.name for d in discover_uris([f"file://{folder}/sub/c.pdf"]).documents] == ["c"]
+    assert [d.name for d in discover_uris([f"file://{folder}/sub/c.pdf"]).documents] == ["c.pdf"]
     assert remote.unsupported == [f"file://{folder}/notes.txt"]
     assert [e.message for e in remote.errors] == [f"`file://{tmp_path}/missing` does not exist"]
 
@@ -160,26 +159,27 @@ def test_outputs_over_inputs_are_refused_before_ray_starts(
 ) -> None:
     import kosmos_cli.distributed
 
-    def no_ray(address: str | None) -> bool:
+    def no_ray(address: str | None, **options: object) -> bool:
         raise AssertionError("Ray was started for nothing")
 
     monkeypatch.setattr(kosmos_cli.distributed, "_connect", no_ray)
     folder = tmp_path / "in"
     folder.mkdir()
-    make_pdf(folder / "scan.pdf")
+    make_image(folder / "scan.png")  # its searchable PDF would be scan.png.pdf, another input
+    make_pdf(folder / "scan.png.pdf")
     job = Job(task=Task.OCR, formats=("txt", "pdf"), output_dir=folder, fingerprint="tiny")
     documents = discover([str(folder)]).documents
-    todo, skipped = plan(documents, job)
-    assert (todo, skipped) == (documents, [])  # scan.pdf "exists", but as the input: not a finished output
     summary, recorder = Summary(), Recorder()
+    todo = plan(documents[:1], job, recorder, summary, inputs=documents)
+    assert todo == []
 
     run_on_ray(todo, job, settings, recorder, summary=summary)
 
     assert recorder.errors == [
-        f"`{folder}/scan.pdf` would overwrite the input `{folder}/scan.pdf`\nhint: choose another -o"
+        f"`{folder}/scan.png.pdf` would overwrite the input `{folder}/scan.png.pdf`\nhint: choose another -o"
     ]
     assert counts(summary) == (0, 0, 1, 0, 0, 0)
-    assert sorted(p.name for p in folder.iterdir()) == ["scan.pdf"]
+    assert sorted(p.name for p in folder.iterdir()) == ["scan.png", "scan.png.pdf"]
 
 
 # --- on a local Ray instance ------------------------------------------------------------------------
@@ -248,16 +248,16 @@ def make_job(task: Task, output_dir: Path | None, *, formats: tuple[str, ...] | 
 
 def run_single(corpus: Path, job: Job, settings: Settings) -> Run:
     """Run a job as the CLI does on one machine, on the corpus named as a relative path."""
-    todo, skipped = plan(discover([corpus.name]).documents, job)
-    summary, recorder, stdout = Summary(documents_skipped=len(skipped)), Recorder(), io.BytesIO()
+    summary, recorder, stdout = Summary(), Recorder(), io.BytesIO()
+    todo = plan(discover([corpus.name]).documents, job, recorder, summary)
     run_job(todo, load_runner(settings), job, recorder, stdout, summary)
     return Run(summary, recorder, stdout.getvalue(), job.output_dir)
 
 
 def run_ray(corpus: Path, job: Job, settings: Settings) -> Run:
     """Run a job as the CLI does with --ray, on the corpus named as a relative path."""
-    todo, skipped = plan(discover([corpus.name]).documents, job)
-    summary, recorder, stdout = Summary(documents_skipped=len(skipped)), Recorder(), io.BytesIO()
+    summary, recorder, stdout = Summary(), Recorder(), io.BytesIO()
+    todo = plan(discover([corpus.name]).documents, job, recorder, summary)
     run_on_ray(todo, job, settings, recorder, stdout=stdout, summary=summary, workers=1)
     return Run(summary, recorder, stdout.getvalue(), job.output_dir)
 
@@ -319,20 +319,21 @@ class TestOnRay:
         expected = tree(reference.output_dir)
         job = make_job(Task.OCR, tmp_path)
         for name, data in expected.items():  # a run that stopped inside sub/c.pdf, after its first page
-            if not name.startswith("sub/c") or name == "sub/c-p001.png":
+            if not name.startswith("sub/c") or name == "sub/c.pdf-p001.boxes.png":
                 (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
                 (tmp_path / name).write_bytes(data)
+        shutil.copytree(reference.output_dir / ".kosmos", tmp_path / ".kosmos")  # what was recorded as done
         first_page = next(
             r
             for r in reference.recorder.results
-            if r.info.document.name == "sub/c" and r.info.page_index == 0
+            if r.info.document.name == "sub/c.pdf" and r.info.page_index == 0
         )
         document = first_page.info.document
         interrupted = Assembly([document], job, Recorder(), io.BytesIO(), Summary())
         interrupted.start(document)
         interrupted.expect(document, [0, 1])
         interrupted.page_done(first_page)
-        assert (tmp_path / f"sub/c{PROGRESS_SUFFIX}").exists()
+        assert (tmp_path / progress_name(document)).exists()
 
         ray_run = run_ray(corpus, job, settings)
 
@@ -383,16 +384,16 @@ class TestOnRay:
             for name, data in tree(reference.output_dir).items()
         }
         job = make_job(Task.MD, s3.uri(bucket, "out"))
-        todo, skipped = plan(discover_uris([s3.uri(bucket, "in")]).documents, job)
-        summary, recorder = Summary(documents_skipped=len(skipped)), Recorder()
+        summary, recorder = Summary(), Recorder()
+        todo = plan(discover_uris([s3.uri(bucket, "in")]).documents, job, recorder, summary)
 
         run_on_ray(todo, job, settings, recorder, summary=summary, workers=1)
 
-        assert s3.tree(bucket, "out") == expected
+        assert {k: v for k, v in s3.tree(bucket, "out").items() if not k.startswith(".kosmos/")} == expected
         assert counts(summary) == counts(reference.summary)
         assert recorder.errors == [e.replace(corpus.name, source) for e in reference.recorder.errors]
-        again, _ = plan(discover_uris([s3.uri(bucket, "in")]).documents, job)
-        assert [d.name for d in again] == [BROKEN.removesuffix(".png")]  # the rest are done
+        again = plan(discover_uris([s3.uri(bucket, "in")]).documents, job, Recorder(), Summary())
+        assert [d.name for d in again] == [BROKEN]  # the rest are done
 
 
 @pytest.mark.ray
