@@ -96,7 +96,8 @@ Output = Annotated[
     typer.Option(
         "--output",
         "-o",
-        help="Write one file per input and format here (a folder or an s3://, gs:// URI); default: stdout.",
+        help="Write one file per input and format here (a folder or an s3://, gs:// URI); default: stdout. "
+        "Names mirror the inputs: see below.",
     ),
 ]
 FromList = Annotated[
@@ -239,7 +240,18 @@ def _main(
     """Transcribe scans, photos and PDFs with Kosmos-2.5."""
 
 
-@app.command()
+RUN_EPILOG = (
+    "Outputs (-o DIR): one file per input and format, named by the input's path below the common "
+    "folder of all inputs, suffix kept: scans/2024/a.pdf -> DIR/2024/a.pdf.md. A run records each "
+    "finished document in DIR/.kosmos/manifest.jsonl; a rerun skips a document only when its outputs "
+    "exist and were recorded from the same, unchanged input with the same settings, redoes the rest, "
+    "and never replaces a file it did not write from that input (--overwrite does). "
+    "Exit codes: 0 done, 1 some inputs or pages failed, 2 usage error, 3 model did not load, "
+    "130 interrupted, 141 stdout closed, 143 terminated."
+)
+
+
+@app.command(epilog=RUN_EPILOG)
 def md(
     inputs: Inputs = None,
     output: Output = None,
@@ -277,7 +289,7 @@ def md(
     _run(Task.MD, locals() | {"formats": formats, "draw": False, "numbered": False})
 
 
-@app.command()
+@app.command(epilog=RUN_EPILOG)
 def ocr(
     inputs: Inputs = None,
     output: Output = None,

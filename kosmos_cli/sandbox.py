@@ -11,19 +11,18 @@ and the run goes on. The child ignores Ctrl-C: the parent decides when to stop.
 from __future__ import annotations
 
 import logging
-import multiprocessing
 import os
 import signal
+import socket
+import subprocess
+import sys
 import threading
 import traceback
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any, TypeVar
+from multiprocessing.connection import Connection
+from typing import Any, TypeVar
 
 from kosmos_cli.errors import InputError
-
-if TYPE_CHECKING:
-    from multiprocessing.connection import Connection
-    from multiprocessing.process import BaseProcess
 
 logger = logging.getLogger(__name__)
 
@@ -32,6 +31,7 @@ READER_MEMORY_LIMIT = 8 << 30  # bytes of address space a reader process may use
 START_TIMEOUT = 120.0  # seconds a new reader process may take to start (imports on a busy machine)
 
 T = TypeVar("T")
+_CHILD = "import sys; from kosmos_cli.sandbox import serve_fd; serve_fd(int(sys.argv[1]), int(sys.argv[2]))"
 
 
 class ReaderStopped(InputError):
@@ -45,7 +45,7 @@ class Sandbox:
         self.timeout = timeout
         self.memory_limit = memory_limit
         self._lock = threading.Lock()
-        self._process: BaseProcess | None = None
+        self._process: subprocess.Popen[bytes] | None = None
         self._connection: Connection | None = None
 
     def call(self, function: Callable[..., T], *args: Any, timeout: float | None = None) -> T:
@@ -73,7 +73,7 @@ class Sandbox:
     def release(self, function: Callable[[], object]) -> None:
         """Run a clean-up call in the child if it is running; never starts one."""
         with self._lock:
-            if self._process is None or not self._process.is_alive():
+            if self._process is None or self._process.poll() is not None:
                 return
         self.call(function)
 
@@ -89,21 +89,30 @@ class Sandbox:
         self.close()
 
     def _start(self) -> Connection:
-        if self._process is not None and self._process.is_alive() and self._connection is not None:
+        if self._process is not None and self._process.poll() is None and self._connection is not None:
             return self._connection
         self._stop()
-        context = multiprocessing.get_context("spawn")  # fork would copy the model and threads
-        parent, child = context.Pipe()
-        process = context.Process(
-            target=_serve, args=(child, self.memory_limit), name="kosmos-reader", daemon=True
-        )
-        process.start()
-        child.close()
-        if not parent.poll(START_TIMEOUT):
-            process.kill()
-            raise ReaderStopped(f"the reader process did not start within {START_TIMEOUT:g} s")
-        parent.recv()  # "ready"
+        # A fresh interpreter (not fork: it would copy the model and its threads; not multiprocessing's
+        # spawn: it re-runs the caller's main script), talking over an inherited socket.
+        parent_socket, child_socket = socket.socketpair()
+        with child_socket:
+            process = subprocess.Popen(
+                [sys.executable, "-c", _CHILD, str(child_socket.fileno()), str(self.memory_limit)],
+                pass_fds=[child_socket.fileno()],
+                stdin=subprocess.DEVNULL,
+            )
+        parent = Connection(parent_socket.detach())
         self._process, self._connection = process, parent
+        try:
+            if not parent.poll(START_TIMEOUT):
+                raise ReaderStopped(f"the reader process did not start within {START_TIMEOUT:g} s")
+            parent.recv()  # "ready"
+        except (EOFError, OSError):
+            code = self._stop()
+            raise ReaderStopped(f"the reader process did not start ({_describe_exit(code)})") from None
+        except ReaderStopped:
+            self._stop()
+            raise
         return parent
 
     def _stop(self) -> int | None:
@@ -113,10 +122,9 @@ class Sandbox:
             connection.close()
         if process is None:
             return None
-        if process.is_alive():
+        if process.poll() is None:
             process.kill()
-        process.join()
-        return process.exitcode
+        return process.wait()
 
 
 def _describe_exit(code: int | None) -> str:
@@ -126,6 +134,11 @@ def _describe_exit(code: int | None) -> str:
         except ValueError:
             return f"killed by signal {-code}"
     return f"exit code {code}"
+
+
+def serve_fd(descriptor: int, memory_limit: int) -> None:
+    """Serve calls on an inherited socket: the reader process's whole life."""
+    _serve(Connection(descriptor), memory_limit)
 
 
 def _serve(connection: Connection, memory_limit: int) -> None:

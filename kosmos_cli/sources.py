@@ -66,6 +66,9 @@ _PIL_INIT_LOCK = threading.Lock()  # PIL registers its plugins lazily, and not t
 T = TypeVar("T")
 _HEADER_BYTES = 1024  # a PDF header may follow up to 1 KiB of junk
 _TAIL_BYTES = 1024  # where a complete PDF's %%EOF marker sits
+_SCAN_BYTES = 64 << 20  # how far back from its end a damaged PDF is searched for its last object
+_OBJECT_START = re.compile(rb"\d+\s+\d+\s+obj\b")
+_STREAM_START = re.compile(rb"(?<!end)stream\r?\n")
 _WHITE = (255, 255, 255)
 
 # File name suffix -> format; also decides which files in a folder are worth opening.
@@ -875,7 +878,7 @@ def _check_opened(
                 f"{label} is encrypted and --password does not open it", hint="check the password"
             )
     # MuPDF rebuilds a cut-off PDF from what is left and would render its lost pages blank.
-    if kind == "PDF" and opened.is_repaired and not _ends_with_eof(document.path):
+    if kind == "PDF" and opened.is_repaired and _cut_short(document.path):
         raise InputError(
             f"{label} is truncated: it ends before its %%EOF marker",
             hint="the file was cut short (an interrupted download or copy?); get a complete copy",
@@ -884,10 +887,26 @@ def _check_opened(
         raise InputError(f"{label} has no pages")
 
 
-def _ends_with_eof(path: str) -> bool:
+def _cut_short(path: str) -> bool:
+    """Whether a PDF MuPDF had to repair was cut off: no %%EOF at its end and its last object unfinished.
+
+    A file whose cross-reference table or `startxref` is merely damaged still has every object
+    whole, renders perfectly once repaired, and is read.
+    """
     with open(path, "rb") as stream:
-        stream.seek(max(0, os.fstat(stream.fileno()).st_size - _TAIL_BYTES))
-        return b"%%EOF" in stream.read()
+        size = os.fstat(stream.fileno()).st_size
+        stream.seek(max(0, size - _TAIL_BYTES))
+        if b"%%EOF" in stream.read():
+            return False
+        stream.seek(0)
+        data = stream.read()
+    last_object = max(
+        (match.start() for match in _OBJECT_START.finditer(data, max(0, len(data) - _SCAN_BYTES))), default=-1
+    )
+    last_stream = max(
+        (match.start() for match in _STREAM_START.finditer(data, max(0, len(data) - _SCAN_BYTES))), default=-1
+    )
+    return data.rfind(b"endobj") < last_object or data.rfind(b"endstream") < last_stream
 
 
 def _log_mupdf_warnings(label: str) -> None:

@@ -383,7 +383,7 @@ class PdfWriter(Writer):
             out = _open_source_pdf(document, self.password)
             if pages[-1].info.page_index >= out.page_count:
                 raise InputError(f"`{document.display_name}` changed since it was read: it has fewer pages")
-            out.select([result.info.page_index for result in pages])
+            _select(out, [result.info.page_index for result in pages])
             _remove_scripts(out)
             targets = [(result, out[number]) for number, result in enumerate(pages)]
         else:
@@ -421,6 +421,17 @@ class PdfWriter(Writer):
         page = out.new_page(width=width * 72 / dpi_x, height=height * 72 / dpi_y)
         page.insert_image(page.rect, stream=_encode_image(image, result.info.document.path))
         return page
+
+
+def _select(pdf: pymupdf.Document, page_indices: list[int]) -> None:
+    """Keep only some pages; an outline MuPDF cannot follow (one with a cycle) is dropped, not fatal."""
+    import pymupdf
+
+    try:
+        pdf.select(page_indices)
+    except pymupdf.mupdf.FzErrorBase:
+        pdf.xref_set_key(pdf.pdf_catalog(), "Outlines", "null")
+        pdf.select(page_indices)
 
 
 def _remove_scripts(pdf: pymupdf.Document) -> None:

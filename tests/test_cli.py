@@ -145,15 +145,24 @@ def test_flash_attention_without_the_package_exits_3(png: Path, tiny_checkpoint:
     assert "flash_attention_2 needs the flash-attn package" in stderr
 
 
-def test_model_is_not_loaded_when_every_output_exists(png: Path, tmp_path: Path) -> None:
+def test_model_is_not_loaded_when_every_output_exists(
+    png: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from scripted import ScriptedRunner
+
+    from kosmos_cli import runner as runner_module
+
     out = tmp_path / "out"
-    out.mkdir()
-    (out / "page.md").write_text("done before\n")
+    args = ["md", str(png), "-o", str(out), "--model", "nobody/nothing", "--device", "cpu"]
+    with monkeypatch.context() as patch:
+        patch.setattr(runner_module, "load_runner", lambda settings: ScriptedRunner())
+        assert runner.invoke(app, args).exit_code == 0
+    done = (out / "page.png.md").read_bytes()
     # The model does not exist anywhere: the run succeeds only because it never loads it.
-    result = runner.invoke(app, ["md", str(png), "-o", str(out), "--model", "nobody/nothing"])
+    result = runner.invoke(app, args)
     assert result.exit_code == 0, result.stderr
     assert "1 skipped" in result.stderr
-    assert (out / "page.md").read_text() == "done before\n"
+    assert (out / "page.png.md").read_bytes() == done
 
 
 # --- errors that need the hub: a subprocess, because huggingface_hub reads its settings at import ---------

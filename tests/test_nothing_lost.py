@@ -23,7 +23,7 @@ import pymupdf
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from inputs import MIXED_PAGES, PdfPage, make_corrupt, make_image, make_pdf
+from inputs import MIXED_PAGES, PdfPage, make_corrupt, make_image, make_pdf, make_truncated
 from scripted import ScriptedRunner, image_hash
 from typer.testing import CliRunner, Result
 
@@ -393,6 +393,51 @@ def test_the_searchable_pdf_carries_no_scripts(kosmos: Kosmos, tmp_path: Path) -
     assert "JavaScript" not in objects and "app.alert" not in objects
 
 
+def test_a_pdf_with_an_outline_cycle_still_gets_its_searchable_pdf(kosmos: Kosmos, tmp_path: Path) -> None:
+    pdf = make_pdf(tmp_path / "cycle.pdf", pages=MIXED_PAGES[:2])
+    with pymupdf.open(pdf) as document:
+        document.set_toc([[1, "One", 1], [1, "Two", 2]])
+        outline = int(document.xref_get_key(document.pdf_catalog(), "Outlines")[1].split()[0])
+        first = document.xref_get_key(outline, "First")[1]
+        last = int(document.xref_get_key(outline, "Last")[1].split()[0])
+        document.xref_set_key(last, "Next", first)  # the last item leads back to the first
+        document.saveIncr()
+    result = kosmos("ocr", str(pdf), "-o", str(tmp_path / "out"), "-f", "pdf")
+    assert result.exit_code == 0, result.stderr
+    with pymupdf.open(tmp_path / "out/cycle.pdf.pdf") as searchable:
+        assert searchable.page_count == 2 and "page" in searchable[1].get_text()
+
+
+def test_a_pdf_whose_end_is_damaged_but_whole_is_read(kosmos: Kosmos, tmp_path: Path) -> None:
+    data = make_pdf(tmp_path / "ok.pdf", pages=MIXED_PAGES[:2]).read_bytes()
+    (tmp_path / "damaged.pdf").write_bytes(data[: data.rfind(b"startxref")] + b"startxre")
+    make_truncated(tmp_path / "cut.pdf", fmt="PDF")
+    result = kosmos(
+        "md", str(tmp_path / "damaged.pdf"), str(tmp_path / "cut.pdf"), "-o", str(tmp_path / "out")
+    )
+    assert result.exit_code == 1
+    assert "cut.pdf` is truncated" in result.stderr and "damaged.pdf" not in result.stderr
+    assert (tmp_path / "out/damaged.pdf.md").read_text().count("<!-- kosmos: page") == 2
+
+
+def test_stdin_copies_left_by_killed_runs_are_removed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import tempfile
+
+    from kosmos_cli.sources import SPOOL_PREFIX, remove_stale_spools
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    stale = tmp_path / f"{SPOOL_PREFIX}{dead.pid}-abc"
+    mine = tmp_path / f"{SPOOL_PREFIX}{os.getpid()}-def"
+    stale.write_bytes(b"x")
+    mine.write_bytes(b"x")
+    remove_stale_spools()
+    assert not stale.exists() and mine.exists()
+
+
 def test_a_planted_link_is_never_written_through(tmp_path: Path) -> None:
     outside = tmp_path / "outside.txt"
     outside.write_text("precious\n")
@@ -670,3 +715,34 @@ def _page_pixels(path: Path) -> Iterator[bytes]:
 
     for page in iter_pages(Document(str(path), path.name)):
         yield page.image.tobytes()  # type: ignore[union-attr]
+
+
+def test_the_nightly_pipeline_transcribes_new_and_changed_scans_once_model(
+    tiny_checkpoint: Path, tmp_path: Path
+) -> None:
+    if shutil.which("jq") is None:
+        pytest.skip("examples/pipeline.sh needs jq")
+    scans = _scans(tmp_path)  # two a.pdf in different folders, one of them a single page
+    script = Path(__file__).resolve().parent.parent / "examples" / "pipeline.sh"
+    env = os.environ | {
+        "KOSMOS_MODEL": str(tiny_checkpoint),
+        "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
+    }
+
+    def nightly() -> subprocess.CompletedProcess[str]:
+        command = ["sh", str(script), str(scans), str(tmp_path / "out"), "--max-new-tokens", "6"]
+        return subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
+
+    first = nightly()
+    assert first.returncode == 0, first.stderr
+    for name in ("2024/03/a.pdf", "2025/01/a.pdf", "b.png"):
+        assert (tmp_path / "out/md" / f"{name}.md").exists() and (
+            tmp_path / "out/ocr" / f"{name}.jsonl"
+        ).exists()
+    second = nightly()
+    assert second.returncode == 0 and second.stderr.count("0 done, 3 skipped (done before)") == 2, (
+        second.stderr
+    )
+    make_image(scans / "b.png", size=(70, 90))
+    third = nightly()
+    assert third.returncode == 0 and third.stderr.count("1 done, 2 skipped (done before)") == 2, third.stderr

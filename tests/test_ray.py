@@ -122,7 +122,10 @@ def test_discover_inputs_takes_paths_or_uris_not_both(corpus: Path) -> None:
 def test_driver_writes_each_document_once_whatever_order_and_repeats_rows_come_in(tmp_path: Path) -> None:
     from kosmos_cli.distributed import _LISTED, _RESULT, _collect, _row
 
-    documents = [Document("in/a.pdf", "a"), Document("in/b.png", "b")]
+    documents = [
+        Document(str(make_pdf(tmp_path / "in/a.pdf")), "a"),
+        Document(str(make_image(tmp_path / "in/b.png")), "b"),
+    ]
 
     def result(number: int, page_index: int, count: int) -> dict[str, object]:
         info = PageInfo(documents[number], page_index, count, 10, 10)
@@ -138,7 +141,7 @@ def test_driver_writes_each_document_once_whatever_order_and_repeats_rows_come_i
         result(0, 0, 2),
         result(0, 0, 2),
     ]
-    job = Job(task=Task.MD, formats=("md",), output_dir=tmp_path)
+    job = Job(task=Task.MD, formats=("md",), output_dir=tmp_path / "out")
     summary, recorder = Summary(), Recorder()
     assembly = Assembly(documents, job, recorder, io.BytesIO(), summary)
     for document in documents:
@@ -146,7 +149,7 @@ def test_driver_writes_each_document_once_whatever_order_and_repeats_rows_come_i
 
     _collect(rows, documents, assembly, recorder)
 
-    assert tree(tmp_path) == {
+    assert tree(tmp_path / "out") == {
         "a.md": b"<!-- kosmos: page 1 -->\n\npage 1\n\n<!-- kosmos: page 2 -->\n\npage 2\n",
         "b.md": b"page 1\n",
     }
