@@ -454,7 +454,7 @@ def _run(task: Task, options: dict[str, Any]) -> None:
         documents = discovery.documents
         if on_ray:
             if documents and output_dir is not None:
-                job = replace(job, fingerprint=job_fingerprint(job, settings))
+                job = replace(job, fingerprint=job_fingerprint(job, settings, resolve=False))
             todo = plan(documents, job, reporter, summary, inputs=discovery.documents)
             if todo:
                 from kosmos_cli.distributed import run_on_ray

@@ -21,6 +21,7 @@ import contextlib
 import os
 import posixpath
 import re
+import shutil
 import uuid
 from abc import ABC, abstractmethod
 from collections.abc import Collection, Iterable, Iterator
@@ -194,6 +195,14 @@ class OutputStore(ABC):
     def remove_log(self, relative: str) -> None:
         """Remove a log if it exists."""
 
+    @abstractmethod
+    def move(self, source: str, target: str) -> bool:
+        """Move an output to another name (replacing it); return False if there was none to move."""
+
+    @abstractmethod
+    def remove_folder(self, relative: str) -> None:
+        """Remove a folder and everything in it, if it exists."""
+
 
 class LocalStore(OutputStore):
     """An output folder on a local (or mounted) file system.
@@ -297,6 +306,22 @@ class LocalStore(OutputStore):
     def remove_log(self, relative: str) -> None:
         """Remove the log file if it exists."""
         self.remove(relative)
+
+    def move(self, source: str, target: str) -> bool:
+        """Rename a file into place (one atomic step on one file system)."""
+        path = self.root / target
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(self.root / source, path)
+        except FileNotFoundError:
+            return False
+        except OSError as error:
+            raise KosmosError(f"cannot write `{path}`: {error.strerror or error}") from error
+        return True
+
+    def remove_folder(self, relative: str) -> None:
+        """Remove the folder and its files."""
+        shutil.rmtree(self.root / relative, ignore_errors=True)
 
 
 class ObjectStore(OutputStore):
@@ -425,8 +450,21 @@ class ObjectStore(OutputStore):
     def remove_log(self, relative: str) -> None:
         """Delete a log's entries (and its folder)."""
         self._log_next.pop(relative, None)
-        with contextlib.suppress(_Missing), self._errors("remove", _log_folder(relative), missing=True):
-            self.filesystem.delete_dir(self._path(_log_folder(relative)))
+        self.remove_folder(_log_folder(relative))
+
+    def move(self, source: str, target: str) -> bool:
+        """Move an object (on S3 and GCS a copy, then a delete: the target appears whole)."""
+        try:
+            with self._errors("write", target, missing=True):
+                self.filesystem.move(self._path(source), self._path(target))
+        except _Missing:
+            return False
+        return True
+
+    def remove_folder(self, relative: str) -> None:
+        """Delete everything below a prefix."""
+        with contextlib.suppress(_Missing), self._errors("remove", relative, missing=True):
+            self.filesystem.delete_dir(self._path(relative))
 
     def _log_entries(self, relative: str) -> list[str]:
         """Return a log's entry names in order, and note the number its next entry takes."""

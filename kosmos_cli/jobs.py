@@ -23,6 +23,7 @@ from kosmos_cli.manifest import (
     identify,
     input_path,
     progress_name,
+    staging_folder,
     unchanged,
 )
 from kosmos_cli.pipeline import failed_result, prefetch, transcribe_pages
@@ -97,7 +98,6 @@ class _DocumentState:
     progress_started: bool = False  # the log has its header
     results: dict[int, PageResult] = field(default_factory=dict)
     pending: set[int] = field(default_factory=set)  # page indices handed to the model, not yet back
-    drawings: list[str] = field(default_factory=list)  # --draw pictures written
     listed: bool = False  # every page has been read from the source (or listed, on Ray)
     failed: bool = False
     finished: bool = False  # outputs written (or printed); later results for it are duplicates
@@ -166,6 +166,7 @@ def plan(
     present = store.existing(name for names in outputs.values() for name in names)
     guard = _InputGuard(documents if inputs is None else inputs, store)
     todo: list[Document] = []
+    skipped: list[Document] = []
     for document in documents:
         names = outputs[document]
         clash = guard.clashes(names)
@@ -196,32 +197,49 @@ def plan(
             )
             summary.documents_failed += 1
             continue
-        done = (
-            not job.overwrite
-            and all(name in present for name in names)
-            and all(
-                owner is not None and owner.fingerprint == job.fingerprint and owner.task == job.task.value
-                for owner in owners
-            )
-            and len({id(owner) for owner in owners}) == 1
-            and owners[0] is not None
-            and unchanged(owners[0].input, document)
-        )
-        if done:
+        if _is_done(document, names, owners, present, job):
             summary.documents_skipped += 1
-            store.remove_log(progress_name(document))  # a run killed after writing its outputs
+            skipped.append(document)
         else:
             todo.append(document)
+    store.expect_logs([progress_name(document) for document in skipped])
+    for document in skipped:  # what a run saved before it was killed after writing the outputs
+        if store.read_log(progress_name(document)):
+            store.remove_folder(staging_folder(document))
+            store.remove_log(progress_name(document))
     return todo
 
 
-def job_fingerprint(job: Job, settings: Settings) -> str:
-    """Return the fingerprint of every setting that changes a job's outputs (`Job.fingerprint`)."""
+def _staged(document: Document, page_index: int) -> str:
+    return f"{staging_folder(document)}/{page_index}.png"
+
+
+def _is_done(
+    document: Document, names: list[str], owners: list[Record | None], present: set[str], job: Job
+) -> bool:
+    """Whether every output exists, one manifest record wrote them all, and it was this job on this input."""
+    record = owners[0] if owners else None
+    return (
+        not job.overwrite
+        and record is not None
+        and all(owner is record for owner in owners)
+        and all(name in present for name in names)
+        and record.fingerprint == job.fingerprint
+        and record.task == job.task.value
+        and unchanged(record.input, document)
+    )
+
+
+def job_fingerprint(job: Job, settings: Settings, *, resolve: bool = True) -> str:
+    """Return the fingerprint of every setting that changes a job's outputs (`Job.fingerprint`).
+
+    `resolve=False` takes the device and dtype as asked, without looking at this machine's.
+    """
     from kosmos_cli import __version__
 
     pages = [list(pair) for pair in job.pages.ranges] if job.pages else None
     described = {"kosmos": __version__, "task": job.task.value, "dpi": job.dpi, "pages": pages}
-    described |= {"tiling": True, "formats_numbered": job.numbered, **output_settings(settings)}
+    described |= {"tiling": True, "numbered": job.numbered, **output_settings(settings, resolve=resolve)}
     return fingerprint(described)
 
 
@@ -353,6 +371,8 @@ class Assembly:
             self.document_error(document, InputError(f"cannot read `{document.display_name}`: {error}"))
             return set()
         state.results, state.progress_started = self._load_progress(state)
+        if self.job.draw and not state.results:
+            self.store.remove_folder(staging_folder(document))  # pictures a killed run staged, unlogged
         for result in state.results.values():
             self.summary.pages_resumed += 1
             self.reporter.page_done(result)
@@ -396,18 +416,11 @@ class Assembly:
         if state.finished or result.info.page_index in state.results:
             return False
         if drawing is not None and self.store is not None and not state.failed:
-            info = result.info
-            name = draw_file_name(info.document, info.page_index, info.page_count)
-            clash = self.guard.clashes([name])
-            if clash is not None:
-                self.document_error(state.document, self.guard.error(*clash))
-                return False
             try:
-                self.store.write(name, drawing)
+                self.store.write(_staged(state.document, result.info.page_index), drawing)
             except KosmosError as error:
                 self.document_error(state.document, error)
                 return False
-            state.drawings.append(name)
         self._record(state, result)
         _count_result(result, self.summary, self.reporter)
         if self.job.output_dir is None and self.job.formats == ("jsonl",):
@@ -446,6 +459,7 @@ class Assembly:
         """
         assert self.store is not None and state.progress is not None
         if self.job.overwrite:
+            self.store.remove_folder(staging_folder(state.document))
             self.store.remove_log(state.progress)
             return {}, False
         lines = self.store.read_log(state.progress)
@@ -460,6 +474,7 @@ class Assembly:
                 f"discarding the saved pages of `{state.document.display_name}`: "
                 "they were made from other settings or another version of the input"
             )
+            self.store.remove_folder(staging_folder(state.document))
             self.store.remove_log(state.progress)
             return {}, False
         results: dict[int, PageResult] = {}
@@ -488,12 +503,15 @@ class Assembly:
             ]
             for name, data in rendered:
                 self.store.write(name, data)
+            drawings = self._place_drawings(state.document, results)
             if self.manifest is not None and state.identity is not None:
-                outputs = tuple(name for name, _ in rendered) + tuple(state.drawings)
+                outputs = tuple(name for name, _ in rendered) + tuple(drawings)
                 record = Record(
                     state.identity, state.document.name, self.job.task.value, self.job.fingerprint, outputs
                 )
                 self.manifest.add(record)
+            if drawings:
+                self.store.remove_folder(staging_folder(state.document))
             if state.progress is not None and state.progress_started:
                 self.store.remove_log(state.progress)
         except KosmosError as error:
@@ -502,6 +520,22 @@ class Assembly:
         state.finished = True
         state.results = {}  # a long run holds only the documents in flight
         self.summary.documents_done += 1
+
+    def _place_drawings(self, document: Document, results: list[PageResult]) -> list[str]:
+        """Move a finished document's staged --draw pictures into place; return their names."""
+        assert self.store is not None
+        if not self.job.draw:
+            return []
+        placed = []
+        for result in results:
+            info = result.info
+            name = draw_file_name(document, info.page_index, info.page_count)
+            clash = self.guard.clashes([name])
+            if clash is not None:
+                raise self.guard.error(*clash)
+            if self.store.move(_staged(document, info.page_index), name):
+                placed.append(name)
+        return placed
 
     def _render(self, writer: Writer, results: list[PageResult]) -> bytes:
         """Render one format; formats that read the input again do it in the sandbox, time-limited."""

@@ -7,7 +7,9 @@ when every output it would write exists and was recorded from the same input, un
 same fingerprint; it redoes the rest. An output that exists but was not recorded from that input
 (another input's, or a file kosmos did not write) is never replaced without `--overwrite`.
 Unfinished documents keep their finished pages in `DIR/.kosmos/progress/`, each log headed by the
-same fingerprint and input identity, so a log from other settings or another input is discarded.
+same fingerprint and input identity, so a log from other settings or another input is discarded,
+and their `--draw` pictures in `DIR/.kosmos/staging/`, moved into place when the document is
+written, so a resumed document keeps every page's picture.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ logger = logging.getLogger(__name__)
 MANIFEST_VERSION = 1
 MANIFEST_NAME = f"{RECORD_FOLDER}/manifest.jsonl"
 PROGRESS_FOLDER = f"{RECORD_FOLDER}/progress"
+STAGING_FOLDER = f"{RECORD_FOLDER}/staging"  # --draw pictures of unfinished documents, moved out at the end
 HASH_CHUNK = 1 << 20  # bytes read at a time while hashing an input
 
 
@@ -163,5 +166,13 @@ def fingerprint(settings: dict[str, Any]) -> str:
 
 def progress_name(document: Document) -> str:
     """Return the progress log's name of a document: one file per output name, hashed."""
-    digest = hashlib.sha256(document.name.encode("utf-8", "surrogateescape")).hexdigest()[:32]
-    return f"{PROGRESS_FOLDER}/{digest}.jsonl"
+    return f"{PROGRESS_FOLDER}/{_key(document)}.jsonl"
+
+
+def staging_folder(document: Document) -> str:
+    """Return where an unfinished document's drawings wait: they become outputs when it is written."""
+    return f"{STAGING_FOLDER}/{_key(document)}"
+
+
+def _key(document: Document) -> str:
+    return hashlib.sha256(document.name.encode("utf-8", "surrogateescape")).hexdigest()[:32]

@@ -44,19 +44,23 @@ CPU_DECODE_ATTENTION = "kosmos_cpu_decode"  # registered with transformers' Atte
 LOAD_HINT = "download it once with `kosmos download` (needs network), or pass a local folder with --model"
 
 
-def output_settings(settings: Settings) -> dict[str, Any]:
+def output_settings(settings: Settings, *, resolve: bool = True) -> dict[str, Any]:
     """Return every model setting that changes outputs, resolved as `load_runner` resolves it.
 
     The model is named by what is in it: a hub model by the cached snapshot's commit, a folder by
     its files' names, sizes and modification times, so new weights in the same folder count as a
-    change. Resolving the device and dtype imports torch but loads nothing.
+    change. Resolving the device and dtype imports torch but loads nothing; `resolve=False` keeps
+    them as asked (a Ray driver may have no GPU of its own).
     """
-    device = resolve_device(settings.device)
-    dtype = resolve_dtype(settings.dtype, device, quantize=settings.quantize)
+    dtype, attn = settings.dtype, settings.attn
+    if resolve:
+        device = resolve_device(settings.device)
+        resolved = resolve_dtype(settings.dtype, device, quantize=settings.quantize)
+        dtype, attn = str(resolved).removeprefix("torch."), resolve_attn(settings.attn, device, resolved)
     return {
         "model": model_identity(settings.model, settings.revision),
-        "dtype": str(dtype).removeprefix("torch."),
-        "attn": resolve_attn(settings.attn, device, dtype),
+        "dtype": dtype,
+        "attn": attn,
         "quantize": settings.quantize,
         "max_new_tokens": settings.max_new_tokens,
         "compile": settings.compile,

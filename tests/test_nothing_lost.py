@@ -234,6 +234,26 @@ def test_saved_pages_are_reused_only_by_the_same_job(
     assert not list((tmp_path / "out/.kosmos/progress").iterdir())
 
 
+def test_a_resumed_document_keeps_every_drawing_and_is_not_refused(
+    kosmos: Kosmos, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    pdf = make_pdf(tmp_path / "doc.pdf", pages=MIXED_PAGES)
+    args = ("ocr", str(pdf), "--draw", "-f", "txt")
+    assert kosmos(*args, "-o", str(tmp_path / "clean")).exit_code == 0
+    with monkeypatch.context() as patch:
+        _interrupt_after(patch, 3)
+        assert kosmos(*args, "-o", str(tmp_path / "out")).exit_code == 130
+    assert not list((tmp_path / "out").glob("*.png")), "pictures wait in .kosmos/staging until the end"
+    resumed = kosmos(*args, "-o", str(tmp_path / "out"))
+    assert resumed.exit_code == 0, resumed.stderr
+    assert "3 resumed" in resumed.stderr
+    assert _outputs(tmp_path / "out") == _outputs(tmp_path / "clean")
+    assert len([name for name in _outputs(tmp_path / "out") if name.endswith(".boxes.png")]) == len(
+        MIXED_PAGES
+    )
+    assert not list((tmp_path / "out/.kosmos/staging").iterdir())
+
+
 def test_an_output_folder_inside_the_inputs_is_never_read_back(kosmos: Kosmos, tmp_path: Path) -> None:
     folder = tmp_path / "in"
     make_image(folder / "receipt.png")
