@@ -766,3 +766,15 @@ def test_the_nightly_pipeline_transcribes_new_and_changed_scans_once_model(
     make_image(scans / "b.png", size=(70, 90))
     third = nightly()
     assert third.returncode == 0 and third.stderr.count("1 done, 2 skipped (done before)") == 2, third.stderr
+
+
+def test_verbose_shows_what_happens_not_the_tokenizer_model(tiny_checkpoint: Path, tmp_path: Path) -> None:
+    page = make_image(tmp_path / "page.png")
+    result = subprocess.run(
+        _command(tiny_checkpoint, "md", str(page), "-v"), capture_output=True, text=True, timeout=300
+    )
+    assert result.returncode == 0, result.stderr
+    lines = result.stderr.splitlines()
+    assert lines[0] == f"loading model `{tiny_checkpoint}`"
+    assert any(line.startswith("info: loaded ") for line in lines)
+    assert len(lines) < 30 and "<x_" not in result.stderr
