@@ -647,9 +647,10 @@ def test_a_killed_run_resumes_to_identical_outputs_model(
         expected = {signal.SIGKILL: -9, signal.SIGINT: 130, signal.SIGTERM: 143}[signum]
         assert process.returncode == expected, stderr.decode()
         assert b"terminate called" not in stderr
-    subprocess.run(
-        _command(tiny_checkpoint, *args, "-o", str(out)), check=True, capture_output=True, timeout=300
+    rerun = subprocess.run(
+        _command(tiny_checkpoint, *args, "-o", str(out)), capture_output=True, text=True, timeout=300
     )
+    assert rerun.returncode == 0, rerun.stderr
     assert _outputs(out) == _outputs(clean)
     assert not list((out / ".kosmos/tmp").iterdir())
     assert not list((out / ".kosmos/progress").iterdir())
