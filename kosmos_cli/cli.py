@@ -606,7 +606,7 @@ class _Reporter:
     def _log_progress(self) -> None:
         """Print `kosmos: 12/40 pages, 0.05 pages/s, about 9 min left` once per interval, for logs."""
         now = self.clock()
-        if now - self.last_line < self.interval and self.done != self.total:
+        if now - self.last_line < self.interval:
             return
         self.last_line = now
         line = f"kosmos: {self.done}/{self.total} pages"

@@ -454,11 +454,13 @@ class ObjectStore(OutputStore):
 
     def move(self, source: str, target: str) -> bool:
         """Move an object (on S3 and GCS a copy, then a delete: the target appears whole)."""
-        try:
-            with self._errors("write", target, missing=True):
-                self.filesystem.move(self._path(source), self._path(target))
-        except _Missing:
+        if not self.exists(source):  # S3 reports a missing source as a generic error
             return False
+        path = self._path(target)
+        with self._errors("write", target):
+            if self.filesystem.type_name not in ATOMIC_UPLOADS:  # file systems with real folders
+                self.filesystem.create_dir(path.rpartition("/")[0], recursive=True)
+            self.filesystem.move(self._path(source), path)
         return True
 
     def remove_folder(self, relative: str) -> None:

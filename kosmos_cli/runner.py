@@ -81,6 +81,17 @@ def model_identity(model: str, revision: str | None) -> str:
     return f"{model}@{cached.name if cached is not None else revision or 'main'}"
 
 
+def cache_argument(model: Any) -> str:
+    """Name the forward argument that takes the KV cache: `cache` from transformers 5.24 on.
+
+    5.24 renamed `past_key_values` and warns on every call that passes it (removal in 5.40); the
+    oldest transformers kosmos supports (5.20) knows only the old name.
+    """
+    import inspect
+
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
 def default_model() -> str:
     """Return the model named by `KOSMOS_MODEL`, else the hub default."""
     return os.environ.get(MODEL_ENV) or DEFAULT_MODEL
@@ -142,6 +153,7 @@ class KosmosRunner:
         self.eos_id = int(model.generation_config.eos_token_id)
         self.pad_id = int(model.config.text_config.pad_token_id)
         self.loop_rule = LoopRule() if settings.detect_loops else None
+        self.cache_argument = cache_argument(model)
 
     def generate(self, requests: Iterable[Request]) -> Iterator[tuple[Request, Generation | GenerationError]]:
         """Yield each request with its generation (or error) as soon as its page is done."""
@@ -254,7 +266,7 @@ class KosmosRunner:
         }
         cache = _new_cache(self.model)
         with torch.inference_mode():
-            output = self.model(**inputs, past_key_values=cache, use_cache=True, logits_to_keep=1)
+            output = self.model(**inputs, **{self.cache_argument: cache}, use_cache=True, logits_to_keep=1)
         return cache, inputs["attention_mask"], self._pick(output.logits[:, -1, :])
 
     def _decode_step(self, batch: _Batch) -> list[int]:
@@ -272,7 +284,7 @@ class KosmosRunner:
             output = self.model(
                 input_ids=input_ids,
                 attention_mask=mask,
-                past_key_values=batch.cache,
+                **{self.cache_argument: batch.cache},
                 position_ids=position_ids,
                 use_cache=True,
             )

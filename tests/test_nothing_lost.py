@@ -296,6 +296,8 @@ def test_bad_output_folders_are_usage_errors_before_the_model_loads(
     (tmp_path / "taken").write_text("a file")
     result = kosmos("md", str(page), "-o", str(tmp_path / "taken"))
     assert result.exit_code == 2 and "is a file, not a folder" in result.stderr
+    result = kosmos("md", str(page), "-o", str(tmp_path / "taken" / "out"))
+    assert result.exit_code == 2 and "cannot write to -o" in result.stderr
     locked = tmp_path / "locked"
     locked.mkdir()
     locked.chmod(0o500)
@@ -535,6 +537,18 @@ def test_a_page_that_makes_mupdf_spin_fails_alone_within_the_page_timeout(
     assert (tmp_path / "out/after.png.md").exists()
     two = (tmp_path / "out/spins-on-page-2.pdf.md").read_text()
     assert "<!-- kosmos: page 2 failed: " in two and "# page " in two
+
+
+def test_ctrl_c_stops_a_run_stuck_in_a_render_model(tiny_checkpoint: Path, tmp_path: Path) -> None:
+    laughs = _laughs_pdf(tmp_path / "laughs.pdf", levels=14)
+    process = subprocess.Popen(
+        _command(tiny_checkpoint, "md", str(laughs)), stderr=subprocess.PIPE, text=True
+    )
+    time.sleep(10)  # past loading the model: the reader is rendering for ever
+    process.send_signal(signal.SIGINT)
+    _, stderr = process.communicate(timeout=30)
+    assert process.returncode == 130, stderr
+    assert "error: interrupted" in stderr and "terminate called" not in stderr
 
 
 def test_huge_pages_and_long_documents_stay_bounded(kosmos: Kosmos, tmp_path: Path) -> None:

@@ -209,6 +209,17 @@ def _reopen(store: OutputStore) -> OutputStore:
     return ObjectStore(store.filesystem, store.root, store.location)
 
 
+def test_store_moves_outputs_and_removes_folders(store: OutputStore) -> None:
+    store.write("stage/x/1.png", b"one")
+    store.write("stage/x/2.png", b"two")
+    assert store.move("stage/x/1.png", "final/a.png") is True
+    assert store.move("stage/x/9.png", "final/b.png") is False  # nothing to move
+    assert store.read("final/a.png") == b"one" and not store.exists("stage/x/1.png")
+    store.remove_folder("stage")
+    store.remove_folder("stage")  # gone already: fine
+    assert not store.exists("stage/x/2.png") and store.exists("final/a.png")
+
+
 def test_local_log_after_a_torn_line_keeps_new_lines_whole(tmp_path: Path) -> None:
     store = LocalStore(tmp_path)
     (tmp_path / "doc.log").write_bytes(b'{"header": 1}\n{"page": "\xc3')  # killed mid-character
@@ -391,8 +402,8 @@ def test_job_on_s3_resumes_a_half_done_document(
 
     summary, recorder = run(scans, job, runner)
 
-    assert counts(summary) == (1, 1, 0, 1, 1, 0)
     assert recorder.errors == []
+    assert counts(summary) == (1, 1, 0, 1, 1, 0)
     # The resumed page's drawing was not kept by the interrupted run, so only the rest are compared.
     expected = {name: data for name, data in local_reference.items() if name != "sub/b.pdf-p001.boxes.png"}
     assert _outputs(s3.tree(bucket, "out")) == expected
