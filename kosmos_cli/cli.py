@@ -169,7 +169,7 @@ MaxNewTokens = Annotated[
     typer.Option(
         "--max-new-tokens",
         min=1,
-        help="Token budget per page; default: all the model's 4096 positions allow (2044).",
+        help="Token budget per page; default: 4000, the reference inference code's (a dense page needs it).",
         show_default=False,
     ),
 ]

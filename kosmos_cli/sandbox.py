@@ -78,7 +78,10 @@ class Sandbox:
         self.call(function)
 
     def close(self) -> None:
-        """Stop the child process."""
+        """Stop the child process, at once, even while another thread waits on a call to it."""
+        process = self._process
+        if process is not None and process.poll() is None:
+            process.kill()  # the waiting call sees the connection close and raises ReaderStopped
         with self._lock:
             self._stop()
 

@@ -378,6 +378,20 @@ def test_cpu_threads_follow_the_cores_available(tiny_checkpoint: Path) -> None:
     assert torch.get_num_threads() == available_cores()
 
 
+def test_the_default_budget_is_the_reference_one_and_decoding_runs_past_the_trained_table(
+    tiny_checkpoint: Path,
+) -> None:
+    assert (
+        load(tiny_checkpoint, max_new_tokens=None).max_new_tokens
+        == runner_module.DEFAULT_MAX_NEW_TOKENS
+        == 4000
+    )
+    # The tiny model's prompt is 12 tokens: 4,090 new ones run past its 4,096 trained positions.
+    long = load(tiny_checkpoint, max_new_tokens=4090, ignore_eos=True, detect_loops=False)
+    (generation,) = generate(long, pages(1)).values()
+    assert (generation.token_count, generation.finish) == (4090, Finish.LENGTH)
+
+
 def test_position_table_grows_for_long_budgets(tiny_checkpoint: Path) -> None:
     runner = load(tiny_checkpoint, max_new_tokens=5000)
     table = runner.model.text_model.model.embed_positions
