@@ -6,7 +6,6 @@ rescaled to original-image pixels here and nowhere else.
 
 from __future__ import annotations
 
-import math
 import re
 from collections.abc import Iterable
 
@@ -37,9 +36,11 @@ def parse_ocr(raw: str, *, resized_size: tuple[int, int], original_size: tuple[i
         )
 
     def rescale(value: str, original: int, resized: int) -> int:
-        # Boxes may run past the resized image (the receipt example emits x_836 at width 832): clip.
-        scaled = math.floor(int(value) * original / resized + 0.5)
-        return min(max(scaled, 0), original)
+        # The reference's rule, microsoft/unilm kosmos-2.5/inference.py get_ocr_res:
+        # int(clip(x / resized, 0, 1) * original). It is what the published scores were measured
+        # with, so kosmos's boxes are the reference's to the pixel. Boxes may run past the resized
+        # image (the receipt example emits x_836 at width 832): the clip keeps them on the page.
+        return int(min(max(int(value) / resized, 0.0), 1.0) * original)
 
     raw = _CUT_TOKEN.sub("", raw)
     lines: list[Line] = []

@@ -104,15 +104,15 @@ def resized_size(width: int, height: int) -> tuple[int, int]:
 
 
 def expected_boxes(width: int, height: int, *, offset: tuple[int, int] = (0, 0)) -> list[list[int]]:
-    """The model card's rescaling of OCR_SCRIPT's two boxes onto an image of this size, clipped."""
+    """The reference's rescaling of OCR_SCRIPT's two boxes onto an image of this size, clipped."""
     resized_w, resized_h = resized_size(width, height)
     boxes = []
     for x0, y0, x1, y1 in ((10, 20, 300, 60), (40, 80, 900, 2000)):
-        box = [
-            min(width, math.floor(x0 * width / resized_w + 0.5)),
-            min(height, math.floor(y0 * height / resized_h + 0.5)),
-            min(width, math.floor(x1 * width / resized_w + 0.5)),
-            min(height, math.floor(y1 * height / resized_h + 0.5)),
+        box = [  # unilm's int(clip(x / w, 0, 1) * W)
+            int(min(x0 / resized_w, 1.0) * width),
+            int(min(y0 / resized_h, 1.0) * height),
+            int(min(x1 / resized_w, 1.0) * width),
+            int(min(y1 / resized_h, 1.0) * height),
         ]
         boxes.append([box[0] + offset[0], box[1] + offset[1], box[2] + offset[0], box[3] + offset[1]])
     return boxes
