@@ -5,8 +5,11 @@ BIN := $(VENV)/bin
 # torch first: 2.13.0 is the release kosmos is tested with; `make install TORCH=torch` takes the newest instead.
 TORCH ?= torch==2.13.0
 EXTRAS ?= dev,ray
+# The oldest transformers kosmos supports (5.20: the model became compile-ready), tested in its own venv.
+OLDEST_TRANSFORMERS ?= transformers==5.20.0
+OLDEST := .venv-oldest
 
-.PHONY: install demo test lint typecheck unit bench clean
+.PHONY: install demo test test-oldest lint typecheck unit bench clean
 
 install: $(VENV)/.installed
 
@@ -32,8 +35,19 @@ unit: install
 
 test: lint typecheck unit
 
+# The tests that touch transformers, on the oldest release kosmos supports (CI runs it too).
+test-oldest: $(OLDEST)/.installed
+	$(OLDEST)/bin/python -m pytest tests/test_generation.py tests/test_checkpoint.py tests/test_exact.py tests/test_api.py
+
+$(OLDEST)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(OLDEST)
+	$(OLDEST)/bin/python -m pip install --quiet --upgrade pip
+	$(OLDEST)/bin/python -m pip install --quiet "$(TORCH)"
+	$(OLDEST)/bin/python -m pip install --quiet -e ".[dev]" "$(OLDEST_TRANSFORMERS)"
+	touch $@
+
 bench: install
 	$(BIN)/python benchmarks/throughput.py --quick
 
 clean:
-	rm -rf $(VENV) build *.egg-info .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) $(OLDEST) build *.egg-info .pytest_cache .mypy_cache .ruff_cache

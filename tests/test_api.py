@@ -36,5 +36,5 @@ def test_parse_ocr_is_exported() -> None:
     [line] = parse_ocr(
         "<bbox><x_53><y_573><x_69><y_606></bbox>1", resized_size=(832, 1120), original_size=(864, 1163)
     )
-    assert line == Line("1", ((55, 595), (72, 595), (72, 629), (55, 629)))
-    assert line.bbox == (55, 595, 72, 629)
+    assert line == Line("1", ((55, 594), (71, 594), (71, 629), (55, 629)))  # int(clip(x / w, 0, 1) * W)
+    assert line.bbox == (55, 594, 71, 629)
