@@ -8,7 +8,8 @@ is the only process that writes outputs. Everything in between is one Ray Data p
 
 - *list* opens each document once to count its pages and apply `--pages`; it emits one `listed`
   row per document (the pages it selects) and one `page` row per page still to do.
-- *render* rasterizes one page per task (`sources.iter_pages` for that page alone), so the pages
+- *render* rasterizes one page per task (`sources.iter_pages` for that page alone, in the worker's
+  reader process under `--page-timeout`, as on one machine), so the pages
   of one long PDF render in parallel; a page that cannot be read becomes a `page_error` row.
 - *transcribe* is a callable class run by an `ActorPoolStrategy` pool: each actor loads the model
   once with `runner.load_runner` and runs `pipeline.transcribe_pages` (tiling and parsing included)
@@ -55,6 +56,7 @@ from kosmos_cli.errors import InputError, KosmosError, ModelLoadError, UsageErro
 from kosmos_cli.files import is_uri, output_location, public_location
 from kosmos_cli.jobs import Assembly, Job, Reporter, Summary
 from kosmos_cli.runner import Runner, Settings
+from kosmos_cli.sandbox import Sandbox
 from kosmos_cli.sources import Discovery, PageError
 
 if TYPE_CHECKING:
@@ -457,6 +459,17 @@ def _row(document: int, kind: str, page_index: int, payload: object) -> dict[str
     return {"document": document, "kind": kind, "page_index": page_index, "payload": pickle.dumps(payload)}
 
 
+_reader: Sandbox | None = None  # this Ray worker's reader process, started on first use
+
+
+def _worker_reader(timeout: float) -> Sandbox:
+    """Return the reader process of this Ray worker: documents open and render there, time-limited."""
+    global _reader
+    if _reader is None or _reader.timeout != timeout:
+        _reader = Sandbox(timeout=timeout)
+    return _reader
+
+
 def _list_pages(row: dict[str, Any], *, job: Job, cwd: str) -> list[dict[str, Any]]:
     """Count a document's pages, apply --pages, and emit its `listed` row and one item per page to do."""
     from kosmos_cli.sources import count_pages
@@ -464,7 +477,8 @@ def _list_pages(row: dict[str, Any], *, job: Job, cwd: str) -> list[dict[str, An
     number = int(row["document"])
     document, resumed = pickle.loads(row["payload"])
     try:
-        count = count_pages(_localize(document, cwd=cwd), password=job.password)
+        local = _localize(document, cwd=cwd)
+        count = count_pages(local, password=job.password, sandbox=_worker_reader(job.page_timeout))
         selected = (
             job.pages.indices(count, source=f"`{document.display_name}`") if job.pages else list(range(count))
         )
@@ -487,7 +501,8 @@ def _render_page(row: dict[str, Any], *, job: Job, cwd: str) -> dict[str, Any]:
     try:
         local = _localize(document, cwd=cwd)
         selection = PageSelection(((page_number, page_number),))
-        for page in iter_pages(local, pages=selection, dpi=job.dpi, password=job.password):
+        reader = _worker_reader(job.page_timeout)
+        for page in iter_pages(local, pages=selection, dpi=job.dpi, password=job.password, sandbox=reader):
             if isinstance(page, PageError):
                 return _row(number, _PAGE_ERROR, page_index, (page.message, page.hint, page.page_count))
             # Results name the document as the driver knows it (its URI), not the local copy.

@@ -314,6 +314,27 @@ class TestOnRay:
         assert ray_run.summary.failed  # the CLI exits 1 on this, as on one machine
         assert ray_run.recorder.total == reference.recorder.total == PAGES
 
+    def test_a_page_that_spins_fails_alone_within_the_page_timeout(
+        self, settings: Settings, tmp_path: Path
+    ) -> None:
+        from test_nothing_lost import _laughs_pdf
+
+        folder = tmp_path / "in"
+        folder.mkdir()
+        _laughs_pdf(folder / "laughs.pdf")
+        make_image(folder / "fine.png")
+        job = replace(make_job(Task.MD, tmp_path / "out"), page_timeout=3.0)
+        summary, recorder = Summary(), Recorder()
+        todo = plan(discover([str(folder)]).documents, job, recorder, summary)
+
+        run_on_ray(todo, job, settings, recorder, summary=summary, workers=1)
+
+        assert [error.split("\n")[0] for error in recorder.errors] == [
+            f"`{folder}/laughs.pdf` took longer than 3 s"
+        ]
+        assert counts(summary) == (1, 0, 1, 1, 0, 0)
+        assert (tmp_path / "out" / "fine.png.md").exists()
+
     def test_rerun_skips_finished_documents_and_resumes_pages(
         self, references: References, settings: Settings, corpus: Path, tmp_path: Path
     ) -> None:
