@@ -185,7 +185,10 @@ def run_on_ray(
             "--format pdf rereads each input where outputs are written, which cannot read object-store URIs",
             hint="use the other formats, or mount the bucket and pass local paths",
         )
-    assembly = Assembly(todo, job, reporter, stdout or sys.stdout.buffer, summary, inputs=inputs)
+    builder = Sandbox(timeout=job.page_timeout)  # the searchable PDF reads the input again: time-limited
+    assembly = Assembly(
+        todo, job, reporter, stdout or sys.stdout.buffer, summary, inputs=inputs, sandbox=builder
+    )
     todo = assembly.admit(todo)
     if not todo:
         return summary
@@ -207,6 +210,7 @@ def run_on_ray(
         _collect(_rows(dataset), todo, assembly, reporter)
         assembly.close()
     finally:
+        builder.close()
         if started:
             ray.shutdown()
     return summary
