@@ -66,7 +66,7 @@ _PIL_INIT_LOCK = threading.Lock()  # PIL registers its plugins lazily, and not t
 T = TypeVar("T")
 _HEADER_BYTES = 1024  # a PDF header may follow up to 1 KiB of junk
 _TAIL_BYTES = 1024  # where a complete PDF's %%EOF marker sits
-_SCAN_BYTES = 64 << 20  # how far back from its end a damaged PDF is searched for its last object
+_SCAN_BYTES = 64 << 20  # how much of a damaged PDF's end is read to find its last object
 _OBJECT_START = re.compile(rb"\d+\s+\d+\s+obj\b")
 _STREAM_START = re.compile(rb"(?<!end)stream\r?\n")
 _WHITE = (255, 255, 255)
@@ -509,9 +509,7 @@ def _is_output_folder(folder: str) -> bool:
 def count_pages(document: Document, *, password: str | None = None, sandbox: Sandbox | None = None) -> int:
     """Return how many pages a document has, without rendering any (in `sandbox` if given)."""
     try:
-        return _run(sandbox, probe_document, document, password)
-    except ReaderStopped as error:
-        raise InputError(f"`{document.display_name}` {error.message}", hint=error.hint) from None
+        return _probe(document, password, sandbox)
     finally:
         _release(sandbox)
 
@@ -536,10 +534,7 @@ def iter_pages(
     """
     _check_dpi(dpi)
     label = f"`{document.display_name}`"
-    try:
-        count = _run(sandbox, probe_document, document, password)
-    except ReaderStopped as error:
-        raise InputError(f"{label} {error.message}", hint=error.hint) from None
+    count = _probe(document, password, sandbox)
     try:
         selected = pages.indices(count, source=label) if pages else range(count)
         for page_index in selected:
@@ -642,6 +637,14 @@ def _source(document: Document, password: str | None) -> _Source:
     source = stack.enter_context(_open(document, password=password))
     _opened = (key, stack, source)
     return source
+
+
+def _probe(document: Document, password: str | None, sandbox: Sandbox | None) -> int:
+    """Open a document and return its page count; a stopped reader is the document's error."""
+    try:
+        return _run(sandbox, probe_document, document, password)
+    except ReaderStopped as error:
+        raise InputError(f"`{document.display_name}` {error.message}", hint=error.hint) from None
 
 
 def _run(sandbox: Sandbox | None, function: Callable[..., T], *args: object) -> T:
@@ -898,14 +901,10 @@ def _cut_short(path: str) -> bool:
         stream.seek(max(0, size - _TAIL_BYTES))
         if b"%%EOF" in stream.read():
             return False
-        stream.seek(0)
-        data = stream.read()
-    last_object = max(
-        (match.start() for match in _OBJECT_START.finditer(data, max(0, len(data) - _SCAN_BYTES))), default=-1
-    )
-    last_stream = max(
-        (match.start() for match in _STREAM_START.finditer(data, max(0, len(data) - _SCAN_BYTES))), default=-1
-    )
+        stream.seek(max(0, size - _SCAN_BYTES))
+        data = stream.read()  # the tail only: a damaged file can be gigabytes
+    last_object = max((match.start() for match in _OBJECT_START.finditer(data)), default=-1)
+    last_stream = max((match.start() for match in _STREAM_START.finditer(data)), default=-1)
     return data.rfind(b"endobj") < last_object or data.rfind(b"endstream") < last_stream
 
 
