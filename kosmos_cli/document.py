@@ -105,8 +105,12 @@ class Generation:
 
     text: str  # decoded output with the prompt removed; <bbox>/<x_N> tokens kept
     resized_size: tuple[int, int]  # (width, height) of the image the model saw
-    token_count: int  # generated tokens, EOS excluded
+    ids: tuple[int, ...]  # the generated token ids behind `text`, EOS excluded
     finish: Finish = Finish.EOS
+
+    @property
+    def token_count(self) -> int:
+        return len(self.ids)
 
 
 @dataclass(frozen=True)

@@ -414,7 +414,7 @@ class KosmosRunner:
 
     def _to_generation(self, ids: list[int], resized_size: tuple[int, int], finish: Finish) -> Generation:
         text = self.processor.tokenizer.decode(ids, skip_special_tokens=True)
-        return Generation(text=text, resized_size=resized_size, token_count=len(ids), finish=finish)
+        return Generation(text=text, resized_size=resized_size, ids=tuple(ids), finish=finish)
 
 
 class _NoRoom(Exception):

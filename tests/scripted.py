@@ -33,7 +33,7 @@ class ScriptedRunner:
                 text = f"# page {digest}"
             else:
                 text = f"<bbox><x_1><y_1><x_{width - 1}><y_{height - 1}></bbox>page {digest}"
-            yield request, Generation(text, (width, height), 4)
+            yield request, Generation(text, (width, height), ids=(7, 7, 7, 7))
 
 
 def image_hash(image_bytes: bytes) -> str:

@@ -216,8 +216,10 @@ def test_same_seed_same_bytes(tmp_path: Path, tiny_checkpoint: Path) -> None:
 def test_full_size_matches_the_real_architecture() -> None:
     # Plan the full checkpoint without writing its 5.5 GB.
     config = checkpoint._model_config("full")
-    specs = checkpoint._tensor_specs(config)
+    specs = checkpoint._tensor_specs(config, "full")
     assert sum(s.nbytes for s in specs) // 4 == 1_374_646_272  # the tied LM head is stored once
+    # The real init scale (the tiny model is drawn wider so that its output depends on the image).
+    assert {s.std for s in specs if s.init == "normal"} == {checkpoint.INIT_STD, 1.0}
     assert config.latent_query_num == 2048
     assert config.vision_config.max_num_patches == 4096
     shards = checkpoint._shards(specs, checkpoint.SHARD_BYTES)

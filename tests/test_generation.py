@@ -128,7 +128,7 @@ def assert_matches_reference(
     for request in requests:
         ids = reference(runner, request, variant=variant)
         generation = got[request.key]
-        assert generation.token_count == len(ids), request.key
+        assert generation.ids == tuple(ids), request.key
         assert generation.text == runner.processor.tokenizer.decode(ids, skip_special_tokens=True), (
             request.key
         )
@@ -151,6 +151,46 @@ def test_batched_output_is_identical_to_one_page_at_a_time(tiny_checkpoint: Path
     lengths = {g.token_count for g in got.values()}
     assert len(lengths) >= 2 and BUDGET in lengths, "pages should finish at different steps"
     assert_matches_reference(runner, requests, got, variant=EARLY)
+
+
+WORDS = "invoice total amount date name address phone city receipt table figure chapter".split()
+
+
+def text_page(number: int) -> Image.Image:
+    """A white 400 x 300 page with six lines of black text; pages differ only in their words and indents."""
+    image = Image.new("RGB", (400, 300), "white")
+    draw = ImageDraw.Draw(image)
+    for line in range(6):
+        words = [WORDS[(3 * number + line + k) % len(WORDS)] for k in range(1 + (number + line) % 4)]
+        draw.text((20 + 7 * ((number + line) % 5), 20 + 40 * line), " ".join(words), fill="black")
+    return image
+
+
+@pytest.mark.parametrize("task", [Task.MD, Task.OCR])
+def test_eight_pages_give_eight_token_sequences(runner: KosmosRunner, task: Task) -> None:
+    # The same size, the same white paper, only the words differ: the tiny model must still tell them
+    # apart, or a batch that hands one page another page's image would go unseen.
+    requests = [Request((task, number), text_page(number), task) for number in range(8)]
+    got = generate(runner, requests)
+    assert len({g.ids for g in got.values()}) == 8
+    assert len({g.ids[0] for g in got.values()}) >= 6  # mostly from the first token on
+    assert_matches_reference(runner, requests, got, variant="plain")
+
+
+def test_tiles_of_a_tall_page_match_one_tile_at_a_time(tiny_checkpoint: Path) -> None:
+    from kosmos_cli.tiling import plan_tiles
+
+    page = Image.new("RGB", (600, 4000), "white")  # tall and over 4,096 patches: read in tiles
+    draw = ImageDraw.Draw(page)
+    for line in range(100):
+        draw.text((20 + 9 * (line % 7), 15 + 40 * line), " ".join(WORDS[line % 12 : line % 12 + 3]), fill="black")
+    tiles = plan_tiles(*page.size)
+    assert len(tiles) == 5
+    requests = [Request(("tile", index), page.crop(tile), Task.OCR) for index, tile in enumerate(tiles)]
+    runner = load(tiny_checkpoint, batch_size=2)
+    got = generate(runner, requests)
+    assert len({g.ids for g in got.values()}) == len(tiles)
+    assert_matches_reference(runner, requests, got, variant="")
 
 
 def test_rows_join_a_running_batch_with_left_padding(
@@ -303,17 +343,36 @@ def test_a_page_failing_alone_is_an_error(runner: KosmosRunner) -> None:
     assert outcomes[0][1].message == "generation failed: boom"
 
 
-def test_vision_sdpa_matches_eager_attention(runner: KosmosRunner) -> None:
+def eager_vision(runner: KosmosRunner) -> KosmosRunner:
+    """Put back transformers' own (eager) attention in the vision encoder."""
     from transformers.models.kosmos2_5.modeling_kosmos2_5 import Kosmos2_5VisionAttention
 
-    patches = runner.encode(pages(1)[0]).inputs["flattened_patches"]
+    for module in runner.model.vision_model.modules():
+        if isinstance(module, Kosmos2_5VisionAttention):
+            module.__dict__.pop("forward", None)  # back to the class's forward
+    return runner
+
+
+def vision_output(runner: KosmosRunner, request: Request) -> torch.Tensor:
+    patches = runner.encode(request).inputs["flattened_patches"]
     with torch.inference_mode():
-        fast = runner.model.vision_model(flattened_patches=patches).last_hidden_state
-        for module in runner.model.vision_model.modules():
-            if isinstance(module, Kosmos2_5VisionAttention):
-                del module.forward  # back to the class's (eager) forward
-        slow = runner.model.vision_model(flattened_patches=patches).last_hidden_state
-    torch.testing.assert_close(fast, slow, rtol=1e-4, atol=1e-5)
+        return runner.model.vision_model(flattened_patches=patches).last_hidden_state.float()
+
+
+def test_vision_sdpa_matches_eager_attention(runner: KosmosRunner, tiny_checkpoint: Path) -> None:
+    requests = pages(4)
+    fast = [vision_output(runner, request) for request in requests]
+    fast_ids = {key: g.ids for key, g in generate(runner, requests).items()}
+    eager_vision(runner)
+    for request, output in zip(requests, fast, strict=True):
+        torch.testing.assert_close(output, vision_output(runner, request), rtol=1e-4, atol=1e-4)
+    assert {key: g.ids for key, g in generate(runner, requests).items()} == fast_ids
+    # In bf16 the SDPA path is as close to fp32 as the eager one (each 1-5% of the output's norm).
+    bf16 = load(tiny_checkpoint, dtype="bfloat16")
+    sdpa_error = [(vision_output(bf16, r) - f).norm() / f.norm() for r, f in zip(requests, fast, strict=True)]
+    eager_vision(bf16)
+    eager_error = [(vision_output(bf16, r) - f).norm() / f.norm() for r, f in zip(requests, fast, strict=True)]
+    assert max(sdpa_error) < 0.06 and sum(sdpa_error) <= 1.1 * sum(eager_error)
 
 
 def test_cpu_linears_run_on_onednn(runner: KosmosRunner) -> None:
@@ -343,103 +402,51 @@ def test_cpu_decode_attention_matches_sdpa() -> None:
         torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.skipif(not runner_module.native_bf16_cpu(), reason="this CPU has no native bf16")
-def test_bf16_on_cpu_runs_onednn_and_matmul_decode_attention(tiny_checkpoint: Path) -> None:
+# bf16 rounds every matmul, so greedy decoding follows fp32 only until two tokens come within the
+# rounding of each other. On the tiny model (16 pages, 24 new tokens) kosmos's bf16 CPU path (oneDNN
+# linears, matmul decode attention, batches of 3) kept 10 of 16 pages token-identical to fp32, against 7
+# for bf16 with eager attention one page at a time; every page that differed did so first at a step
+# where fp32's margin between the two tokens was at most 0.19 of that step's logit standard deviation
+# (0.30 with eager attention). A bug (a wrong image, position or mask) changes tokens whatever their
+# margin: handing each page another page's image picks first tokens up to 3.5 standard deviations down.
+BF16_TOLERANCE = 0.5  # logit standard deviations
+
+
+def logits_after(runner: KosmosRunner, request: Request, ids: list[int]) -> torch.Tensor:
+    """The next-token logits after `ids`, for this page alone, without a cache (teacher forcing)."""
+    inputs = runner.processor(text=[TASK_PROMPTS[request.task]], images=[request.image], return_tensors="pt")
+    inputs.pop("width"), inputs.pop("height")
+    inputs["input_ids"] = torch.cat([inputs["input_ids"], torch.tensor([ids], dtype=torch.long)], dim=1)
+    inputs["attention_mask"] = torch.ones_like(inputs["input_ids"])
+    position_mask = inputs["image_embeds_position_mask"]
+    inputs["image_embeds_position_mask"] = torch.cat([position_mask, position_mask.new_zeros(1, len(ids))], 1)
+    with torch.inference_mode():
+        return runner.model(**inputs, use_cache=False).logits[0, -1].float()
+
+
+def divergence_margin(runner: KosmosRunner, request: Request, got: tuple[int, ...]) -> float | None:
+    """Where `got` first leaves fp32's greedy ids for this page: fp32's margin there, in logit stds."""
+    expected = reference(runner, request, variant="plain")
+    if list(got) == expected:
+        return None
+    step = next((i for i, (a, b) in enumerate(zip(expected, got, strict=False)) if a != b), None)
+    if step is None:  # one stopped where the other went on: the margin of EOS against the next token
+        step = min(len(expected), len(got))
+    logits = logits_after(runner, request, expected[:step])
+    chosen = expected[step] if step < len(expected) else EOS
+    other = got[step] if step < len(got) else EOS
+    return float((logits[chosen] - logits[other]) / logits.std())
+
+
+def test_bf16_on_cpu_differs_from_fp32_only_at_near_ties(runner: KosmosRunner, tiny_checkpoint: Path) -> None:
     fast = load(tiny_checkpoint, dtype="bfloat16", batch_size=3, detect_loops=False)
-    assert fast.dtype == torch.bfloat16
     assert fast.model.config.text_config._attn_implementation == runner_module.CPU_DECODE_ATTENTION
-    assert "OneDnnLinear" in {type(module).__name__ for module in fast.model.modules()}
-    plain = load(tiny_checkpoint, dtype="bfloat16", attn="eager", batch_size=1, detect_loops=False)
-    assert plain.model.config.text_config._attn_implementation == "eager"
-    requests = pages(4)
-    expected = {key: (g.text, g.token_count) for key, g in generate(plain, requests).items()}
-    got = {key: (g.text, g.token_count) for key, g in generate(fast, requests).items()}
-    assert got == expected
+    if runner_module.native_bf16_cpu():
+        assert "OneDnnLinear" in {type(module).__name__ for module in fast.model.modules()}
+    requests = pages(8)
+    got = generate(fast, requests)
+    margins = [divergence_margin(runner, request, got[request.key].ids) for request in requests]
+    differing = [margin for margin in margins if margin is not None]
+    assert all(0 <= margin <= BF16_TOLERANCE for margin in differing), margins
 
 
-@pytest.mark.parametrize(
-    ("native", "quantize", "expected"),
-    [
-        (True, None, torch.bfloat16),
-        (False, None, torch.float32),
-        (True, "int8", torch.float32),
-    ],
-)
-def test_auto_dtype_on_cpu_is_bf16_only_where_native(
-    monkeypatch: pytest.MonkeyPatch, native: bool, quantize: str | None, expected: torch.dtype
-) -> None:
-    monkeypatch.setattr(runner_module, "native_bf16_cpu", lambda: native)
-    assert runner_module.resolve_dtype("auto", "cpu", quantize=quantize) == expected
-    assert runner_module.resolve_dtype("float32", "cpu") == torch.float32
-
-
-def test_cpu_threads_follow_the_cores_available(tiny_checkpoint: Path) -> None:
-    load(tiny_checkpoint, threads=None)
-    assert torch.get_num_threads() == available_cores()
-
-
-def test_the_default_budget_is_the_reference_one_and_decoding_runs_past_the_trained_table(
-    tiny_checkpoint: Path,
-) -> None:
-    assert (
-        load(tiny_checkpoint, max_new_tokens=None).max_new_tokens
-        == runner_module.DEFAULT_MAX_NEW_TOKENS
-        == 4000
-    )
-    # The tiny model's prompt is 12 tokens: 4,090 new ones run past its 4,096 trained positions.
-    long = load(tiny_checkpoint, max_new_tokens=4090, ignore_eos=True, detect_loops=False)
-    (generation,) = generate(long, pages(1)).values()
-    assert (generation.token_count, generation.finish) == (4090, Finish.LENGTH)
-
-
-def test_position_table_grows_for_long_budgets(tiny_checkpoint: Path) -> None:
-    runner = load(tiny_checkpoint, max_new_tokens=5000)
-    table = runner.model.text_model.model.embed_positions
-    assert table.weights.shape[0] >= table.padding_idx + 1 + runner.prompt_length + 5000
-
-
-@pytest.mark.parametrize(
-    ("settings", "message"),
-    [
-        ({"quantize": "int4"}, "unknown quantization"),
-        ({"quantize": "int8", "dtype": "bfloat16"}, "needs float32"),
-        ({"quantize": "int8", "compile": True}, "do not work together"),
-        ({"threads": 0}, "at least 1"),
-    ],
-)
-def test_impossible_speed_settings_fail_before_loading(
-    tiny_checkpoint: Path, settings: dict[str, object], message: str
-) -> None:
-    with pytest.raises(ModelLoadError, match=message):
-        load(tiny_checkpoint, **settings)
-
-
-def test_int8_quantization_runs(tiny_checkpoint: Path) -> None:
-    if not {"x86", "fbgemm", "qnnpack"} & set(torch.backends.quantized.supported_engines):
-        pytest.skip("this torch build has no quantized CPU engine")
-    runner = load(tiny_checkpoint, quantize="int8", batch_size=2, detect_loops=False)
-    modules = list(runner.model.modules())
-    assert any(isinstance(m, torch.ao.nn.quantized.dynamic.Linear) for m in modules)
-    assert not any(type(m) is torch.nn.Linear for m in modules)
-    got = generate(runner, pages(3))
-    assert {(g.token_count, g.finish) for g in got.values()} <= {(BUDGET, Finish.LENGTH)} | {
-        (g.token_count, Finish.EOS) for g in got.values()
-    }
-
-
-COMPILE_ENV = "KOSMOS_TEST_COMPILE"
-
-
-@pytest.mark.skipif(
-    not (os.environ.get(COMPILE_ENV) or torch.cuda.is_available()),
-    reason=f"torch.compile takes 1-2 minutes on a small CPU; set {COMPILE_ENV}=1 to run it",
-)
-@pytest.mark.skipif(shutil.which("cc") is None, reason="torch.compile's CPU backend needs a C compiler")
-@pytest.mark.skipif(sys.platform == "win32", reason="torch.compile's CPU backend does not run on Windows")
-def test_compile_path_matches_eager(tiny_checkpoint: Path) -> None:
-    eager = load(tiny_checkpoint, batch_size=2, max_new_tokens=6)
-    compiled = load(tiny_checkpoint, batch_size=2, max_new_tokens=6, compile=True)
-    requests = pages(3)
-    expected = {key: (g.text, g.token_count) for key, g in generate(eager, requests).items()}
-    got = {key: (g.text, g.token_count) for key, g in generate(compiled, requests).items()}
-    assert got == expected
