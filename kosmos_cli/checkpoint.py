@@ -357,7 +357,9 @@ def _tensor_specs(config: Any, size: CheckpointSize) -> list[_TensorSpec]:
 
 
 def _tiny_std(name: str) -> float:
-    if name.startswith("vision_model.") and name.endswith((".attention.query.weight", ".attention.key.weight")):
+    if name.startswith("vision_model.") and name.endswith(
+        (".attention.query.weight", ".attention.key.weight")
+    ):
         return TINY_VISION_QUERY_KEY_STD
     return TINY_INIT_STD[name.split(".")[0]]
 

@@ -9,6 +9,8 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from PIL import Image
 
+    from kosmos_cli.loops import Loop
+
 # Affine map (a, b, c, d, e, f): x' = a*x + c*y + e, y' = b*x + d*y + f (PyMuPDF's Matrix order).
 Matrix = tuple[float, float, float, float, float, float]
 Point = tuple[int, int]
@@ -107,6 +109,7 @@ class Generation:
     resized_size: tuple[int, int]  # (width, height) of the image the model saw
     ids: tuple[int, ...]  # the generated token ids behind `text`, EOS excluded
     finish: Finish = Finish.EOS
+    loop: Loop | None = None  # what was cut when finish is LOOP
 
     @property
     def token_count(self) -> int:

@@ -24,6 +24,38 @@ _BLANK_RUNS = re.compile(r"\n{2,}")
 # Control characters other than tab and newline: ESC, NUL, BEL from the model must not reach a terminal.
 _CONTROL = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f]")
 _MARKER = re.compile(r"<!--\s*kosmos\s*:", re.IGNORECASE)  # what starts kosmos's page and document markers
+_HALF_TAG = re.compile(r"<(?:/?[A-Za-z][^<>]*|/)?$")  # a tag cut off at the very end: `</tr`, `<td cl`, `<`
+_TAG = re.compile(r"<(/?)([A-Za-z][A-Za-z0-9]*)\b[^<>]*?(/?)>")
+# Elements the model's markdown uses that must be closed when the page is cut off (others are left alone:
+# `<foo@bar.org>` is a link, not an element).
+_CLOSABLE = frozenset(
+    [
+        "table",
+        "thead",
+        "tbody",
+        "tfoot",
+        "tr",
+        "td",
+        "th",
+        "caption",
+        "ul",
+        "ol",
+        "li",
+        "p",
+        "div",
+        "span",
+        "b",
+        "i",
+        "u",
+        "s",
+        "sub",
+        "sup",
+        "strong",
+        "em",
+        "code",
+        "pre",
+    ]
+)
 
 
 def parse_ocr(raw: str, *, resized_size: tuple[int, int], original_size: tuple[int, int]) -> list[Line]:
@@ -78,6 +110,21 @@ def tidy_markdown(raw: str) -> str:
     # kosmos's own page markers cannot come from the model: `&lt;` shows as `<` all the same.
     text = _MARKER.sub(lambda match: "&lt;" + match[0][1:], text)
     return _BLANK_RUNS.sub("\n\n", text).strip()
+
+
+def end_cleanly(markdown: str) -> str:
+    """End markdown that was cut off: drop a tag cut in half, then close the elements left open."""
+    text = _HALF_TAG.sub("", markdown).rstrip()
+    open_elements: list[str] = []
+    for match in _TAG.finditer(text):
+        closing, name, self_closing = match[1], match[2].lower(), match[3]
+        if name not in _CLOSABLE or self_closing:
+            continue
+        if not closing:
+            open_elements.append(name)
+        elif name in open_elements:
+            del open_elements[len(open_elements) - 1 - open_elements[::-1].index(name) :]
+    return text + "".join(f"</{name}>" for name in reversed(open_elements))
 
 
 def format_ocr_line(line: Line) -> str:

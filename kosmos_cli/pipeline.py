@@ -23,7 +23,7 @@ from kosmos_cli.document import (
     Task,
 )
 from kosmos_cli.errors import GenerationError
-from kosmos_cli.parsing import format_ocr_lines, parse_ocr, tidy_markdown
+from kosmos_cli.parsing import end_cleanly, format_ocr_lines, parse_ocr, tidy_markdown
 from kosmos_cli.runner import Request, Runner, Settings, load_runner
 from kosmos_cli.tiling import merge_tile_lines, plan_tiles
 
@@ -111,11 +111,12 @@ def build_result(
     raw = "\n".join(g.text for g in generations)
     extra: dict[str, object] = {}
     if status is Status.TRUNCATED:
-        extra["truncation"] = (
-            "repetition loop cut" if Finish.LOOP in finishes else f"hit --max-new-tokens {max_new_tokens}"
-        )
+        loops = [g.loop.describe() for g in generations if g.loop is not None]
+        extra["truncation"] = loops[0] if loops else f"hit --max-new-tokens {max_new_tokens}"
     if task is Task.MD:
         text = tidy_markdown(generations[0].text)
+        if status is Status.TRUNCATED:
+            text = end_cleanly(text)
         return PageResult(info, task, text, (), raw, status, None, token_count, extra)
     lines = _ocr_lines(tiles)
     return PageResult(

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 from kosmos_cli.document import Finish, Generation, Task
 from kosmos_cli.errors import GenerationError, ModelLoadError
-from kosmos_cli.loops import LoopDetector, LoopRule, find_loop
+from kosmos_cli.loops import Decode, Loop, LoopDetector, LoopRule, find_loop
 
 if TYPE_CHECKING:
     import torch
@@ -156,6 +156,7 @@ class KosmosRunner:
         self.eos_id = int(model.generation_config.eos_token_id)
         self.pad_id = int(model.config.text_config.pad_token_id)
         self.loop_rule = LoopRule() if settings.detect_loops else None
+        self.decode_raw = functools.partial(processor.tokenizer.decode, skip_special_tokens=False)
         self.cache_argument = cache_argument(model)
 
     def generate(self, requests: Iterable[Request]) -> Iterator[tuple[Request, Generation | GenerationError]]:
@@ -316,10 +317,10 @@ class KosmosRunner:
         done = [batch.rows[i] for i in finished]
         batch.drop(finished)
         for row in done:
-            yield row.request, self._to_generation(row.ids, row.resized_size, row.finish)
+            yield row.request, self._to_generation(row.ids, row.resized_size, row.finish, row.loop)
 
     def _new_row(self, request: Request, encoded: _Encoded) -> _Row:
-        detector = LoopDetector(self.loop_rule) if self.loop_rule is not None else None
+        detector = LoopDetector(self.loop_rule, self.decode_raw) if self.loop_rule is not None else None
         cached = int(encoded.inputs["input_ids"].shape[1])
         return _Row(request, encoded, self.max_new_tokens, detector, cached)
 
@@ -390,31 +391,33 @@ class KosmosRunner:
             config.compile_config = compile_config(self.device)
         stopping = StoppingCriteriaList()
         if self.loop_rule is not None:
-            stopping.append(_loop_stopping_criteria(len(encoded), self.loop_rule))
+            stopping.append(_loop_stopping_criteria(len(encoded), self.loop_rule, self.decode_raw))
         with torch.inference_mode():
             output = self.model.generate(**inputs, generation_config=config, stopping_criteria=stopping)
         new_ids = output[:, inputs["input_ids"].shape[1] :].cpu().tolist()
         generations = []
         for ids, page in zip(new_ids, encoded, strict=True):
-            ids, finish = self._finish_of(ids)
-            generations.append(self._to_generation(ids, page.resized_size, finish))
+            ids, finish, loop = self._finish_of(ids)
+            generations.append(self._to_generation(ids, page.resized_size, finish, loop))
         return generations
 
-    def _finish_of(self, ids: list[int]) -> tuple[list[int], Finish]:
+    def _finish_of(self, ids: list[int]) -> tuple[list[int], Finish, Loop | None]:
         """Cut a fixed-batch row at its EOS or loop and say why it ended."""
         if self.eos_id in ids and not self.settings.ignore_eos:
             ids = ids[: ids.index(self.eos_id)]
             finish = Finish.EOS
         else:
             finish = Finish.LENGTH
-        loop = find_loop(ids, self.loop_rule) if self.loop_rule is not None else None
+        loop = find_loop(ids, self.loop_rule, self.decode_raw) if self.loop_rule is not None else None
         if loop is not None:
-            return ids[: loop.keep], Finish.LOOP
-        return ids, finish
+            return ids[: loop.keep], Finish.LOOP, loop
+        return ids, finish, None
 
-    def _to_generation(self, ids: list[int], resized_size: tuple[int, int], finish: Finish) -> Generation:
+    def _to_generation(
+        self, ids: list[int], resized_size: tuple[int, int], finish: Finish, loop: Loop | None = None
+    ) -> Generation:
         text = self.processor.tokenizer.decode(ids, skip_special_tokens=True)
-        return Generation(text=text, resized_size=resized_size, ids=tuple(ids), finish=finish)
+        return Generation(text=text, resized_size=resized_size, ids=tuple(ids), finish=finish, loop=loop)
 
 
 class _NoRoom(Exception):
@@ -445,6 +448,7 @@ class _Row:
     cached: int  # tokens of this page in the KV cache (left padding excluded)
     ids: list[int] = field(default_factory=list)
     finish: Finish = Finish.LENGTH
+    loop: Loop | None = None  # the loop that stopped the page, if one did
 
     @property
     def resized_size(self) -> tuple[int, int]:
@@ -459,7 +463,7 @@ class _Row:
         self.ids.append(token)
         if self.detector is not None and (loop := self.detector.push(token)) is not None:
             del self.ids[loop.keep :]
-            self.finish = Finish.LOOP
+            self.finish, self.loop = Finish.LOOP, loop
             return True
         return len(self.ids) >= self.budget
 
@@ -653,14 +657,14 @@ class _Encoder:
         self._pool.shutdown(wait=False, cancel_futures=True)
 
 
-def _loop_stopping_criteria(rows: int, rule: LoopRule) -> Any:
+def _loop_stopping_criteria(rows: int, rule: LoopRule, decode: Decode) -> Any:
     """A transformers StoppingCriteria that stops each row of a fixed batch when its output loops."""
     import torch
     from transformers import StoppingCriteria
 
     class LoopStopping(StoppingCriteria):
         def __init__(self) -> None:
-            self.detectors = [LoopDetector(rule) for _ in range(rows)]
+            self.detectors = [LoopDetector(rule, decode) for _ in range(rows)]
             self.stopped = [False] * rows
 
         def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs: Any) -> torch.Tensor:

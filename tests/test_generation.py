@@ -3,10 +3,7 @@
 from __future__ import annotations
 
 import logging
-import os
 import random
-import shutil
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -16,14 +13,13 @@ from PIL import Image, ImageDraw
 
 from kosmos_cli import runner as runner_module
 from kosmos_cli.document import Finish, Generation, Status, Task
-from kosmos_cli.errors import GenerationError, ModelLoadError
-from kosmos_cli.loops import LoopRule
+from kosmos_cli.errors import GenerationError
+from kosmos_cli.loops import Loop, LoopKind, LoopRule
 from kosmos_cli.runner import (
     TASK_PROMPTS,
     KosmosRunner,
     Request,
     Settings,
-    available_cores,
     greedy_config,
     load_runner,
 )
@@ -153,7 +149,20 @@ def test_batched_output_is_identical_to_one_page_at_a_time(tiny_checkpoint: Path
     assert_matches_reference(runner, requests, got, variant=EARLY)
 
 
-WORDS = "invoice total amount date name address phone city receipt table figure chapter".split()
+WORDS = [
+    "invoice",
+    "total",
+    "amount",
+    "date",
+    "name",
+    "address",
+    "phone",
+    "city",
+    "receipt",
+    "table",
+    "figure",
+    "chapter",
+]
 
 
 def text_page(number: int) -> Image.Image:
@@ -183,7 +192,9 @@ def test_tiles_of_a_tall_page_match_one_tile_at_a_time(tiny_checkpoint: Path) ->
     page = Image.new("RGB", (600, 4000), "white")  # tall and over 4,096 patches: read in tiles
     draw = ImageDraw.Draw(page)
     for line in range(100):
-        draw.text((20 + 9 * (line % 7), 15 + 40 * line), " ".join(WORDS[line % 12 : line % 12 + 3]), fill="black")
+        draw.text(
+            (20 + 9 * (line % 7), 15 + 40 * line), " ".join(WORDS[line % 12 : line % 12 + 3]), fill="black"
+        )
     tiles = plan_tiles(*page.size)
     assert len(tiles) == 5
     requests = [Request(("tile", index), page.crop(tile), Task.OCR) for index, tile in enumerate(tiles)]
@@ -283,7 +294,31 @@ def test_pipeline_marks_a_looping_page_truncated(runner: KosmosRunner) -> None:
     runner.loop_rule = SMALL_LOOP_RULE
     [result] = Transcriber(runner).transcribe([pages(1)[0].image], task=Task.MD)
     assert result.status is Status.TRUNCATED
-    assert result.extra["truncation"] == "repetition loop cut"
+    assert result.extra["truncation"] == "repetition loop cut: a 1-token box block repeating from token 0"
+
+
+@pytest.mark.parametrize(
+    ("finish", "loop", "reason"),
+    [
+        (Finish.LOOP, Loop(30, 20, 10, LoopKind.LAYOUT), "a 20-token layout block repeating from token 10"),
+        (Finish.LENGTH, None, "hit --max-new-tokens 16"),
+    ],
+)
+def test_a_cut_markdown_page_ends_cleanly_and_says_why(
+    finish: Finish, loop: Loop | None, reason: str
+) -> None:
+    from kosmos_cli.document import Document, PageInfo
+    from kosmos_cli.pipeline import build_result
+
+    cut = Generation(
+        "<table><tr><td>a</td></tr><tr><td></t", (10, 10), ids=(7,) * 30, finish=finish, loop=loop
+    )
+    result = build_result(
+        PageInfo(Document("/in/a.png", "a"), 0, 1, 10, 10), Task.MD, {(0, 0, 10, 10): cut}, BUDGET
+    )
+    assert result.status is Status.TRUNCATED
+    assert result.text == "<table><tr><td>a</td></tr><tr><td></td></tr></table>"
+    assert str(result.extra["truncation"]).endswith(reason)
 
 
 def test_requests_are_pulled_lazily(runner: KosmosRunner) -> None:
@@ -371,7 +406,9 @@ def test_vision_sdpa_matches_eager_attention(runner: KosmosRunner, tiny_checkpoi
     bf16 = load(tiny_checkpoint, dtype="bfloat16")
     sdpa_error = [(vision_output(bf16, r) - f).norm() / f.norm() for r, f in zip(requests, fast, strict=True)]
     eager_vision(bf16)
-    eager_error = [(vision_output(bf16, r) - f).norm() / f.norm() for r, f in zip(requests, fast, strict=True)]
+    eager_error = [
+        (vision_output(bf16, r) - f).norm() / f.norm() for r, f in zip(requests, fast, strict=True)
+    ]
     assert max(sdpa_error) < 0.06 and sum(sdpa_error) <= 1.1 * sum(eager_error)
 
 
@@ -448,5 +485,3 @@ def test_bf16_on_cpu_differs_from_fp32_only_at_near_ties(runner: KosmosRunner, t
     margins = [divergence_margin(runner, request, got[request.key].ids) for request in requests]
     differing = [margin for margin in margins if margin is not None]
     assert all(0 <= margin <= BF16_TOLERANCE for margin in differing), margins
-
-

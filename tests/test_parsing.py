@@ -8,7 +8,7 @@ import re
 import pytest
 
 from kosmos_cli.document import Line, Point
-from kosmos_cli.parsing import format_ocr_lines, parse_ocr, pixel_bbox_to_pdf, tidy_markdown
+from kosmos_cli.parsing import end_cleanly, format_ocr_lines, parse_ocr, pixel_bbox_to_pdf, tidy_markdown
 
 # Real raw outputs for receipt_00008.png, published in huggingface/transformers
 # tests/models/kosmos2_5/test_modeling_kosmos2_5.py (Kosmos2_5ModelIntegrationTest).
@@ -326,6 +326,29 @@ def test_degenerate_lines_dropped_by_model_card_are_kept() -> None:
 )
 def test_tidy_markdown(raw: str, expected: str) -> None:
     assert tidy_markdown(raw) == expected
+
+
+@pytest.mark.parametrize(
+    ("cut", "expected"),
+    [
+        ("# Title\n\nSome text", "# Title\n\nSome text"),
+        (
+            "<table><tr><td>a</td></tr><tr><td></td></tr",
+            "<table><tr><td>a</td></tr><tr><td></td></tr></table>",
+        ),
+        ("<table><tr><td>a</td><td>b", "<table><tr><td>a</td><td>b</td></tr></table>"),
+        (
+            '<table>\n<tr><td colspan="2">a</td></tr>\n<tr><td cl',
+            '<table>\n<tr><td colspan="2">a</td></tr>\n<tr></tr></table>',
+        ),
+        ("text then <", "text then"),
+        ("line<br/>and <b>bold", "line<br/>and <b>bold</b>"),
+        ("mail <me@example.org> and x < y", "mail <me@example.org> and x < y"),
+        ("<table><tr><td>a</td></tr></table>\n| a |", "<table><tr><td>a</td></tr></table>\n| a |"),
+    ],
+)
+def test_cut_markdown_ends_cleanly(cut: str, expected: str) -> None:
+    assert end_cleanly(cut) == expected
 
 
 @pytest.mark.parametrize(
