@@ -32,6 +32,7 @@ TASK_PROMPTS = {Task.MD: "<md>", Task.OCR: "<ocr>"}
 DTYPES = ("auto", "bfloat16", "float16", "float32")
 ATTENTIONS = ("auto", "sdpa", "eager", "flash_attention_2")
 QUANTIZATIONS = ("int8",)
+INT8_PREFIX = "text_model."  # the modules --quantize int8 quantizes: the decoder and its LM head
 # The reference's budget: microsoft/unilm kosmos-2.5/inference.py generates up to max_len_b=4000 new
 # tokens. A dense OCR page costs about 24 tokens a line, so 2,044 (what the 4096-row position table
 # leaves after the 2052-token prompt) cut pages of more than about 85 lines; the sinusoidal table is
@@ -937,10 +938,13 @@ def prepare_for_speed(runner: KosmosRunner) -> None:
         use_sdpa_in_vision(runner.model)
     if runner.device == "cpu" and runner.dtype != torch.float32 and not settings.compile:
         use_cpu_decode_attention(runner.model)
+    changed = False
     if settings.quantize == "int8":
         quantize_int8(runner.model)
-        own_weights(runner.model)
-    elif runner.device == "cpu" and not settings.compile and use_onednn_linears(runner.model):
+        changed = True
+    if runner.device == "cpu" and not settings.compile:
+        changed = use_onednn_linears(runner.model) > 0 or changed  # what int8 left in float too
+    if changed:
         own_weights(runner.model)
     logger.info("batch size %d, %d CPU threads", runner.batch_size, torch.get_num_threads())
 
@@ -1129,17 +1133,37 @@ def own_weights(model: Any) -> None:
 
 
 def quantize_int8(model: Any) -> None:
-    """Swap every nn.Linear for a dynamically quantized int8 one (weights int8, activations per batch)."""
+    """Make the text decoder's linear layers dynamic int8: per-channel int8 weights, activations per batch.
+
+    The vision encoder and the image projection stay float32: they run once per page, and on the tiny
+    image-sensitive model quantizing them too cut the pages token-identical to float32 from 12 of 16 to 3;
+    per-tensor weights (one scale for a whole matrix) cut them to 8. The decoder's layers and the LM head
+    are what every generated token reads. torch.ao's quantized kernels (fbgemm/x86) ran a 4-row decode
+    matmul 2x faster than bf16 on oneDNN; torchao's int8 configs ran 50-100x slower than that without
+    torch.compile on this CPU (BENCHMARKS.md).
+    """
     import torch
 
+    try:
+        quantization = torch.ao.quantization
+    except AttributeError as error:  # deprecated since torch 2.10 in favour of torchao; not removed yet
+        raise ModelLoadError(
+            "this torch has no dynamic int8 quantization (torch.ao.quantization)", hint="drop --quantize"
+        ) from error
+    layers = {
+        name: quantization.per_channel_dynamic_qconfig
+        for name, module in model.named_modules()
+        if isinstance(module, torch.nn.Linear) and name.startswith(INT8_PREFIX)
+    }
     with torch.no_grad():  # packed int8 layers keep the float bias as it is: copy it off the memory map
-        for module in model.modules():
-            if isinstance(module, torch.nn.Linear) and module.bias is not None:
-                module.bias.data = module.bias.data.clone()
-    with warnings.catch_warnings():  # torch.ao.quantization is deprecated in favour of torchao, not removed
+        for name in layers:
+            bias = model.get_submodule(name).bias
+            if bias is not None:
+                bias.data = bias.data.clone()
+    with warnings.catch_warnings():  # deprecated in favour of torchao, whose CPU int8 is slower (above)
         warnings.simplefilter("ignore", DeprecationWarning)
         warnings.simplefilter("ignore", UserWarning)
-        torch.ao.quantization.quantize_dynamic(model, {torch.nn.Linear}, dtype=torch.qint8, inplace=True)
+        quantization.quantize_dynamic(model, layers, dtype=torch.qint8, inplace=True)
 
 
 def _load_error(source: str, error: Exception) -> ModelLoadError:
