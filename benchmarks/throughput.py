@@ -22,8 +22,9 @@ and are reported).
 
 When kosmos runs in bf16 (its CPU default where the CPU has native bf16), the run also reports
 how far its next-token logits drift from the fp32 model's, teacher-forced on the baseline's outputs
-of the first pages. `--also-int8` runs kosmos a second time with `--quantize int8` (CPU) and
-reports its drift the same way. `--baseline-dtype` runs the baseline in another dtype (its faster
+of the first pages. `--also-int8` also runs kosmos in float32 and with `--quantize int8` (CPU),
+reports int8's drift the same way, and how many pages bf16 and int8 transcribed token for token as
+float32 did. `--baseline-dtype` runs the baseline in another dtype (its faster
 one, say) than kosmos's `--dtype`.
 `--decode-sweep 1,2,4` times decode steps alone at those batch sizes (one shared prefill).
 Results and how they were produced are recorded in BENCHMARKS.md.
@@ -81,6 +82,7 @@ class Side:
     peak_rss: int = 0  # while transcribing, after the model is loaded
     load_peak_rss: int = 0  # while loading (and converting) the model
     peak_gpu: int | None = None
+    texts: dict[int, str] = field(default_factory=dict)  # kosmos: each page's raw model output
 
     @property
     def pages_per_s(self) -> float:
@@ -280,6 +282,7 @@ class _Reporter:
     def page_done(self, result: PageResult) -> None:
         self.side.pages += 1
         self.side.tokens.append(result.token_count)
+        self.side.texts[result.info.page_index] = result.raw
         if self.side.first_page_s is None:
             self.side.first_page_s = time.perf_counter() - self.started
 
@@ -292,11 +295,17 @@ class _Reporter:
 
 
 def run_kosmos(
-    args: argparse.Namespace, pdf: Path, memory: PeakMemory, *, quantize: str | None = None
+    args: argparse.Namespace,
+    pdf: Path,
+    memory: PeakMemory,
+    *,
+    quantize: str | None = None,
+    dtype: str | None = None,
 ) -> tuple[Side, Any]:
     """`kosmos md|ocr PDF -o DIR` through the library calls cli.py makes; returns the side and runner."""
-    from kosmos_cli.jobs import Job, Summary, plan, run_job
+    from kosmos_cli.jobs import Job, Summary, plan, probe, run_job
     from kosmos_cli.runner import Settings, load_runner
+    from kosmos_cli.sandbox import Sandbox
     from kosmos_cli.sources import discover
 
     side = Side("kosmos" + (f" --quantize {quantize}" if quantize else ""))
@@ -305,7 +314,7 @@ def run_kosmos(
     settings = Settings(
         model=str(args.model),
         device=args.device,
-        dtype=args.dtype,
+        dtype=dtype or args.dtype,
         batch_size=args.batch_size,
         max_new_tokens=args.tokens,
         compile=args.compile,
@@ -325,10 +334,13 @@ def run_kosmos(
             output_dir=Path(out),
             fingerprint=f"{settings.model} bench",
         )
-        todo, _ = plan(discovery.documents, job)
         summary = Summary()
         started = time.perf_counter()
-        run_job(todo, runner, job, _Reporter(side, started), io.BytesIO(), summary)
+        reporter = _Reporter(side, started)
+        with Sandbox(timeout=job.page_timeout) as sandbox:
+            pages = probe(discovery.documents, job, reporter, summary, sandbox=sandbox)
+            todo = plan(discovery.documents, job, reporter, summary, pages=pages)
+            run_job(todo, runner, job, reporter, io.BytesIO(), summary, pages=pages, sandbox=sandbox)
         side.run_s = time.perf_counter() - started
         written = sorted(p.name for p in Path(out).iterdir())
     if summary.failed or not written:
@@ -599,9 +611,18 @@ def main(argv: list[str] | None = None) -> None:
         del runner  # each side's peak RAM is its own
         release_memory()
         if args.also_int8:
+            fp32, fp32_side_runner = run_kosmos(args, pdf, memory, dtype="float32")
+            print(fp32.report(), flush=True)
+            figures["kosmos_fp32"] = vars(fp32)
+            del fp32_side_runner
+            release_memory()
             quantized, int8_runner = run_kosmos(args, pdf, memory, quantize="int8")
             print(quantized.report(), flush=True)
             figures["kosmos_int8"] = vars(quantized)
+            for side in (kosmos, quantized):
+                same = sum(side.texts[page] == text for page, text in fp32.texts.items())
+                print(f"{side.name}: {same} of {len(fp32.texts)} pages token-identical to float32")
+                figures[f"{side.name} identical to float32"] = same
             if baseline is not None:
                 print(f"ratio (int8): {quantized.pages_per_s / baseline.pages_per_s:.2f}x")
                 drift = logit_drift(fp32_runner(args), int8_runner, pdf, outputs, args.task, "int8")

@@ -1,0 +1,53 @@
+"""The benchmarks still run: each one end to end on the tiny model, in a second or two."""
+
+from __future__ import annotations
+
+import runpy
+import sys
+from pathlib import Path
+
+import pytest
+from inputs import PdfPage, make_pdf
+
+BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
+
+
+def run_benchmark(name: str, argv: list[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(sys, "argv", [str(BENCHMARKS / name), *argv])
+    runpy.run_path(str(BENCHMARKS / name), run_name="__main__")
+
+
+def test_throughput_compares_both_sides_and_int8(
+    tiny_checkpoint: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    figures = tmp_path / "figures.json"
+    argv = ["--model", str(tiny_checkpoint), "--pages", "2", "--tokens", "6", "--dtype", "float32"]
+    run_benchmark("throughput.py", [*argv, "--also-int8", "--json", str(figures)], monkeypatch)
+    out = capsys.readouterr().out
+    assert "baseline" in out and "ratio: " in out and "ratio (int8): " in out
+    assert "int8 vs float32 next-token logits" in out
+    assert "of 2 pages token-identical to float32" in out
+    assert figures.is_file()
+
+
+def test_throughput_decode_sweep(
+    tiny_checkpoint: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    argv = [
+        "--model",
+        str(tiny_checkpoint),
+        "--decode-sweep",
+        "1,2",
+        "--dtype",
+        "float32",
+        "--bandwidth",
+        "10",
+    ]
+    run_benchmark("throughput.py", argv, monkeypatch)
+    assert "batch 2" in capsys.readouterr().out
+
+
+def test_reading(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    pdf = make_pdf(tmp_path / "a.pdf", pages=[PdfPage(), PdfPage()])
+    run_benchmark("reading.py", [str(pdf)], monkeypatch)
+    assert "a.pdf" in capsys.readouterr().out
