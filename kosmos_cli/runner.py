@@ -47,6 +47,7 @@ KV_BYTES_PER_TOKEN_PER_DTYPE_BYTE = 24 * 2 * 1536  # layers x (key, value) x emb
 ENCODE_WORKERS = 4  # processor threads on GPU machines (one on CPU, where cores are busy decoding)
 REFILL_SHARE = 8  # a batch of B refills once B / REFILL_SHARE rows are free (every row on CPU)
 CPU_DECODE_ATTENTION = "kosmos_cpu_decode"  # registered with transformers' AttentionInterface
+HUB_CONNECT_TIMEOUT = 5.0  # seconds to open a connection to the hub before calling it unreachable
 LOAD_HINT = "download it once with `kosmos download` (needs network), or pass a local folder with --model"
 
 
@@ -855,6 +856,8 @@ def load_runner(settings: Settings) -> KosmosRunner:
     # retries that stall an offline machine. Only a model that is not (fully) cached is fetched.
     cached = cached_model_path(source, revision=settings.revision) is not None
     if not cached and not hub_offline():
+        if not Path(source).exists():
+            require_hub(source)
         logger.warning("model `%s` is not cached; fetching it from the hub (about 5.5 GB)", source)
     try:
         try:
@@ -1227,11 +1230,39 @@ def download_model(model: str, *, revision: str | None = None, to: Path | None =
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
 
+    if not hub_offline():
+        require_hub(model)
     try:
         path = snapshot_download(model, revision=revision, local_dir=to)
     except (HfHubHTTPError, LocalEntryNotFoundError, OSError, ValueError) as error:
         raise _load_error(model, error) from error
     return Path(path)
+
+
+def require_hub(model: str) -> None:
+    """Fail at once when the hub cannot be reached, not after huggingface_hub's 23 s of retries.
+
+    One TCP connection to the hub's endpoint, unless a proxy is configured (then the proxy decides,
+    and huggingface_hub's own retries apply, as they do once the hub has answered).
+    """
+    import socket
+    import urllib.parse
+    import urllib.request
+
+    from huggingface_hub import constants
+
+    if urllib.request.getproxies():
+        return
+    url = urllib.parse.urlsplit(constants.ENDPOINT)
+    port = url.port or (443 if url.scheme == "https" else 80)
+    try:
+        socket.create_connection((url.hostname or "", port), timeout=HUB_CONNECT_TIMEOUT).close()
+    except OSError as error:
+        raise ModelLoadError(
+            f"model `{model}` is not in the Hugging Face cache and the hub could not be reached"
+            f" ({constants.ENDPOINT}: {_describe(error)})",
+            hint=LOAD_HINT,
+        ) from error
 
 
 def hub_offline() -> bool:

@@ -10,6 +10,7 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -19,6 +20,8 @@ from typer.testing import CliRunner
 
 from kosmos_cli import __version__
 from kosmos_cli.cli import app
+from kosmos_cli.errors import ModelLoadError
+from kosmos_cli.runner import require_hub
 
 runner = CliRunner()
 
@@ -214,14 +217,39 @@ def test_unknown_hub_id_exits_3(png: Path, fake_hub: str) -> None:
     assert "Traceback" not in result.stderr
 
 
-def test_unreachable_hub_exits_3(png: Path) -> None:
+def test_unreachable_hub_exits_3_at_once(png: Path) -> None:
+    started = time.monotonic()
     result = _kosmos(["md", str(png)], endpoint=f"http://127.0.0.1:{_closed_port()}")
+    assert time.monotonic() - started < 15  # not huggingface_hub's 23 s of retries first
     assert result.returncode == 3, result.stderr
     assert (
         "error: model `microsoft/kosmos-2.5` is not in the Hugging Face cache and the hub could not be reached"
         in result.stderr
     )
     assert "hint: download it once with `kosmos download`" in result.stderr
+
+
+@pytest.mark.parametrize("proxy", [None, "http://proxy.example:3128"])
+def test_the_hub_is_probed_once_unless_a_proxy_decides(
+    monkeypatch: pytest.MonkeyPatch, proxy: str | None
+) -> None:
+    attempts: list[tuple[str, int]] = []
+
+    def refuse(address: tuple[str, int], timeout: float) -> socket.socket:
+        attempts.append(address)
+        raise ConnectionRefusedError(111, "Connection refused")
+
+    monkeypatch.setattr(socket, "create_connection", refuse)
+    for name in ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy"):
+        monkeypatch.delenv(name, raising=False)
+    if proxy is None:
+        with pytest.raises(ModelLoadError, match="the hub could not be reached"):
+            require_hub("microsoft/kosmos-2.5")
+        assert len(attempts) == 1
+    else:
+        monkeypatch.setenv("HTTPS_PROXY", proxy)
+        require_hub("microsoft/kosmos-2.5")
+        assert attempts == []
 
 
 def test_download_reports_an_unknown_id(fake_hub: str) -> None:
