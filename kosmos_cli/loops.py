@@ -53,7 +53,7 @@ class Loop:
     keep: int  # number of ids to keep
     period: int  # tokens in the repeated block
     start: int  # index of the first id of the periodic tail
-    kind: LoopKind = LoopKind.TEXT
+    kind: LoopKind  # what repeats
 
     def describe(self) -> str:
         """One line for the page's truncation note."""
