@@ -37,7 +37,7 @@ test: lint typecheck unit
 
 # The tests that touch transformers, on the oldest release kosmos supports (CI runs it too).
 test-oldest: $(OLDEST)/.installed
-	$(OLDEST)/bin/python -m pytest tests/test_generation.py tests/test_checkpoint.py tests/test_exact.py tests/test_api.py
+	$(OLDEST)/bin/python -m pytest tests/test_generation.py tests/test_testing.py tests/test_exact.py tests/test_api.py
 
 $(OLDEST)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(OLDEST)

@@ -13,9 +13,9 @@ import platform
 import time
 from pathlib import Path
 
-from kosmos_cli.document import Document
 from kosmos_cli.sandbox import Sandbox
 from kosmos_cli.sources import iter_pages
+from kosmos_cli.values import Document
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 ROUNDS = 3  # each file is read this many times each way; the fastest round counts

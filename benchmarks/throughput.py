@@ -53,8 +53,8 @@ import psutil
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from kosmos_cli.document import PageResult, Task  # noqa: E402
 from kosmos_cli.errors import KosmosError  # noqa: E402
+from kosmos_cli.values import PageResult, Task  # noqa: E402
 
 RANDOM_MODEL_DIR = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "kosmos" / "benchmarks"
 MODEL_PIXELS = 4096 * 16 * 16  # what the processor keeps; kosmos renders PDF pages at the DPI that gives this
@@ -189,7 +189,7 @@ def render(page: Any) -> Any:
 
 def random_model() -> Path:
     """Return the random full-size checkpoint, writing it once (5.5 GB, about a minute)."""
-    from kosmos_cli.checkpoint import save_random_checkpoint
+    from kosmos_cli.testing import save_random_checkpoint
 
     folder = RANDOM_MODEL_DIR / "random-full-seed0"
     if not (folder / "config.json").is_file():

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from kosmos_cli.document import Document, Line, Page, PageInfo, PageResult, Status, Task
 from kosmos_cli.errors import InputError, KosmosError, ModelLoadError, UsageError
 from kosmos_cli.parsing import parse_ocr, tidy_markdown
-from kosmos_cli.pipeline import Transcriber
+from kosmos_cli.transcribe import Transcriber
+from kosmos_cli.values import Document, Line, Page, PageInfo, PageResult, Status, Task
 
 __version__ = "0.1.0"
 

@@ -28,10 +28,10 @@ from rich.progress import (
 )
 
 from kosmos_cli import __version__
-from kosmos_cli.document import PageResult, Task
 from kosmos_cli.errors import KosmosError, UsageError
 from kosmos_cli.runner import DEFAULT_MODEL, MODEL_ENV
 from kosmos_cli.sandbox import DEFAULT_PAGE_TIMEOUT
+from kosmos_cli.values import PageResult, Task
 
 if TYPE_CHECKING:
     from kosmos_cli.jobs import Summary
@@ -386,11 +386,11 @@ def doctor(
 
 def _run(task: Task, options: dict[str, Any]) -> None:
     """Run md or ocr with the parsed options and exit with the right code."""
-    from kosmos_cli.files import OutputStore, output_location, output_store
     from kosmos_cli.jobs import Job, Summary, job_fingerprint, plan, probe, run_job
     from kosmos_cli.runner import Settings, default_model, load_runner
     from kosmos_cli.sandbox import Sandbox
     from kosmos_cli.sources import discover, name_clashes, parse_pages, remove_stale_spools
+    from kosmos_cli.stores import OutputStore, output_location, output_store
 
     verbose, quiet = bool(options["verbose"]), bool(options["quiet"])
     console = Console(stderr=True, highlight=False, soft_wrap=True)
@@ -522,8 +522,8 @@ def _run(task: Task, options: dict[str, Any]) -> None:
 
 def _own_outputs(output_dir: Path) -> list[str]:
     """Return what discovery must not read back: the output folder and every output it records."""
-    from kosmos_cli.files import LocalStore
     from kosmos_cli.manifest import Manifest
+    from kosmos_cli.stores import LocalStore
 
     return [str(output_dir)] + [str(output_dir / name) for name in Manifest(LocalStore(output_dir)).owners]
 

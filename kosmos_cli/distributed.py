@@ -51,13 +51,13 @@ from dataclasses import dataclass, replace
 from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING, Any, BinaryIO, cast
 
-from kosmos_cli.document import Document, Page, Status
 from kosmos_cli.errors import InputError, KosmosError, ModelLoadError, UsageError
-from kosmos_cli.files import is_uri, output_location, public_location
 from kosmos_cli.jobs import Assembly, Job, Reporter, Summary
 from kosmos_cli.runner import Runner, Settings
 from kosmos_cli.sandbox import Sandbox
 from kosmos_cli.sources import Discovery, PageError
+from kosmos_cli.stores import is_uri, output_location, public_location
+from kosmos_cli.values import Document, Page, Status
 
 if TYPE_CHECKING:
     import numpy as np
@@ -536,7 +536,7 @@ class _TranscribeWorker:
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list[Any]]:
         """Transcribe a batch's pages and return the batch with a `result` row in place of each page."""
-        from kosmos_cli.pipeline import transcribe_pages
+        from kosmos_cli.transcribe import transcribe_pages
         from kosmos_cli.writers import render_drawing
 
         if self.load_error is not None:

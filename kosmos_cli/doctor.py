@@ -62,9 +62,9 @@ def _smoke_run(device: str) -> str:
     """Build a tiny random Kosmos-2.5, load it the way real checkpoints load, and generate one page."""
     from PIL import Image
 
-    from kosmos_cli.checkpoint import save_random_checkpoint
-    from kosmos_cli.document import Task
     from kosmos_cli.runner import Request
+    from kosmos_cli.testing import save_random_checkpoint
+    from kosmos_cli.values import Task
 
     started = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="kosmos-doctor-") as folder:

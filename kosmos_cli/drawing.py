@@ -6,7 +6,7 @@ from collections.abc import Sequence
 
 from PIL import Image, ImageDraw, ImageFont
 
-from kosmos_cli.document import Line
+from kosmos_cli.values import Line
 
 BOX_COLOR = (255, 0, 0)  # RGB of polygon outlines and numbers
 LABEL_BACKGROUND = (255, 255, 255)  # RGB behind line numbers so they stay legible

@@ -21,9 +21,9 @@ import os
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from kosmos_cli.document import Document
-from kosmos_cli.files import OutputStore, is_uri, public_location
 from kosmos_cli.sources import RECORD_FOLDER, STDIN_LABEL
+from kosmos_cli.stores import OutputStore, is_uri, public_location
+from kosmos_cli.values import Document
 
 logger = logging.getLogger(__name__)
 
@@ -70,7 +70,7 @@ def identify(document: Document, *, hashed: bool = True) -> InputIdentity:
     """Return an input's identity now; `hashed=False` leaves out the hash (a cheap first look)."""
     path = input_path(document)
     if is_uri(document.path):
-        from kosmos_cli.files import object_info
+        from kosmos_cli.stores import object_info
 
         size, mtime_ns = object_info(document.path)
         return InputIdentity(path, size, mtime_ns, None)

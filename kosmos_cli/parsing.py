@@ -9,7 +9,7 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable
 
-from kosmos_cli.document import BBox, Line, Matrix, Point
+from kosmos_cli.values import BBox, Line, Matrix, Point
 
 # One line starts at `<bbox>`, or at a complete coordinate quad whose `<bbox>` went missing.
 _LINE_START = re.compile(

@@ -15,9 +15,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
-from kosmos_cli.document import Finish, Generation, Task
 from kosmos_cli.errors import GenerationError, ModelLoadError
-from kosmos_cli.loops import Decode, Loop, LoopDetector, LoopRule, find_loop
+from kosmos_cli.repetition import Decode, Loop, LoopDetector, LoopRule, find_loop
+from kosmos_cli.values import Finish, Generation, Task
 
 if TYPE_CHECKING:
     import torch

@@ -38,10 +38,10 @@ from typing import TYPE_CHECKING, Protocol, TypeVar
 
 from PIL import Image, ImageOps
 
-from kosmos_cli.document import Document, Matrix, Page, PageInfo, safe_text
 from kosmos_cli.errors import InputError, UsageError
 from kosmos_cli.sandbox import ReaderStopped, Sandbox
 from kosmos_cli.tiling import plan_tiles
+from kosmos_cli.values import Document, Matrix, Page, PageInfo, safe_text
 
 if TYPE_CHECKING:
     import pymupdf

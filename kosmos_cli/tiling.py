@@ -21,7 +21,7 @@ import itertools
 import math
 from collections.abc import Sequence
 
-from kosmos_cli.document import BBox, Line
+from kosmos_cli.values import BBox, Line
 
 PATCH_SIZE = 16  # pixels per patch side
 MAX_PATCHES = 4096  # patches per image

@@ -47,6 +47,6 @@ def offline_hub(monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
 @pytest.fixture(scope="session")
 def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Build the tiny random Kosmos-2.5 checkpoint once per session and return its folder."""
-    from kosmos_cli.checkpoint import save_random_checkpoint
+    from kosmos_cli.testing import save_random_checkpoint
 
     return save_random_checkpoint(tmp_path_factory.mktemp("kosmos-tiny"), size="tiny", seed=0)

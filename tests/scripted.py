@@ -9,9 +9,9 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Iterable, Iterator
 
-from kosmos_cli.document import Generation, Task
 from kosmos_cli.errors import GenerationError
 from kosmos_cli.runner import Request
+from kosmos_cli.values import Generation, Task
 
 MAX_NEW_TOKENS = 16
 

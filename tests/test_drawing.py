@@ -7,8 +7,8 @@ import io
 import pytest
 from PIL import Image
 
-from kosmos_cli.document import Document, Line, Page, PageInfo, PageResult, Point, Task
 from kosmos_cli.drawing import BOX_COLOR, draw_boxes
+from kosmos_cli.values import Document, Line, Page, PageInfo, PageResult, Point, Task
 from kosmos_cli.writers import draw_file_name, render_drawing
 
 BACKGROUND = (250, 240, 230)

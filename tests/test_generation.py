@@ -15,9 +15,8 @@ import torch
 from PIL import Image, ImageDraw
 
 from kosmos_cli import runner as runner_module
-from kosmos_cli.document import Finish, Generation, Status, Task
 from kosmos_cli.errors import GenerationError, ModelLoadError
-from kosmos_cli.loops import Loop, LoopKind, LoopRule
+from kosmos_cli.repetition import Loop, LoopKind, LoopRule
 from kosmos_cli.runner import (
     TASK_PROMPTS,
     KosmosRunner,
@@ -27,6 +26,7 @@ from kosmos_cli.runner import (
     greedy_config,
     load_runner,
 )
+from kosmos_cli.values import Finish, Generation, Status, Task
 
 BUDGET = 16  # new tokens per page: long enough for rows to leave and join mid-run, short enough to be quick
 EOS = 2
@@ -292,7 +292,7 @@ def test_no_loop_detection_runs_to_the_budget(tiny_checkpoint: Path) -> None:
 
 
 def test_pipeline_marks_a_looping_page_truncated(runner: KosmosRunner) -> None:
-    from kosmos_cli.pipeline import Transcriber
+    from kosmos_cli.transcribe import Transcriber
 
     force_token(runner, runner.processor.tokenizer.convert_tokens_to_ids("<bbox>"))
     runner.loop_rule = SMALL_LOOP_RULE
@@ -311,8 +311,8 @@ def test_pipeline_marks_a_looping_page_truncated(runner: KosmosRunner) -> None:
 def test_a_cut_markdown_page_ends_cleanly_and_says_why(
     finish: Finish, loop: Loop | None, reason: str
 ) -> None:
-    from kosmos_cli.document import Document, PageInfo
-    from kosmos_cli.pipeline import build_result
+    from kosmos_cli.transcribe import build_result
+    from kosmos_cli.values import Document, PageInfo
 
     cut = Generation(
         "<table><tr><td>a</td></tr><tr><td></t", (10, 10), ids=(7,) * 30, finish=finish, loop=loop

@@ -28,8 +28,8 @@ from typer.testing import CliRunner, Result
 
 from kosmos_cli import jobs, sources
 from kosmos_cli.cli import app
-from kosmos_cli.document import Document
 from kosmos_cli.manifest import progress_name
+from kosmos_cli.values import Document
 
 Kosmos = Callable[..., Result]
 TOKENS = "6"  # new tokens per page: enough to make distinct outputs, few enough to be quick

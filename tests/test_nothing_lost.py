@@ -30,9 +30,9 @@ from typer.testing import CliRunner, Result
 from kosmos_cli import files, runner
 from kosmos_cli.cli import _Reporter, app
 from kosmos_cli.errors import KosmosError
-from kosmos_cli.files import LocalStore
 from kosmos_cli.parsing import parse_ocr, tidy_markdown
 from kosmos_cli.sources import discover, load_image, name_clashes
+from kosmos_cli.stores import LocalStore
 
 Kosmos = Callable[..., Result]
 
@@ -580,7 +580,7 @@ def test_huge_pages_and_long_documents_stay_bounded(kosmos: Kosmos, tmp_path: Pa
 def test_plain_progress_lines_when_stderr_is_a_log(tmp_path: Path) -> None:
     from rich.console import Console
 
-    from kosmos_cli.document import Document, PageInfo, PageResult, Task
+    from kosmos_cli.values import Document, PageInfo, PageResult, Task
 
     _result = PageResult(PageInfo(Document("a.png", "a.png"), 0, 1, 10, 10), Task.MD, "text")
 
@@ -745,8 +745,8 @@ def _make(path: Path, kind: str, size: int) -> None:
 
 
 def _page_pixels(path: Path) -> Iterator[bytes]:
-    from kosmos_cli.document import Document
     from kosmos_cli.sources import iter_pages
+    from kosmos_cli.values import Document
 
     for page in iter_pages(Document(str(path), path.name)):
         yield page.image.tobytes()  # type: ignore[union-attr]

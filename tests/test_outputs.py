@@ -23,9 +23,13 @@ from recorder import Recorder, counts, tree
 from typer.testing import CliRunner
 
 from kosmos_cli.cli import app
-from kosmos_cli.document import PageResult, Task
 from kosmos_cli.errors import KosmosError, UsageError
-from kosmos_cli.files import (
+from kosmos_cli.jobs import Assembly, Job, Summary, plan, probe, run_job
+from kosmos_cli.manifest import progress_name
+from kosmos_cli.runner import Settings, load_runner
+from kosmos_cli.sandbox import Sandbox
+from kosmos_cli.sources import discover
+from kosmos_cli.stores import (
     LISTING_THRESHOLD,
     LocalStore,
     ObjectStore,
@@ -35,11 +39,7 @@ from kosmos_cli.files import (
     output_store,
     public_location,
 )
-from kosmos_cli.jobs import Assembly, Job, Summary, plan, probe, run_job
-from kosmos_cli.manifest import progress_name
-from kosmos_cli.runner import Settings, load_runner
-from kosmos_cli.sandbox import Sandbox
-from kosmos_cli.sources import discover
+from kosmos_cli.values import PageResult, Task
 
 PROGRESS_SUFFIX = ".progress.jsonl"  # a log name, as the manifest's progress logs end
 
@@ -411,8 +411,8 @@ def test_job_on_s3_resumes_a_half_done_document(
 
 def _first_page(document: object, runner: object, job: Job) -> PageResult:
     """Transcribe the first page of a document as run_job would."""
-    from kosmos_cli.pipeline import transcribe_pages
     from kosmos_cli.sources import PageSelection, iter_pages
+    from kosmos_cli.transcribe import transcribe_pages
 
     pages = [(page, None) for page in iter_pages(document, pages=PageSelection(((1, 1),)))]  # type: ignore[arg-type]
     return next(result for _, _, result in transcribe_pages(pages, runner, task=job.task))  # type: ignore[arg-type]

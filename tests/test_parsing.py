@@ -7,8 +7,8 @@ import re
 
 import pytest
 
-from kosmos_cli.document import Line, Point
 from kosmos_cli.parsing import end_cleanly, format_ocr_lines, parse_ocr, pixel_bbox_to_pdf, tidy_markdown
+from kosmos_cli.values import Line, Point
 
 # Real raw outputs for receipt_00008.png, published in huggingface/transformers
 # tests/models/kosmos2_5/test_modeling_kosmos2_5.py (Kosmos2_5ModelIntegrationTest).

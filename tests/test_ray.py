@@ -31,12 +31,12 @@ from kosmos_cli.distributed import (
     require_ray,
     run_on_ray,
 )
-from kosmos_cli.document import Document, PageInfo, PageResult, Task
 from kosmos_cli.errors import ModelLoadError, UsageError
 from kosmos_cli.jobs import Assembly, Job, Summary, plan, run_job
 from kosmos_cli.manifest import progress_name
 from kosmos_cli.runner import Settings, load_runner
 from kosmos_cli.sources import discover
+from kosmos_cli.values import Document, PageInfo, PageResult, Task
 
 FORMATS = {Task.MD: ("md", "json", "jsonl"), Task.OCR: ("txt", "json", "jsonl", "hocr", "pdf")}
 PAGES = 5  # readable pages in the corpus

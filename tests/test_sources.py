@@ -34,7 +34,6 @@ from inputs import (
 from PIL import Image, ImageOps
 
 from kosmos_cli import sources
-from kosmos_cli.document import Document, Page
 from kosmos_cli.errors import InputError, UsageError
 from kosmos_cli.sources import (
     MAX_PAGE_PIXELS,
@@ -47,6 +46,7 @@ from kosmos_cli.sources import (
     load_page_image,
     parse_pages,
 )
+from kosmos_cli.values import Document, Page
 
 Color = tuple[int, int, int]
 GRAYS: tuple[Color, ...] = ((0, 0, 0), (76, 76, 76), (150, 150, 150), (255, 255, 255))  # ITU-R 601 luma

@@ -7,7 +7,6 @@ import math
 
 import pytest
 
-from kosmos_cli.document import BBox, Line, Point
 from kosmos_cli.parsing import parse_ocr
 from kosmos_cli.tiling import (
     EXACT_BF16_IDS,
@@ -17,6 +16,7 @@ from kosmos_cli.tiling import (
     patch_grid,
     plan_tiles,
 )
+from kosmos_cli.values import BBox, Line, Point
 
 
 def box(x0: int, y0: int, x1: int, y1: int) -> tuple[Point, Point, Point, Point]:

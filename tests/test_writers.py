@@ -16,10 +16,10 @@ import pytest
 from lxml import etree
 from PIL import Image
 
-from kosmos_cli.document import Document, Line, Matrix, Page, PageInfo, PageResult, Point, Status, Task
 from kosmos_cli.errors import InputError, KosmosError, UsageError
-from kosmos_cli.files import atomic_write
 from kosmos_cli.parsing import format_ocr_lines, pixel_bbox_to_pdf
+from kosmos_cli.stores import atomic_write
+from kosmos_cli.values import Document, Line, Matrix, Page, PageInfo, PageResult, Point, Status, Task
 from kosmos_cli.writers import DEFAULT_IMAGE_DPI, WRITERS, JsonlWriter, PdfWriter, formats_for, get_writer
 
 IMAGE_DOC = Document("/in/scan.png", "scan")

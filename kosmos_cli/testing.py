@@ -228,7 +228,7 @@ def _write_json(path: Path, data: dict[str, Any]) -> None:
 def _readme(size: CheckpointSize, seed: int) -> str:
     return (
         "# Random-weights Kosmos-2.5 checkpoint\n\n"
-        f"Built offline by `kosmos_cli.checkpoint.save_random_checkpoint(size={size!r}, seed={seed})`.\n"
+        f"Built offline by `kosmos_cli.testing.save_random_checkpoint(size={size!r}, seed={seed})`.\n"
         "It has the file layout, configuration and special-token ids of `microsoft/kosmos-2.5`, but\n"
         "RANDOM weights and a stand-in base vocabulary: it transcribes nothing. For tests and benchmarks.\n"
     )

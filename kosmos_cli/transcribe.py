@@ -10,7 +10,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Generic, TypeVar
 
-from kosmos_cli.document import (
+from kosmos_cli.errors import GenerationError
+from kosmos_cli.parsing import end_cleanly, format_ocr_lines, parse_ocr, tidy_markdown
+from kosmos_cli.runner import Request, Runner, Settings, load_runner
+from kosmos_cli.tiling import merge_tile_lines, plan_tiles
+from kosmos_cli.values import (
     BBox,
     Document,
     Finish,
@@ -22,10 +26,6 @@ from kosmos_cli.document import (
     Status,
     Task,
 )
-from kosmos_cli.errors import GenerationError
-from kosmos_cli.parsing import end_cleanly, format_ocr_lines, parse_ocr, tidy_markdown
-from kosmos_cli.runner import Request, Runner, Settings, load_runner
-from kosmos_cli.tiling import merge_tile_lines, plan_tiles
 
 if TYPE_CHECKING:
     from PIL import Image

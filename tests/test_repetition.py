@@ -8,8 +8,7 @@ from itertools import chain
 
 import pytest
 
-from kosmos_cli.checkpoint import BBOX_END_ID, BBOX_START_ID, FIRST_COORDINATE_ID, x_token_id, y_token_id
-from kosmos_cli.loops import (
+from kosmos_cli.repetition import (
     DEFAULT_MIN_SPAN,
     Loop,
     LoopDetector,
@@ -18,6 +17,7 @@ from kosmos_cli.loops import (
     classify,
     find_loop,
 )
+from kosmos_cli.testing import BBOX_END_ID, BBOX_START_ID, FIRST_COORDINATE_ID, x_token_id, y_token_id
 
 RULE = LoopRule()
 NEWLINE = 198  # "\n" in cl100k_base

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from PIL import Image
 
-    from kosmos_cli.loops import Loop
+    from kosmos_cli.repetition import Loop
 
 # Affine map (a, b, c, d, e, f): x' = a*x + c*y + e, y' = b*x + d*y + f (PyMuPDF's Matrix order).
 Matrix = tuple[float, float, float, float, float, float]
