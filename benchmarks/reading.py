@@ -13,8 +13,8 @@ import platform
 import time
 from pathlib import Path
 
+from kosmos_cli.rasterize import iter_pages
 from kosmos_cli.sandbox import Sandbox
-from kosmos_cli.sources import iter_pages
 from kosmos_cli.values import Document
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"

@@ -303,10 +303,11 @@ def run_kosmos(
     dtype: str | None = None,
 ) -> tuple[Side, Any]:
     """`kosmos md|ocr PDF -o DIR` through the library calls cli.py makes; returns the side and runner."""
+    from kosmos_cli.config import Settings
+    from kosmos_cli.discovery import discover
     from kosmos_cli.jobs import Job, Summary, plan, probe, run_job
-    from kosmos_cli.runner import Settings, load_runner
+    from kosmos_cli.model.loading import load_runner
     from kosmos_cli.sandbox import Sandbox
-    from kosmos_cli.sources import discover
 
     side = Side("kosmos" + (f" --quantize {quantize}" if quantize else ""))
     memory.start()
@@ -360,7 +361,7 @@ def logit_drift(
     import pymupdf
     import torch
 
-    from kosmos_cli.runner import Request
+    from kosmos_cli.model import Request
 
     worst, mean_abs, spread, agree, total = 0.0, 0.0, 0.0, 0, 0
     with pymupdf.open(pdf) as document:
@@ -393,7 +394,8 @@ def logit_drift(
 
 def fp32_runner(args: argparse.Namespace) -> Any:
     """Load kosmos's fp32 runner, the reference for the bf16 and int8 drift."""
-    from kosmos_cli.runner import Settings, load_runner
+    from kosmos_cli.config import Settings
+    from kosmos_cli.model.loading import load_runner
 
     return load_runner(Settings(model=str(args.model), device=args.device, dtype="float32"))
 
@@ -418,7 +420,10 @@ def decode_sweep(args: argparse.Namespace, batch_sizes: list[int], steps: int = 
     import pymupdf
     import torch
 
-    from kosmos_cli.runner import Request, Settings, _Batch, load_runner
+    from kosmos_cli.config import Settings
+    from kosmos_cli.model import Request
+    from kosmos_cli.model.batching import _Batch
+    from kosmos_cli.model.loading import load_runner
 
     runner = load_runner(
         Settings(model=str(args.model), device=args.device, dtype=args.dtype, max_new_tokens=steps + 2)
@@ -502,7 +507,7 @@ def synchronize(device: str) -> None:
 
 
 def _repeat_cache(runner: Any, cache: Any, batch_size: int) -> Any:
-    from kosmos_cli.runner import _new_cache
+    from kosmos_cli.model.batching import _new_cache
 
     repeated = _new_cache(runner.model)
     for layer, source in zip(repeated.layers, cache.layers, strict=True):
@@ -516,7 +521,7 @@ def _repeat_cache(runner: Any, cache: Any, batch_size: int) -> Any:
 
 
 def torch_dtype(args: argparse.Namespace, dtype: str | None = None) -> Any:
-    from kosmos_cli.runner import resolve_dtype
+    from kosmos_cli.model.loading import resolve_dtype
 
     return resolve_dtype(dtype or args.dtype, args.device)
 
@@ -535,7 +540,7 @@ def machine(device: str) -> str:
                 break
     except OSError:
         pass
-    from kosmos_cli.runner import available_cores
+    from kosmos_cli.model.batching import available_cores
 
     return f"{name}, {available_cores()} cores available, {psutil.virtual_memory().total / 2**30:.0f} GiB RAM"
 
@@ -576,7 +581,7 @@ def main(argv: list[str] | None = None) -> None:
 
     from transformers.utils import logging as hf_logging
 
-    from kosmos_cli.runner import resolve_device
+    from kosmos_cli.model.loading import resolve_device
 
     args = parse_args(argv)
     hf_logging.set_verbosity_error()

@@ -28,8 +28,8 @@ from rich.progress import (
 )
 
 from kosmos_cli import __version__
+from kosmos_cli.config import DEFAULT_MODEL, MODEL_ENV
 from kosmos_cli.errors import KosmosError, UsageError
-from kosmos_cli.runner import DEFAULT_MODEL, MODEL_ENV
 from kosmos_cli.sandbox import DEFAULT_PAGE_TIMEOUT
 from kosmos_cli.values import PageResult, Task
 
@@ -353,7 +353,8 @@ def download(
     ] = None,
 ) -> None:
     """Fetch a checkpoint for offline use later."""
-    from kosmos_cli.runner import default_model, download_model
+    from kosmos_cli.config import default_model
+    from kosmos_cli.model.loading import download_model
 
     console = Console(stderr=True, highlight=False, soft_wrap=True)
     name = model or default_model()
@@ -386,10 +387,12 @@ def doctor(
 
 def _run(task: Task, options: dict[str, Any]) -> None:
     """Run md or ocr with the parsed options and exit with the right code."""
+    from kosmos_cli.config import Settings, default_model
+    from kosmos_cli.discovery import discover, name_clashes, remove_stale_spools
     from kosmos_cli.jobs import Job, Summary, job_fingerprint, plan, probe, run_job
-    from kosmos_cli.runner import Settings, default_model, load_runner
+    from kosmos_cli.model.loading import load_runner
+    from kosmos_cli.pages import parse_pages
     from kosmos_cli.sandbox import Sandbox
-    from kosmos_cli.sources import discover, name_clashes, parse_pages, remove_stale_spools
     from kosmos_cli.stores import OutputStore, output_location, output_store
 
     verbose, quiet = bool(options["verbose"]), bool(options["quiet"])

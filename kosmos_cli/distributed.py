@@ -51,11 +51,13 @@ from dataclasses import dataclass, replace
 from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING, Any, BinaryIO, cast
 
+from kosmos_cli.config import Settings
+from kosmos_cli.discovery import Discovery
 from kosmos_cli.errors import InputError, KosmosError, ModelLoadError, UsageError
 from kosmos_cli.jobs import Assembly, Job, Reporter, Summary
-from kosmos_cli.runner import Runner, Settings
+from kosmos_cli.model import Runner
+from kosmos_cli.rasterize import PageError
 from kosmos_cli.sandbox import Sandbox
-from kosmos_cli.sources import Discovery, PageError
 from kosmos_cli.stores import is_uri, output_location, public_location
 from kosmos_cli.values import Document, Page, Status
 
@@ -332,7 +334,7 @@ def _collect(
 
 def discover_inputs(inputs: Sequence[str], *, from_list: str | None = None) -> Discovery:
     """Find the documents inputs name: local paths with `sources.discover`, URIs with `discover_uris`."""
-    from kosmos_cli.sources import discover
+    from kosmos_cli.discovery import discover
 
     uris = [location for location in inputs if is_uri(location)]
     if not uris:
@@ -355,7 +357,8 @@ def discover_uris(uris: Sequence[str]) -> Discovery:
     """
     from pyarrow import fs
 
-    from kosmos_cli.sources import _SUFFIX_FORMATS, Found, mirror_names
+    from kosmos_cli.discovery import Found, mirror_names
+    from kosmos_cli.rasterize import SUFFIX_FORMATS
 
     found: list[Found] = []
     unsupported: list[str] = []
@@ -389,7 +392,7 @@ def discover_uris(uris: Sequence[str]) -> Discovery:
             if any(part.startswith(".") for part in relative.parts):
                 continue
             location = root + entry.path[len(path) :] + ("?" + query if query else "")
-            if relative.suffix.lower() not in _SUFFIX_FORMATS:
+            if relative.suffix.lower() not in SUFFIX_FORMATS:
                 unsupported.append(location)
             elif location not in seen:
                 seen.add(location)
@@ -476,7 +479,7 @@ def _worker_reader(timeout: float) -> Sandbox:
 
 def _list_pages(row: dict[str, Any], *, job: Job, cwd: str) -> list[dict[str, Any]]:
     """Count a document's pages, apply --pages, and emit its `listed` row and one item per page to do."""
-    from kosmos_cli.sources import count_pages
+    from kosmos_cli.rasterize import count_pages
 
     number = int(row["document"])
     document, resumed = pickle.loads(row["payload"])
@@ -495,7 +498,8 @@ def _list_pages(row: dict[str, Any], *, job: Job, cwd: str) -> list[dict[str, An
 
 def _render_page(row: dict[str, Any], *, job: Job, cwd: str) -> dict[str, Any]:
     """Rasterize one page item; pass other rows through."""
-    from kosmos_cli.sources import PageSelection, iter_pages
+    from kosmos_cli.pages import PageSelection
+    from kosmos_cli.rasterize import iter_pages
 
     if row["kind"] != _PAGE_ITEM:
         return row
@@ -520,7 +524,7 @@ class _TranscribeWorker:
     """A Ray Data actor holding one model: transcribes the `page` rows of each batch it is handed."""
 
     def __init__(self, *, settings: Settings, job: Job, crash: str | None = None) -> None:
-        from kosmos_cli.runner import load_runner
+        from kosmos_cli.model.loading import load_runner
 
         self.job = job
         self.pages_done = 0

@@ -9,10 +9,9 @@ import tempfile
 import time
 from pathlib import Path
 
-from kosmos_cli.runner import (
-    Settings,
+from kosmos_cli.config import Settings, default_model
+from kosmos_cli.model.loading import (
     cached_model_path,
-    default_model,
     hub_offline,
     load_runner,
     resolve_device,
@@ -62,7 +61,7 @@ def _smoke_run(device: str) -> str:
     """Build a tiny random Kosmos-2.5, load it the way real checkpoints load, and generate one page."""
     from PIL import Image
 
-    from kosmos_cli.runner import Request
+    from kosmos_cli.model import Request
     from kosmos_cli.testing import save_random_checkpoint
     from kosmos_cli.values import Task
 

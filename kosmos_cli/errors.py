@@ -47,3 +47,9 @@ class GenerationError(KosmosError):
     """The model failed on a page even alone (e.g. out of memory)."""
 
     exit_code = 1
+
+
+def first_line(error: BaseException) -> str:
+    """Return the first line of an exception's text, or its type's name when it has none."""
+    text = str(error).strip().splitlines()
+    return text[0] if text else type(error).__name__

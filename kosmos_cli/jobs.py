@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO, Protocol
 
+from kosmos_cli.config import Settings
 from kosmos_cli.errors import InputError, KosmosError
 from kosmos_cli.manifest import (
     InputIdentity,
@@ -24,9 +25,11 @@ from kosmos_cli.manifest import (
     staging_folder,
     unchanged,
 )
-from kosmos_cli.runner import Runner, Settings, output_settings
+from kosmos_cli.model import Runner
+from kosmos_cli.model.loading import output_settings
+from kosmos_cli.pages import PageSelection
+from kosmos_cli.rasterize import PageError, count_pages, iter_pages
 from kosmos_cli.sandbox import DEFAULT_PAGE_TIMEOUT, ReaderStopped, Sandbox
-from kosmos_cli.sources import PageError, PageSelection, count_pages, iter_pages
 from kosmos_cli.stores import OutputStore, location_identity, output_store
 from kosmos_cli.transcribe import failed_result, prefetch, transcribe_pages
 from kosmos_cli.values import Document, Line, Page, PageInfo, PageResult, Status, Task, safe_text

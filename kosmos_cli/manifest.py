@@ -21,8 +21,8 @@ import os
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from kosmos_cli.sources import RECORD_FOLDER, STDIN_LABEL
-from kosmos_cli.stores import OutputStore, is_uri, public_location
+from kosmos_cli.discovery import STDIN_LABEL
+from kosmos_cli.stores import RECORD_FOLDER, OutputStore, is_uri, public_location
 from kosmos_cli.values import Document
 
 logger = logging.getLogger(__name__)

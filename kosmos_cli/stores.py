@@ -31,11 +31,11 @@ from urllib.parse import urlsplit
 from urllib.request import url2pathname
 
 from kosmos_cli.errors import KosmosError, UsageError
-from kosmos_cli.sources import RECORD_FOLDER
 
 if TYPE_CHECKING:
     import pyarrow.fs
 
+RECORD_FOLDER = ".kosmos"  # in an output folder: the manifest, progress and temporary files of runs
 NEW_FILE_MODE = 0o666  # before the umask, as open() would create it
 ATOMIC_UPLOADS = frozenset({"s3", "gcs"})  # pyarrow file systems whose objects appear only when complete
 LISTING_THRESHOLD = 16  # ask an object store about more outputs than this with one listing, not one call each

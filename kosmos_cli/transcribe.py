@@ -10,9 +10,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Generic, TypeVar
 
+from kosmos_cli.config import Settings
 from kosmos_cli.errors import GenerationError
+from kosmos_cli.model import Request, Runner
+from kosmos_cli.model.loading import load_runner
 from kosmos_cli.parsing import end_cleanly, format_ocr_lines, parse_ocr, tidy_markdown
-from kosmos_cli.runner import Request, Runner, Settings, load_runner
 from kosmos_cli.tiling import merge_tile_lines, plan_tiles
 from kosmos_cli.values import (
     BBox,
@@ -194,7 +196,7 @@ class Transcriber:
         max_new_tokens: int | None = None,
     ) -> Transcriber:
         """Load a checkpoint (hub id or folder); raises ModelLoadError with a hint."""
-        from kosmos_cli.runner import default_model
+        from kosmos_cli.config import default_model
 
         settings = Settings(
             model=model or default_model(),
@@ -215,7 +217,7 @@ class Transcriber:
         batch_size: int | None = None,
     ) -> list[PageResult]:
         """Transcribe images (PIL images or image paths) and return one result per image, in order."""
-        from kosmos_cli.sources import load_image
+        from kosmos_cli.rasterize import load_image
 
         if batch_size is not None and hasattr(self.runner, "batch_size"):
             self.runner.batch_size = batch_size

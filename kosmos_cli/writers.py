@@ -40,10 +40,11 @@ from pathlib import PurePath
 from typing import TYPE_CHECKING, Any, ClassVar
 from xml.sax.saxutils import escape, quoteattr
 
+from kosmos_cli.discovery import DRAWING_SUFFIX
 from kosmos_cli.drawing import draw_boxes
 from kosmos_cli.errors import InputError, KosmosError, UsageError
 from kosmos_cli.parsing import format_ocr_lines, pixel_bbox_to_pdf
-from kosmos_cli.sources import DRAWING_SUFFIX, PYMUPDF_LOCK, load_page_image
+from kosmos_cli.rasterize import PYMUPDF_LOCK, load_page_image
 from kosmos_cli.values import Document, Line, Matrix, Page, PageInfo, PageResult, Status, Task, safe_text
 
 if TYPE_CHECKING:

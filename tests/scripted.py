@@ -10,7 +10,7 @@ import hashlib
 from collections.abc import Iterable, Iterator
 
 from kosmos_cli.errors import GenerationError
-from kosmos_cli.runner import Request
+from kosmos_cli.model import Request
 from kosmos_cli.values import Generation, Task
 
 MAX_NEW_TOKENS = 16

@@ -21,7 +21,7 @@ from typer.testing import CliRunner
 from kosmos_cli import __version__
 from kosmos_cli.cli import app
 from kosmos_cli.errors import ModelLoadError
-from kosmos_cli.runner import require_hub
+from kosmos_cli.model.loading import require_hub
 
 runner = CliRunner()
 
@@ -153,12 +153,12 @@ def test_model_is_not_loaded_when_every_output_exists(
 ) -> None:
     from scripted import ScriptedRunner
 
-    from kosmos_cli import runner as runner_module
+    from kosmos_cli.model import loading
 
     out = tmp_path / "out"
     args = ["md", str(png), "-o", str(out), "--model", "nobody/nothing", "--device", "cpu"]
     with monkeypatch.context() as patch:
-        patch.setattr(runner_module, "load_runner", lambda settings: ScriptedRunner())
+        patch.setattr(loading, "load_runner", lambda settings: ScriptedRunner())
         assert runner.invoke(app, args).exit_code == 0
     done = (out / "page.png.md").read_bytes()
     # The model does not exist anywhere: the run succeeds only because it never loads it.

@@ -20,8 +20,8 @@ import torch
 from inputs import PdfPage, make_image, make_pdf
 from typer.testing import CliRunner
 
-from kosmos_cli import runner as runner_module
 from kosmos_cli.cli import app
+from kosmos_cli.model import loading
 from kosmos_cli.tiling import plan_tiles
 
 OCR_SCRIPT = (
@@ -68,7 +68,7 @@ def scripted(monkeypatch: pytest.MonkeyPatch) -> Script:
     """Make every runner the CLI loads follow the given raw output."""
 
     def install(raw: str) -> None:
-        load = runner_module.load_runner
+        load = loading.load_runner
 
         def load_scripted(settings: Any) -> Any:
             loaded = load(settings)
@@ -78,7 +78,7 @@ def scripted(monkeypatch: pytest.MonkeyPatch) -> Script:
             )
             return loaded
 
-        monkeypatch.setattr(runner_module, "load_runner", load_scripted)
+        monkeypatch.setattr(loading, "load_runner", load_scripted)
 
     return install
 

@@ -14,18 +14,12 @@ import pytest
 import torch
 from PIL import Image, ImageDraw
 
-from kosmos_cli import runner as runner_module
+from kosmos_cli.config import DEFAULT_MAX_NEW_TOKENS, Settings
 from kosmos_cli.errors import GenerationError, ModelLoadError
+from kosmos_cli.model import Request, batching, loading, patches
+from kosmos_cli.model.batching import TASK_PROMPTS, KosmosRunner, available_cores, greedy_config
+from kosmos_cli.model.loading import load_runner
 from kosmos_cli.repetition import Loop, LoopKind, LoopRule
-from kosmos_cli.runner import (
-    TASK_PROMPTS,
-    KosmosRunner,
-    Request,
-    Settings,
-    available_cores,
-    greedy_config,
-    load_runner,
-)
 from kosmos_cli.values import Finish, Generation, Status, Task
 
 BUDGET = 16  # new tokens per page: long enough for rows to leave and join mid-run, short enough to be quick
@@ -213,15 +207,15 @@ def test_rows_join_a_running_batch_with_left_padding(
 ) -> None:
     end_ocr_pages_early(runner)
     widths: list[tuple[int, int]] = []
-    merge = runner_module._Batch.merge
+    merge = batching._Batch.merge
 
-    def spy(self: runner_module._Batch, other: runner_module._Batch) -> None:
+    def spy(self: batching._Batch, other: batching._Batch) -> None:
         if self.rows:
             assert self.mask is not None and other.mask is not None
             widths.append((self.mask.shape[1], other.mask.shape[1]))
         merge(self, other)
 
-    monkeypatch.setattr(runner_module._Batch, "merge", spy)
+    monkeypatch.setattr(batching._Batch, "merge", spy)
     requests = pages(6)
     got = generate(runner, requests)
     assert any(running > joining for running, joining in widths), "no page joined with left padding"
@@ -232,18 +226,18 @@ def test_no_room_to_merge_restarts_the_pages(
     runner: KosmosRunner, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
     end_ocr_pages_early(runner)
-    merge = runner_module._Batch.merge
+    merge = batching._Batch.merge
     failures: list[int] = []
 
-    def no_room_once(self: runner_module._Batch, other: runner_module._Batch) -> None:
+    def no_room_once(self: batching._Batch, other: batching._Batch) -> None:
         if self.rows and not failures:
             failures.append(len(self.rows))
             raise RuntimeError("CUDA out of memory (scripted)")
         merge(self, other)
 
-    monkeypatch.setattr(runner_module._Batch, "merge", no_room_once)
+    monkeypatch.setattr(batching._Batch, "merge", no_room_once)
     requests = pages(5)
-    with caplog.at_level(logging.WARNING, logger="kosmos_cli.runner"):
+    with caplog.at_level(logging.WARNING, logger="kosmos_cli.model.batching"):
         got = generate(runner, requests)
     assert failures and "restarting them" in caplog.text
     assert_matches_reference(runner, requests, got, variant=EARLY)
@@ -364,7 +358,7 @@ def test_a_failed_step_restarts_its_pages_in_smaller_batches(
 
     runner._decode_step = flaky.__get__(runner)  # type: ignore[method-assign]
     requests = pages(4)
-    with caplog.at_level(logging.WARNING, logger="kosmos_cli.runner"):
+    with caplog.at_level(logging.WARNING, logger="kosmos_cli.model.batching"):
         got = generate(runner, requests)
     assert failures and "restarting them" in caplog.text
     assert_matches_reference(runner, requests, got, variant=EARLY)
@@ -439,7 +433,7 @@ def test_cpu_decode_attention_matches_sdpa() -> None:
         query = torch.randn(rows, heads, queries, dim, generator=generator)
         query_mask = mask.expand(rows, 1, queries, columns)
         expected, _ = sdpa_attention_forward(module, query, key, value, query_mask, scaling=0.3)
-        got, _ = runner_module._cpu_decode_attention(module, query, key, value, query_mask, scaling=0.3)
+        got, _ = patches._cpu_decode_attention(module, query, key, value, query_mask, scaling=0.3)
         torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
 
 
@@ -480,8 +474,8 @@ def divergence_margin(runner: KosmosRunner, request: Request, got: tuple[int, ..
 
 def test_bf16_on_cpu_differs_from_fp32_only_at_near_ties(runner: KosmosRunner, tiny_checkpoint: Path) -> None:
     fast = load(tiny_checkpoint, dtype="bfloat16", batch_size=3, detect_loops=False)
-    assert fast.model.config.text_config._attn_implementation == runner_module.CPU_DECODE_ATTENTION
-    if runner_module.native_bf16_cpu():
+    assert fast.model.config.text_config._attn_implementation == patches.CPU_DECODE_ATTENTION
+    if patches.native_bf16_cpu():
         assert "OneDnnLinear" in {type(module).__name__ for module in fast.model.modules()}
     requests = pages(8)
     got = generate(fast, requests)
@@ -501,9 +495,9 @@ def test_bf16_on_cpu_differs_from_fp32_only_at_near_ties(runner: KosmosRunner, t
 def test_auto_dtype_on_cpu_is_bf16_only_where_native(
     monkeypatch: pytest.MonkeyPatch, native: bool, quantize: str | None, expected: torch.dtype
 ) -> None:
-    monkeypatch.setattr(runner_module, "native_bf16_cpu", lambda: native)
-    assert runner_module.resolve_dtype("auto", "cpu", quantize=quantize) == expected
-    assert runner_module.resolve_dtype("float32", "cpu") == torch.float32
+    monkeypatch.setattr(loading, "native_bf16_cpu", lambda: native)
+    assert loading.resolve_dtype("auto", "cpu", quantize=quantize) == expected
+    assert loading.resolve_dtype("float32", "cpu") == torch.float32
 
 
 def test_cpu_threads_follow_the_cores_available(tiny_checkpoint: Path) -> None:
@@ -514,11 +508,7 @@ def test_cpu_threads_follow_the_cores_available(tiny_checkpoint: Path) -> None:
 def test_the_default_budget_is_the_reference_one_and_decoding_runs_past_the_trained_table(
     tiny_checkpoint: Path,
 ) -> None:
-    assert (
-        load(tiny_checkpoint, max_new_tokens=None).max_new_tokens
-        == runner_module.DEFAULT_MAX_NEW_TOKENS
-        == 4000
-    )
+    assert load(tiny_checkpoint, max_new_tokens=None).max_new_tokens == DEFAULT_MAX_NEW_TOKENS == 4000
     # The tiny model's prompt is 12 tokens: 4,090 new ones run past its 4,096 trained positions.
     long = load(tiny_checkpoint, max_new_tokens=4090, ignore_eos=True, detect_loops=False)
     (generation,) = generate(long, pages(1)).values()

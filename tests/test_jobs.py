@@ -26,7 +26,7 @@ from inputs import (
 )
 from typer.testing import CliRunner, Result
 
-from kosmos_cli import jobs, sources
+from kosmos_cli import discovery, jobs
 from kosmos_cli.cli import app
 from kosmos_cli.manifest import progress_name
 from kosmos_cli.values import Document
@@ -170,14 +170,14 @@ def test_a_file_that_vanishes_mid_run_is_reported(
 ) -> None:
     keep = make_image(tmp_path / "keep.png")
     gone = make_image(tmp_path / "gone.png")
-    discover = sources.discover
+    discover = discovery.discover
 
-    def discover_then_delete(*args: object, **kwargs: object) -> sources.Discovery:
+    def discover_then_delete(*args: object, **kwargs: object) -> discovery.Discovery:
         found = discover(*args, **kwargs)  # type: ignore[arg-type]
         gone.unlink()
         return found
 
-    monkeypatch.setattr(sources, "discover", discover_then_delete)
+    monkeypatch.setattr(discovery, "discover", discover_then_delete)
     out = tmp_path / "out"
     result = kosmos("ocr", str(keep), str(gone), "-o", str(out))
     assert result.exit_code == 1
@@ -296,7 +296,7 @@ def test_killed_process_resumes_to_identical_outputs(tiny_checkpoint: Path, tmp_
 def test_a_page_the_model_fails_on_is_marked_in_place(
     kosmos: Kosmos, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from kosmos_cli.runner import KosmosRunner
+    from kosmos_cli.model.batching import KosmosRunner
 
     pdf = make_pdf(tmp_path / "doc.pdf", pages=MIXED_PAGES[:3])
     encode = KosmosRunner.encode

@@ -29,9 +29,10 @@ from typer.testing import CliRunner, Result
 
 from kosmos_cli import files, runner
 from kosmos_cli.cli import _Reporter, app
+from kosmos_cli.discovery import discover, name_clashes
 from kosmos_cli.errors import KosmosError
 from kosmos_cli.parsing import parse_ocr, tidy_markdown
-from kosmos_cli.sources import discover, load_image, name_clashes
+from kosmos_cli.rasterize import load_image
 from kosmos_cli.stores import LocalStore
 
 Kosmos = Callable[..., Result]
@@ -447,7 +448,7 @@ def test_stdin_copies_left_by_killed_runs_are_removed(
 ) -> None:
     import tempfile
 
-    from kosmos_cli.sources import SPOOL_PREFIX, remove_stale_spools
+    from kosmos_cli.discovery import SPOOL_PREFIX, remove_stale_spools
 
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
@@ -745,7 +746,7 @@ def _make(path: Path, kind: str, size: int) -> None:
 
 
 def _page_pixels(path: Path) -> Iterator[bytes]:
-    from kosmos_cli.sources import iter_pages
+    from kosmos_cli.rasterize import iter_pages
     from kosmos_cli.values import Document
 
     for page in iter_pages(Document(str(path), path.name)):

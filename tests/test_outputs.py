@@ -23,12 +23,13 @@ from recorder import Recorder, counts, tree
 from typer.testing import CliRunner
 
 from kosmos_cli.cli import app
+from kosmos_cli.config import Settings
+from kosmos_cli.discovery import discover
 from kosmos_cli.errors import KosmosError, UsageError
 from kosmos_cli.jobs import Assembly, Job, Summary, plan, probe, run_job
 from kosmos_cli.manifest import progress_name
-from kosmos_cli.runner import Settings, load_runner
+from kosmos_cli.model.loading import load_runner
 from kosmos_cli.sandbox import Sandbox
-from kosmos_cli.sources import discover
 from kosmos_cli.stores import (
     LISTING_THRESHOLD,
     LocalStore,
@@ -411,7 +412,8 @@ def test_job_on_s3_resumes_a_half_done_document(
 
 def _first_page(document: object, runner: object, job: Job) -> PageResult:
     """Transcribe the first page of a document as run_job would."""
-    from kosmos_cli.sources import PageSelection, iter_pages
+    from kosmos_cli.pages import PageSelection
+    from kosmos_cli.rasterize import iter_pages
     from kosmos_cli.transcribe import transcribe_pages
 
     pages = [(page, None) for page in iter_pages(document, pages=PageSelection(((1, 1),)))]  # type: ignore[arg-type]

@@ -21,6 +21,8 @@ from inputs import MIXED_PAGES, PdfPage, make_corrupt, make_image, make_pdf
 from recorder import Recorder, counts, tree
 from test_outputs import S3Server, run_s3_server
 
+from kosmos_cli.config import Settings
+from kosmos_cli.discovery import discover
 from kosmos_cli.distributed import (
     CRASH_ENV,
     INSTALL_HINT,
@@ -34,8 +36,7 @@ from kosmos_cli.distributed import (
 from kosmos_cli.errors import ModelLoadError, UsageError
 from kosmos_cli.jobs import Assembly, Job, Summary, plan, run_job
 from kosmos_cli.manifest import progress_name
-from kosmos_cli.runner import Settings, load_runner
-from kosmos_cli.sources import discover
+from kosmos_cli.model.loading import load_runner
 from kosmos_cli.values import Document, PageInfo, PageResult, Task
 
 FORMATS = {Task.MD: ("md", "json", "jsonl"), Task.OCR: ("txt", "json", "jsonl", "hocr", "pdf")}

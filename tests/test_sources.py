@@ -33,18 +33,18 @@ from inputs import (
 )
 from PIL import Image, ImageOps
 
-from kosmos_cli import sources
+from kosmos_cli import discovery, rasterize
+from kosmos_cli.discovery import discover
 from kosmos_cli.errors import InputError, UsageError
-from kosmos_cli.sources import (
+from kosmos_cli.pages import parse_pages
+from kosmos_cli.rasterize import (
     MAX_PAGE_PIXELS,
     MODEL_PIXELS,
     PageError,
     count_pages,
-    discover,
     iter_pages,
     load_image,
     load_page_image,
-    parse_pages,
 )
 from kosmos_cli.values import Document, Page
 
@@ -168,7 +168,7 @@ def test_pages_beyond_a_real_document_name_it(tmp_path: Path) -> None:
 # --- discovery --------------------------------------------------------------------------------------
 
 
-def _names(discovery: sources.Discovery) -> list[str]:
+def _names(discovery: discovery.Discovery) -> list[str]:
     return [document.name for document in discovery.documents]
 
 
@@ -660,7 +660,7 @@ def test_an_unreadable_file_is_an_input_error(tmp_path: Path, monkeypatch: pytes
                 raise PermissionError(13, "Permission denied", str(name))
             return open(name, *args, **kwargs)  # type: ignore[call-overload]
 
-        monkeypatch.setattr(sources, "open", refuse, raising=False)
+        monkeypatch.setattr(rasterize, "open", refuse, raising=False)
     error = _read_error(path)
     assert error.message == f"cannot read `{path}`: permission denied"
     assert error.hint == "check the file's permissions"

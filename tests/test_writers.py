@@ -529,7 +529,7 @@ def assert_searchable(
 
 
 def test_hand_geometry_matches_the_renderer(tmp_path: Path) -> None:
-    from kosmos_cli.sources import iter_pages
+    from kosmos_cli.rasterize import iter_pages
 
     source = tmp_path / "in.pdf"
     make_source_pdf(source)

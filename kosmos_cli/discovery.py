@@ -1,0 +1,343 @@
+"""Inputs named on the command line to documents: walk folders, spool stdin and pipes, name outputs.
+
+Output names (`Document.name`) mirror the input tree; see `discover` and `mirror_names`.
+"""
+
+from __future__ import annotations
+
+import atexit
+import codecs
+import contextlib
+import glob
+import logging
+import os
+import posixpath
+import select
+import stat
+import sys
+import tempfile
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import PurePath, PurePosixPath
+from typing import TYPE_CHECKING, Protocol
+
+from kosmos_cli.errors import InputError, UsageError
+from kosmos_cli.rasterize import file_error, looks_supported
+from kosmos_cli.stores import RECORD_FOLDER
+from kosmos_cli.values import Document, safe_text
+
+if TYPE_CHECKING:
+    pass
+
+logger = logging.getLogger(__name__)
+
+STDIN_NAME = "stdin"  # output stem of a document read from stdin
+STDIN_LABEL = "<stdin>"  # what messages call it
+SPOOL_PREFIX = "kosmos-input-"  # temporary copies of stdin and pipes: kosmos-input-PID-XXXX
+MAX_SPOOL_BYTES = 4 << 30  # largest stdin or pipe read (4 GiB)
+DRAWING_SUFFIX = ".boxes.png"  # --draw pictures: NAME.boxes.png, NAME-p001.boxes.png
+FIFO_WAIT_SECONDS = 10.0  # how long a named pipe may stay silent before it is reported
+
+# --- discovery --------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Discovery:
+    """What the inputs named: documents to read, files skipped as unsupported, and inputs in error."""
+
+    documents: list[Document]
+    unsupported: list[str]  # files met in folders that are not images or PDFs; skipped, not errors
+    errors: list[InputError]  # inputs that do not exist, folders that cannot be listed, ...
+    empty: list[str] = field(default_factory=list)  # folders, globs or lists that named no document
+
+
+def discover(
+    inputs: Sequence[str], *, from_list: str | None = None, exclude: Sequence[str] = ()
+) -> Discovery:
+    """Expand files, folders, quoted globs, `-` (stdin) and a --from-list file into documents.
+
+    Folders are walked recursively in sorted order, skipping hidden files and folders, kosmos's
+    own outputs (the folders and files in `exclude`, any folder below holding a `.kosmos` run
+    record, and `*.boxes.png` drawings), FIFOs, devices and links that loop; files in them that are neither
+    named nor sniffed as a supported format are listed as unsupported. A file reached twice is read
+    once. `from_list` names a file of paths, one a line (`-`: stdin); blank lines and lines
+    starting with `#` are ignored, and relative paths are taken from the current folder. Stdin and
+    other pipes are spooled to a temporary file removed at exit.
+
+    Output names are given by `mirror_names`: each document's path below the common root of all
+    inputs, suffix kept.
+    """
+    finder = _Finder(exclude)
+    for argument in inputs:
+        finder.add(argument, stdin_allowed=True)
+    if from_list is not None:
+        if from_list == "-" and finder.stdin_used:
+            raise UsageError("stdin cannot carry both a document (`-`) and --from-list -")
+        for entry in _read_list(from_list):
+            finder.add(entry, stdin_allowed=False)
+    names = mirror_names(finder.found)
+    documents = [
+        Document(item.path, name, item.label) for item, name in zip(finder.found, names, strict=True)
+    ]
+    if not documents and not finder.errors and not finder.empty:
+        finder.empty.extend(inputs if from_list is None else [f"--from-list {from_list}"])
+    return Discovery(documents, finder.unsupported, finder.errors, finder.empty)
+
+
+@dataclass(frozen=True)
+class Found:
+    """A document found by discovery, before its output name is settled."""
+
+    path: str  # what is opened: a path, a spooled copy, or a URI
+    location: PurePosixPath  # where it is, absolute (a URI's path below its scheme), for naming
+    root: PurePosixPath | None  # the input it was found through: a folder, else the file's folder
+    label: str | None = None  # what messages call it when `path` is not that
+    fixed_name: str | None = None  # the output name of stdin and pipes, which have no place
+
+
+def mirror_names(found: Sequence[Found]) -> list[str]:
+    """Name each document's outputs by its path below the common root of every input, suffix kept.
+
+    `kosmos md in/` names `in/a/b.pdf` `a/b.pdf` (outputs `a/b.pdf.md`, ...); `kosmos md x/y.png`
+    names it `y.png`; `kosmos md s/2024/a.pdf s/2025/a.pdf` names them `2024/a.pdf` and
+    `2025/a.pdf`. The name depends only on the document's path and the run's input roots, never on
+    which other files are in the run. Stdin is `stdin`; a pipe is named by its file name.
+    """
+    roots = [str(item.root) for item in found if item.fixed_name is None and item.root is not None]
+    common = PurePosixPath(posixpath.commonpath(roots)) if roots else PurePosixPath("/")
+    names = []
+    for item in found:
+        if item.fixed_name is not None:
+            names.append(item.fixed_name)
+        else:
+            names.append(item.location.relative_to(common).as_posix())
+    return names
+
+
+def name_clashes(documents: Sequence[Document]) -> UsageError | None:
+    """Return the usage error for two documents whose outputs would share a name (ignoring case)."""
+    seen: dict[str, Document] = {}
+    for document in documents:
+        key = document.name.casefold()
+        other = seen.setdefault(key, document)
+        if other is not document:
+            return UsageError(
+                f"`{other.display_name}` and `{document.display_name}` would both be written as "
+                f"`{document.name}`",
+                hint="output names ignore case; transcribe them in separate runs with different -o",
+            )
+    return None
+
+
+class _Finder:
+    """Collect documents, unsupported files and errors from arguments, in order."""
+
+    def __init__(self, exclude: Sequence[str]) -> None:
+        self.found: list[Found] = []
+        self.unsupported: list[str] = []
+        self.errors: list[InputError] = []
+        self.empty: list[str] = []  # inputs that named nothing to read
+        self.stdin_used = False
+        self._seen: set[str] = set()
+        self._exclude = {os.path.realpath(path) for path in exclude}
+
+    def add(self, argument: str, *, stdin_allowed: bool) -> None:
+        """Add what one argument names: stdin, a folder, a file, a pipe, or a quoted glob pattern."""
+        if argument == "-" and stdin_allowed:
+            self._add_stdin()
+        elif os.path.isdir(argument):
+            self._walk(argument)
+        elif os.path.exists(argument):
+            self._add_file(argument)
+        elif os.path.lexists(argument):
+            self.errors.append(InputError(f"`{safe_text(argument)}` is a broken symbolic link"))
+        elif any(char in argument for char in "*?["):
+            self._add_glob(argument)
+        else:
+            self.errors.append(InputError(f"`{safe_text(argument)}` does not exist"))
+
+    def _add_stdin(self) -> None:
+        if self.stdin_used:
+            raise UsageError("`-` is given twice, but stdin can be read only once")
+        if sys.stdin is None or sys.stdin.isatty():
+            raise UsageError(
+                "`-` reads an image or PDF from stdin, but stdin is a terminal",
+                hint="pipe a file in, e.g. `kosmos md - < scan.pdf`",
+            )
+        self.stdin_used = True
+        path = _spool(sys.stdin.buffer, STDIN_LABEL)
+        self.found.append(Found(path, PurePosixPath("/"), None, STDIN_LABEL, STDIN_NAME))
+
+    def _add_glob(self, pattern: str) -> None:
+        matches = sorted(glob.glob(pattern, recursive=True))
+        if not matches:
+            self.errors.append(InputError(f"no files match `{safe_text(pattern)}`"))
+        for match in matches:
+            if os.path.isdir(match):
+                self._walk(match)
+            else:
+                self._add_file(match)
+
+    def _add_file(self, path: str) -> None:
+        location = PurePosixPath(os.path.abspath(path))
+        label = f"`{safe_text(path)}`"
+        try:
+            mode = os.stat(path).st_mode
+        except OSError as error:
+            self.errors.append(file_error(label, error))
+            return
+        if stat.S_ISREG(mode):
+            self._keep(path, location, location.parent)
+            return
+        if not stat.S_ISFIFO(mode):
+            self.errors.append(InputError(f"{label} is a device, not a file"))
+            return
+        # A pipe such as `<(curl ...)` can be read once, but pages are read more than once.
+        try:
+            spooled = _spool_fifo(path, label)
+        except InputError as error:
+            self.errors.append(error)
+            return
+        self.found.append(Found(spooled, location, None, path, location.name))
+
+    def _keep(self, path: str, location: PurePosixPath, root: PurePosixPath) -> None:
+        real = os.path.normcase(os.path.realpath(path))
+        if real in self._seen:
+            logger.debug("`%s` was already found; reading it once", safe_text(path))
+            return
+        self._seen.add(real)
+        self.found.append(Found(path, location, root))
+
+    def _walk(self, root: str) -> None:
+        # A folder named on the command line is walked even when it is the output folder too.
+        real = os.path.realpath(root)
+        before = len(self.found)
+        self._visit(root, PurePosixPath(os.path.abspath(root)), {real})
+        if len(self.found) == before:
+            self.empty.append(root)
+
+    def _visit(self, folder: str, root: PurePosixPath, visited: set[str]) -> None:
+        try:
+            with os.scandir(folder) as scan:
+                entries = sorted(scan, key=lambda entry: entry.name)
+        except OSError as error:
+            self.errors.append(file_error(f"folder `{safe_text(folder)}`", error))
+            return
+        for entry in entries:
+            if entry.name.startswith("."):
+                continue
+            try:
+                mode = os.stat(entry.path).st_mode  # follows links; a loop raises ELOOP
+            except OSError as error:
+                logger.debug("skipping `%s`: %s", safe_text(entry.path), error.strerror or error)
+                continue
+            if stat.S_ISDIR(mode):
+                real = os.path.realpath(entry.path)
+                if real in visited or real in self._exclude or _is_output_folder(entry.path):
+                    logger.debug("skipping `%s`: walked already or kosmos outputs", safe_text(entry.path))
+                    continue
+                visited.add(real)
+                self._visit(entry.path, root, visited)
+            elif not stat.S_ISREG(mode):
+                logger.debug("skipping `%s`: not a regular file", safe_text(entry.path))
+            elif entry.name.endswith(DRAWING_SUFFIX) or os.path.realpath(entry.path) in self._exclude:
+                logger.debug("skipping `%s`: a kosmos output", safe_text(entry.path))
+            elif looks_supported(entry.path):
+                self._keep(entry.path, PurePosixPath(os.path.abspath(entry.path)), root)
+            else:
+                self.unsupported.append(safe_text(entry.path))
+
+
+def _read_list(from_list: str) -> list[str]:
+    """Return the paths a --from-list file names: one a line, blank lines and `#` comments skipped."""
+    try:
+        if from_list == "-":
+            data = sys.stdin.buffer.read()
+        else:
+            with open(from_list, "rb") as stream:
+                data = stream.read()
+    except OSError as error:
+        raise UsageError(f"cannot read --from-list `{from_list}`: {error.strerror or error}") from None
+    lines = (os.fsdecode(raw).strip() for raw in data.removeprefix(codecs.BOM_UTF8).splitlines())
+    return [line for line in lines if line and not line.startswith("#")]
+
+
+class _Readable(Protocol):
+    def read(self, size: int, /) -> bytes: ...
+
+
+def _spool(stream: _Readable, label: str) -> str:
+    """Copy a stream to a temporary file, removed when the process exits, and return its path.
+
+    The file's name carries this process's id, so a later run removes what a killed one left
+    (`remove_stale_spools`). More than MAX_SPOOL_BYTES is refused: no page needs that much.
+    """
+    descriptor, path = tempfile.mkstemp(prefix=f"{SPOOL_PREFIX}{os.getpid()}-")
+    atexit.register(_remove, path)
+    with os.fdopen(descriptor, "wb") as spooled:
+        copied = 0
+        while chunk := stream.read(1 << 20):
+            copied += len(chunk)
+            if copied > MAX_SPOOL_BYTES:
+                spooled.close()
+                _remove(path)
+                raise InputError(f"{label} holds more than {MAX_SPOOL_BYTES:,} bytes, too much to read")
+            spooled.write(chunk)
+    return path
+
+
+def _spool_fifo(path: str, label: str) -> str:
+    """Spool a named pipe, failing at once (not hanging) when nothing writes to it."""
+    try:
+        descriptor = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    except OSError as error:
+        raise file_error(label, error) from None
+    with os.fdopen(descriptor, "rb", buffering=0) as stream:
+        ready, _, _ = select.select([descriptor], [], [], FIFO_WAIT_SECONDS)
+        first = stream.read(1 << 16) if ready else None
+        if not first:  # None: a writer that sends nothing; b"": no writer at all
+            raise InputError(f"{label} is a pipe with nothing written to it")
+        os.set_blocking(descriptor, True)
+        return _spool(_Prefixed(first, stream), label)
+
+
+class _Prefixed:
+    """A stream that yields some bytes already read before the rest of another stream."""
+
+    def __init__(self, head: bytes, rest: _Readable) -> None:
+        self.head = head
+        self.rest = rest
+
+    def read(self, size: int) -> bytes:
+        if self.head:
+            chunk, self.head = self.head, b""
+            return chunk
+        return self.rest.read(size)
+
+
+def remove_stale_spools() -> None:
+    """Remove spooled stdin copies left in the temporary folder by runs that were killed."""
+    for path in glob.glob(os.path.join(tempfile.gettempdir(), f"{SPOOL_PREFIX}*")):
+        pid = PurePath(path).name[len(SPOOL_PREFIX) :].partition("-")[0]
+        if pid.isdigit() and not _alive(int(pid)):
+            _remove(path)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _remove(path: str) -> None:
+    with contextlib.suppress(FileNotFoundError):
+        os.remove(path)
+
+
+def _is_output_folder(folder: str) -> bool:
+    """Whether a folder holds kosmos outputs: it has the run record kosmos keeps in `.kosmos/`."""
+    return os.path.lexists(os.path.join(folder, RECORD_FOLDER))

@@ -1,0 +1,243 @@
+"""What kosmos changes in a loaded model: attention kernels, oneDNN linears, int8, a longer position table."""
+
+from __future__ import annotations
+
+import functools
+import warnings
+from typing import TYPE_CHECKING, Any
+
+from kosmos_cli.errors import ModelLoadError
+
+if TYPE_CHECKING:
+    import torch
+INT8_PREFIX = "text_model."  # the modules --quantize int8 quantizes: the decoder and its LM head
+CPU_DECODE_ATTENTION = "kosmos_cpu_decode"  # registered with transformers' AttentionInterface
+
+
+def fit_positions(model: Any, tokens: int) -> None:
+    """Grow the sinusoidal position table to cover `tokens` per sequence (a compiled step cannot grow it)."""
+    table = model.text_model.model.embed_positions
+    needed = table.padding_idx + 1 + tokens
+    if needed > table.weights.shape[0]:
+        table.make_weights(needed + table.offset, table.embedding_dim, table.padding_idx)
+
+
+def use_sdpa_in_vision(model: Any) -> None:
+    """Make the vision encoder's attention use SDPA, as the text model already does.
+
+    transformers 5.23 `Kosmos2_5VisionAttention.forward` looks its kernel up with
+    `getattr(ALL_ATTENTION_FUNCTIONS, name, eager_attention_forward)` on a mapping, so it always falls
+    back to eager attention: 18 layers x heads x 4096 x 4096 fp32 scores per page. Patched per model
+    instance (not in the transformers module), so other models in the process are untouched.
+    """
+    import types
+
+    from transformers.models.kosmos2_5 import modeling_kosmos2_5
+
+    for module in model.vision_model.modules():
+        if isinstance(module, modeling_kosmos2_5.Kosmos2_5VisionAttention):
+            module.forward = types.MethodType(_vision_attention_sdpa, module)  # type: ignore[method-assign]
+
+
+def _vision_attention_sdpa(
+    self: Any, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs: Any
+) -> tuple[torch.Tensor, None]:
+    """Kosmos2_5VisionAttention.forward with torch's scaled_dot_product_attention."""
+    import torch
+
+    input_shape = hidden_states.shape[:-1]
+    hidden_shape = (*input_shape, -1, self.head_dim)
+    query = self.query(hidden_states).view(hidden_shape).transpose(1, 2)
+    key = self.key(hidden_states).view(hidden_shape).transpose(1, 2)
+    value = self.value(hidden_states).view(hidden_shape).transpose(1, 2)
+    if attention_mask is not None:
+        attention_mask = attention_mask.to(query.dtype)  # additive: 0 on patches, dtype min on padding
+    output = torch.nn.functional.scaled_dot_product_attention(
+        query, key, value, attn_mask=attention_mask, scale=self.scaling
+    )
+    return self.output(output.transpose(1, 2).reshape(*input_shape, -1)), None
+
+
+def use_cpu_decode_attention(model: Any) -> None:
+    """Make the text model's one-token (decode) attention in bf16/fp16 two matmuls over whole cache buffers.
+
+    torch's CPU flash-attention kernel is slow in bf16 for one query over a long cache, and a matmul
+    over the cache's filled columns (a strided view of the growing buffer) copies them first. Two
+    matmuls over the whole, contiguous buffer and a float32 softmax over the filled columns made a
+    bf16 decode step of 4 pages 1.8x faster on the 2-core CPU (BENCHMARKS.md); in fp32 the same
+    change was slower, so fp32 keeps SDPA. Scores are rounded to the model's dtype before the
+    softmax, as transformers' eager attention does. Prompts (more than one query) keep SDPA.
+    """
+    from transformers import AttentionInterface, AttentionMaskInterface
+    from transformers.masking_utils import sdpa_mask
+
+    if model.config.text_config._attn_implementation != "sdpa":
+        return  # an explicit --attn eager (or another kernel) stays as asked
+    AttentionInterface.register(CPU_DECODE_ATTENTION, _cpu_decode_attention)
+    AttentionMaskInterface.register(CPU_DECODE_ATTENTION, sdpa_mask)
+    model.set_attn_implementation({"text_config": CPU_DECODE_ATTENTION})
+
+
+def _cpu_decode_attention(
+    module: Any,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float | None = None,
+    **kwargs: Any,
+) -> tuple[torch.Tensor, None]:
+    """Attention for one query token as matmuls; SDPA for anything longer."""
+    import torch
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    if query.shape[2] != 1:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, **kwargs)
+    columns = key.shape[2]
+    key, value = _whole_buffer(key), _whole_buffer(value)
+    scores = torch.matmul(query, key.transpose(-1, -2))[..., :columns].float()
+    if scaling is not None:
+        scores *= scaling
+    if attention_mask is not None:
+        if attention_mask.dtype == torch.bool:
+            scores.masked_fill_(~attention_mask, float("-inf"))
+        else:
+            scores += attention_mask
+    weights = scores.softmax(dim=-1).to(value.dtype)
+    if value.shape[2] > columns:  # the spare columns are zeros (GrowingLayer) and get zero weight
+        weights = torch.nn.functional.pad(weights, (0, value.shape[2] - columns))
+    return torch.matmul(weights, value).transpose(1, 2).contiguous(), None
+
+
+def _whole_buffer(tensor: torch.Tensor) -> torch.Tensor:
+    """The contiguous [rows, heads, capacity, dim] buffer whose leading columns `tensor` is, if it is one."""
+    if tensor.is_contiguous():
+        return tensor
+    rows, heads, _, dim = tensor.shape
+    stride = tensor.stride()
+    whole_rows = (
+        stride[3] == 1 and stride[2] == dim and stride[1] % dim == 0 and stride[0] == heads * stride[1]
+    )
+    if whole_rows and tensor.storage_offset() == 0:
+        return tensor.as_strided((rows, heads, stride[1] // dim, dim), stride)
+    return tensor.contiguous()
+
+
+def use_onednn_linears(model: Any) -> int:
+    """Run every fp32 (and natively supported bf16) nn.Linear through oneDNN with a prepacked weight.
+
+    On CPU, torch's fp32 `F.linear` goes to MKL, whose skinny GEMMs (2 to 8 rows: a decode step
+    of a small batch) run at a fraction of its one-row speed, so batching decode gained nothing.
+    oneDNN's `_linear_pointwise` on a prepacked weight (the kernel inductor uses on CPU) measured
+    2-4x faster for those shapes and ~20% faster for prefill (BENCHMARKS.md). Results agree with
+    MKL's to float32 rounding. Returns how many layers were swapped.
+    """
+    import torch
+
+    mkldnn = torch.ops.mkldnn
+    if not (
+        torch.backends.mkldnn.is_available()
+        and hasattr(mkldnn, "_linear_pointwise")
+        and hasattr(mkldnn, "_reorder_linear_weight")
+    ):
+        return 0
+    dtypes = {torch.float32, torch.bfloat16} if native_bf16_cpu() else {torch.float32}
+    layer_class = _onednn_linear_class()
+    swapped = 0
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if type(child) is torch.nn.Linear and child.weight.dtype in dtypes:
+                setattr(parent, name, layer_class(child))
+                swapped += 1
+    return swapped
+
+
+@functools.cache
+def _onednn_linear_class() -> type:
+    """Build (once) the nn.Module that replaces an nn.Linear on CPU."""
+    import torch
+
+    class OneDnnLinear(torch.nn.Module):
+        def __init__(self, linear: torch.nn.Linear) -> None:
+            super().__init__()
+            self.in_features, self.out_features = linear.in_features, linear.out_features
+            self.weight = None  # the packed weight is opaque; modules that peek at `.weight` skip a None
+            with torch.no_grad():
+                packed = torch.ops.mkldnn._reorder_linear_weight(linear.weight.detach())
+            self.register_buffer("packed_weight", packed, persistent=False)
+            bias = None if linear.bias is None else linear.bias.detach()
+            self.register_buffer("bias", bias, persistent=False)
+
+        def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+            return torch.ops.mkldnn._linear_pointwise(
+                hidden_states, self.packed_weight, self.bias, "none", [], ""
+            )
+
+        def extra_repr(self) -> str:
+            return f"in_features={self.in_features}, out_features={self.out_features}, oneDNN"
+
+    return OneDnnLinear
+
+
+def own_weights(model: Any) -> None:
+    """Copy the weights still read from the checkpoint's memory map into process memory.
+
+    After the linear layers were repacked (oneDNN) or quantized, the rest of the weights (embeddings,
+    norms) still point into the memory-mapped safetensors files, which keeps the whole mapping, and
+    every page of it read during conversion, resident: 5.5 GB counted twice in RSS. Copying the rest
+    (about 0.7 GB) lets the mapping go.
+    """
+    import itertools
+
+    import torch
+
+    with torch.no_grad():
+        for tensor in itertools.chain(model.parameters(), model.buffers()):
+            if tensor.device.type == "cpu" and not tensor.is_mkldnn:
+                tensor.data = tensor.data.clone()
+
+
+def quantize_int8(model: Any) -> None:
+    """Make the text decoder's linear layers dynamic int8: per-channel int8 weights, activations per batch.
+
+    The vision encoder and the image projection stay float32: they run once per page, and on the tiny
+    image-sensitive model quantizing them too cut the pages token-identical to float32 from 12 of 16 to 3;
+    per-tensor weights (one scale for a whole matrix) cut them to 8. The decoder's layers and the LM head
+    are what every generated token reads. torch.ao's quantized kernels (fbgemm/x86) ran a 4-row decode
+    matmul 2x faster than bf16 on oneDNN; torchao's int8 configs ran 50-100x slower than that without
+    torch.compile on this CPU (BENCHMARKS.md).
+    """
+    import torch
+
+    try:
+        quantization = torch.ao.quantization
+    except AttributeError as error:  # deprecated since torch 2.10 in favour of torchao; not removed yet
+        raise ModelLoadError(
+            "this torch has no dynamic int8 quantization (torch.ao.quantization)", hint="drop --quantize"
+        ) from error
+    layers = {
+        name: quantization.per_channel_dynamic_qconfig
+        for name, module in model.named_modules()
+        if isinstance(module, torch.nn.Linear) and name.startswith(INT8_PREFIX)
+    }
+    with torch.no_grad():  # packed int8 layers keep the float bias as it is: copy it off the memory map
+        for name in layers:
+            bias = model.get_submodule(name).bias
+            if bias is not None:
+                bias.data = bias.data.clone()
+    with warnings.catch_warnings():  # deprecated in favour of torchao, whose CPU int8 is slower (above)
+        warnings.simplefilter("ignore", DeprecationWarning)
+        warnings.simplefilter("ignore", UserWarning)
+        quantization.quantize_dynamic(model, layers, dtype=torch.qint8, inplace=True)
+
+
+def native_bf16_cpu() -> bool:
+    """Whether this CPU computes bf16 matmuls natively (AVX512-BF16 or AMX) and oneDNN can use them."""
+    import torch
+
+    cpu = torch.cpu
+    native = any(
+        getattr(cpu, name, lambda: False)()
+        for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+    )
+    return native and torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()

@@ -1,0 +1,65 @@
+"""`--pages`: the one place where users' 1-based page numbers become 0-based page indices."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from kosmos_cli.errors import InputError, UsageError
+
+if TYPE_CHECKING:
+    pass
+
+
+_PAGES_HINT = "use 1-based page numbers and ranges, e.g. 1-3,7,10- (10- runs to the last page)"
+_RANGE = re.compile(r"(\d*)\s*(-?)\s*(\d*)", re.ASCII)
+
+
+@dataclass(frozen=True)
+class PageSelection:
+    """Pages asked for with --pages: 1-based inclusive ranges, `None` as the end of an open range."""
+
+    ranges: tuple[tuple[int, int | None], ...]
+
+    def indices(self, page_count: int, *, source: str = "the document") -> list[int]:
+        """Return the 0-based indices selected in a document of `page_count` pages, ascending, once each."""
+        chosen: set[int] = set()
+        for first, last in self.ranges:
+            asked = f"{first}-" if last is None else str(last)
+            if first > page_count or (last is not None and last > page_count):
+                pages = "page" if page_count == 1 else "pages"
+                raise InputError(
+                    f"{source} has {page_count} {pages}; --pages asks for {asked}",
+                    hint="choose pages inside the document, or leave out --pages",
+                )
+            chosen.update(range(first - 1, page_count if last is None else last))
+        return sorted(chosen)
+
+
+def parse_pages(spec: str) -> PageSelection:
+    """Parse a --pages value such as `1-3,7,10-` (1-based, inclusive, `10-` open-ended, `-3` from 1)."""
+    if not spec.strip():
+        raise UsageError("--pages is empty", hint=_PAGES_HINT)
+    ranges: list[tuple[int, int | None]] = []
+    for part in spec.split(","):
+        ranges.append(_parse_range(part.strip(), spec))
+    return PageSelection(tuple(ranges))
+
+
+def _parse_range(part: str, spec: str) -> tuple[int, int | None]:
+    match = _RANGE.fullmatch(part)
+    if not part:
+        problem = "an empty range"
+    elif match is None or not (match[1] or match[3]) or (match[1] and match[3] and not match[2]):
+        problem = f"`{part}` is not a page number or range"
+    else:
+        first = int(match[1]) if match[1] else 1
+        last = first if not match[2] else int(match[3]) if match[3] else None
+        if first == 0 or last == 0:
+            problem = "pages are numbered from 1"
+        elif last is not None and last < first:
+            problem = f"the range `{part}` runs backwards"
+        else:
+            return first, last
+    raise UsageError(f"--pages `{spec}`: {problem}", hint=_PAGES_HINT)
