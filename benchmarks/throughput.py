@@ -54,10 +54,10 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from kosmos_cli.errors import KosmosError  # noqa: E402
+from kosmos_cli.tiling import MODEL_PIXELS  # noqa: E402
 from kosmos_cli.values import PageResult, Task  # noqa: E402
 
 RANDOM_MODEL_DIR = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "kosmos" / "benchmarks"
-MODEL_PIXELS = 4096 * 16 * 16  # what the processor keeps; kosmos renders PDF pages at the DPI that gives this
 QUICK = {"pages": 4, "tokens": 16}
 DRIFT_PAGES = 2  # pages the logit drift is measured on (a teacher-forced forward per page and model)
 DEFAULTS = {"pages": 8, "tokens": 300}

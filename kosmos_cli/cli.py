@@ -1,4 +1,4 @@
-"""The `kosmos` command: parse options, wire the pieces, show progress, turn errors into exit codes."""
+"""The `kosmos` command: options to typed values, one library call, progress, errors to exit codes."""
 
 from __future__ import annotations
 
@@ -6,15 +6,14 @@ import atexit
 import contextlib
 import logging
 import os
-import re
 import signal
 import sys
 import time
-from collections.abc import Callable
-from dataclasses import replace
+import traceback
+from collections.abc import Callable, Iterable, Iterator
 from enum import Enum
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any, Optional
+from typing import TYPE_CHECKING, Annotated, Any, Optional, TypeAlias
 
 import typer
 from rich.console import Console
@@ -26,23 +25,76 @@ from rich.progress import (
     TextColumn,
     TimeRemainingColumn,
 )
+from typer.core import TyperGroup
+
+try:  # typer 0.27 and later carry a copy of click of their own
+    from typer._click import exceptions as click_errors
+except ImportError:  # pragma: no cover - older typer
+    from click import exceptions as click_errors  # type: ignore[no-redef]
 
 from kosmos_cli import __version__
-from kosmos_cli.config import DEFAULT_MODEL, MODEL_ENV
-from kosmos_cli.errors import KosmosError, UsageError
-from kosmos_cli.sandbox import DEFAULT_PAGE_TIMEOUT
+from kosmos_cli.api import transcribe_files
+from kosmos_cli.config import (
+    ATTENTIONS,
+    DEFAULT_GPUS_PER_WORKER,
+    DEFAULT_MAX_NEW_TOKENS,
+    DEFAULT_MODEL,
+    DEFAULT_PAGE_TIMEOUT,
+    DEVICES,
+    DTYPES,
+    MODEL_ENV,
+    QUANTIZATIONS,
+    RAY_ADDRESS_ENV,
+    RayOptions,
+    Settings,
+    default_model,
+)
+from kosmos_cli.errors import KosmosError
+from kosmos_cli.reporting import Summary
 from kosmos_cli.values import PageResult, Task
+from kosmos_cli.writers import formats_for
 
-if TYPE_CHECKING:
-    from kosmos_cli.jobs import Summary
-
+EXIT_USAGE = 2  # as UsageError says; also what Click's own option errors exit with
+EXIT_CRASH = 70  # EX_SOFTWARE (sysexits.h): a bug in kosmos, not bad input
 EXIT_INTERRUPTED = 130  # 128 + SIGINT, as shells report a Ctrl-C
 EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE: stdout's reader went away (`| head`)
 EXIT_TERMINATED = 143  # 128 + SIGTERM
 PROGRESS_LOG_SECONDS = 30.0  # when stderr is not a terminal: one progress line this often
 
+
+class _Commands(TyperGroup):
+    """Typer's group, with Click's own usage errors printed as `error:` and `hint:` lines like kosmos's."""
+
+    def main(  # type: ignore[override]
+        self,
+        args: Any = None,
+        prog_name: str | None = None,
+        complete_var: str | None = None,
+        standalone_mode: bool = True,
+        **extra: Any,
+    ) -> Any:
+        if not standalone_mode:
+            return super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        try:
+            code = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        except click_errors.NoArgsIsHelpError as error:
+            error.show()  # the help text itself
+            sys.exit(EXIT_USAGE)
+        except click_errors.UsageError as error:
+            message = error.format_message().replace("Value error, ", "")  # typer's coercion prefix
+            typer.echo(f"error: {message[:1].lower()}{message[1:]}", err=True)
+            command = error.ctx.command_path if error.ctx is not None else "kosmos"
+            typer.echo(f"hint: see `{command} --help`", err=True)
+            sys.exit(EXIT_USAGE)
+        except typer.Abort:
+            typer.echo("error: aborted", err=True)
+            sys.exit(EXIT_INTERRUPTED)
+        sys.exit(code if isinstance(code, int) else 0)
+
+
 app = typer.Typer(
     name="kosmos",
+    cls=_Commands,
     help="Transcribe scans, photos and PDFs with Kosmos-2.5: markdown (`kosmos md`) or text lines with boxes "
     "(`kosmos ocr`).",
     no_args_is_help=True,
@@ -52,36 +104,23 @@ app = typer.Typer(
 )
 
 
-class MdFormat(str, Enum):
-    md = "md"
-    json = "json"
-    jsonl = "jsonl"
+def _choices(name: str, values: Iterable[str]) -> type[Enum]:
+    """Return an Enum of an option's choices, the form Typer lists and checks them in."""
+    return Enum(name, {value: value for value in values}, type=str)  # type: ignore[return-value]
 
 
-class OcrFormat(str, Enum):
-    txt = "txt"
-    json = "json"
-    jsonl = "jsonl"
-    hocr = "hocr"
-    pdf = "pdf"
-
-
-class DType(str, Enum):
-    auto = "auto"
-    bfloat16 = "bfloat16"
-    float16 = "float16"
-    float32 = "float32"
-
-
-class Quantization(str, Enum):
-    int8 = "int8"
-
-
-class Attention(str, Enum):
-    auto = "auto"
-    sdpa = "sdpa"
-    eager = "eager"
-    flash_attention_2 = "flash_attention_2"
+if TYPE_CHECKING:  # made at runtime from the one list of each option's choices
+    DType: TypeAlias = Enum
+    Attention: TypeAlias = Enum
+    Quantization: TypeAlias = Enum
+    MdFormat: TypeAlias = Enum
+    OcrFormat: TypeAlias = Enum
+else:
+    DType = _choices("DType", DTYPES)
+    Attention = _choices("Attention", ATTENTIONS)
+    Quantization = _choices("Quantization", QUANTIZATIONS)
+    MdFormat = _choices("MdFormat", formats_for(Task.MD))
+    OcrFormat = _choices("OcrFormat", formats_for(Task.OCR))
 
 
 Inputs = Annotated[
@@ -113,7 +152,7 @@ Pages = Annotated[
 Dpi = Annotated[
     Optional[float],  # noqa: UP045
     typer.Option(
-        "--dpi", help="PDF render resolution; default: the size the model reads (about 1 megapixel).", min=10
+        "--dpi", help="PDF render resolution; default: the size the model reads (about 1 megapixel)."
     ),
 ]
 Password = Annotated[Optional[str], typer.Option("--password", help="Password for encrypted PDFs.")]  # noqa: UP045
@@ -132,17 +171,7 @@ Model = Annotated[
     ),
 ]
 Revision = Annotated[Optional[str], typer.Option("--revision", help="Hub branch, tag or commit of --model.")]  # noqa: UP045
-
-
-def _check_device(value: str) -> str:
-    if value in ("auto", "cpu", "cuda", "mps") or re.fullmatch(r"cuda:\d+", value):
-        return value
-    raise typer.BadParameter(f"`{value}` is not a device: use auto, cpu, cuda, cuda:N or mps")
-
-
-DeviceOpt = Annotated[
-    str, typer.Option("--device", help="auto, cpu, cuda, cuda:N or mps.", callback=_check_device)
-]
+DeviceOpt = Annotated[str, typer.Option("--device", help=f"{', '.join(DEVICES)}.")]
 DTypeOpt = Annotated[
     DType,
     typer.Option(
@@ -152,14 +181,17 @@ DTypeOpt = Annotated[
     ),
 ]
 AttnOpt = Annotated[
-    Attention, typer.Option("--attn", help="Attention kernel; auto picks flash_attention_2 when installed.")
+    Attention,
+    typer.Option(
+        "--attn",
+        help="Attention kernel; auto picks flash_attention_2 when installed.",
+    ),
 ]
 BatchSize = Annotated[
     Optional[int],  # noqa: UP045
     typer.Option(
         "--batch-size",
         "-b",
-        min=1,
         help="Pages per batch; default: from the device and its free memory.",
         show_default=False,
     ),
@@ -168,8 +200,8 @@ MaxNewTokens = Annotated[
     Optional[int],  # noqa: UP045
     typer.Option(
         "--max-new-tokens",
-        min=1,
-        help="Token budget per page; default: 4000, the reference inference code's (a dense page needs it).",
+        help=f"Token budget per page; default: {DEFAULT_MAX_NEW_TOKENS}, the reference inference code's "
+        "(a dense page needs it).",
         show_default=False,
     ),
 ]
@@ -192,17 +224,19 @@ Quantize = Annotated[
 Threads = Annotated[
     Optional[int],  # noqa: UP045
     typer.Option(
-        "--threads", min=1, help="CPU threads; default: the cores this process may use.", show_default=False
+        "--threads", help="CPU threads; default: the cores this process may use.", show_default=False
     ),
 ]
 Ray = Annotated[
-    bool, typer.Option("--ray", help="Run on a Ray cluster (the one RAY_ADDRESS names, or a local instance).")
+    bool,
+    typer.Option(
+        "--ray", help=f"Run on a Ray cluster (the one {RAY_ADDRESS_ENV} names, or a local instance)."
+    ),
 ]
 PageTimeout = Annotated[
     float,
     typer.Option(
         "--page-timeout",
-        min=1.0,
         help="Seconds to open or render one page before it is marked failed (hostile PDFs can spin).",
     ),
 ]
@@ -214,14 +248,13 @@ Workers = Annotated[
     Optional[int],  # noqa: UP045
     typer.Option(
         "--workers",
-        min=1,
         help="Model actors on Ray; default: as many as the cluster has room for.",
         show_default=False,
     ),
 ]
 GpusPerWorker = Annotated[
     float,
-    typer.Option("--gpus-per-worker", min=0.0, help="GPUs each Ray model actor reserves (0.5: two per GPU)."),
+    typer.Option("--gpus-per-worker", help="GPUs each Ray model actor reserves (0.5: two per GPU)."),
 ]
 Quiet = Annotated[
     bool, typer.Option("--quiet", "-q", help="No progress bar or warnings; errors and the summary only.")
@@ -250,9 +283,51 @@ RUN_EPILOG = (
     "finished document in DIR/.kosmos/manifest.jsonl; a rerun skips a document only when its outputs "
     "exist and were recorded from the same, unchanged input with the same settings, redoes the rest, "
     "and never replaces a file it did not write from that input (--overwrite does). "
-    "Exit codes: 0 done, 1 some inputs or pages failed, 2 usage error, 3 model did not load, "
-    "130 interrupted, 141 stdout closed, 143 terminated."
+    f"Exit codes: 0 done, 1 some inputs or pages failed, {EXIT_USAGE} usage error, 3 model did not load, "
+    f"{EXIT_CRASH} a bug in kosmos (with a traceback), {EXIT_INTERRUPTED} interrupted, "
+    f"{EXIT_BROKEN_PIPE} stdout closed, {EXIT_TERMINATED} terminated."
 )
+
+
+def _settings(
+    *,
+    model: str | None,
+    revision: str | None,
+    device: str,
+    dtype: Enum,
+    attn: Enum,
+    batch_size: int | None,
+    max_new_tokens: int | None,
+    compile: bool,
+    quantize: Enum | None,
+    threads: int | None,
+) -> Settings:
+    """Gather the model options (raises UsageError for a value that names nothing)."""
+    return Settings(
+        model=model or default_model(),
+        revision=revision,
+        device=device,
+        dtype=dtype.value,
+        attn=attn.value,
+        batch_size=batch_size,
+        max_new_tokens=max_new_tokens,
+        compile=compile,
+        quantize=quantize.value if quantize is not None else None,
+        threads=threads,
+    )
+
+
+def _values(choices: list[Enum] | None) -> list[str]:
+    return [choice.value for choice in choices or []]
+
+
+def _ray_options(
+    ray: bool, address: str | None, workers: int | None, gpus_per_worker: float
+) -> RayOptions | None:
+    """Return how to run on Ray, or None to run here."""
+    if not ray and address is None:
+        return None
+    return RayOptions(address=address, workers=workers, gpus_per_worker=gpus_per_worker)
 
 
 @app.command(epilog=RUN_EPILOG)
@@ -262,7 +337,10 @@ def md(
     format: Annotated[
         Optional[list[MdFormat]],  # noqa: UP045
         typer.Option(
-            "--format", "-f", help="Output format, repeatable (with -o): md, json, jsonl.", show_default="md"
+            "--format",
+            "-f",
+            help=f"Output format, repeatable (with -o): {', '.join(formats_for(Task.MD))}.",
+            show_default="md",
         ),
     ] = None,
     from_list: FromList = None,
@@ -274,8 +352,8 @@ def md(
     model: Model = None,
     revision: Revision = None,
     device: DeviceOpt = "auto",
-    dtype: DTypeOpt = DType.auto,
-    attn: AttnOpt = Attention.auto,
+    dtype: DTypeOpt = "auto",  # type: ignore[assignment]
+    attn: AttnOpt = "auto",  # type: ignore[assignment]
     batch_size: BatchSize = None,
     max_new_tokens: MaxNewTokens = None,
     compile: Compile = False,
@@ -284,13 +362,22 @@ def md(
     ray: Ray = False,
     ray_address: RayAddress = None,
     workers: Workers = None,
-    gpus_per_worker: GpusPerWorker = 1.0,
+    gpus_per_worker: GpusPerWorker = DEFAULT_GPUS_PER_WORKER,
     quiet: Quiet = False,
     verbose: Verbose = False,
 ) -> None:
     """Transcribe to markdown."""
-    formats = tuple(f.value for f in format) if format else ("md",)
-    _run(Task.MD, locals() | {"formats": formats, "draw": False, "numbered": False})
+    with _session(quiet=quiet, verbose=verbose) as reporter:
+        settings = _settings(
+            model=model, revision=revision, device=device, dtype=dtype, attn=attn, batch_size=batch_size,
+            max_new_tokens=max_new_tokens, compile=compile, quantize=quantize, threads=threads,
+        )  # fmt: skip
+        reporter.summary = transcribe_files(
+            inputs or [], task=Task.MD, formats=_values(format), output=output, from_list=from_list,
+            pages=pages, dpi=dpi, password=password, page_timeout=page_timeout, overwrite=overwrite,
+            settings=settings, ray=_ray_options(ray, ray_address, workers, gpus_per_worker),
+            reporter=reporter,
+        )  # fmt: skip
 
 
 @app.command(epilog=RUN_EPILOG)
@@ -302,7 +389,7 @@ def ocr(
         typer.Option(
             "--format",
             "-f",
-            help="Output format, repeatable (with -o): txt, json, jsonl, hocr, pdf.",
+            help=f"Output format, repeatable (with -o): {', '.join(formats_for(Task.OCR))}.",
             show_default="txt",
         ),
     ] = None,
@@ -319,8 +406,8 @@ def ocr(
     model: Model = None,
     revision: Revision = None,
     device: DeviceOpt = "auto",
-    dtype: DTypeOpt = DType.auto,
-    attn: AttnOpt = Attention.auto,
+    dtype: DTypeOpt = "auto",  # type: ignore[assignment]
+    attn: AttnOpt = "auto",  # type: ignore[assignment]
     batch_size: BatchSize = None,
     max_new_tokens: MaxNewTokens = None,
     compile: Compile = False,
@@ -329,13 +416,22 @@ def ocr(
     ray: Ray = False,
     ray_address: RayAddress = None,
     workers: Workers = None,
-    gpus_per_worker: GpusPerWorker = 1.0,
+    gpus_per_worker: GpusPerWorker = DEFAULT_GPUS_PER_WORKER,
     quiet: Quiet = False,
     verbose: Verbose = False,
 ) -> None:
     """Transcribe to text lines with boxes: `x0,y0,x1,y0,x1,y1,x0,y1,text` in original-image pixels."""
-    formats = tuple(f.value for f in format) if format else ("txt",)
-    _run(Task.OCR, locals() | {"formats": formats})
+    with _session(quiet=quiet, verbose=verbose) as reporter:
+        settings = _settings(
+            model=model, revision=revision, device=device, dtype=dtype, attn=attn, batch_size=batch_size,
+            max_new_tokens=max_new_tokens, compile=compile, quantize=quantize, threads=threads,
+        )  # fmt: skip
+        reporter.summary = transcribe_files(
+            inputs or [], task=Task.OCR, formats=_values(format), output=output, from_list=from_list,
+            pages=pages, dpi=dpi, password=password, page_timeout=page_timeout, draw=draw, numbered=numbered,
+            overwrite=overwrite, settings=settings,
+            ray=_ray_options(ray, ray_address, workers, gpus_per_worker), reporter=reporter,
+        )  # fmt: skip
 
 
 @app.command()
@@ -353,7 +449,6 @@ def download(
     ] = None,
 ) -> None:
     """Fetch a checkpoint for offline use later."""
-    from kosmos_cli.config import default_model
     from kosmos_cli.model.loading import download_model
 
     console = Console(stderr=True, highlight=False, soft_wrap=True)
@@ -385,117 +480,17 @@ def doctor(
         raise typer.Exit(1)
 
 
-def _run(task: Task, options: dict[str, Any]) -> None:
-    """Run md or ocr with the parsed options and exit with the right code."""
-    from kosmos_cli.config import Settings, default_model
-    from kosmos_cli.discovery import discover, name_clashes, remove_stale_spools
-    from kosmos_cli.jobs import Job, Summary, job_fingerprint, plan, probe, run_job
-    from kosmos_cli.model.loading import load_runner
-    from kosmos_cli.pages import parse_pages
-    from kosmos_cli.sandbox import Sandbox
-    from kosmos_cli.stores import OutputStore, output_location, output_store
-
-    verbose, quiet = bool(options["verbose"]), bool(options["quiet"])
+@contextlib.contextmanager
+def _session(*, quiet: bool, verbose: bool) -> Iterator[_Reporter]:
+    """Run one md or ocr command: report as it goes, print the summary, exit with the code it earned."""
     console = Console(stderr=True, highlight=False, soft_wrap=True)
     _configure_logging(console, verbose=verbose, quiet=quiet)
     reporter = _Reporter(console, quiet=quiet, verbose=verbose)
-    on_ray = bool(options["ray"] or options["ray_address"])
-    summary = Summary()
-    input_errors = 0
-    store: OutputStore | None = None
+    signal.signal(signal.SIGTERM, _terminate)
     try:
-        signal.signal(signal.SIGTERM, _terminate)
-        formats: tuple[str, ...] = options["formats"]
-        _check_formats(formats, output_dir=options["output"], draw=options["draw"])
-        inputs = list(options["inputs"] or [])
-        if not inputs and not options["from_list"]:
-            raise UsageError(
-                "no inputs given", hint="name files or folders, `-` for stdin, or --from-list FILE"
-            )
-        page_selection = parse_pages(options["pages"]) if options["pages"] else None
-        output_dir = output_location(options["output"]) if options["output"] else None
-        store = output_store(output_dir) if output_dir is not None else None
-        if store is not None:
-            store.open_for_run()
-        remove_stale_spools()
-        exclude = _own_outputs(output_dir) if isinstance(output_dir, Path) else []
-        if on_ray:
-            from kosmos_cli.distributed import discover_inputs, require_ray
-
-            require_ray()
-            discovery = discover_inputs(inputs, from_list=options["from_list"])
-        else:
-            discovery = discover(inputs, from_list=options["from_list"], exclude=exclude)
-        if output_dir is not None and (clash := name_clashes(discovery.documents)) is not None:
-            raise clash
-        for error in discovery.errors:
-            reporter.error(error)
-        input_errors = len(discovery.errors)
-        for empty in discovery.empty:
-            reporter.warning(f"no images or PDFs found in `{empty}`")
-        summary.unsupported = discovery.unsupported
-        settings = Settings(
-            model=options["model"] or default_model(),
-            revision=options["revision"],
-            device=options["device"],
-            dtype=options["dtype"].value,
-            attn=options["attn"].value,
-            batch_size=options["batch_size"],
-            max_new_tokens=options["max_new_tokens"],
-            compile=options["compile"],
-            quantize=options["quantize"].value if options["quantize"] else None,
-            threads=options["threads"],
-        )
-        job = Job(
-            task=task,
-            formats=formats,
-            output_dir=output_dir,
-            draw=options["draw"],
-            numbered=options["numbered"],
-            pages=page_selection,
-            dpi=options["dpi"],
-            password=options["password"],
-            overwrite=options["overwrite"],
-            page_timeout=options["page_timeout"],
-        )
-        documents = discovery.documents
-        if on_ray:
-            if documents and output_dir is not None:
-                job = replace(job, fingerprint=job_fingerprint(job, settings, resolve=False))
-            todo = plan(documents, job, reporter, summary, inputs=discovery.documents)
-            if todo:
-                from kosmos_cli.distributed import run_on_ray
-
-                with reporter:
-                    run_on_ray(
-                        todo,
-                        job,
-                        settings,
-                        reporter,
-                        stdout=sys.stdout.buffer,
-                        summary=summary,
-                        address=options["ray_address"],
-                        workers=options["workers"],
-                        gpus_per_worker=options["gpus_per_worker"],
-                        inputs=discovery.documents,
-                        quiet=quiet,
-                    )
-        else:
-            with Sandbox(timeout=job.page_timeout) as sandbox:
-                pages = probe(documents, job, reporter, summary, sandbox=sandbox)
-                documents = [document for document in documents if document in pages]
-                if documents and output_dir is not None:
-                    job = replace(job, fingerprint=job_fingerprint(job, settings))
-                todo = plan(documents, job, reporter, summary, pages=pages, inputs=discovery.documents)
-                if todo:
-                    reporter.loading(f"loading model `{settings.model}`")
-                    runner = load_runner(settings)
-                    with reporter:
-                        run_job(
-                            todo, runner, job, reporter, sys.stdout.buffer, summary,
-                            inputs=discovery.documents, pages=pages, sandbox=sandbox,
-                        )  # fmt: skip
+        yield reporter
     except KosmosError as error:
+        reporter.stop()
         reporter.error(error)
         raise typer.Exit(error.exit_code) from None
     except BrokenPipeError:
@@ -503,32 +498,24 @@ def _run(task: Task, options: dict[str, Any]) -> None:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         raise typer.Exit(EXIT_BROKEN_PIPE) from None
     except KeyboardInterrupt:
+        reporter.stop()
         console.print("error: interrupted; finished documents are kept, rerun the same command to resume")
         raise typer.Exit(EXIT_INTERRUPTED) from None
     except _Terminated:
+        reporter.stop()
         console.print("error: terminated; finished documents are kept, rerun the same command to resume")
         raise typer.Exit(EXIT_TERMINATED) from None
-    except Exception as error:  # a bug, not bad input: one line, the traceback with --verbose
-        crash = KosmosError(
-            f"unexpected {type(error).__name__}: {error}",
-            hint="rerun with --verbose for the traceback, and please report it",
-        )
-        crash.__cause__ = error
-        reporter.error(crash)
-        raise typer.Exit(1) from None
+    except Exception as error:  # a bug, not bad input: the traceback, for the report
+        reporter.stop()
+        console.print("".join(traceback.format_exception(error)).rstrip(), markup=False)
+        console.print(f"error: kosmos crashed: {type(error).__name__}: {error}", markup=False)
+        console.print("hint: this is a bug; please report it with the traceback above", markup=False)
+        raise typer.Exit(EXIT_CRASH) from None
     finally:
-        if store is not None:
-            store.close()
+        reporter.stop()
+    summary = reporter.summary
     console.print(_summary_line(summary), markup=False)
-    raise typer.Exit(1 if summary.failed or input_errors else 0)
-
-
-def _own_outputs(output_dir: Path) -> list[str]:
-    """Return what discovery must not read back: the output folder and every output it records."""
-    from kosmos_cli.manifest import Manifest
-    from kosmos_cli.stores import LocalStore
-
-    return [str(output_dir)] + [str(output_dir / name) for name in Manifest(LocalStore(output_dir)).owners]
+    raise typer.Exit(1 if summary.failed else 0)
 
 
 class _Terminated(BaseException):
@@ -537,17 +524,6 @@ class _Terminated(BaseException):
 
 def _terminate(signum: int, frame: object) -> None:
     raise _Terminated
-
-
-def _check_formats(formats: tuple[str, ...], *, output_dir: str | None, draw: bool) -> None:
-    if output_dir is not None:
-        return
-    if draw:
-        raise UsageError("--draw writes PNG files and needs an output folder", hint="add -o DIR")
-    if "pdf" in formats:
-        raise UsageError("--format pdf writes a PDF file and needs an output folder", hint="add -o DIR")
-    if len(formats) > 1:
-        raise UsageError("several formats need an output folder; stdout takes one", hint="add -o DIR")
 
 
 class _Reporter:
@@ -583,15 +559,19 @@ class _Reporter:
             transient=True,
         )
         self.task_id = self.progress.add_task("pages", total=0, rate="", current="")
+        self.showing = False  # the bar is live: from the first pages counted to `stop`
+        self.summary = Summary()  # the run's, once it returns
 
-    def __enter__(self) -> _Reporter:
-        self.progress.start()
-        return self
-
-    def __exit__(self, *_: object) -> None:
-        self.progress.stop()
+    def stop(self) -> None:
+        """Take the bar down, for the summary or an error to follow."""
+        if self.showing:
+            self.progress.stop()
+            self.showing = False
 
     def add_total(self, pages: int) -> None:
+        if not self.showing:
+            self.progress.start()
+            self.showing = True
         self.total += pages
         self.progress.update(self.task_id, total=self.total)
 

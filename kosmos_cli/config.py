@@ -1,25 +1,57 @@
-"""Settings and defaults: the one place each option's choices, default and unit are stated."""
+"""What a run is asked to do: the model's `Settings`, the `Job`, Ray's `RayOptions`, and every default.
+
+Each option's choices, default and unit are stated here once; the CLI builds its help from them.
+"""
 
 from __future__ import annotations
 
+import math
 import os
+import re
 from dataclasses import dataclass
+from pathlib import Path
+
+from kosmos_cli.errors import UsageError
+from kosmos_cli.pages import PageSelection
+from kosmos_cli.values import Task
 
 DEFAULT_MODEL = "microsoft/kosmos-2.5"
 MODEL_ENV = "KOSMOS_MODEL"  # overrides DEFAULT_MODEL
+DEVICES = ("auto", "cpu", "cuda", "cuda:N", "mps")
 DTYPES = ("auto", "bfloat16", "float16", "float32")
 ATTENTIONS = ("auto", "sdpa", "eager", "flash_attention_2")
 QUANTIZATIONS = ("int8",)
 # The reference's budget: microsoft/unilm kosmos-2.5/inference.py generates up to max_len_b=4000 new
 # tokens. A dense OCR page costs about 24 tokens a line, so 2,044 (what the 4096-row position table
 # leaves after the 2052-token prompt) cut pages of more than about 85 lines; the sinusoidal table is
-# grown to fit instead (`fit_positions`).
+# grown to fit instead (`model.patches.fit_positions`).
 DEFAULT_MAX_NEW_TOKENS = 4000
+MIN_DPI = 10.0  # PDF render resolution below which no text is legible
+DEFAULT_PAGE_TIMEOUT = 120.0  # seconds to open or render one page (BENCHMARKS.md: real pages take < 2 s)
+DEFAULT_FORMATS = {Task.MD: "md", Task.OCR: "txt"}  # what a run writes when no format is asked for
+RAY_ADDRESS_ENV = "RAY_ADDRESS"  # Ray's own variable: the cluster `--ray` joins when no address is given
+DEFAULT_GPUS_PER_WORKER = 1.0  # GPUs each Ray model actor reserves; 0.5 puts two models on one GPU
+
+_DEVICE = re.compile(r"auto|cpu|cuda(?::\d+)?|mps")
 
 
 def default_model() -> str:
     """Return the model named by `KOSMOS_MODEL`, else the hub default."""
     return os.environ.get(MODEL_ENV) or DEFAULT_MODEL
+
+
+def check_device(device: str) -> str:
+    """Return a device name as given, or raise UsageError for one that names no device."""
+    if _DEVICE.fullmatch(device) is None:
+        raise UsageError(f"`{device}` is not a device", hint=f"use one of: {', '.join(DEVICES)}")
+    return device
+
+
+def check_dpi(dpi: float | None) -> float | None:
+    """Return a --dpi value, or raise UsageError for one below MIN_DPI or not a number."""
+    if dpi is not None and not (math.isfinite(dpi) and dpi >= MIN_DPI):
+        raise UsageError(f"--dpi must be at least {MIN_DPI:g}, not {dpi:g}")
+    return dpi
 
 
 @dataclass(frozen=True)
@@ -28,13 +60,69 @@ class Settings:
 
     model: str = DEFAULT_MODEL
     revision: str | None = None
-    device: str = "auto"
-    dtype: str = "auto"
-    attn: str = "auto"
+    device: str = "auto"  # one of DEVICES
+    dtype: str = "auto"  # one of DTYPES
+    attn: str = "auto"  # one of ATTENTIONS
     batch_size: int | None = None  # None: chosen from the device and its free memory
-    max_new_tokens: int | None = None  # None: what the position table allows after the prompt
+    max_new_tokens: int | None = None  # None: DEFAULT_MAX_NEW_TOKENS
     compile: bool = False  # static KV cache + torch.compile'd decode, in fixed batches (GPU)
-    quantize: str | None = None  # "int8": dynamic int8 nn.Linear layers (CPU only)
+    quantize: str | None = None  # one of QUANTIZATIONS: int8 linears in the text decoder (CPU only)
     threads: int | None = None  # CPU threads; None: the cores this process may run on
     detect_loops: bool = True  # stop a page whose output repeats itself (no CLI option)
     ignore_eos: bool = False  # benchmarks only: always generate max_new_tokens (no CLI option)
+
+    def __post_init__(self) -> None:
+        check_device(self.device)
+        for name, value, choices in (
+            ("dtype", self.dtype, DTYPES),
+            ("attn", self.attn, ATTENTIONS),
+            ("quantize", self.quantize, (None, *QUANTIZATIONS)),
+        ):
+            if value not in choices:
+                shown = ", ".join(str(choice) for choice in choices if choice is not None)
+                raise UsageError(f"--{name} `{value}` is not one of: {shown}")
+        for name, number in (
+            ("batch-size", self.batch_size),
+            ("max-new-tokens", self.max_new_tokens),
+            ("threads", self.threads),
+        ):
+            if number is not None and number < 1:
+                raise UsageError(f"--{name} must be at least 1, not {number}")
+
+
+@dataclass(frozen=True)
+class Job:
+    """What to do with every document: the task, formats, where outputs go and how pages are read."""
+
+    task: Task
+    formats: tuple[str, ...]  # writer names (`writers.WRITERS`), `draw` included for --draw
+    output_dir: Path | str | None = None  # a folder or object-store URI (`stores.output_store`); None: stdout
+    numbered: bool = False  # number the boxes --draw draws
+    pages: PageSelection | None = None
+    dpi: float | None = None  # PDF render resolution; None: the size the model reads
+    password: str | None = None
+    overwrite: bool = False
+    fingerprint: str = ""  # every setting that changes outputs (`jobs.job_fingerprint`)
+    page_timeout: float = DEFAULT_PAGE_TIMEOUT  # seconds to open or render one page
+
+    def __post_init__(self) -> None:
+        check_dpi(self.dpi)
+        if not (math.isfinite(self.page_timeout) and self.page_timeout > 0):
+            raise UsageError(
+                f"--page-timeout must be a positive number of seconds, not {self.page_timeout:g}"
+            )
+
+
+@dataclass(frozen=True)
+class RayOptions:
+    """Where and how wide a run goes on Ray (`--ray`)."""
+
+    address: str | None = None  # a cluster to join; None: RAY_ADDRESS_ENV, else a local instance
+    workers: int | None = None  # model actors; None: as many as the cluster has room for
+    gpus_per_worker: float = DEFAULT_GPUS_PER_WORKER
+
+    def __post_init__(self) -> None:
+        if self.workers is not None and self.workers < 1:
+            raise UsageError(f"--workers must be at least 1, not {self.workers}")
+        if not (math.isfinite(self.gpus_per_worker) and self.gpus_per_worker >= 0):
+            raise UsageError(f"--gpus-per-worker must be 0 or more, not {self.gpus_per_worker:g}")

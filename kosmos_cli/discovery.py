@@ -23,11 +23,12 @@ from typing import TYPE_CHECKING, Protocol
 
 from kosmos_cli.errors import InputError, UsageError
 from kosmos_cli.rasterize import file_error, looks_supported
-from kosmos_cli.stores import RECORD_FOLDER
+from kosmos_cli.stores import RECORD_FOLDER, is_uri, public_location
 from kosmos_cli.values import Document, safe_text
+from kosmos_cli.writers.drawing import DRAWING_SUFFIX
 
 if TYPE_CHECKING:
-    pass
+    import pyarrow.fs
 
 logger = logging.getLogger(__name__)
 
@@ -35,7 +36,6 @@ STDIN_NAME = "stdin"  # output stem of a document read from stdin
 STDIN_LABEL = "<stdin>"  # what messages call it
 SPOOL_PREFIX = "kosmos-input-"  # temporary copies of stdin and pipes: kosmos-input-PID-XXXX
 MAX_SPOOL_BYTES = 4 << 30  # largest stdin or pipe read (4 GiB)
-DRAWING_SUFFIX = ".boxes.png"  # --draw pictures: NAME.boxes.png, NAME-p001.boxes.png
 FIFO_WAIT_SECONDS = 10.0  # how long a named pipe may stay silent before it is reported
 
 # --- discovery --------------------------------------------------------------------------------------
@@ -52,7 +52,7 @@ class Discovery:
 
 
 def discover(
-    inputs: Sequence[str], *, from_list: str | None = None, exclude: Sequence[str] = ()
+    inputs: Sequence[str], *, from_list: str | None = None, exclude: Sequence[str] = (), uris: bool = False
 ) -> Discovery:
     """Expand files, folders, quoted globs, `-` (stdin) and a --from-list file into documents.
 
@@ -65,8 +65,21 @@ def discover(
     other pipes are spooled to a temporary file removed at exit.
 
     Output names are given by `mirror_names`: each document's path below the common root of all
-    inputs, suffix kept.
+    inputs, suffix kept. With `uris`, inputs may instead all be object-store URIs (`discover_uris`).
     """
+    named = [location for location in inputs if is_uri(location)]
+    if named:
+        if not uris:
+            raise UsageError(
+                f"`{public_location(named[0])}` is an object-store URI, which only --ray reads",
+                hint="add --ray, or copy the files here and pass their paths",
+            )
+        if len(named) < len(inputs) or from_list is not None:
+            raise UsageError(
+                "inputs must be all local paths or all URIs, and URIs cannot come from --from-list",
+                hint="run local and object-store inputs as two commands",
+            )
+        return discover_uris(named)
     finder = _Finder(exclude)
     for argument in inputs:
         finder.add(argument, stdin_allowed=True)
@@ -341,3 +354,74 @@ def _remove(path: str) -> None:
 def _is_output_folder(folder: str) -> bool:
     """Whether a folder holds kosmos outputs: it has the run record kosmos keeps in `.kosmos/`."""
     return os.path.lexists(os.path.join(folder, RECORD_FOLDER))
+
+
+def discover_uris(uris: Sequence[str]) -> Discovery:
+    """List the documents that object-store URIs name: files, or every file below a prefix, recursively.
+
+    Output names follow `mirror_names`: each file's path below the common prefix of every
+    URI given, suffix kept. Only the suffix
+    tells whether a file is worth reading (content sniffing would fetch every object); hidden files
+    and folders are skipped.
+    """
+    from pyarrow import fs
+
+    from kosmos_cli.rasterize import SUFFIX_FORMATS
+
+    found: list[Found] = []
+    unsupported: list[str] = []
+    errors: list[InputError] = []
+    seen: set[str] = set()
+    for uri in uris:
+        try:
+            filesystem, path = input_filesystem(uri)
+            info = filesystem.get_file_info(path)
+            if info.type == fs.FileType.Directory:
+                entries = filesystem.get_file_info(fs.FileSelector(path, recursive=True))
+            else:
+                entries = [info]
+        except (InputError, OSError) as error:
+            errors.append(
+                error
+                if isinstance(error, InputError)
+                else InputError(f"cannot list `{public_location(uri)}`: {error}")
+            )
+            continue
+        if info.type == fs.FileType.NotFound:
+            errors.append(InputError(f"`{public_location(uri)}` does not exist"))
+            continue
+        base = PurePosixPath(path if info.type == fs.FileType.Directory else path.rpartition("/")[0])
+        # Each file's URI is the one given with the path below it added, so a host, port or query
+        # (hdfs://host:port/..., s3://bucket/prefix?region=...) carries over.
+        root, _, query = uri.partition("?")
+        root, path = root.rstrip("/"), path.rstrip("/")
+        for entry in sorted((e for e in entries if e.type == fs.FileType.File), key=lambda e: e.path):
+            relative = PurePosixPath(entry.path).relative_to(base)
+            if any(part.startswith(".") for part in relative.parts):
+                continue
+            location = root + entry.path[len(path) :] + ("?" + query if query else "")
+            if relative.suffix.lower() not in SUFFIX_FORMATS:
+                unsupported.append(location)
+            elif location not in seen:
+                seen.add(location)
+                found.append(Found(location, PurePosixPath("/", entry.path), PurePosixPath("/", base)))
+    names = mirror_names(found)
+    documents = [
+        # Messages and outputs name a document without the credentials or query its URI may carry.
+        Document(
+            item.path,
+            name,
+            label=public_location(item.path) if public_location(item.path) != item.path else None,
+        )
+        for item, name in zip(found, names, strict=True)
+    ]
+    return Discovery(documents, [public_location(location) for location in unsupported], errors)
+
+
+def input_filesystem(uri: str) -> tuple[pyarrow.fs.FileSystem, str]:
+    from pyarrow import ArrowException, fs
+
+    try:
+        return fs.FileSystem.from_uri(uri)
+    except ArrowException as error:
+        raise InputError(f"`{public_location(uri)}` cannot be opened: {error}") from None

@@ -8,14 +8,14 @@ is the only process that writes outputs. Everything in between is one Ray Data p
 
 - *list* opens each document once to count its pages and apply `--pages`; it emits one `listed`
   row per document (the pages it selects) and one `page` row per page still to do.
-- *render* rasterizes one page per task (`sources.iter_pages` for that page alone, in the worker's
+- *render* rasterizes one page per task (`rasterize.iter_pages` for that page alone, in the worker's
   reader process under `--page-timeout`, as on one machine), so the pages
   of one long PDF render in parallel; a page that cannot be read becomes a `page_error` row.
 - *transcribe* is a callable class run by an `ActorPoolStrategy` pool: each actor loads the model
-  once with `runner.load_runner` and runs `pipeline.transcribe_pages` (tiling and parsing included)
-  on batches of pages, and renders `--draw` PNGs while it holds the pixels.
+  once with `model.loading.load_runner` and runs `transcribe.transcribe_pages` (tiling and parsing
+  included) on batches of pages, and renders page-scoped outputs (`--draw`) while it holds the pixels.
 - The driver reads results as they stream in (`Dataset.iter_rows`) and hands them to
-  `jobs.Assembly`, the code `run_job` uses: progress files, atomic writes, stdout order, summary.
+  `assembly.Assembly`, the code `run_job` uses: progress files, atomic writes, stdout order, summary.
 
 Fault tolerance is Ray's: Ray Data gives its actors `max_restarts=-1` and `max_task_retries=-1`, so
 an actor lost mid-batch (a crash, a preempted node) is restarted and its batch redone. A redone batch
@@ -24,11 +24,12 @@ a document only when every one of its pages has exactly one, so nothing is lost 
 
 Rows carry four columns, so every block has the same Arrow schema: `document` (its index in the
 driver's list), `kind`, `page_index` (-1 for a whole-document row) and `payload`, the pickled Python
-value of that kind (kosmos' own frozen dataclasses; the driver and workers run the same code).
+value of that kind: page results as `PageResult.to_dict`, pages and documents as kosmos's own frozen
+dataclasses (the driver and workers run the same code).
 
 Inputs may be URIs of any file system `pyarrow.fs.FileSystem.from_uri` knows (`s3://`, `gs://`,
-`hdfs://`, `file://`): `discover_uris` lists them on the driver and each worker fetches a document
-into a local temporary file before `sources` opens it. Outputs go wherever `files.output_store`
+`hdfs://`, `file://`): `discovery.discover_uris` lists them on the driver and each worker fetches a
+document into a local temporary file before `rasterize` opens it. Outputs go wherever `stores.output_store`
 writes: a local folder or an object-store URI, written by the driver alone, as on one machine.
 
 Ray is imported inside functions only: `kosmos --help` stays fast and kosmos works without Ray.
@@ -39,39 +40,36 @@ from __future__ import annotations
 import atexit
 import contextlib
 import logging
-import math
 import os
 import pickle
 import shutil
-import sys
 import tempfile
 from collections import OrderedDict
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, replace
-from pathlib import Path, PurePosixPath
-from typing import TYPE_CHECKING, Any, BinaryIO, cast
+from pathlib import PurePosixPath
+from typing import TYPE_CHECKING, Any, cast
 
-from kosmos_cli.config import Settings
-from kosmos_cli.discovery import Discovery
+from kosmos_cli.assembly import Assembly, Outputs, writer_options
+from kosmos_cli.config import Job, RayOptions, Settings
+from kosmos_cli.discovery import input_filesystem
 from kosmos_cli.errors import InputError, KosmosError, ModelLoadError, UsageError
-from kosmos_cli.jobs import Assembly, Job, Reporter, Summary
+from kosmos_cli.jobs import selected_pages
 from kosmos_cli.model import Runner
 from kosmos_cli.rasterize import PageError
+from kosmos_cli.reporting import Reporter, Summary
 from kosmos_cli.sandbox import Sandbox
-from kosmos_cli.stores import is_uri, output_location, public_location
-from kosmos_cli.values import Document, Page, Status
+from kosmos_cli.stores import is_uri, public_location
+from kosmos_cli.values import Document, Page, PageResult
 
 if TYPE_CHECKING:
     import numpy as np
-    import pyarrow.fs
 
 logger = logging.getLogger(__name__)
 
 INSTALL_HINT = "pip install 'kosmos-cli[ray]'"
-ADDRESS_ENV = "RAY_ADDRESS"  # Ray's own variable: the cluster `--ray` joins when no address is given
-DEFAULT_GPUS_PER_WORKER = 1.0  # GPUs each model actor reserves; 0.5 puts two models on one GPU
 # Pages handed to a model actor per call (unless --batch-size is larger): the most that
-# `runner.default_batch_size` puts in one GPU batch, so a batch is never cut short by Ray Data.
+# `model.batching.default_batch_size` puts in one GPU batch, so a batch is never cut short by Ray Data.
 WORKER_BATCH_PAGES = 64
 CPU_WORKER_CPUS = 1.0  # CPUs a model actor reserves on a cluster without GPUs
 CPU_SHARE_FOR_MODELS = 0.5  # on a cluster without GPUs, at most this share of its CPUs runs models
@@ -82,7 +80,6 @@ RENDER_CPUS = 1.0  # CPUs a render task reserves
 # resource requests are equal), so a model never waits for a page to be drawn.
 RENDER_MEMORY_BYTES = 256 * 2**20
 FETCHED_DOCUMENTS = 4  # object-store documents a worker keeps a local copy of, so each is fetched once
-CRASH_ENV = "KOSMOS_TEST_RAY_CRASH"  # tests only: `N:MARKER` makes one model actor exit after N pages, once
 
 # Row kinds, in pipeline order.
 _DOCUMENT = "document"  # payload: (Document, resumed page indices)
@@ -91,12 +88,9 @@ _PAGE_ITEM = "page_item"  # payload: Document
 _PAGE = "page"  # payload: Page
 _PAGE_ERROR = "page_error"  # payload: (message, hint, page_count)
 _ERROR = "error"  # payload: (message, hint)
-_RESULT = "result"  # payload: (PageResult, --draw PNG or None)
+_RESULT = "result"  # payload: (PageResult.to_dict(), page-scoped files by format)
 _LOAD_ERROR = "load_error"  # payload: (message, hint) of the ModelLoadError an actor met
 _COLUMNS = ("document", "kind", "page_index", "payload")
-
-# What an `-o` value gives `Job.output_dir`, object stores included; the CLI's name for it.
-output_folder = output_location
 
 
 @dataclass(frozen=True)
@@ -116,17 +110,12 @@ def require_ray() -> None:
         import ray
         import ray.data  # noqa: F401
     except ImportError:
-        raise UsageError(f"--ray needs Ray, which is not installed: {INSTALL_HINT}") from None
+        raise UsageError("--ray needs Ray, which is not installed", hint=INSTALL_HINT) from None
 
 
-def plan_workers(
-    resources: dict[str, float], settings: Settings, *, workers: int | None, gpus_per_worker: float
-) -> WorkerPlan:
+def plan_workers(resources: dict[str, float], settings: Settings, options: RayOptions) -> WorkerPlan:
     """Size the model actor pool from the cluster's resources and the --workers / --gpus-per-worker asked."""
-    if workers is not None and workers < 1:
-        raise UsageError(f"--workers must be at least 1, not {workers}")
-    if not (math.isfinite(gpus_per_worker) and gpus_per_worker >= 0):
-        raise UsageError(f"--gpus-per-worker must be 0 or more, not {gpus_per_worker:g}")
+    workers, gpus_per_worker = options.workers, options.gpus_per_worker
     cluster_gpus = float(resources.get("GPU", 0.0))
     cluster_cpus = float(resources.get("CPU", 1.0))
     use_gpus = cluster_gpus > 0 and gpus_per_worker > 0 and settings.device not in ("cpu", "mps")
@@ -152,53 +141,38 @@ def plan_workers(
 
 def run_on_ray(
     documents: Sequence[Document],
-    job: Job,
+    outputs: Outputs,
     settings: Settings,
     reporter: Reporter,
-    *,
-    stdout: BinaryIO | None = None,
-    summary: Summary | None = None,
-    address: str | None = None,
-    workers: int | None = None,
-    gpus_per_worker: float = DEFAULT_GPUS_PER_WORKER,
-    inputs: Sequence[Document] | None = None,
-    quiet: bool = False,
-) -> Summary:
-    """Transcribe `documents` (already planned, see `jobs.plan`) on Ray and write them as `run_job` does.
+    summary: Summary,
+    options: RayOptions,
+) -> None:
+    """Transcribe planned documents (`jobs.plan`) on Ray and write them as `jobs.run_job` does.
 
-    `inputs` are every document of the run, skipped ones included (default: `documents`): no output
-    may overwrite one of them.
-
-    `address` is a cluster to join (`HOST:PORT`, `ray://HOST:PORT` or `auto`); without one, Ray joins
-    the cluster named by `RAY_ADDRESS` or started on this machine with `ray start`, else starts a
-    local instance with every CPU and GPU here. A Ray instance already running in this process is
-    used as it is. `quiet` silences Ray's own messages too. Raises UsageError without Ray,
-    ModelLoadError when no actor can load the model.
+    `options.address` is a cluster to join (`HOST:PORT`, `ray://HOST:PORT` or `auto`); without one,
+    Ray joins the cluster named by `RAY_ADDRESS` or started on this machine with `ray start`, else
+    starts a local instance with every CPU and GPU here. A Ray instance already running in this
+    process is used as it is. Raises UsageError without Ray, ModelLoadError when no actor can load
+    the model.
     """
     require_ray()
     import ray
 
-    summary = summary if summary is not None else Summary()
+    job = outputs.job
     todo = list(documents)
     if not todo:
-        return summary
+        return
     if "pdf" in job.formats and any(is_uri(document.path) for document in todo):
         raise UsageError(
-            "--format pdf rereads each input where outputs are written, which cannot read object-store URIs",
+            "--format pdf copies the pages of each input, which the driver cannot read from object stores",
             hint="use the other formats, or mount the bucket and pass local paths",
         )
     builder = Sandbox(timeout=job.page_timeout)  # the searchable PDF reads the input again: time-limited
-    assembly = Assembly(
-        todo, job, reporter, stdout or sys.stdout.buffer, summary, inputs=inputs, sandbox=builder
-    )
-    todo = assembly.admit(todo)
-    if not todo:
-        return summary
-    started = _connect(address, quiet=quiet)
+    assembly = Assembly(todo, outputs, reporter, summary, sandbox=builder)
+    quiet = not logger.isEnabledFor(logging.WARNING)
+    started = _connect(options.address, quiet=quiet)
     try:
-        plan = plan_workers(
-            ray.cluster_resources(), settings, workers=workers, gpus_per_worker=gpus_per_worker
-        )
+        plan = plan_workers(ray.cluster_resources(), settings, options)
         logger.info(
             "ray: %d model worker(s)%s, %s GPU(s) each, on %s",
             plan.count,
@@ -215,7 +189,6 @@ def run_on_ray(
         builder.close()
         if started:
             ray.shutdown()
-    return summary
 
 
 def _connect(address: str | None, *, quiet: bool = False) -> bool:
@@ -271,7 +244,7 @@ def _pipeline(
         )
         .map_batches(
             _TranscribeWorker,
-            fn_constructor_kwargs={"settings": settings, "job": job, "crash": os.environ.get(CRASH_ENV)},
+            fn_constructor_kwargs={"settings": settings, "job": job},
             batch_size=batch_size,
             compute=compute,
             num_gpus=plan.gpus or None,
@@ -314,8 +287,8 @@ def _collect(
             assembly.expect(document, payload)
             assembly.listed(document)
         elif kind == _RESULT:
-            result, drawing = payload
-            assembly.page_done(result, drawing=drawing)
+            result, pieces = payload
+            assembly.page_done(PageResult.from_dict(result, document), pieces)
         elif kind == _PAGE_ERROR:
             message, hint, page_count = payload
             error = PageError(
@@ -329,94 +302,7 @@ def _collect(
             raise RuntimeError(f"unexpected row kind {kind!r} from the Ray pipeline")
 
 
-# --- object-store inputs ----------------------------------------------------------------------------
-
-
-def discover_inputs(inputs: Sequence[str], *, from_list: str | None = None) -> Discovery:
-    """Find the documents inputs name: local paths with `sources.discover`, URIs with `discover_uris`."""
-    from kosmos_cli.discovery import discover
-
-    uris = [location for location in inputs if is_uri(location)]
-    if not uris:
-        return discover(inputs, from_list=from_list)
-    if len(uris) < len(inputs) or from_list is not None:
-        raise UsageError(
-            "inputs must be all local paths or all URIs, and URIs cannot come from --from-list",
-            hint="run local and object-store inputs as two commands",
-        )
-    return discover_uris(uris)
-
-
-def discover_uris(uris: Sequence[str]) -> Discovery:
-    """List the documents that object-store URIs name: files, or every file below a prefix, recursively.
-
-    Output names follow `sources.mirror_names`: each file's path below the common prefix of every
-    URI given, suffix kept. Only the suffix
-    tells whether a file is worth reading (content sniffing would fetch every object); hidden files
-    and folders are skipped.
-    """
-    from pyarrow import fs
-
-    from kosmos_cli.discovery import Found, mirror_names
-    from kosmos_cli.rasterize import SUFFIX_FORMATS
-
-    found: list[Found] = []
-    unsupported: list[str] = []
-    errors: list[InputError] = []
-    seen: set[str] = set()
-    for uri in uris:
-        try:
-            filesystem, path = _filesystem(uri)
-            info = filesystem.get_file_info(path)
-            if info.type == fs.FileType.Directory:
-                entries = filesystem.get_file_info(fs.FileSelector(path, recursive=True))
-            else:
-                entries = [info]
-        except (InputError, OSError) as error:
-            errors.append(
-                error
-                if isinstance(error, InputError)
-                else InputError(f"cannot list `{public_location(uri)}`: {error}")
-            )
-            continue
-        if info.type == fs.FileType.NotFound:
-            errors.append(InputError(f"`{public_location(uri)}` does not exist"))
-            continue
-        base = PurePosixPath(path if info.type == fs.FileType.Directory else path.rpartition("/")[0])
-        # Each file's URI is the one given with the path below it added, so a host, port or query
-        # (hdfs://host:port/..., s3://bucket/prefix?region=...) carries over.
-        root, _, query = uri.partition("?")
-        root, path = root.rstrip("/"), path.rstrip("/")
-        for entry in sorted((e for e in entries if e.type == fs.FileType.File), key=lambda e: e.path):
-            relative = PurePosixPath(entry.path).relative_to(base)
-            if any(part.startswith(".") for part in relative.parts):
-                continue
-            location = root + entry.path[len(path) :] + ("?" + query if query else "")
-            if relative.suffix.lower() not in SUFFIX_FORMATS:
-                unsupported.append(location)
-            elif location not in seen:
-                seen.add(location)
-                found.append(Found(location, PurePosixPath("/", entry.path), PurePosixPath("/", base)))
-    names = mirror_names(found)
-    documents = [
-        # Messages and outputs name a document without the credentials or query its URI may carry.
-        Document(
-            item.path,
-            name,
-            label=public_location(item.path) if public_location(item.path) != item.path else None,
-        )
-        for item, name in zip(found, names, strict=True)
-    ]
-    return Discovery(documents, [public_location(location) for location in unsupported], errors)
-
-
-def _filesystem(uri: str) -> tuple[pyarrow.fs.FileSystem, str]:
-    from pyarrow import ArrowException, fs
-
-    try:
-        return fs.FileSystem.from_uri(uri)
-    except ArrowException as error:
-        raise InputError(f"`{public_location(uri)}` cannot be opened: {error}") from None
+# --- object-store inputs, fetched where they are read -------------------------------------------
 
 
 _fetched: OrderedDict[str, str] = OrderedDict()  # URI -> local copy in this worker, most recent last
@@ -441,7 +327,7 @@ def _fetch(uri: str) -> str:
     """Copy an object to a local temporary file, removed when the worker exits, and return its path."""
     from pyarrow import ArrowException
 
-    filesystem, path = _filesystem(uri)
+    filesystem, path = input_filesystem(uri)
     # The suffix stays: sources tells XPS, EPUB and CBZ apart by it.
     descriptor, local = tempfile.mkstemp(prefix="kosmos-fetched-", suffix=PurePosixPath(path).suffix)
     atexit.register(_remove, local)
@@ -486,9 +372,7 @@ def _list_pages(row: dict[str, Any], *, job: Job, cwd: str) -> list[dict[str, An
     try:
         local = _localize(document, cwd=cwd)
         count = count_pages(local, password=job.password, sandbox=_worker_reader(job.page_timeout))
-        selected = (
-            job.pages.indices(count, source=f"`{document.display_name}`") if job.pages else list(range(count))
-        )
+        selected = list(selected_pages(job, document, count))
     except InputError as error:
         return [_row(number, _ERROR, -1, (error.message, error.hint))]
     done = set(resumed)
@@ -498,37 +382,37 @@ def _list_pages(row: dict[str, Any], *, job: Job, cwd: str) -> list[dict[str, An
 
 def _render_page(row: dict[str, Any], *, job: Job, cwd: str) -> dict[str, Any]:
     """Rasterize one page item; pass other rows through."""
-    from kosmos_cli.pages import PageSelection
     from kosmos_cli.rasterize import iter_pages
 
     if row["kind"] != _PAGE_ITEM:
         return row
     number, page_index = int(row["document"]), int(row["page_index"])
     document = pickle.loads(row["payload"])
-    page_number = page_index + 1  # PageSelection speaks the user's 1-based page numbers
     try:
         local = _localize(document, cwd=cwd)
-        selection = PageSelection(((page_number, page_number),))
         reader = _worker_reader(job.page_timeout)
-        for page in iter_pages(local, pages=selection, dpi=job.dpi, password=job.password, sandbox=reader):
+        read = iter_pages(
+            local, page_indices=[page_index], dpi=job.dpi, password=job.password, sandbox=reader
+        )
+        for page in read:
             if isinstance(page, PageError):
                 return _row(number, _PAGE_ERROR, page_index, (page.message, page.hint, page.page_count))
             # Results name the document as the driver knows it (its URI), not the local copy.
             return _row(number, _PAGE, page_index, replace(page, info=replace(page.info, document=document)))
     except InputError as error:
         return _row(number, _ERROR, -1, (error.message, error.hint))
-    return _row(number, _ERROR, -1, (f"`{document.display_name}` has no page {page_number}", None))
+    raise AssertionError("iter_pages yields one item per page index or raises")
 
 
 class _TranscribeWorker:
     """A Ray Data actor holding one model: transcribes the `page` rows of each batch it is handed."""
 
-    def __init__(self, *, settings: Settings, job: Job, crash: str | None = None) -> None:
+    def __init__(self, *, settings: Settings, job: Job) -> None:
         from kosmos_cli.model.loading import load_runner
+        from kosmos_cli.writers import get_writer
 
         self.job = job
-        self.pages_done = 0
-        self.crash = _parse_crash(crash)
+        self.writers = [get_writer(name, task=job.task, options=writer_options(job)) for name in job.formats]
         self.runner: Runner | None = None
         self.load_error: ModelLoadError | None = None
         try:
@@ -541,7 +425,7 @@ class _TranscribeWorker:
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, list[Any]]:
         """Transcribe a batch's pages and return the batch with a `result` row in place of each page."""
         from kosmos_cli.transcribe import transcribe_pages
-        from kosmos_cli.writers import render_drawing
+        from kosmos_cli.writers import render_pages
 
         if self.load_error is not None:
             error = self.load_error
@@ -561,34 +445,11 @@ class _TranscribeWorker:
             for position, row in enumerate(rows)
             if row["kind"] == _PAGE
         ]
-        job = self.job
-        for page, position, result in transcribe_pages(pages, self.runner, task=job.task):
-            drawing = None
-            if job.draw and job.output_dir is not None and result.status is not Status.FAILED:
-                drawing = render_drawing(page, result, numbered=job.numbered)
-            rows[position] = _row(
-                rows[position]["document"], _RESULT, page.info.page_index, (result, drawing)
-            )
-            self._after_page()
+        for page, position, result in transcribe_pages(pages, self.runner, task=self.job.task):
+            payload = (result.to_dict(), render_pages(self.writers, page, result))
+            rows[position] = _row(rows[position]["document"], _RESULT, page.info.page_index, payload)
         return _columns(rows)
-
-    def _after_page(self) -> None:
-        """Die once after N pages when the tests ask for it (`KOSMOS_TEST_RAY_CRASH=N:MARKER`)."""
-        self.pages_done += 1
-        if self.crash is None:
-            return
-        after, marker = self.crash
-        if self.pages_done >= after and not marker.exists():
-            marker.touch()
-            os._exit(1)  # a lost worker, as a killed process or a lost node looks to Ray
 
 
 def _columns(rows: list[dict[str, Any]]) -> dict[str, list[Any]]:
     return {column: [row[column] for row in rows] for column in _COLUMNS}
-
-
-def _parse_crash(value: str | None) -> tuple[int, Path] | None:
-    if not value:
-        return None
-    after, _, marker = value.partition(":")
-    return int(after), Path(marker)

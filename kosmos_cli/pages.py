@@ -1,15 +1,19 @@
-"""`--pages`: the one place where users' 1-based page numbers become 0-based page indices."""
+"""Page numbering: users' 1-based page numbers and `--pages`, kosmos's 0-based page indices.
+
+This is the one place where one becomes the other (`page_number`, `PageSelection.indices`).
+"""
 
 from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 from kosmos_cli.errors import InputError, UsageError
 
-if TYPE_CHECKING:
-    pass
+
+def page_number(page_index: int) -> int:
+    """Return the 1-based page number users see for a 0-based page index."""
+    return page_index + 1
 
 
 _PAGES_HINT = "use 1-based page numbers and ranges, e.g. 1-3,7,10- (10- runs to the last page)"

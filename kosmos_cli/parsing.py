@@ -7,9 +7,8 @@ rescaled to original-image pixels here and nowhere else.
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable
 
-from kosmos_cli.values import BBox, Line, Matrix, Point
+from kosmos_cli.values import Line, Point
 
 # One line starts at `<bbox>`, or at a complete coordinate quad whose `<bbox>` went missing.
 _LINE_START = re.compile(
@@ -125,32 +124,3 @@ def end_cleanly(markdown: str) -> str:
         elif name in open_elements:
             del open_elements[len(open_elements) - 1 - open_elements[::-1].index(name) :]
     return text + "".join(f"</{name}>" for name in reversed(open_elements))
-
-
-def format_ocr_line(line: Line) -> str:
-    """Format one line as `x0,y0,x1,y0,x1,y1,x0,y1,text`; a line without a box gets empty fields."""
-    if line.polygon is None:
-        return ",,,,,,,," + line.text
-    coordinates = ",".join(f"{x},{y}" for x, y in line.polygon)
-    return f"{coordinates},{line.text}"
-
-
-def format_ocr_lines(lines: Iterable[Line]) -> str:
-    """Format lines in the model card's txt format, one per line, with no trailing newline."""
-    return "\n".join(format_ocr_line(line) for line in lines)
-
-
-def pixel_bbox_to_pdf(bbox: BBox, matrix: Matrix) -> tuple[float, float, float, float]:
-    """Map a pixel box through a page's pixel-to-PDF matrix to `(x0, y0, x1, y1)` in points, to 0.01 pt."""
-    a, b, c, d, e, f = matrix
-    x0, y0, x1, y1 = bbox
-    corners = [(a * x + c * y + e, b * x + d * y + f) for x, y in ((x0, y0), (x1, y0), (x1, y1), (x0, y1))]
-    xs = [x for x, _ in corners]
-    ys = [y for _, y in corners]
-    # `+ 0.0` turns -0.0 into 0.0 so equal boxes print the same.
-    return (
-        round(min(xs), 2) + 0.0,
-        round(min(ys), 2) + 0.0,
-        round(max(xs), 2) + 0.0,
-        round(max(ys), 2) + 0.0,
-    )

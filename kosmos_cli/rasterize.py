@@ -21,17 +21,17 @@ import re
 import struct
 import threading
 import zlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import PurePath
 from typing import TYPE_CHECKING, Protocol, TypeVar
 
 from PIL import Image, ImageOps
 
-from kosmos_cli.errors import InputError, UsageError
-from kosmos_cli.pages import PageSelection
+from kosmos_cli.errors import InputError
+from kosmos_cli.pages import page_number
 from kosmos_cli.sandbox import ReaderStopped, Sandbox
-from kosmos_cli.tiling import plan_tiles
+from kosmos_cli.tiling import MODEL_PIXELS, plan_tiles
 from kosmos_cli.values import Document, Matrix, Page, PageInfo
 
 if TYPE_CHECKING:
@@ -39,7 +39,6 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-MODEL_PIXELS = 4096 * 16 * 16  # pixels the Kosmos-2.5 processor keeps: 4096 patches of 16x16 (1,048,576)
 MAX_PAGE_PIXELS = 2 * 89_478_485  # largest page read, in pixels: PIL's decompression-bomb error limit
 WORK_PIXELS_PER_TILE = 4 * MODEL_PIXELS  # larger pages are shrunk before the model's processor sees them
 SUPPORTED_FORMATS = "PDF, PNG, JPEG, WebP, TIFF, BMP, GIF, XPS, EPUB, CBZ"
@@ -130,7 +129,7 @@ def count_pages(document: Document, *, password: str | None = None, sandbox: San
 def iter_pages(
     document: Document,
     *,
-    pages: PageSelection | None = None,
+    page_indices: Sequence[int] | None = None,
     dpi: float | None = None,
     password: str | None = None,
     sandbox: Sandbox | None = None,
@@ -141,15 +140,17 @@ def iter_pages(
     the model its full 4096 patches of 16x16 (1,048,576 pixels), so its resize never upscales.
     Images keep their own pixels; `dpi` does not apply to them. A page far larger than the model
     reads is handed over shrunk (`model_image`), its `PageInfo` keeping the full size. With a
-    `sandbox`, opening and rendering run in its process under its time limit. Raises
-    `InputError` when the document cannot be read at all, when `pages` asks for pages it lacks,
-    and when its only page fails.
+    `sandbox`, opening and rendering run in its process under its time limit. `page_indices`
+    (0-based, from `PageSelection.indices`) picks pages; default: all. Raises `InputError` when the
+    document cannot be read at all, when it has fewer pages than asked for (it changed since it was
+    counted), and when its only page fails.
     """
-    _check_dpi(dpi)
     label = f"`{document.display_name}`"
     count = _probe(document, password, sandbox)
     try:
-        selected = pages.indices(count, source=label) if pages else range(count)
+        selected = range(count) if page_indices is None else page_indices
+        if any(index >= count for index in selected):
+            raise InputError(f"{label} has {count} pages now; it changed since it was counted")
         for page_index in selected:
             rendered: _Rendered | PageError
             try:
@@ -271,11 +272,6 @@ def _release(sandbox: Sandbox | None) -> None:
         sandbox.release(close_document)
 
 
-def _check_dpi(dpi: float | None) -> None:
-    if dpi is not None and not (math.isfinite(dpi) and dpi > 0):
-        raise UsageError(f"--dpi must be a positive number, not {dpi:g}")
-
-
 @dataclass(frozen=True)
 class _Rendered:
     image: Image.Image
@@ -363,7 +359,7 @@ def file_error(label: str, error: OSError) -> InputError:
 
 def _where(label: str, page_index: int, page_count: int) -> str:
     """Name a page in messages: the file, and the 1-based page when there is more than one."""
-    return f"{label} page {page_index + 1}" if page_count > 1 else label
+    return f"{label} page {page_number(page_index)}" if page_count > 1 else label
 
 
 def _decode_problem(error: Exception) -> str:

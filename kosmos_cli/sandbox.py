@@ -22,11 +22,11 @@ from collections.abc import Callable
 from multiprocessing.connection import Connection
 from typing import Any, TypeVar
 
+from kosmos_cli.config import DEFAULT_PAGE_TIMEOUT
 from kosmos_cli.errors import InputError
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_PAGE_TIMEOUT = 120.0  # seconds to open or render one page (BENCHMARKS.md: real pages take < 2 s)
 READER_MEMORY_LIMIT = 8 << 30  # bytes of address space a reader process may use (8 GiB)
 START_TIMEOUT = 120.0  # seconds a new reader process may take to start (imports on a busy machine)
 

@@ -29,6 +29,8 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
+from kosmos_cli.tiling import MAX_PATCHES
+
 if TYPE_CHECKING:
     import torch
 
@@ -58,7 +60,7 @@ VOCAB_SIZE = FIRST_COORDINATE_ID + 2 * NUM_COORDINATE_BINS  # 108,481, the real 
 
 FULL_NUM_IMAGE_TOKENS = 2048  # latent_query_num of the real model
 TINY_NUM_IMAGE_TOKENS = 8  # latent_query_num of the tiny model (and the processor's num_image_tokens)
-FULL_MAX_PATCHES = 4096  # image processor max_patches of the real checkpoint
+FULL_MAX_PATCHES = MAX_PATCHES  # image processor max_patches of the real checkpoint
 TINY_MAX_PATCHES = 256  # image processor max_patches written for tiny (see _write_preprocessor_config)
 MAX_POSITIONS = 4096  # text max_position_embeddings, the real value for both sizes: same context limit
 SHARD_BYTES = 5_000_000_000  # transformers 4.x default max_shard_size "5GB", which gave the hub its 2 shards

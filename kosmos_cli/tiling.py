@@ -24,7 +24,8 @@ from collections.abc import Sequence
 from kosmos_cli.values import BBox, Line
 
 PATCH_SIZE = 16  # pixels per patch side
-MAX_PATCHES = 4096  # patches per image
+MAX_PATCHES = 4096  # patches per image: the Kosmos-2.5 processor's max_patches
+MODEL_PIXELS = MAX_PATCHES * PATCH_SIZE * PATCH_SIZE  # pixels the processor keeps (1,048,576)
 EXACT_BF16_IDS = 256  # largest row/column id bf16 holds exactly
 MAX_TALL_ASPECT = 4.0  # height / width above which a shrunk image is tiled
 TALL_TILE_ASPECT = 1.5  # height / width of a tile cut from a tall image
@@ -36,7 +37,7 @@ MIN_TEXT_OVERLAP = 0.5  # share of the smaller box two copies of a line must sha
 
 def patch_grid(width: int, height: int) -> tuple[int, int]:
     """Return the `(rows, cols)` of patches the processor resizes an image to."""
-    scale = math.sqrt(MAX_PATCHES * PATCH_SIZE * PATCH_SIZE / (width * height))
+    scale = math.sqrt(MODEL_PIXELS / (width * height))
     rows = max(min(math.floor(scale * height / PATCH_SIZE), MAX_PATCHES), 1)
     cols = max(min(math.floor(scale * width / PATCH_SIZE), MAX_PATCHES), 1)
     return rows, cols
@@ -47,7 +48,7 @@ def plan_tiles(width: int, height: int) -> list[BBox]:
     if width <= 0 or height <= 0:
         raise ValueError(f"image size must be positive, got {width}x{height}")
     rows, cols = patch_grid(width, height)
-    shrunk = width * height > MAX_PATCHES * PATCH_SIZE * PATCH_SIZE
+    shrunk = width * height > MODEL_PIXELS
     if height >= width:
         if shrunk and height > MAX_TALL_ASPECT * width:
             tile_height = round(width * TALL_TILE_ASPECT)

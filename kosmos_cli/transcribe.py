@@ -7,18 +7,14 @@ import queue
 import threading
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import TYPE_CHECKING, Generic, TypeVar
 
-from kosmos_cli.config import Settings
 from kosmos_cli.errors import GenerationError
 from kosmos_cli.model import Request, Runner
-from kosmos_cli.model.loading import load_runner
-from kosmos_cli.parsing import end_cleanly, format_ocr_lines, parse_ocr, tidy_markdown
+from kosmos_cli.parsing import end_cleanly, parse_ocr, tidy_markdown
 from kosmos_cli.tiling import merge_tile_lines, plan_tiles
 from kosmos_cli.values import (
     BBox,
-    Document,
     Finish,
     Generation,
     Line,
@@ -27,10 +23,11 @@ from kosmos_cli.values import (
     PageResult,
     Status,
     Task,
+    failed_result,
 )
 
 if TYPE_CHECKING:
-    from PIL import Image
+    pass
 
 logger = logging.getLogger(__name__)
 
@@ -83,7 +80,7 @@ def transcribe_pages(
             continue  # another tile of this page failed it already
         if isinstance(outcome, GenerationError):
             del pending[tile_key.page_key]
-            yield entry.page, entry.item, failed_result(entry.page.info, task, outcome.message)
+            yield entry.page, entry.item, failed_result(entry.page.info, task, outcome)
             continue
         entry.tiles[tile_key.box] = outcome
         if len(entry.tiles) == tile_key.tile_count:
@@ -107,22 +104,27 @@ def build_result(
 ) -> PageResult:
     """Parse the generation(s) of one page into its result, merging tiles back together."""
     generations = [tiles[box] for box in sorted(tiles, key=lambda box: (box[1], box[0]))]
-    token_count = sum(g.token_count for g in generations)
-    finishes = {g.finish for g in generations}
-    status = Status.OK if finishes == {Finish.EOS} else Status.TRUNCATED
-    raw = "\n".join(g.text for g in generations)
-    extra: dict[str, object] = {}
-    if status is Status.TRUNCATED:
+    truncation = None
+    if any(g.finish is not Finish.EOS for g in generations):
         loops = [g.loop.describe() for g in generations if g.loop is not None]
-        extra["truncation"] = loops[0] if loops else f"hit --max-new-tokens {max_new_tokens}"
+        truncation = loops[0] if loops else f"hit --max-new-tokens {max_new_tokens}"
+    lines: tuple[Line, ...] = ()
     if task is Task.MD:
         text = tidy_markdown(generations[0].text)
-        if status is Status.TRUNCATED:
+        if truncation is not None:
             text = end_cleanly(text)
-        return PageResult(info, task, text, (), raw, status, None, token_count, extra)
-    lines = _ocr_lines(tiles)
+    else:
+        lines = tuple(_ocr_lines(tiles))
+        text = "\n".join(line.text for line in lines)
     return PageResult(
-        info, task, format_ocr_lines(lines), tuple(lines), raw, status, None, token_count, extra
+        info,
+        task,
+        text,
+        lines=lines,
+        raw="\n".join(g.text for g in generations),
+        status=Status.OK if truncation is None else Status.TRUNCATED,
+        token_count=sum(g.token_count for g in generations),
+        truncation=truncation,
     )
 
 
@@ -136,11 +138,6 @@ def _ocr_lines(tiles: dict[BBox, Generation]) -> list[Line]:
     if len(per_tile) == 1:
         return per_tile[0][1]
     return merge_tile_lines(per_tile)
-
-
-def failed_result(info: PageInfo, task: Task, error: str) -> PageResult:
-    """Return the result that marks a page as failed in place."""
-    return PageResult(info, task, "", status=Status.FAILED, error=error)
 
 
 def prefetch(items: Iterable[T], *, depth: int = PREFETCH_PAGES) -> Iterator[T]:
@@ -175,59 +172,3 @@ def prefetch(items: Iterable[T], *, depth: int = PREFETCH_PAGES) -> Iterator[T]:
             yield value  # type: ignore[misc]
     finally:
         stop.set()
-
-
-class Transcriber:
-    """Kosmos-2.5 as a Python call: load once, then transcribe images."""
-
-    def __init__(self, runner: Runner) -> None:
-        self.runner = runner
-
-    @classmethod
-    def load(
-        cls,
-        *,
-        model: str | None = None,
-        revision: str | None = None,
-        device: str = "auto",
-        dtype: str = "auto",
-        attn: str = "auto",
-        batch_size: int | None = None,
-        max_new_tokens: int | None = None,
-    ) -> Transcriber:
-        """Load a checkpoint (hub id or folder); raises ModelLoadError with a hint."""
-        from kosmos_cli.config import default_model
-
-        settings = Settings(
-            model=model or default_model(),
-            revision=revision,
-            device=device,
-            dtype=dtype,
-            attn=attn,
-            batch_size=batch_size,
-            max_new_tokens=max_new_tokens,
-        )
-        return cls(load_runner(settings))
-
-    def transcribe(
-        self,
-        images: Iterable[Image.Image | str | Path],
-        *,
-        task: Task | str = Task.MD,
-        batch_size: int | None = None,
-    ) -> list[PageResult]:
-        """Transcribe images (PIL images or image paths) and return one result per image, in order."""
-        from kosmos_cli.rasterize import load_image
-
-        if batch_size is not None and hasattr(self.runner, "batch_size"):
-            self.runner.batch_size = batch_size
-        pages = []
-        for index, image in enumerate(images):
-            label = str(image) if isinstance(image, (str, Path)) else f"image {index + 1}"
-            pixels = load_image(Path(image)) if isinstance(image, (str, Path)) else image.convert("RGB")
-            info = PageInfo(Document(label, label), 0, 1, pixels.width, pixels.height)
-            pages.append((Page(info, pixels), index))
-        results: list[PageResult | None] = [None] * len(pages)
-        for _, index, result in transcribe_pages(pages, self.runner, task=Task(task)):
-            results[index] = result
-        return [r for r in results if r is not None]

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import KW_ONLY, dataclass
 from enum import Enum
 from typing import TYPE_CHECKING, Any
+
+from kosmos_cli.pages import page_number
 
 if TYPE_CHECKING:
     from PIL import Image
 
+    from kosmos_cli.errors import KosmosError
     from kosmos_cli.repetition import Loop
 
 # Affine map (a, b, c, d, e, f): x' = a*x + c*y + e, y' = b*x + d*y + f (PyMuPDF's Matrix order).
@@ -53,6 +56,15 @@ class Document:
         """The name messages and outputs show for this input: its label, else its path, made safe."""
         return safe_text(self.label or self.path)
 
+    def to_dict(self) -> dict[str, Any]:
+        """Return the document as JSON-ready values (`from_dict` reads them back)."""
+        return {"path": self.path, "name": self.name, "label": self.label}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Document:
+        """Read back what `to_dict` returned."""
+        return cls(data["path"], data["name"], data["label"])
+
 
 @dataclass(frozen=True)
 class PageInfo:
@@ -69,7 +81,32 @@ class PageInfo:
     @property
     def page_number(self) -> int:
         """The 1-based page number users see."""
-        return self.page_index + 1
+        return page_number(self.page_index)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Return everything but the document as JSON-ready values (`from_dict` reads them back)."""
+        return {
+            "page_index": self.page_index,
+            "page_count": self.page_count,
+            "width": self.width,
+            "height": self.height,
+            "dpi": self.dpi,
+            "pixel_to_pdf": list(self.pixel_to_pdf) if self.pixel_to_pdf is not None else None,
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], document: Document) -> PageInfo:
+        """Read back what `to_dict` returned, for a page of `document`."""
+        matrix = data["pixel_to_pdf"]
+        return cls(
+            document,
+            data["page_index"],
+            data["page_count"],
+            data["width"],
+            data["height"],
+            data["dpi"],
+            tuple(matrix) if matrix is not None else None,
+        )
 
 
 @dataclass(frozen=True)
@@ -90,6 +127,22 @@ class Line:
 
     text: str
     polygon: tuple[Point, Point, Point, Point] | None  # clockwise from top-left
+
+    def to_dict(self) -> dict[str, Any]:
+        """Return the line as JSON-ready values: its text and polygon (`from_dict` reads them back)."""
+        return {
+            "text": self.text,
+            "polygon": [list(point) for point in self.polygon] if self.polygon else None,
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Line:
+        """Read back what `to_dict` returned."""
+        polygon = data["polygon"]
+        points = tuple((int(x), int(y)) for x, y in polygon) if polygon is not None else None
+        if points is not None and len(points) != 4:
+            raise ValueError(f"a line's polygon has 4 points, not {len(points)}")
+        return cls(data["text"], points)
 
     @property
     def bbox(self) -> BBox | None:
@@ -122,13 +175,51 @@ class PageResult:
 
     info: PageInfo
     task: Task
-    text: str  # tidy markdown (md) or `x0,y0,...,text` lines (ocr)
-    lines: tuple[Line, ...] = ()
-    raw: str = ""
+    text: str  # the page's text: tidy markdown (md), or its lines' text, one per line (ocr)
+    _: KW_ONLY
+    lines: tuple[Line, ...] = ()  # ocr: the lines with their boxes, in reading order
+    raw: str = ""  # the model's output as decoded, <bbox> tokens kept; tiles joined by newlines
     status: Status = Status.OK
-    error: str | None = None
+    error: str | None = None  # why the page failed
+    hint: str | None = None  # what may help, when the page failed
     token_count: int = 0
-    extra: dict[str, Any] = field(default_factory=dict, compare=False)
+    truncation: str | None = None  # why the page is truncated: the budget, or the loop that was cut
+
+    def to_dict(self) -> dict[str, Any]:
+        """Return the result as JSON-ready values, its document left out (`from_dict` reads it back)."""
+        return {
+            **self.info.to_dict(),
+            "task": self.task.value,
+            "text": self.text,
+            "lines": [line.to_dict() for line in self.lines],
+            "raw": self.raw,
+            "status": self.status.value,
+            "error": self.error,
+            "hint": self.hint,
+            "token_count": self.token_count,
+            "truncation": self.truncation,
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], document: Document) -> PageResult:
+        """Read back what `to_dict` returned, for a page of `document`; raises KeyError, ValueError."""
+        return cls(
+            PageInfo.from_dict(data, document),
+            Task(data["task"]),
+            data["text"],
+            lines=tuple(Line.from_dict(line) for line in data["lines"]),
+            raw=data["raw"],
+            status=Status(data["status"]),
+            error=data["error"],
+            hint=data["hint"],
+            token_count=data["token_count"],
+            truncation=data["truncation"],
+        )
+
+
+def failed_result(info: PageInfo, task: Task, error: KosmosError) -> PageResult:
+    """Return the result that marks a page as failed in place, with the error's message and hint."""
+    return PageResult(info, task, "", status=Status.FAILED, error=error.message, hint=error.hint)
 
 
 def safe_text(text: str) -> str:

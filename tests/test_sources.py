@@ -39,13 +39,13 @@ from kosmos_cli.errors import InputError, UsageError
 from kosmos_cli.pages import parse_pages
 from kosmos_cli.rasterize import (
     MAX_PAGE_PIXELS,
-    MODEL_PIXELS,
     PageError,
     count_pages,
     iter_pages,
     load_image,
     load_page_image,
 )
+from kosmos_cli.tiling import MODEL_PIXELS
 from kosmos_cli.values import Document, Page
 
 Color = tuple[int, int, int]

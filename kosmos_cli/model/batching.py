@@ -31,6 +31,9 @@ CUDA_MAX_BATCH_SIZE = 64
 CUDA_MEMORY_SHARE = 0.7  # of free GPU memory given to the KV cache
 KV_BYTES_PER_TOKEN_PER_DTYPE_BYTE = 24 * 2 * 1536  # layers x (key, value) x embed_dim
 ENCODE_WORKERS = 4  # processor threads on GPU machines (one on CPU, where cores are busy decoding)
+# What a page can make the model raise: out of memory (torch.OutOfMemoryError), a CUDA or shape error
+# on that input (RuntimeError). Anything else is a bug in kosmos and ends the run with a traceback.
+PAGE_ERRORS = (RuntimeError, MemoryError)
 REFILL_SHARE = 8  # a batch of B refills once B / REFILL_SHARE rows are free (every row on CPU)
 
 
@@ -118,7 +121,7 @@ class KosmosRunner:
                 continue
             try:
                 tokens = self._decode_step(batch)
-            except Exception as error:  # one place that turns a failing step into a retry or per-page errors
+            except PAGE_ERRORS as error:  # a failing step: retried smaller, then per-page errors
                 if len(batch.rows) == 1:
                     row = batch.rows[0]
                     batch.clear()
@@ -139,7 +142,7 @@ class KosmosRunner:
             first = part.tokens.tolist()
             try:
                 batch.merge(part)
-            except Exception as error:
+            except PAGE_ERRORS as error:
                 if not _is_out_of_memory(error):
                     raise
                 unmerged = [(row.request, row.encoded) for later in parts[index:] for row in later.rows]
@@ -152,7 +155,7 @@ class KosmosRunner:
         """Prefill pages together, halving the group when it fails; a page failing alone is an error."""
         try:
             cache, mask, first = self._prefill([encoded for _, encoded in joining])
-        except Exception as error:  # one place that turns a failing prefill into per-page errors
+        except PAGE_ERRORS as error:  # a failing prefill: retried in halves, then per-page errors
             if len(joining) == 1:
                 yield joining[0][0], _page_error(error)
                 return
@@ -266,7 +269,7 @@ class KosmosRunner:
     ) -> Iterator[tuple[Request, Generation | GenerationError]]:
         try:
             generations = self._generate_static([encoded for _, encoded in batch])
-        except Exception as error:  # one place that turns a failing batch into per-page errors
+        except PAGE_ERRORS as error:  # a failing batch: retried in halves, then per-page errors
             if len(batch) == 1:
                 yield batch[0][0], _page_error(error)
                 return
@@ -553,7 +556,7 @@ class _Encoder:
             self._pending.popleft()
             try:
                 taken.append((request, future.result()))
-            except (ValueError, TypeError, OSError, RuntimeError) as error:  # an image the processor rejects
+            except (ValueError, OSError, RuntimeError) as error:  # an image the processor rejects
                 taken.append((request, GenerationError(f"could not prepare the image: {first_line(error)}")))
             self._fill()
         return taken

@@ -1,13 +1,17 @@
-"""Draw OCR line polygons on a page image, as the model card's example does."""
+"""`--draw` (ocr task): a PNG per page with each line's polygon drawn, as the model card's example does."""
 
 from __future__ import annotations
 
+import io
 from collections.abc import Sequence
 
 from PIL import Image, ImageDraw, ImageFont
 
-from kosmos_cli.values import Line
+from kosmos_cli.pages import page_number
+from kosmos_cli.values import Document, Line, Page, PageResult, Status, Task
+from kosmos_cli.writers import PageWriter, register
 
+DRAWING_SUFFIX = ".boxes.png"  # NAME.boxes.png, NAME-p001.boxes.png; folder walks skip these
 BOX_COLOR = (255, 0, 0)  # RGB of polygon outlines and numbers
 LABEL_BACKGROUND = (255, 255, 255)  # RGB behind line numbers so they stay legible
 PIXELS_PER_STROKE = 1000  # one pixel of outline width per this many pixels of the image's long side
@@ -46,3 +50,33 @@ def draw_boxes(
             draw.rectangle(draw.textbbox(origin, label, font=font), fill=LABEL_BACKGROUND)
             draw.text(origin, label, fill=BOX_COLOR, font=font)
     return canvas
+
+
+@register
+class DrawingWriter(PageWriter):
+    """A PNG of each page with its lines' polygons drawn, numbered with --numbered."""
+
+    format = "draw"
+    tasks = frozenset({Task.OCR})
+    option = "--draw"
+    needs_folder = "PNG files"
+
+    def file_name(self, document: Document, page_index: int, page_count: int) -> str:
+        """Return `NAME.boxes.png` for a one-page document, else `NAME-p001.boxes.png` (1-based).
+
+        The name never equals an input's: walks skip `*.boxes.png`, and NAME keeps the input's suffix.
+        """
+        if page_count == 1:
+            return f"{document.name}{DRAWING_SUFFIX}"
+        return f"{document.name}-p{page_number(page_index):03}{DRAWING_SUFFIX}"
+
+    def render_page(self, page: Page, result: PageResult) -> bytes | None:
+        """Return the PNG of the page with its lines drawn; None for a failed page."""
+        if page.info != result.info:
+            raise ValueError("the result is not the page's")
+        if result.status is Status.FAILED:
+            return None
+        buffer = io.BytesIO()
+        scale = (page.image.width / page.info.width, page.image.height / page.info.height)
+        draw_boxes(page.image, result.lines, numbered=self.options.numbered, scale=scale).save(buffer, "PNG")
+        return buffer.getvalue()

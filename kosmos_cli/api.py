@@ -1,0 +1,259 @@
+"""The library's front door: `transcribe_files` runs a whole job, `Transcriber` returns results in memory.
+
+The CLI, the Ray driver's caller, the benchmarks and the tests all go through `transcribe_files`:
+
+    inputs -> discovery -> probe (count pages, --pages) -> plan (skip, redo, refuse)
+           -> model (loaded only when a document is left to do) -> run_job or run_on_ray -> Summary
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import replace
+from pathlib import Path
+from typing import TYPE_CHECKING, BinaryIO
+
+from kosmos_cli.config import (
+    DEFAULT_FORMATS,
+    DEFAULT_PAGE_TIMEOUT,
+    Job,
+    RayOptions,
+    Settings,
+    default_model,
+)
+from kosmos_cli.errors import KosmosError, UsageError
+from kosmos_cli.model import Runner
+from kosmos_cli.pages import PageSelection, parse_pages
+from kosmos_cli.reporting import LogReporter, Reporter, Summary
+from kosmos_cli.values import Document, Page, PageInfo, PageResult, Task, failed_result
+
+if TYPE_CHECKING:
+    from PIL import Image
+
+    from kosmos_cli.discovery import Discovery
+    from kosmos_cli.jobs import Pages
+    from kosmos_cli.sandbox import Sandbox
+
+
+def transcribe_files(
+    inputs: Sequence[str | os.PathLike[str]],
+    *,
+    task: Task | str,
+    formats: Sequence[str] | None = None,
+    output: str | os.PathLike[str] | None = None,
+    from_list: str | None = None,
+    pages: str | PageSelection | None = None,
+    dpi: float | None = None,
+    password: str | None = None,
+    page_timeout: float = DEFAULT_PAGE_TIMEOUT,
+    draw: bool = False,
+    numbered: bool = False,
+    overwrite: bool = False,
+    settings: Settings | None = None,
+    ray: RayOptions | None = None,
+    runner: Runner | None = None,
+    reporter: Reporter | None = None,
+    stdout: BinaryIO | None = None,
+) -> Summary:
+    """Transcribe files, folders, globs and `-` (stdin) to output files, or to stdout; return the counts.
+
+    - `formats`: writer names (`writers.formats_for(task)`); default: md, or txt for ocr. `draw`
+      adds a PNG per page with the boxes drawn (`numbered`: with line numbers).
+    - `output`: a folder or an object-store URI; None prints the one format to `stdout` (default:
+      this process's), documents in input order. A rerun into the same folder skips what is done.
+    - `pages`: 1-based, e.g. `"1-3,7,10-"`; `dpi`, `password`: how PDFs are rendered and opened;
+      `page_timeout`: seconds one page may take to open or render.
+    - `settings`: the model and how it generates (default: the default model, device auto);
+      `runner`: a model already loaded, used instead of loading one from `settings`.
+    - `ray`: run on a Ray cluster; inputs may then be object-store URIs.
+    - `reporter`: told of progress, warnings and every failed input or page (default: logging).
+
+    A failed input or page is reported and counted, and the run goes on (`Summary.failed`).
+    Raises UsageError for impossible requests and ModelLoadError when the model cannot be loaded.
+    """
+    from kosmos_cli.assembly import Outputs
+    from kosmos_cli.discovery import discover, name_clashes, remove_stale_spools
+    from kosmos_cli.jobs import job_fingerprint, plan, probe, run_job
+    from kosmos_cli.sandbox import Sandbox
+    from kosmos_cli.stores import output_location
+
+    task = Task(task)
+    reporter = reporter or LogReporter()
+    settings = settings or Settings(model=default_model())
+    names = tuple(formats) if formats else (DEFAULT_FORMATS[task],)
+    job = Job(
+        task=task,
+        formats=names + (("draw",) if draw else ()),
+        output_dir=output_location(output) if output is not None else None,
+        numbered=numbered,
+        pages=parse_pages(pages) if isinstance(pages, str) else pages,
+        dpi=dpi,
+        password=password,
+        overwrite=overwrite,
+        page_timeout=page_timeout,
+    )
+    locations = [os.fspath(location) for location in inputs]
+    if not locations and from_list is None:
+        raise UsageError("no inputs given", hint="name files or folders, `-` for stdin, or --from-list FILE")
+    if ray is not None:
+        from kosmos_cli.distributed import require_ray
+
+        require_ray()
+    outputs = Outputs(job, stdout or sys.stdout.buffer)
+    summary = Summary()
+    if outputs.store is not None:
+        outputs.store.open_for_run()
+    try:
+        remove_stale_spools()
+        discovery = discover(locations, from_list=from_list, exclude=outputs.files(), uris=ray is not None)
+        if job.output_dir is not None and (clash := name_clashes(discovery.documents)) is not None:
+            raise clash
+        _report_discovery(discovery, reporter, summary)
+        documents = outputs.inputs = discovery.documents
+        if ray is not None:
+            if documents and job.output_dir is not None:
+                outputs.job = job = replace(job, fingerprint=job_fingerprint(job, settings, resolve=False))
+            todo = plan(documents, outputs, reporter, summary)
+            if todo:
+                from kosmos_cli.distributed import run_on_ray
+
+                run_on_ray(todo, outputs, settings, reporter, summary, ray)
+            return summary
+        with Sandbox(timeout=job.page_timeout) as sandbox:
+            found = probe(documents, job, reporter, summary, sandbox=sandbox)
+            documents = [document for document in documents if document in found]
+            if documents and job.output_dir is not None:
+                outputs.job = job = replace(job, fingerprint=job_fingerprint(job, settings))
+            todo = plan(documents, outputs, reporter, summary, pages=found)
+            if todo:
+                if runner is None:
+                    from kosmos_cli.model.loading import load_runner
+
+                    reporter.loading(f"loading model `{settings.model}`")
+                    runner = load_runner(settings)
+                run_job(todo, runner, outputs, reporter, summary, pages=found, sandbox=sandbox)
+        return summary
+    finally:
+        if outputs.store is not None:
+            outputs.store.close()
+
+
+def _report_discovery(discovery: Discovery, reporter: Reporter, summary: Summary) -> None:
+    for error in discovery.errors:
+        reporter.error(error)
+    summary.documents_failed += len(discovery.errors)
+    for empty in discovery.empty:
+        reporter.warning(f"no images or PDFs found in `{empty}`")
+    summary.unsupported = discovery.unsupported
+
+
+class Transcriber:
+    """Kosmos-2.5 as a Python call: load once, then transcribe images and documents in memory."""
+
+    def __init__(self, runner: Runner) -> None:
+        self.runner = runner
+
+    @classmethod
+    def load(cls, settings: Settings | None = None, **options: object) -> Transcriber:
+        """Load a checkpoint (hub id or folder) from `Settings` or its fields as keywords.
+
+        `Transcriber.load(model="microsoft/kosmos-2.5", device="cuda")`; raises ModelLoadError with
+        a hint, UsageError for an option that names nothing.
+        """
+        from kosmos_cli.model.loading import load_runner
+
+        if settings is None:
+            settings = Settings(**{"model": default_model(), **options})  # type: ignore[arg-type]
+        elif options:
+            settings = replace(settings, **options)  # type: ignore[arg-type]
+        return cls(load_runner(settings))
+
+    def transcribe(
+        self,
+        sources: Iterable[Image.Image | str | os.PathLike[str]],
+        *,
+        task: Task | str = Task.MD,
+        pages: str | PageSelection | None = None,
+        dpi: float | None = None,
+        password: str | None = None,
+        page_timeout: float = DEFAULT_PAGE_TIMEOUT,
+    ) -> list[PageResult]:
+        """Transcribe PIL images and files (images, PDFs, multi-page TIFFs) and return every page's result.
+
+        Results come in input order, a document's selected pages in page order (`result.info.page_number`).
+        A page that cannot be read or transcribed is a result with `status` FAILED and its `error`.
+        Raises InputError for a file that cannot be opened at all or lacks a page `pages` asks for.
+        """
+        from kosmos_cli.jobs import probe, read_pages
+        from kosmos_cli.rasterize import PageError
+        from kosmos_cli.sandbox import Sandbox
+        from kosmos_cli.transcribe import transcribe_pages
+
+        task = Task(task)
+        job = Job(
+            task=task,
+            formats=(),
+            pages=parse_pages(pages) if isinstance(pages, str) else pages,
+            dpi=dpi,
+            password=password,
+            page_timeout=page_timeout,
+        )
+        items = [
+            Document(os.fspath(source), Path(source).name)
+            if isinstance(source, (str, os.PathLike))
+            else source.convert("RGB")
+            for source in sources
+        ]
+        documents = [item for item in items if isinstance(item, Document)]
+        slots: list[PageResult | None] = []  # one per page, in order; None until transcribed
+
+        def work(sandbox: Sandbox, found: dict[Document, Pages]) -> Iterator[tuple[Page, int]]:
+            events = read_pages(documents, found, job, sandbox)
+            for number, item in enumerate(items, start=1):
+                if not isinstance(item, Document):
+                    label = f"image {number}"
+                    slots.append(None)
+                    yield (
+                        Page(PageInfo(Document(label, label), 0, 1, item.width, item.height), item),
+                        len(slots) - 1,
+                    )
+                    continue
+                for event in events:
+                    if isinstance(event.payload, Page):
+                        slots.append(None)
+                        yield event.payload, len(slots) - 1
+                    elif isinstance(event.payload, PageError):
+                        info = PageInfo(item, event.payload.page_index, event.payload.page_count, 0, 0)
+                        slots.append(failed_result(info, task, event.payload))
+                    elif event.payload is not None:
+                        raise event.payload
+                    if event.kind == "end":
+                        break
+
+        with Sandbox(timeout=page_timeout) as sandbox:
+            found = probe(documents, job, _Raise(), Summary(), sandbox=sandbox)
+            for _, slot, result in transcribe_pages(work(sandbox, found), self.runner, task=task):
+                slots[slot] = result
+        return [result for result in slots if result is not None]
+
+
+class _Raise:
+    """A Reporter that raises the first error it is told of."""
+
+    def loading(self, message: str) -> None:
+        """Nothing to say."""
+
+    def add_total(self, pages: int) -> None:
+        """No progress to show."""
+
+    def page_done(self, result: PageResult) -> None:
+        """No progress to show."""
+
+    def error(self, error: KosmosError) -> None:
+        """Raise it."""
+        raise error
+
+    def warning(self, message: str) -> None:
+        """Nothing to say."""

@@ -1,0 +1,105 @@
+"""JSON and JSON lines, for both tasks.
+
+- `json`: one object per document, described by the JSON Schema `result.schema.json` shipped in this
+  package. A page's `text` is its markdown (md) or its lines' text, one per line (ocr).
+- `jsonl`: one page object per line, each also carrying `source`, `page_count` and `task`; pages can
+  be printed as they finish (`JsonlWriter.stream_page`).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from typing import Any
+
+from kosmos_cli.values import BBox, Line, Matrix, PageInfo, PageResult, Status, Task
+from kosmos_cli.writers import DocumentWriter, register
+
+
+def page_object(result: PageResult) -> dict[str, Any]:
+    """Return the JSON object of one page, keys in schema order."""
+    info = result.info
+    text = "\n".join(line.text for line in result.lines) if result.task is Task.OCR else result.text
+    failed = result.status is Status.FAILED
+    return {
+        "page_number": info.page_number,
+        "width": info.width,
+        "height": info.height,
+        "dpi": info.dpi,
+        "status": result.status.value,
+        "error": result.error,
+        "text": "" if failed else text,
+        "lines": [] if failed else [_line_object(line, info.pixel_to_pdf) for line in result.lines],
+    }
+
+
+def _line_object(line: Line, pixel_to_pdf: Matrix | None) -> dict[str, Any]:
+    bbox = line.bbox
+    data: dict[str, Any] = {
+        "text": line.text,
+        "polygon": [list(point) for point in line.polygon] if line.polygon else None,
+        "bbox": list(bbox) if bbox else None,
+    }
+    if pixel_to_pdf is not None:
+        data["pdf_bbox"] = list(pixel_bbox_to_pdf(bbox, pixel_to_pdf)) if bbox else None
+    return data
+
+
+def _json_bytes(value: dict[str, Any], *, indent: int | None) -> bytes:
+    return (json.dumps(value, ensure_ascii=False, indent=indent) + "\n").encode("utf-8")
+
+
+def _document_fields(info: PageInfo, task: Task) -> dict[str, Any]:
+    return {"source": info.document.display_name, "page_count": info.page_count, "task": task.value}
+
+
+@register
+class JsonWriter(DocumentWriter):
+    """One JSON object per document."""
+
+    format = "json"
+    extension = ".json"
+    tasks = frozenset({Task.MD, Task.OCR})
+
+    def render(self, results: Sequence[PageResult]) -> bytes:
+        """Render the document object, pages in order."""
+        pages = self.check(results)
+        first = pages[0]
+        document = _document_fields(first.info, first.task)
+        document["pages"] = [page_object(result) for result in pages]
+        return _json_bytes(document, indent=2)
+
+
+@register
+class JsonlWriter(DocumentWriter):
+    """One JSON object per page, each on its own line, for pipelines."""
+
+    format = "jsonl"
+    extension = ".jsonl"
+    streams = True
+    tasks = frozenset({Task.MD, Task.OCR})
+
+    def render(self, results: Sequence[PageResult]) -> bytes:
+        """Render every page as one line, pages in order."""
+        return b"".join(self.stream_page(result) for result in self.check(results))
+
+    def stream_page(self, result: PageResult) -> bytes:
+        """Render one page as one line, for printing pages as they finish."""
+        self.check([result])
+        return _json_bytes({**_document_fields(result.info, result.task), **page_object(result)}, indent=None)
+
+
+def pixel_bbox_to_pdf(bbox: BBox, matrix: Matrix) -> tuple[float, float, float, float]:
+    """Map a pixel box through a page's pixel-to-PDF matrix to `(x0, y0, x1, y1)` in points, to 0.01 pt."""
+    a, b, c, d, e, f = matrix
+    x0, y0, x1, y1 = bbox
+    corners = [(a * x + c * y + e, b * x + d * y + f) for x, y in ((x0, y0), (x1, y0), (x1, y1), (x0, y1))]
+    xs = [x for x, _ in corners]
+    ys = [y for _, y in corners]
+    # `+ 0.0` turns -0.0 into 0.0 so equal boxes print the same.
+    return (
+        round(min(xs), 2) + 0.0,
+        round(min(ys), 2) + 0.0,
+        round(max(xs), 2) + 0.0,
+        round(max(ys), 2) + 0.0,
+    )

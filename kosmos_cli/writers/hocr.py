@@ -1,0 +1,81 @@
+"""hOCR 1.2 in XHTML (ocr task): one `ocr_page` per page and one `ocr_line` per line.
+
+hOCR requires a bbox on every line, so lines without a box are left out (they stay in txt and json).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from xml.sax.saxutils import escape, quoteattr
+
+from kosmos_cli.values import PageResult, Status, Task, safe_text
+from kosmos_cli.writers import DocumentWriter, register
+from kosmos_cli.writers.text import comment_safe, page_note
+
+# Characters XML 1.0 does not allow, even escaped.
+_XML_INVALID = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\ufffe\uffff]")
+
+
+def _xml_text(text: str) -> str:
+    return escape(_XML_INVALID.sub("", text))
+
+
+def _xml_attribute(text: str) -> str:
+    return quoteattr(_XML_INVALID.sub("", text))
+
+
+@register
+class HocrWriter(DocumentWriter):
+    """hOCR: XHTML with `ocr_page` and `ocr_line` elements carrying bboxes."""
+
+    format = "hocr"
+    extension = ".hocr"
+    tasks = frozenset({Task.OCR})
+
+    def render(self, results: Sequence[PageResult]) -> bytes:
+        """Render an XHTML document with one `ocr_page` per page."""
+        pages = self.check(results)
+        document = pages[0].info.document
+        out = [
+            '<?xml version="1.0" encoding="UTF-8"?>',
+            '<!DOCTYPE html PUBLIC "-//W3C//DTD XHTML 1.0 Transitional//EN"',
+            '    "http://www.w3.org/TR/xhtml1/DTD/xhtml1-transitional.dtd">',
+            '<html xmlns="http://www.w3.org/1999/xhtml" xml:lang="en" lang="en">',
+            " <head>",
+            f"  <title>{_xml_text(document.display_name)}</title>",
+            '  <meta http-equiv="Content-Type" content="text/html;charset=utf-8"/>',
+            '  <meta name="ocr-system" content="kosmos-cli"/>',
+            '  <meta name="ocr-capabilities" content="ocr_page ocr_line"/>',
+            f'  <meta name="ocr-number-of-pages" content="{pages[0].info.page_count}"/>',
+            " </head>",
+            " <body>",
+        ]
+        for result in pages:
+            out.extend(self._page(result))
+        out += [" </body>", "</html>", ""]
+        return "\n".join(out).encode("utf-8")
+
+    def _page(self, result: PageResult) -> list[str]:
+        info = result.info
+        number = info.page_number
+        # hOCR numbers physical pages from 0.
+        properties = [f"bbox 0 0 {info.width} {info.height}", f"ppageno {info.page_index}"]
+        if info.document.label is None:
+            image = safe_text(info.document.path).replace("\\", "\\\\").replace('"', '\\"')
+            properties.insert(0, f'image "{image}"')
+        out = [f'  <div class="ocr_page" id="page_{number}" title={_xml_attribute("; ".join(properties))}>']
+        if result.status is not Status.OK:
+            note = page_note(result, always=True)
+            out.append(f"   <!-- kosmos: {_xml_text(comment_safe(note or ''))} -->")
+        if result.status is not Status.FAILED:
+            for index, line in enumerate(result.lines, start=1):
+                if line.bbox is None:
+                    continue
+                box = " ".join(str(value) for value in line.bbox)
+                out.append(
+                    f'   <span class="ocr_line" id="line_{number}_{index}" title="bbox {box}">'
+                    f"{_xml_text(line.text)}</span>"
+                )
+        out.append("  </div>")
+        return out
