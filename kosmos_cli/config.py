@@ -88,6 +88,16 @@ class Settings:
         ):
             if number is not None and number < 1:
                 raise UsageError(f"--{name} must be at least 1, not {number}")
+        if self.quantize is not None:
+            if self.device not in ("auto", "cpu"):
+                raise UsageError(
+                    "--quantize int8 runs on CPU only", hint="drop --quantize, or use --device cpu"
+                )
+            if self.dtype not in ("auto", "float32"):
+                hint = "use --dtype float32, or leave --dtype auto"
+                raise UsageError("--quantize int8 needs float32 weights", hint=hint)
+            if self.compile:
+                raise UsageError("--quantize and --compile do not work together", hint="pick one")
 
 
 @dataclass(frozen=True)

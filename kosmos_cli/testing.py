@@ -1,6 +1,12 @@
-"""Build a random-weights Kosmos-2.5 checkpoint offline, laid out like `microsoft/kosmos-2.5`.
+"""Test doubles: a random-weights Kosmos-2.5 checkpoint built offline, and a scripted `Runner`.
 
-The folder loads through the same calls as the real checkpoint
+`ScriptedRunner` stands in for the model in tests whose subject is not the model (jobs, naming,
+writers, CLI messages): its output is a hash of each image, so a page whose text lands in another
+page's file shows at once, and the same page always gives the same bytes.
+
+`save_random_checkpoint` writes a folder laid out like `microsoft/kosmos-2.5`: `tiny` for tests (its
+weights drawn wide enough that its output depends on the image), `full` at the real size and init
+scale for benchmarks. The folder loads through the same calls as the real checkpoint
 (`AutoProcessor.from_pretrained`, `Kosmos2_5ForConditionalGeneration.from_pretrained`) with the
 hub offline. Its tokenizer carries the real special and added tokens at the real ids, so prompts,
 bbox tokens and `skip_special_tokens` behave as with the real model; only the base vocabulary (the
@@ -17,6 +23,7 @@ hub's 5 GB + 503 MB), `preprocessor_config.json`, `tokenizer.json`, `tokenizer_c
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 import json
 import logging
@@ -25,11 +32,15 @@ import os
 import shutil
 import struct
 import tempfile
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
+from kosmos_cli.errors import GenerationError
+from kosmos_cli.model import Request
 from kosmos_cli.tiling import MAX_PATCHES
+from kosmos_cli.values import Generation, Task
 
 if TYPE_CHECKING:
     import torch
@@ -447,3 +458,42 @@ def _write_safetensors(path: Path, specs: list[_TensorSpec], generator: torch.Ge
             tensor = _random_tensor(spec, generator)
             file.write(tensor.numpy().data)  # a view: no copy of the tensor
             del tensor
+
+
+# --- a scripted runner -----------------------------------------------------------------------------
+
+SCRIPTED_MAX_NEW_TOKENS = 16
+
+
+class ScriptedRunner:
+    """A `Runner` that answers each request with text derived from its pixels: `page <hash>` or one OCR line.
+
+    `fail` names image hashes to answer with a GenerationError instead, as the model does for a page
+    that fails even alone (e.g. out of memory).
+    """
+
+    max_new_tokens = SCRIPTED_MAX_NEW_TOKENS
+
+    def __init__(self, *, fail: dict[str, GenerationError] | None = None) -> None:
+        self.seen: list[str] = []  # the hash of every image asked for, in order
+        self.fail = fail or {}
+
+    def generate(self, requests: Iterable[Request]) -> Iterator[tuple[Request, Generation | GenerationError]]:
+        """Answer every request at once, in order."""
+        for request in requests:
+            digest = image_hash(request.image.tobytes())
+            self.seen.append(digest)
+            if digest in self.fail:
+                yield request, self.fail[digest]
+                continue
+            width, height = request.image.size
+            if request.task is Task.MD:
+                text = f"# page {digest}"
+            else:
+                text = f"<bbox><x_1><y_1><x_{width - 1}><y_{height - 1}></bbox>page {digest}"
+            yield request, Generation(text, (width, height), ids=(7, 7, 7, 7))
+
+
+def image_hash(image_bytes: bytes) -> str:
+    """Return the hash `ScriptedRunner` writes for an image's raw RGB bytes."""
+    return hashlib.sha256(image_bytes).hexdigest()[:12]

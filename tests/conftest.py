@@ -7,8 +7,12 @@ import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
+
+if TYPE_CHECKING:
+    from kosmos_cli.testing import ScriptedRunner
 
 _OFFLINE_ENV = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
 _CACHE_ENV = ("HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE", "TRANSFORMERS_CACHE", "HF_TOKEN")
@@ -50,3 +54,28 @@ def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from kosmos_cli.testing import save_random_checkpoint
 
     return save_random_checkpoint(tmp_path_factory.mktemp("kosmos-tiny"), size="tiny", seed=0)
+
+
+@pytest.fixture
+def model_folder(tmp_path: Path) -> Path:
+    """A folder that stands for a checkpoint: the fingerprint reads its files, nothing loads them."""
+    folder = tmp_path / "model"
+    folder.mkdir()
+    (folder / "config.json").write_text('{"model_type": "kosmos-2.5"}')
+    return folder
+
+
+@pytest.fixture
+def scripted(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[ScriptedRunner]]:
+    """Make every model the library loads a ScriptedRunner; yields the runners made, one per loading."""
+    from kosmos_cli.model import loading
+    from kosmos_cli.testing import ScriptedRunner
+
+    made: list[ScriptedRunner] = []
+
+    def load(settings: object) -> ScriptedRunner:
+        made.append(ScriptedRunner())
+        return made[-1]
+
+    monkeypatch.setattr(loading, "load_runner", load)
+    yield made

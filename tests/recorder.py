@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from kosmos_cli import KosmosError, PageResult
-from kosmos_cli.jobs import Summary
+from kosmos_cli.reporting import Summary
 
 
 @dataclass
@@ -14,9 +14,13 @@ class Recorder:
     """A Reporter that keeps what it is told; errors as `message` plus `\\nhint: ...` when there is one."""
 
     total: int = 0
+    loaded: list[str] = field(default_factory=list)
     results: list[PageResult] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
+
+    def loading(self, message: str) -> None:
+        self.loaded.append(message)
 
     def add_total(self, pages: int) -> None:
         self.total += pages

@@ -19,7 +19,7 @@ from inputs import make_image
 from typer.testing import CliRunner
 
 from kosmos_cli import __version__
-from kosmos_cli.cli import app
+from kosmos_cli.cli import EXIT_CRASH, app
 from kosmos_cli.errors import ModelLoadError
 from kosmos_cli.model.loading import require_hub
 
@@ -60,23 +60,94 @@ def test_version() -> None:
     assert result.stdout == f"kosmos {__version__}\n"
 
 
+ADD_OUTPUT = "hint: add -o DIR"
+HELP_MD = "hint: see `kosmos md --help`"
+
+
 @pytest.mark.parametrize(
-    ("args", "message"),
+    ("args", "stderr"),
     [
-        (["md"], "error: no inputs given"),
-        (["ocr", "{png}", "--draw"], "error: --draw writes PNG files and needs an output folder"),
-        (["ocr", "{png}", "-f", "pdf"], "error: --format pdf writes a PDF file and needs an output folder"),
-        (["ocr", "{png}", "-f", "txt", "-f", "json"], "error: several formats need an output folder"),
-        (["md", "{png}", "--pages", "3-1"], "error: "),
-        (["md", "{png}", "--device", "tpu"], "is not a device"),
-        (["md", "{png}", "-f", "hocr"], "Invalid value for '--format'"),
+        (
+            ["md"],
+            ["error: no inputs given", "hint: name files or folders, `-` for stdin, or --from-list FILE"],
+        ),
+        (
+            ["ocr", "{png}", "--draw"],
+            ["error: --draw writes PNG files and needs an output folder", ADD_OUTPUT],
+        ),
+        (
+            ["ocr", "{png}", "-f", "pdf"],
+            ["error: --format pdf writes a PDF file and needs an output folder", ADD_OUTPUT],
+        ),
+        (
+            ["ocr", "{png}", "-f", "txt", "-f", "json"],
+            ["error: several formats need an output folder; stdout takes one", ADD_OUTPUT],
+        ),
+        (
+            ["md", "{png}", "--pages", "3-1"],
+            [
+                "error: --pages `3-1`: the range `3-1` runs backwards",
+                "hint: use 1-based page numbers and ranges, e.g. 1-3,7,10- (10- runs to the last page)",
+            ],
+        ),
+        (
+            ["md", "{png}", "--device", "tpu"],
+            ["error: `tpu` is not a device", "hint: use one of: auto, cpu, cuda, cuda:N, mps"],
+        ),
+        (["md", "{png}", "--dpi", "5"], ["error: --dpi must be at least 10, not 5"]),
+        (["md", "{png}", "--batch-size", "0"], ["error: --batch-size must be at least 1, not 0"]),
+        (["md", "{png}", "--ray", "--workers", "0"], ["error: --workers must be at least 1, not 0"]),
+        (
+            ["md", "{png}", "--quantize", "int8", "--device", "cuda"],
+            ["error: --quantize int8 runs on CPU only", "hint: drop --quantize, or use --device cpu"],
+        ),
+        (
+            ["md", "{png}", "-f", "hocr"],
+            ["error: invalid value for '--format' / '-f': 'hocr' is not one of 'md', 'json', 'jsonl'.", HELP_MD],
+        ),
+        (
+            ["md", "{png}", "--dtype", "float8"],
+            [
+                "error: invalid value for '--dtype': 'float8' is not one of 'auto', 'bfloat16', 'float16', 'float32'.",
+                HELP_MD,
+            ],
+        ),
+        (["md", "{png}", "--colour"], ["error: no such option: --colour", HELP_MD]),
     ],
 )
-def test_usage_errors_exit_2(args: list[str], message: str, png: Path) -> None:
+def test_usage_errors_exit_2_with_one_error_line_and_a_hint(
+    args: list[str], stderr: list[str], png: Path
+) -> None:
     result = runner.invoke(app, [a.format(png=png) for a in args])
     assert result.exit_code == 2, result.stderr
-    assert message in result.stderr
+    assert result.stderr.splitlines() == stderr
     assert result.stdout == ""
+
+
+def test_no_command_shows_the_help() -> None:
+    result = runner.invoke(app, [])
+    assert result.exit_code == 2
+    assert "Usage: kosmos [OPTIONS] COMMAND" in result.stderr
+    assert "md " in result.stderr and "ocr " in result.stderr
+
+
+def test_a_bug_is_a_crash_with_a_traceback_and_its_own_exit_code(
+    png: Path, scripted: list[object], model_folder: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from kosmos_cli import jobs
+
+    def broken(*args: object, **kwargs: object) -> None:
+        raise TypeError("an argument that was never there")
+
+    monkeypatch.setattr(jobs, "run_job", broken)
+    result = runner.invoke(app, ["md", str(png), "--model", str(model_folder)])
+    assert result.exit_code == EXIT_CRASH == 70
+    lines = result.stderr.splitlines()
+    assert lines[0] == "Traceback (most recent call last):"
+    assert lines[-2:] == [
+        "error: kosmos crashed: TypeError: an argument that was never there",
+        "hint: this is a bug; please report it with the traceback above",
+    ]
 
 
 def _load_error(args: list[str]) -> tuple[int, str, str]:
@@ -151,9 +222,8 @@ def test_flash_attention_without_the_package_exits_3(png: Path, tiny_checkpoint:
 def test_model_is_not_loaded_when_every_output_exists(
     png: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from scripted import ScriptedRunner
-
     from kosmos_cli.model import loading
+    from kosmos_cli.testing import ScriptedRunner
 
     out = tmp_path / "out"
     args = ["md", str(png), "-o", str(out), "--model", "nobody/nothing", "--device", "cpu"]

@@ -7,9 +7,9 @@ import io
 import pytest
 from PIL import Image
 
-from kosmos_cli.drawing import BOX_COLOR, draw_boxes
-from kosmos_cli.values import Document, Line, Page, PageInfo, PageResult, Point, Task
-from kosmos_cli.writers import draw_file_name, render_drawing
+from kosmos_cli.values import Document, Line, Page, PageInfo, PageResult, Point, Status, Task
+from kosmos_cli.writers import WriterOptions
+from kosmos_cli.writers.drawing import BOX_COLOR, DrawingWriter, draw_boxes
 
 BACKGROUND = (250, 240, 230)
 
@@ -82,14 +82,16 @@ def test_numbers_sit_above_the_box_or_inside_at_the_top() -> None:
     ],
 )
 def test_draw_file_name(name: str, page_index: int, page_count: int, expected: str) -> None:
-    assert draw_file_name(Document(f"/in/{name}", name), page_index, page_count) == expected
+    assert DrawingWriter().file_name(Document(f"/in/{name}", name), page_index, page_count) == expected
 
 
 def test_render_drawing_writes_a_png_of_the_page() -> None:
     info = PageInfo(Document("/in/a.png", "a"), 0, 1, 120, 80)
     page = Page(info, Image.new("RGB", (120, 80), BACKGROUND))
-    result = PageResult(info, Task.OCR, "", (line("x", 10, 10, 60, 30),))
-    png = Image.open(io.BytesIO(render_drawing(page, result, numbered=False)))
+    result = PageResult(info, Task.OCR, "x", lines=(line("x", 10, 10, 60, 30),))
+    drawn = DrawingWriter(WriterOptions(numbered=False)).render_page(page, result)
+    assert drawn is not None
+    png = Image.open(io.BytesIO(drawn))
     assert png.format == "PNG" and png.size == (120, 80)
     assert png.convert("RGB").getpixel((10, 10)) == BOX_COLOR
     assert png.convert("RGB").getpixel((30, 20)) == BACKGROUND
@@ -100,4 +102,11 @@ def test_render_drawing_refuses_another_page() -> None:
     page = Page(PageInfo(document, 0, 2, 10, 10), Image.new("RGB", (10, 10)))
     result = PageResult(PageInfo(document, 1, 2, 10, 10), Task.OCR, "")
     with pytest.raises(ValueError, match="not the page"):
-        render_drawing(page, result)
+        DrawingWriter().render_page(page, result)
+
+
+def test_a_failed_page_gets_no_drawing() -> None:
+    info = PageInfo(Document("/in/a.png", "a"), 0, 1, 10, 10)
+    page = Page(info, Image.new("RGB", (10, 10)))
+    failed = PageResult(info, Task.OCR, "", status=Status.FAILED, error="out of memory")
+    assert DrawingWriter().render_page(page, failed) is None

@@ -7,7 +7,9 @@ import re
 
 import pytest
 
-from kosmos_cli.parsing import end_cleanly, format_ocr_lines, parse_ocr, pixel_bbox_to_pdf, tidy_markdown
+from kosmos_cli.parsing import end_cleanly, parse_ocr, tidy_markdown
+from kosmos_cli.writers.data import pixel_bbox_to_pdf
+from kosmos_cli.writers.text import format_ocr_lines
 from kosmos_cli.values import Line, Point
 
 # Real raw outputs for receipt_00008.png, published in huggingface/transformers

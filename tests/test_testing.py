@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from kosmos_cli import checkpoint
+from kosmos_cli import testing as checkpoint
 from kosmos_cli.testing import save_random_checkpoint, x_token_id, y_token_id
 
 TINY_PROMPT_LEN = 1 + 1 + checkpoint.TINY_NUM_IMAGE_TOKENS + 1 + 1  # <s> <image> <s>*n </image> <task>

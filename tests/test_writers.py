@@ -17,10 +17,11 @@ from lxml import etree
 from PIL import Image
 
 from kosmos_cli.errors import InputError, KosmosError, UsageError
-from kosmos_cli.parsing import format_ocr_lines, pixel_bbox_to_pdf
 from kosmos_cli.stores import atomic_write
 from kosmos_cli.values import Document, Line, Matrix, Page, PageInfo, PageResult, Point, Status, Task
-from kosmos_cli.writers import DEFAULT_IMAGE_DPI, WRITERS, JsonlWriter, PdfWriter, formats_for, get_writer
+from kosmos_cli.writers import WRITERS, DocumentWriter, WriterOptions, formats_for, get_writer
+from kosmos_cli.writers.data import JsonlWriter, pixel_bbox_to_pdf
+from kosmos_cli.writers.searchable_pdf import DEFAULT_IMAGE_DPI, PdfWriter
 
 IMAGE_DOC = Document("/in/scan.png", "scan")
 PDF_DOC = Document("/in/report.pdf", "sub/report")
@@ -50,8 +51,8 @@ def info(
 def ocr(
     page_info: PageInfo, lines: list[Line], status: Status = Status.OK, error: str | None = None
 ) -> PageResult:
-    text = "" if status is Status.FAILED else format_ocr_lines(lines)
-    return PageResult(page_info, Task.OCR, text, tuple(lines), status=status, error=error)
+    text = "" if status is Status.FAILED else "\n".join(line.text for line in lines)
+    return PageResult(page_info, Task.OCR, text, lines=tuple(lines), status=status, error=error)
 
 
 def md(page_info: PageInfo, text: str, status: Status = Status.OK, error: str | None = None) -> PageResult:
@@ -69,10 +70,11 @@ LINES = [
 
 
 def test_registry_names_match_formats() -> None:
-    assert list(WRITERS) == ["md", "txt", "json", "jsonl", "hocr", "pdf"]
+    assert list(WRITERS) == ["md", "txt", "json", "jsonl", "hocr", "pdf", "draw"]
     for name, cls in WRITERS.items():
         assert cls.format == name
-        assert cls.extension == f".{name}"
+        if issubclass(cls, DocumentWriter):
+            assert cls.extension == f".{name}"
 
 
 @pytest.mark.parametrize(
@@ -107,14 +109,16 @@ def test_get_writer_refuses(name: str, task: Task, message: str, hint: str) -> N
     assert (caught.value.message, caught.value.hint, caught.value.exit_code) == (message, hint, 2)
 
 
-def test_get_writer_passes_the_password() -> None:
-    writer = get_writer("pdf", task=Task.OCR, password="s3cret")
-    assert isinstance(writer, PdfWriter) and writer.password == "s3cret"
+def test_get_writer_passes_the_options() -> None:
+    writer = get_writer("pdf", task=Task.OCR, options=WriterOptions(password="s3cret"))
+    assert isinstance(writer, PdfWriter) and writer.options.password == "s3cret"
 
 
-@pytest.mark.parametrize("name", list(WRITERS))
+@pytest.mark.parametrize("name", ["md", "txt", "json", "jsonl", "hocr", "pdf"])
 def test_file_name_comes_from_the_writer(name: str) -> None:
-    assert WRITERS[name]().file_name(PDF_DOC) == f"sub/report.{name}"
+    writer = WRITERS[name]()
+    assert isinstance(writer, DocumentWriter)
+    assert writer.file_name(PDF_DOC) == f"sub/report.{name}"
 
 
 @pytest.mark.parametrize(
@@ -180,7 +184,6 @@ def test_markdown_splits_back_into_pages() -> None:
 @pytest.mark.parametrize(
     ("results", "expected"),
     [
-        pytest.param([ocr(info(), LINES)], format_ocr_lines(LINES) + "\n", id="one-page"),
         pytest.param(
             [ocr(info(), LINES)],
             "10,20,110,20,110,40,10,40,Total 50,000\n,,,,,,,,no box\n5,60,190,60,190,90,5,90,Ünïcödé 漢字\n",
@@ -351,7 +354,7 @@ def test_jsonl_streams_one_page_per_line(schema: dict[str, Any]) -> None:
         ),
     ]
     rendered = writer.render(list(reversed(pdf_pages)))
-    assert rendered == b"".join(writer.render_page(result) for result in pdf_pages)
+    assert rendered == b"".join(writer.stream_page(result) for result in pdf_pages)
     rows = rendered.decode("utf-8").split("\n")
     assert rows[-1] == "" and len(rows) == 3
     for number, row in enumerate(rows[:-1], start=1):
@@ -580,14 +583,14 @@ def test_searchable_pdf_keeps_only_the_pages_read(tmp_path: Path) -> None:
 def test_searchable_pdf_of_an_encrypted_pdf(tmp_path: Path) -> None:
     source = tmp_path / "locked.pdf"
     make_source_pdf(source, password="s3cret")
-    rendered = PdfWriter(password="s3cret").render(pdf_results(source, [0]))
+    rendered = PdfWriter(WriterOptions(password="s3cret")).render(pdf_results(source, [0]))
     out = pymupdf.open(stream=rendered, filetype="pdf")
     assert out.needs_pass  # the output stays as locked as the input
     assert out.authenticate("s3cret")
     assert_searchable(out[0], PAGE_LINES[0], DPI[0], 0)
     for password in (None, "wrong"):
         with pytest.raises(InputError, match="password does not open it") as caught:
-            PdfWriter(password=password).render(pdf_results(source, [0]))
+            PdfWriter(WriterOptions(password=password)).render(pdf_results(source, [0]))
         assert caught.value.hint == "pass the right one with --password"
 
 

@@ -42,6 +42,7 @@ class PdfWriter(DocumentWriter):
     extension = ".pdf"
     tasks = frozenset({Task.OCR})
     reads_input = True
+    needs_folder = "a PDF file"
 
     def render(self, results: Sequence[PageResult]) -> bytes:
         """Build the PDF; PDF inputs are reopened (with the password) to copy their pages.
