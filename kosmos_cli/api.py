@@ -23,7 +23,7 @@ from kosmos_cli.config import (
     Settings,
     default_model,
 )
-from kosmos_cli.errors import KosmosError, UsageError
+from kosmos_cli.errors import InputError, KosmosError, UsageError
 from kosmos_cli.model import Runner
 from kosmos_cli.pages import PageSelection, parse_pages
 from kosmos_cli.reporting import LogReporter, Reporter, Summary
@@ -101,11 +101,8 @@ def transcribe_files(
         from kosmos_cli.distributed import require_ray
 
         require_ray()
-    outputs = Outputs(job, stdout or sys.stdout.buffer)
     summary = Summary()
-    if outputs.store is not None:
-        outputs.store.open_for_run()
-    try:
+    with Outputs(job, stdout or sys.stdout.buffer) as outputs:
         remove_stale_spools()
         discovery = discover(locations, from_list=from_list, exclude=outputs.files(), uris=ray is not None)
         if job.output_dir is not None and (clash := name_clashes(discovery.documents)) is not None:
@@ -135,9 +132,6 @@ def transcribe_files(
                     runner = load_runner(settings)
                 run_job(todo, runner, outputs, reporter, summary, pages=found, sandbox=sandbox)
         return summary
-    finally:
-        if outputs.store is not None:
-            outputs.store.close()
 
 
 def _report_discovery(discovery: Discovery, reporter: Reporter, summary: Summary) -> None:
@@ -221,15 +215,18 @@ class Transcriber:
                     )
                     continue
                 for event in events:
-                    if isinstance(event.payload, Page):
+                    payload = event.payload
+                    if isinstance(payload, Page):
                         slots.append(None)
-                        yield event.payload, len(slots) - 1
-                    elif isinstance(event.payload, PageError):
-                        info = PageInfo(item, event.payload.page_index, event.payload.page_count, 0, 0)
-                        slots.append(failed_result(info, task, event.payload))
-                    elif event.payload is not None:
-                        raise event.payload
-                    if event.kind == "end":
+                        yield payload, len(slots) - 1
+                    elif event.kind == "page_error":
+                        assert isinstance(payload, PageError)
+                        info = PageInfo(item, payload.page_index, payload.page_count, 0, 0)
+                        slots.append(failed_result(info, task, payload))
+                    elif event.kind == "error":
+                        assert isinstance(payload, InputError)
+                        raise payload
+                    elif event.kind == "end":
                         break
 
         with Sandbox(timeout=page_timeout) as sandbox:

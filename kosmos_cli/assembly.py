@@ -54,8 +54,19 @@ class Outputs:
         self.writers = [get_writer(name, task=job.task, options=writer_options(job)) for name in job.formats]
         check_destination(self.writers, to_stdout=job.output_dir is None)
         self.store = output_store(job.output_dir) if job.output_dir is not None else None
-        self.manifest = Manifest(self.store) if self.store is not None else None
+        self.manifest: Manifest | None = None  # read by `open`
         self.inputs: Sequence[Document] = ()
+
+    def __enter__(self) -> Outputs:
+        """Check the output location can be written (and lock a local one), then read its manifest."""
+        if self.store is not None:
+            self.store.open_for_run()
+            self.manifest = Manifest(self.store)
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        if self.store is not None:
+            self.store.close()
 
     def files(self) -> list[str]:
         """Return the local output folder and every output the manifest records, for walks to skip."""

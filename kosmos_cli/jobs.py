@@ -181,19 +181,21 @@ def run_job(
         def pages_to_do() -> Iterator[tuple[Page, Document]]:
             nonlocal resumed
             for event in prefetch(read_pages(documents, pages, job, sandbox)):
-                document = event.document
+                document, payload = event.document, event.payload
                 if event.kind == "start":
                     resumed = assembly.start(document)
-                elif isinstance(event.payload, Page):
-                    if event.payload.info.page_index in resumed:
+                elif isinstance(payload, Page):
+                    if payload.info.page_index in resumed:
                         continue
-                    assembly.expect(document, [event.payload.info.page_index])
-                    yield event.payload, document
-                elif isinstance(event.payload, PageError):
-                    assembly.page_error(document, event.payload)
-                elif isinstance(event.payload, InputError):
-                    assembly.document_error(document, event.payload)
-                elif event.kind == "end":
+                    assembly.expect(document, [payload.info.page_index])
+                    yield payload, document
+                elif event.kind == "page_error":
+                    assert isinstance(payload, PageError)
+                    assembly.page_error(document, payload)
+                elif event.kind == "error":
+                    assert isinstance(payload, InputError)
+                    assembly.document_error(document, payload)
+                else:
                     assembly.listed(document)
 
         for page, _, result in transcribe_pages(pages_to_do(), runner, task=job.task):

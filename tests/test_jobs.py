@@ -1,14 +1,19 @@
-"""PDFs, folders and pipelines end to end through the CLI on the tiny offline model."""
+"""PDFs, folders and pipelines end to end through the CLI, on the scripted model.
+
+The model is not the subject here (`ScriptedRunner` answers each page with a hash of its pixels);
+one test makes the tiny real model itself fail on a page, to see its error and hint reach the user.
+"""
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -26,26 +31,28 @@ from inputs import (
 )
 from typer.testing import CliRunner, Result
 
-from kosmos_cli import discovery, jobs
+from kosmos_cli import discovery
+from kosmos_cli.assembly import Assembly
 from kosmos_cli.cli import app
 from kosmos_cli.manifest import progress_name
+from kosmos_cli.testing import ScriptedRunner
 from kosmos_cli.values import Document
+
+SCRIPTED_KOSMOS = Path(__file__).with_name("scripted_kosmos.py")
 
 Kosmos = Callable[..., Result]
 TOKENS = "6"  # new tokens per page: enough to make distinct outputs, few enough to be quick
 
 
 @pytest.fixture
-def kosmos(tiny_checkpoint: Path) -> Iterator[Kosmos]:
-    """Run the CLI in-process on the tiny model; returns (exit code, stdout, stderr)."""
+def kosmos(scripted: list[ScriptedRunner], model_folder: Path) -> Kosmos:
+    """Run the CLI in-process with the scripted model."""
     runner = CliRunner()
 
     def invoke(*args: str, input: bytes | None = None) -> Result:
-        return runner.invoke(
-            app, [*args, "--model", str(tiny_checkpoint), "--max-new-tokens", TOKENS], input=input
-        )
+        return runner.invoke(app, [*args, "--model", str(model_folder)], input=input)
 
-    yield invoke
+    return invoke
 
 
 @pytest.fixture
@@ -223,17 +230,17 @@ def test_interrupted_run_resumes_without_redoing_pages(
     clean = tmp_path / "clean"
     assert kosmos("ocr", str(pdf), "-o", str(clean), "-f", "txt", "-f", "json").exit_code == 0
 
-    page_done = jobs.Assembly.page_done
+    page_done = Assembly.page_done
     calls: list[int] = []
 
-    def interrupt_after_three(self: jobs.Assembly, result: object, **kwargs: object) -> bool:
+    def interrupt_after_three(self: Assembly, result: object, *args: object) -> bool:
         calls.append(result.info.page_index)  # type: ignore[attr-defined]
         if len(calls) == 4:
             raise KeyboardInterrupt
-        return page_done(self, result, **kwargs)  # type: ignore[arg-type]
+        return page_done(self, result, *args)  # type: ignore[arg-type]
 
     out = tmp_path / "out"
-    monkeypatch.setattr(jobs.Assembly, "page_done", interrupt_after_three)
+    monkeypatch.setattr(Assembly, "page_done", interrupt_after_three)
     stopped = kosmos("ocr", str(pdf), "-o", str(out), "-f", "txt", "-f", "json")
     assert stopped.exit_code == 130
     assert "interrupted" in stopped.stderr
@@ -241,7 +248,7 @@ def test_interrupted_run_resumes_without_redoing_pages(
     assert len(list((out / ".kosmos/progress").iterdir())) == 1
 
     calls.clear()
-    monkeypatch.setattr(jobs.Assembly, "page_done", page_done)
+    monkeypatch.setattr(Assembly, "page_done", page_done)
     resumed = kosmos("ocr", str(pdf), "-o", str(out), "-f", "txt", "-f", "json")
     assert resumed.exit_code == 0, resumed.stderr
     assert "3 resumed" in resumed.stderr
@@ -269,10 +276,9 @@ def test_a_torn_progress_line_is_redone(kosmos: Kosmos, tmp_path: Path) -> None:
     assert not progress.exists()
 
 
-def test_killed_process_resumes_to_identical_outputs(tiny_checkpoint: Path, tmp_path: Path) -> None:
+def test_killed_process_resumes_to_identical_outputs(model_folder: Path, tmp_path: Path) -> None:
     pdf = make_pdf(tmp_path / "many.pdf", pages=[PdfPage(text=f"page {n}") for n in range(12)])
-    command = [sys.executable, "-m", "kosmos_cli", "md", str(pdf), "--model", str(tiny_checkpoint)]
-    command += ["--max-new-tokens", TOKENS]
+    command = [sys.executable, str(SCRIPTED_KOSMOS), "md", str(pdf), "--model", str(model_folder)]
     clean = tmp_path / "clean"
     subprocess.run([*command, "-o", str(clean)], check=True, capture_output=True, timeout=300)
 
@@ -293,27 +299,34 @@ def test_killed_process_resumes_to_identical_outputs(tiny_checkpoint: Path, tmp_
     assert not progress.exists()
 
 
-def test_a_page_the_model_fails_on_is_marked_in_place(
-    kosmos: Kosmos, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+def test_a_page_the_model_fails_on_is_marked_in_place_and_its_hint_reaches_the_user(
+    tiny_checkpoint: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from kosmos_cli.model.batching import KosmosRunner
+    import torch
+    from transformers import Kosmos2_5ForConditionalGeneration
 
     pdf = make_pdf(tmp_path / "doc.pdf", pages=MIXED_PAGES[:3])
-    encode = KosmosRunner.encode
+    forward = Kosmos2_5ForConditionalGeneration.forward
+    prefills: list[int] = []
 
-    def fail_on_landscape(self: KosmosRunner, request: object) -> object:
-        image = request.image  # type: ignore[attr-defined]
-        if image.width > image.height:  # page 3 of MIXED_PAGES is /Rotate 90: the only landscape page
-            raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB")
-        return encode(self, request)  # type: ignore[arg-type]
+    @functools.wraps(forward)  # its signature names the cache argument kosmos passes
+    def out_of_memory_on_the_third_page(self: object, *args: object, **kwargs: object) -> object:
+        if kwargs.get("flattened_patches") is not None:  # a prefill: one page each at --batch-size 1
+            prefills.append(1)
+            if len(prefills) == 3:
+                raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return forward(self, *args, **kwargs)  # type: ignore[arg-type]
 
-    monkeypatch.setattr(KosmosRunner, "encode", fail_on_landscape)
+    monkeypatch.setattr(Kosmos2_5ForConditionalGeneration, "forward", out_of_memory_on_the_third_page)
     out = tmp_path / "out"
-    result = kosmos("md", str(pdf), "-o", str(out), "-f", "md", "-f", "json")
-    assert result.exit_code == 1
-    assert f"error: `{pdf}` page 3: " in result.stderr and "out of memory" in result.stderr
+    args = ["md", str(pdf), "-o", str(out), "-f", "md", "-f", "json", "--model", str(tiny_checkpoint)]
+    result = CliRunner().invoke(app, [*args, "--max-new-tokens", TOKENS, "--batch-size", "1"])
+    assert result.exit_code == 1, result.stderr
+    stderr = result.stderr.splitlines()
+    failed = stderr.index(f"error: `{pdf}` page 3: out of memory even alone")
+    assert stderr[failed + 1] == "hint: try --dtype bfloat16 or --device cpu"
     markdown = (out / "doc.pdf.md").read_text()
-    assert "<!-- kosmos: page 3 failed: " in markdown
+    assert "<!-- kosmos: page 3 failed: out of memory even alone -->" in markdown
     assert (
         markdown.index("<!-- kosmos: page 1")
         < markdown.index("<!-- kosmos: page 2")
@@ -321,6 +334,6 @@ def test_a_page_the_model_fails_on_is_marked_in_place(
     )
     pages = _json(out / "doc.pdf.json")["pages"]
     assert [p["status"] for p in pages] == ["truncated", "truncated", "failed"]  # type: ignore[index]
-    assert "out of memory" in pages[2]["error"]  # type: ignore[index]
+    assert pages[2]["error"] == "out of memory even alone"  # type: ignore[index]
     assert "kosmos: 1 done, 0 skipped (done before), 0 failed; 3 pages in " in result.stderr
     assert ", 1 failed, 2 truncated" in result.stderr

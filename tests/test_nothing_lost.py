@@ -2,7 +2,8 @@
 
 The model is not the subject here: runs go through the real CLI with `load_runner` swapped for
 `ScriptedRunner`, whose text is a hash of each page's pixels, so a page in the wrong file shows.
-Tests marked `model` in their name run the tiny real checkpoint in a subprocess instead.
+Runs that must be a process of their own (signals, pipes) use `tests/scripted_kosmos.py`, the same
+command with the same swap; the few about loading and logging run the tiny real checkpoint.
 """
 
 from __future__ import annotations
@@ -24,40 +25,17 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from inputs import MIXED_PAGES, PdfPage, make_corrupt, make_image, make_pdf, make_truncated
-from scripted import ScriptedRunner, image_hash
 from typer.testing import CliRunner, Result
 
-from kosmos_cli import files, runner
+from kosmos_cli import stores
 from kosmos_cli.cli import _Reporter, app
 from kosmos_cli.discovery import discover, name_clashes
 from kosmos_cli.errors import KosmosError
 from kosmos_cli.parsing import parse_ocr, tidy_markdown
-from kosmos_cli.rasterize import load_image
 from kosmos_cli.stores import LocalStore
+from kosmos_cli.testing import ScriptedRunner, image_hash
 
 Kosmos = Callable[..., Result]
-
-
-@pytest.fixture
-def model_folder(tmp_path: Path) -> Path:
-    """A folder that stands for a checkpoint: the fingerprint reads its files, nothing loads them."""
-    folder = tmp_path / "model"
-    folder.mkdir()
-    (folder / "config.json").write_text('{"model_type": "kosmos-2.5"}')
-    return folder
-
-
-@pytest.fixture
-def scripted(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[ScriptedRunner]]:
-    """Swap the model for ScriptedRunner; yields the runners made, one per loading."""
-    made: list[ScriptedRunner] = []
-
-    def load(settings: runner.Settings) -> ScriptedRunner:
-        made.append(ScriptedRunner())
-        return made[-1]
-
-    monkeypatch.setattr(runner, "load_runner", load)
-    yield made
 
 
 @pytest.fixture
@@ -170,7 +148,7 @@ def test_a_changed_file_a_new_stdin_document_and_new_settings_are_redone(
     make_image(page, size=(70, 50))
     changed = kosmos("md", str(page), "-o", out)
     assert "1 done, 0 skipped" in changed.stderr
-    assert image_hash(load_image(page).tobytes()) in (tmp_path / "out/page.png.md").read_text()
+    assert image_hash(next(_page_pixels(page))) in (tmp_path / "out/page.png.md").read_text()
 
     for args in (("--max-new-tokens", "9"), ("--dpi", "50"), ("--pages", "1")):
         redone = kosmos("md", str(page), "-o", out, *args)
@@ -182,7 +160,7 @@ def test_a_changed_file_a_new_stdin_document_and_new_settings_are_redone(
     assert kosmos("md", "-", "-o", out, input=first.read_bytes()).exit_code == 0
     piped = kosmos("md", "-", "-o", out, input=second.read_bytes())
     assert "1 done, 0 skipped" in piped.stderr
-    assert image_hash(load_image(second).tobytes()) in (tmp_path / "out/stdin.md").read_text()
+    assert image_hash(next(_page_pixels(second))) in (tmp_path / "out/stdin.md").read_text()
 
 
 def test_another_task_rewrites_the_shared_json(kosmos: Kosmos, tmp_path: Path) -> None:
@@ -195,18 +173,18 @@ def test_another_task_rewrites_the_shared_json(kosmos: Kosmos, tmp_path: Path) -
 
 
 def _interrupt_after(monkeypatch: pytest.MonkeyPatch, pages: int) -> None:
-    from kosmos_cli import jobs
+    from kosmos_cli.assembly import Assembly
 
-    page_done = jobs.Assembly.page_done
+    page_done = Assembly.page_done
     calls: list[int] = []
 
-    def interrupt(self: jobs.Assembly, result: object, **kwargs: object) -> bool:
+    def interrupt(self: Assembly, result: object, *args: object) -> bool:
         calls.append(1)
         if len(calls) > pages:
             raise KeyboardInterrupt
-        return page_done(self, result, **kwargs)  # type: ignore[arg-type]
+        return page_done(self, result, *args)  # type: ignore[arg-type]
 
-    monkeypatch.setattr(jobs.Assembly, "page_done", interrupt)
+    monkeypatch.setattr(Assembly, "page_done", interrupt)
 
 
 def test_saved_pages_are_reused_only_by_the_same_job(
@@ -476,14 +454,14 @@ def test_a_planted_link_is_never_written_through(tmp_path: Path) -> None:
 def test_a_full_disk_fails_the_document_and_the_run_ends_with_its_summary(
     kosmos: Kosmos, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    write = files.atomic_write
+    write = stores.atomic_write
 
     def full_for_b(path: Path, data: bytes, **kwargs: object) -> None:
         if path.name.startswith("b."):
             raise KosmosError(f"cannot write `{path}`: {os.strerror(errno.ENOSPC)}")
         write(path, data, **kwargs)  # type: ignore[arg-type]
 
-    monkeypatch.setattr(files, "atomic_write", full_for_b)
+    monkeypatch.setattr(stores, "atomic_write", full_for_b)
     for name in ("a", "b", "c"):
         make_image(tmp_path / f"in/{name}.png")
     result = kosmos("md", str(tmp_path / "in"), "-o", str(tmp_path / "out"))
@@ -540,12 +518,10 @@ def test_a_page_that_makes_mupdf_spin_fails_alone_within_the_page_timeout(
     assert "<!-- kosmos: page 2 failed: " in two and "# page " in two
 
 
-def test_ctrl_c_stops_a_run_stuck_in_a_render_model(tiny_checkpoint: Path, tmp_path: Path) -> None:
+def test_ctrl_c_stops_a_run_stuck_in_a_render(model_folder: Path, tmp_path: Path) -> None:
     laughs = _laughs_pdf(tmp_path / "laughs.pdf", levels=14)
-    process = subprocess.Popen(
-        _command(tiny_checkpoint, "md", str(laughs)), stderr=subprocess.PIPE, text=True
-    )
-    time.sleep(10)  # past loading the model: the reader is rendering for ever
+    process = subprocess.Popen(_scripted(model_folder, "md", str(laughs)), stderr=subprocess.PIPE, text=True)
+    time.sleep(5)  # past starting: the reader is rendering for ever
     process.send_signal(signal.SIGINT)
     _, stderr = process.communicate(timeout=30)
     assert process.returncode == 130, stderr
@@ -605,16 +581,24 @@ def test_plain_progress_lines_when_stderr_is_a_log(tmp_path: Path) -> None:
     ]
 
 
-# --- the real tiny model in a subprocess --------------------------------------------------------
+# --- kosmos in a process of its own -------------------------------------------------------------
+
+SCRIPTED_KOSMOS = Path(__file__).with_name("scripted_kosmos.py")
+
+
+def _scripted(model: Path, *args: str) -> list[str]:
+    """The kosmos command, with the model swapped for ScriptedRunner (0.1 s a page)."""
+    return [sys.executable, str(SCRIPTED_KOSMOS), *args, "--model", str(model)]
 
 
 def _command(checkpoint: Path, *args: str) -> list[str]:
+    """The kosmos command on a real checkpoint."""
     return [sys.executable, "-m", "kosmos_cli", *args, "--model", str(checkpoint), "--max-new-tokens", "6"]
 
 
-def test_a_closed_stdout_ends_the_run_quietly_model(tiny_checkpoint: Path, tmp_path: Path) -> None:
+def test_a_closed_stdout_ends_the_run_quietly(model_folder: Path, tmp_path: Path) -> None:
     pages = [str(make_image(tmp_path / f"p{n}.png", size=(60 + n, 40))) for n in range(3)]
-    shell = " ".join(_command(tiny_checkpoint, "md", *pages)) + " | head -c 1"
+    shell = " ".join(_scripted(model_folder, "md", *pages)) + " | head -c 1"
     result = subprocess.run(
         ["bash", "-c", f"set -o pipefail; {shell}"], capture_output=True, timeout=300, text=True
     )
@@ -622,14 +606,14 @@ def test_a_closed_stdout_ends_the_run_quietly_model(tiny_checkpoint: Path, tmp_p
     assert "error" not in result.stderr.lower()
 
 
-def test_a_damaged_checkpoint_is_a_loading_error_model(tiny_checkpoint: Path, tmp_path: Path) -> None:
+def test_a_damaged_checkpoint_is_a_loading_error(tiny_checkpoint: Path, tmp_path: Path) -> None:
     broken = tmp_path / "broken"
     shutil.copytree(tiny_checkpoint, broken)
     weights = broken / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
     page = make_image(tmp_path / "page.png")
-    result = subprocess.run(_command(broken, "md", str(page)), capture_output=True, timeout=300, text=True)
-    assert result.returncode == 3, result.stderr
+    result = CliRunner().invoke(app, ["md", str(page), "--model", str(broken)])
+    assert result.exit_code == 3, result.stderr
     assert f"error: `{weights}` is damaged" in result.stderr
 
 
@@ -637,8 +621,8 @@ KILLS = [(signal.SIGKILL, 0.3), (signal.SIGINT, 0.6), (signal.SIGTERM, 0.45)]
 
 
 @pytest.mark.parametrize(("signum", "share"), KILLS, ids=[s.name for s, _ in KILLS])
-def test_a_killed_run_resumes_to_identical_outputs_model(
-    tiny_checkpoint: Path, tmp_path: Path, signum: signal.Signals, share: float
+def test_a_killed_run_resumes_to_identical_outputs(
+    model_folder: Path, tmp_path: Path, signum: signal.Signals, share: float
 ) -> None:
     folder = tmp_path / "in"
     make_pdf(folder / "many.pdf", pages=[PdfPage(text=f"page {n}") for n in range(8)])
@@ -648,12 +632,12 @@ def test_a_killed_run_resumes_to_identical_outputs_model(
     clean = tmp_path / "clean"
     started = time.monotonic()
     subprocess.run(
-        _command(tiny_checkpoint, *args, "-o", str(clean)), check=True, capture_output=True, timeout=300
+        _scripted(model_folder, *args, "-o", str(clean)), check=True, capture_output=True, timeout=300
     )
     whole = time.monotonic() - started
     out = tmp_path / "out"
     process = subprocess.Popen(
-        _command(tiny_checkpoint, *args, "-o", str(out)), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+        _scripted(model_folder, *args, "-o", str(out)), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
     )
     time.sleep(whole * share * random.Random(signum).uniform(0.8, 1.2))
     process.send_signal(signum)
@@ -663,7 +647,7 @@ def test_a_killed_run_resumes_to_identical_outputs_model(
         assert process.returncode == expected, stderr.decode()
         assert b"terminate called" not in stderr
     rerun = subprocess.run(
-        _command(tiny_checkpoint, *args, "-o", str(out)), capture_output=True, text=True, timeout=300
+        _scripted(model_folder, *args, "-o", str(out)), capture_output=True, text=True, timeout=300
     )
     assert rerun.returncode == 0, rerun.stderr
     assert _outputs(out) == _outputs(clean)
@@ -753,20 +737,24 @@ def _page_pixels(path: Path) -> Iterator[bytes]:
         yield page.image.tobytes()  # type: ignore[union-attr]
 
 
-def test_the_nightly_pipeline_transcribes_new_and_changed_scans_once_model(
-    tiny_checkpoint: Path, tmp_path: Path
+def test_the_nightly_pipeline_transcribes_new_and_changed_scans_once(
+    model_folder: Path, tmp_path: Path
 ) -> None:
     if shutil.which("jq") is None:
         pytest.skip("examples/pipeline.sh needs jq")
     scans = _scans(tmp_path)  # two a.pdf in different folders, one of them a single page
     script = Path(__file__).resolve().parent.parent / "examples" / "pipeline.sh"
-    env = os.environ | {
-        "KOSMOS_MODEL": str(tiny_checkpoint),
-        "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
-    }
+    bin_folder = tmp_path / "bin"  # `kosmos` there is the scripted command
+    bin_folder.mkdir()
+    shim = bin_folder / "kosmos"
+    shim.write_text(
+        f'#!/bin/sh\nKOSMOS_TEST_SECONDS_PER_PAGE=0 exec {sys.executable} {SCRIPTED_KOSMOS} "$@"\n'
+    )
+    shim.chmod(0o755)
+    env = os.environ | {"KOSMOS_MODEL": str(model_folder), "PATH": f"{bin_folder}:{os.environ['PATH']}"}
 
     def nightly() -> subprocess.CompletedProcess[str]:
-        command = ["sh", str(script), str(scans), str(tmp_path / "out"), "--max-new-tokens", "6"]
+        command = ["sh", str(script), str(scans), str(tmp_path / "out")]
         return subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
 
     first = nightly()
@@ -784,7 +772,7 @@ def test_the_nightly_pipeline_transcribes_new_and_changed_scans_once_model(
     assert third.returncode == 0 and third.stderr.count("1 done, 2 skipped (done before)") == 2, third.stderr
 
 
-def test_verbose_shows_what_happens_not_the_tokenizer_model(tiny_checkpoint: Path, tmp_path: Path) -> None:
+def test_verbose_shows_what_happens_not_the_tokenizer(tiny_checkpoint: Path, tmp_path: Path) -> None:
     page = make_image(tmp_path / "page.png")
     result = subprocess.run(
         _command(tiny_checkpoint, "md", str(page), "-v"), capture_output=True, text=True, timeout=300
