@@ -22,14 +22,13 @@ from inputs import MIXED_PAGES, make_image, make_pdf
 from recorder import Recorder, counts, tree
 from typer.testing import CliRunner
 
+from kosmos_cli.api import transcribe_files
+from kosmos_cli.assembly import Assembly
 from kosmos_cli.cli import app
 from kosmos_cli.config import Settings
-from kosmos_cli.discovery import discover
 from kosmos_cli.errors import KosmosError, UsageError
-from kosmos_cli.jobs import Assembly, Job, Summary, plan, probe, run_job
 from kosmos_cli.manifest import progress_name
-from kosmos_cli.model.loading import load_runner
-from kosmos_cli.sandbox import Sandbox
+from kosmos_cli.reporting import Summary
 from kosmos_cli.stores import (
     LISTING_THRESHOLD,
     LocalStore,
@@ -40,12 +39,13 @@ from kosmos_cli.stores import (
     output_store,
     public_location,
 )
-from kosmos_cli.values import PageResult, Task
+from kosmos_cli.testing import ScriptedRunner
+from kosmos_cli.values import Document, PageResult, Task
 
 PROGRESS_SUFFIX = ".progress.jsonl"  # a log name, as the manifest's progress logs end
 
 CREDENTIALS = "kosmos-test:kosmos-test-secret"  # moto takes any
-TOKENS = 6  # new tokens per page: distinct outputs, quick
+SETTINGS = Settings(model="scripted", device="cpu")  # names the scripted model in fingerprints
 
 
 # --- an S3 server on 127.0.0.1 ----------------------------------------------------------------------
@@ -163,7 +163,13 @@ def test_store_writes_reads_and_removes(store: OutputStore) -> None:
 
 def test_store_leaves_no_temporary_files(store: OutputStore, tmp_path: Path) -> None:
     store.write("x/y.md", b"data")
-    if isinstance(store, LocalStore) or store.location == "subtree://out":
+    if isinstance(store, ObjectStore) and store.location.startswith("s3://"):
+        from pyarrow import fs
+
+        bucket = store.root.split("/")[0]  # every object in the bucket, not only below the root
+        found = store.filesystem.get_file_info(fs.FileSelector(bucket, recursive=True))
+        assert [info.path for info in found if info.type == fs.FileType.File] == [f"{store.root}/x/y.md"]
+    else:
         assert [p.name for p in tmp_path.rglob("*") if p.is_file()] == ["y.md"]
     if isinstance(store, LocalStore):
         store.open_for_run()  # from now on temporary files go to .kosmos/tmp, emptied by each run
@@ -303,13 +309,6 @@ def test_object_stores_without_pyarrow_say_what_to_install(monkeypatch: pytest.M
 
 
 @pytest.fixture(scope="module")
-def runner(tiny_checkpoint: Path) -> object:
-    return load_runner(
-        Settings(model=str(tiny_checkpoint), device="cpu", batch_size=1, max_new_tokens=TOKENS)
-    )
-
-
-@pytest.fixture(scope="module")
 def scans(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """An image and a two-page PDF, one level down."""
     folder = tmp_path_factory.mktemp("scans")
@@ -319,35 +318,32 @@ def scans(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return folder
 
 
-def ocr_job(output_dir: Path | str) -> Job:
-    return Job(
+OCR_FORMATS = ("txt", "json", "hocr", "pdf")
+
+
+def run(
+    folder: Path, output: Path | str, *, formats: tuple[str, ...] = OCR_FORMATS
+) -> tuple[Summary, Recorder]:
+    """Transcribe a folder with the scripted model, as the CLI does on one machine, with --draw."""
+    recorder = Recorder()
+    summary = transcribe_files(
+        [str(folder)],
         task=Task.OCR,
-        formats=("txt", "json", "hocr", "pdf"),
-        output_dir=output_dir,
+        formats=formats,
+        output=output,
         draw=True,
-        fingerprint="tiny",
+        settings=SETTINGS,
+        runner=ScriptedRunner(),
+        reporter=recorder,
+        stdout=io.BytesIO(),
     )
-
-
-def run(folder: Path, job: Job, runner: object) -> tuple[Summary, Recorder]:
-    """Plan and run a job over a folder as the CLI does on one machine."""
-    documents = discover([str(folder)]).documents
-    summary, recorder = Summary(), Recorder()
-    with Sandbox() as sandbox:
-        pages = probe(documents, job, recorder, summary, sandbox=sandbox)
-        todo = plan(documents, job, recorder, summary, pages=pages, inputs=documents)
-        run_job(
-            todo, runner, job, recorder, io.BytesIO(), summary, inputs=documents, pages=pages, sandbox=sandbox
-        )  # type: ignore[arg-type]
     return summary, recorder
 
 
 @pytest.fixture(scope="module")
-def local_reference(
-    scans: Path, runner: object, tmp_path_factory: pytest.TempPathFactory
-) -> dict[str, bytes]:
+def local_reference(scans: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, bytes]:
     out = tmp_path_factory.mktemp("local-out")
-    summary, recorder = run(scans, ocr_job(out), runner)
+    summary, recorder = run(scans, out)
     assert counts(summary) == (2, 0, 0, 3, 0, 0) and recorder.errors == []
     return _outputs(tree(out))
 
@@ -358,12 +354,11 @@ def _outputs(files: dict[str, bytes]) -> dict[str, bytes]:
 
 
 def test_job_writes_to_s3_what_it_writes_locally_and_skips_it_after(
-    s3: S3Server, scans: Path, runner: object, local_reference: dict[str, bytes]
+    s3: S3Server, scans: Path, local_reference: dict[str, bytes]
 ) -> None:
     bucket = s3.new_bucket()
-    job = ocr_job(s3.uri(bucket, "out"))
 
-    summary, recorder = run(scans, job, runner)
+    summary, recorder = run(scans, s3.uri(bucket, "out"))
 
     assert set(local_reference) == {  # every format and the --draw images, compared byte for byte
         "a.png.txt", "a.png.json", "a.png.hocr", "a.png.pdf", "a.png.boxes.png",
@@ -374,24 +369,28 @@ def test_job_writes_to_s3_what_it_writes_locally_and_skips_it_after(
     assert not [name for name in s3.tree(bucket, "out") if "/progress/" in name]
     assert counts(summary) == (2, 0, 0, 3, 0, 0) and recorder.errors == []
 
-    again, _ = run(scans, job, runner)
+    again, _ = run(scans, s3.uri(bucket, "out"))
     assert counts(again) == (0, 2, 0, 0, 0, 0)
 
 
 def test_job_on_s3_resumes_a_half_done_document(
-    s3: S3Server, scans: Path, runner: object, local_reference: dict[str, bytes]
+    s3: S3Server, scans: Path, local_reference: dict[str, bytes], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     bucket = s3.new_bucket()
-    job = ocr_job(s3.uri(bucket, "out"))
-    documents = discover([str(scans)]).documents
-    # A run that stopped inside sub/b.pdf after its first page: a.* done, b's page 1 in its progress log.
-    run_job(documents[:1], runner, job, Recorder(), io.BytesIO(), Summary())  # type: ignore[arg-type]
-    assembly = Assembly(documents[1:], job, Recorder(), io.BytesIO(), Summary())
-    assembly.start(documents[1])
-    assembly.expect(documents[1], [0, 1])
-    first_page = _first_page(documents[1], runner, job)
-    assembly.page_done(first_page)
-    progress = progress_name(documents[1]).removesuffix(".jsonl")
+    page_done = Assembly.page_done
+    calls: list[int] = []
+
+    def stop_inside_b(self: Assembly, result: PageResult, *args: object) -> bool:
+        calls.append(result.info.page_index)
+        if len(calls) == 3:  # a.png and sub/b.pdf's page 1 are done
+            raise KeyboardInterrupt
+        return page_done(self, result, *args)  # type: ignore[arg-type]
+
+    with monkeypatch.context() as patch:
+        patch.setattr(Assembly, "page_done", stop_inside_b)
+        with pytest.raises(KeyboardInterrupt):
+            run(scans, s3.uri(bucket, "out"))
+    progress = progress_name(Document(str(scans / "sub/b.pdf"), "sub/b.pdf")).removesuffix(".jsonl")
     assert set(_outputs(s3.tree(bucket, "out"))) == {
         "a.png.txt",
         "a.png.json",
@@ -401,38 +400,26 @@ def test_job_on_s3_resumes_a_half_done_document(
     }
     assert {f"{progress}/00000000.json", f"{progress}/00000001.json"} <= set(s3.tree(bucket, "out"))
 
-    summary, recorder = run(scans, job, runner)
+    summary, recorder = run(scans, s3.uri(bucket, "out"))
 
     assert recorder.errors == []
     assert counts(summary) == (1, 1, 0, 1, 1, 0)
-    # The resumed page's drawing was not kept by the interrupted run, so only the rest are compared.
-    expected = {name: data for name, data in local_reference.items() if name != "sub/b.pdf-p001.boxes.png"}
-    assert _outputs(s3.tree(bucket, "out")) == expected
-
-
-def _first_page(document: object, runner: object, job: Job) -> PageResult:
-    """Transcribe the first page of a document as run_job would."""
-    from kosmos_cli.pages import PageSelection
-    from kosmos_cli.rasterize import iter_pages
-    from kosmos_cli.transcribe import transcribe_pages
-
-    pages = [(page, None) for page in iter_pages(document, pages=PageSelection(((1, 1),)))]  # type: ignore[arg-type]
-    return next(result for _, _, result in transcribe_pages(pages, runner, task=job.task))  # type: ignore[arg-type]
+    assert _outputs(s3.tree(bucket, "out")) == local_reference  # the resumed page's drawing was staged
+    assert not [name for name in s3.tree(bucket, "out") if "/progress/" in name or "/staging/" in name]
 
 
 # --- never overwrite an input -------------------------------------------------------------------------
 
 
-def test_outputs_that_would_overwrite_inputs_fail_their_document(tmp_path: Path, runner: object) -> None:
+def test_outputs_that_would_overwrite_inputs_fail_their_document(tmp_path: Path) -> None:
     folder = tmp_path / "in"
     folder.mkdir()
     make_image(folder / "scan.png")  # its searchable PDF would be scan.png.pdf, another input
     make_pdf(folder / "scan.png.pdf", pages=MIXED_PAGES[:2])
     make_image(folder / "photo.jpg", fmt="JPEG")
     before = tree(folder)
-    job = Job(task=Task.OCR, formats=("txt", "pdf"), output_dir=folder, draw=True, fingerprint="tiny")
 
-    summary, recorder = run(folder, job, runner)
+    summary, recorder = run(folder, folder, formats=("txt", "pdf"))
 
     assert recorder.errors == [
         f"`{folder}/scan.png.pdf` would overwrite the input `{folder}/scan.png.pdf`\nhint: choose another -o",
@@ -446,7 +433,9 @@ def test_outputs_that_would_overwrite_inputs_fail_their_document(tmp_path: Path,
     ]  # fmt: skip
 
 
-def test_cli_refuses_to_overwrite_an_input_and_goes_on(tiny_checkpoint: Path, tmp_path: Path) -> None:
+def test_cli_refuses_to_overwrite_an_input_and_goes_on(
+    scripted: list[ScriptedRunner], model_folder: Path, tmp_path: Path
+) -> None:
     folder = tmp_path / "scans"
     folder.mkdir()
     make_image(folder / "scan.pdf")  # an image despite its name: its searchable PDF is scan.pdf.pdf
@@ -454,9 +443,7 @@ def test_cli_refuses_to_overwrite_an_input_and_goes_on(tiny_checkpoint: Path, tm
     scan = (folder / "scan.pdf.pdf").read_bytes()
     args = ["ocr", str(folder), "-o", str(folder), "-f", "pdf"]
 
-    result = CliRunner().invoke(
-        app, [*args, "--model", str(tiny_checkpoint), "--max-new-tokens", str(TOKENS)]
-    )
+    result = CliRunner().invoke(app, [*args, "--model", str(model_folder)])
 
     assert result.exit_code == 1
     assert result.stdout == ""
@@ -477,7 +464,7 @@ def test_cli_refuses_to_overwrite_an_input_and_goes_on(tiny_checkpoint: Path, tm
 
 def test_cli_writes_to_s3(
     s3: S3Server,
-    tiny_checkpoint: Path,
+    scripted: list[ScriptedRunner],
     scans: Path,
     local_reference: dict[str, bytes],
     tmp_path: Path,
@@ -486,10 +473,7 @@ def test_cli_writes_to_s3(
     monkeypatch.chdir(tmp_path)  # a URI taken for a local path would land here
     bucket = s3.new_bucket()
     args = ["ocr", str(scans / "a.png"), "-o", s3.uri(bucket, "out"), "-f", "txt", "-f", "json"]
-
-    result = CliRunner().invoke(
-        app, [*args, "--model", str(tiny_checkpoint), "--max-new-tokens", str(TOKENS)]
-    )
+    result = CliRunner().invoke(app, [*args, "--model", SETTINGS.model])
 
     assert result.exit_code == 0, result.stderr
     assert _outputs(s3.tree(bucket, "out")) == {

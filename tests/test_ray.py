@@ -1,8 +1,8 @@
 """The Ray path (`kosmos ... --ray`) against the single-machine path: same bytes, same failures, resumable.
 
 Everything runs on one local Ray instance with 2 CPUs, started once for the module, and the tiny
-random checkpoint on CPU actors. The single-machine reference runs the same library calls as the
-CLI (`discover`, `plan`, `load_runner`, `run_job`); the Ray runs swap the last two for `run_on_ray`.
+random checkpoint on CPU actors. Both paths go through the front door, `transcribe_files`, the
+Ray runs with `ray=RayOptions(...)`. `make test-ray` runs these; the default `make test` does not.
 Object-store inputs and outputs go to moto's S3 server on 127.0.0.1 (`test_outputs.S3Server`).
 """
 
@@ -10,33 +10,29 @@ from __future__ import annotations
 
 import io
 import logging
+import os
 import shutil
 import sys
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
 import pytest
 from inputs import MIXED_PAGES, PdfPage, make_corrupt, make_image, make_pdf
+from ray_crash import CRASH_DIR_ENV
 from recorder import Recorder, counts, tree
 from test_outputs import S3Server, run_s3_server
 
-from kosmos_cli.config import Settings
-from kosmos_cli.discovery import discover
-from kosmos_cli.distributed import (
-    CRASH_ENV,
-    INSTALL_HINT,
-    WorkerPlan,
-    discover_inputs,
-    discover_uris,
-    plan_workers,
-    require_ray,
-    run_on_ray,
-)
+from kosmos_cli.api import transcribe_files
+from kosmos_cli.assembly import Assembly, Outputs
+from kosmos_cli.config import Job, RayOptions, Settings
+from kosmos_cli.discovery import discover, discover_uris
+from kosmos_cli.distributed import INSTALL_HINT, WorkerPlan, plan_workers, require_ray
 from kosmos_cli.errors import ModelLoadError, UsageError
-from kosmos_cli.jobs import Assembly, Job, Summary, plan, run_job
+from kosmos_cli.jobs import job_fingerprint
 from kosmos_cli.manifest import progress_name
-from kosmos_cli.model.loading import load_runner
+from kosmos_cli.reporting import Summary
 from kosmos_cli.values import Document, PageInfo, PageResult, Task
 
 FORMATS = {Task.MD: ("md", "json", "jsonl"), Task.OCR: ("txt", "json", "jsonl", "hocr", "pdf")}
@@ -51,8 +47,8 @@ def test_without_ray_says_how_to_install(monkeypatch: pytest.MonkeyPatch) -> Non
     monkeypatch.setitem(sys.modules, "ray", None)  # what `import ray` meets when Ray is not installed
     with pytest.raises(UsageError) as caught:
         require_ray()
-    assert caught.value.message == f"--ray needs Ray, which is not installed: {INSTALL_HINT}"
-    assert caught.value.hint is None  # one line
+    assert caught.value.message == "--ray needs Ray, which is not installed"
+    assert caught.value.hint == INSTALL_HINT == "pip install 'kosmos-cli[ray]'"
     assert caught.value.exit_code == 2
 
 
@@ -77,8 +73,8 @@ def test_plan_workers(
     gpus_per_worker: float,
     expected: WorkerPlan,
 ) -> None:
-    settings = Settings(device=device)
-    assert plan_workers(resources, settings, workers=workers, gpus_per_worker=gpus_per_worker) == expected
+    options = RayOptions(workers=workers, gpus_per_worker=gpus_per_worker)
+    assert plan_workers(resources, Settings(device=device), options) == expected
 
 
 @pytest.mark.parametrize(
@@ -86,15 +82,14 @@ def test_plan_workers(
     [
         ({"CPU": 8}, "cuda", None, 1.0, "--device cuda asks for GPUs, but the Ray cluster has none"),
         ({"CPU": 8, "GPU": 2}, "auto", None, 4.0, "--gpus-per-worker 4 is more than the cluster's 2 GPUs"),
-        ({"CPU": 8}, "auto", 0, 1.0, "--workers must be at least 1, not 0"),
-        ({"CPU": 8}, "auto", None, -1.0, "--gpus-per-worker must be 0 or more, not -1"),
     ],
 )
 def test_plan_workers_refuses(
     resources: dict[str, float], device: str, workers: int | None, gpus_per_worker: float, message: str
 ) -> None:
+    options = RayOptions(workers=workers, gpus_per_worker=gpus_per_worker)
     with pytest.raises(UsageError) as caught:
-        plan_workers(resources, Settings(device=device), workers=workers, gpus_per_worker=gpus_per_worker)
+        plan_workers(resources, Settings(device=device), options)
     assert caught.value.message == message
 
 
@@ -112,12 +107,15 @@ def test_discover_uris_names_documents_as_sources_does(corpus: Path, tmp_path: P
     assert [e.message for e in remote.errors] == [f"`file://{tmp_path}/missing` does not exist"]
 
 
-def test_discover_inputs_takes_paths_or_uris_not_both(corpus: Path) -> None:
-    assert discover_inputs([corpus.name]) == discover([corpus.name])
-    assert discover_inputs([f"file://{corpus}"]) == discover_uris([f"file://{corpus}"])
+def test_discover_takes_paths_or_uris_not_both(corpus: Path) -> None:
+    assert discover([corpus.name], uris=True) == discover([corpus.name])
+    assert discover([f"file://{corpus}"], uris=True) == discover_uris([f"file://{corpus}"])
     with pytest.raises(UsageError) as caught:
-        discover_inputs([corpus.name, f"file://{corpus}"])
+        discover([corpus.name, f"file://{corpus}"], uris=True)
     assert caught.value.message.startswith("inputs must be all local paths or all URIs")
+    with pytest.raises(UsageError) as caught:
+        discover([f"file://{corpus}"])
+    assert caught.value.message == f"`file://{corpus}` is an object-store URI, which only --ray reads"
 
 
 def test_driver_writes_each_document_once_whatever_order_and_repeats_rows_come_in(tmp_path: Path) -> None:
@@ -130,7 +128,8 @@ def test_driver_writes_each_document_once_whatever_order_and_repeats_rows_come_i
 
     def result(number: int, page_index: int, count: int) -> dict[str, object]:
         info = PageInfo(documents[number], page_index, count, 10, 10)
-        return _row(number, _RESULT, page_index, (PageResult(info, Task.MD, f"page {page_index + 1}"), None))
+        payload = (PageResult(info, Task.MD, f"page {page_index + 1}").to_dict(), {})
+        return _row(number, _RESULT, page_index, payload)
 
     rows = [
         result(0, 1, 2),  # before its document is listed
@@ -144,11 +143,12 @@ def test_driver_writes_each_document_once_whatever_order_and_repeats_rows_come_i
     ]
     job = Job(task=Task.MD, formats=("md",), output_dir=tmp_path / "out")
     summary, recorder = Summary(), Recorder()
-    assembly = Assembly(documents, job, recorder, io.BytesIO(), summary)
-    for document in documents:
-        assembly.start(document)
+    with Outputs(job, io.BytesIO()) as outputs:
+        assembly = Assembly(documents, outputs, recorder, summary)
+        for document in documents:
+            assembly.start(document)
 
-    _collect(rows, documents, assembly, recorder)
+        _collect(rows, documents, assembly, recorder)
 
     assert tree(tmp_path / "out") == {
         "a.md": b"<!-- kosmos: page 1 -->\n\npage 1\n\n<!-- kosmos: page 2 -->\n\npage 2\n",
@@ -171,19 +171,31 @@ def test_outputs_over_inputs_are_refused_before_ray_starts(
     folder.mkdir()
     make_image(folder / "scan.png")  # its searchable PDF would be scan.png.pdf, another input
     make_pdf(folder / "scan.png.pdf")
-    job = Job(task=Task.OCR, formats=("txt", "pdf"), output_dir=folder, fingerprint="tiny")
-    documents = discover([str(folder)]).documents
-    summary, recorder = Summary(), Recorder()
-    todo = plan(documents[:1], job, recorder, summary, inputs=documents)
-    assert todo == []
+    (folder / "scan.png.pdf.txt").write_text("notes\n")  # the other input's txt, not kosmos's: refused too
+    recorder = Recorder()
 
-    run_on_ray(todo, job, settings, recorder, summary=summary)
+    summary = transcribe_files(
+        [str(folder / "scan.png"), str(folder / "scan.png.pdf")],
+        task=Task.OCR,
+        formats=("txt", "pdf"),
+        output=folder,
+        settings=settings,
+        ray=RayOptions(),
+        reporter=recorder,
+    )
 
     assert recorder.errors == [
-        f"`{folder}/scan.png.pdf` would overwrite the input `{folder}/scan.png.pdf`\nhint: choose another -o"
+        f"`{folder}/scan.png.pdf` would overwrite the input `{folder}/scan.png.pdf`\nhint: choose another -o",
+        f"`{folder}/scan.png.pdf.txt` exists and kosmos did not write it; `{folder}/scan.png.pdf` is not "
+        "transcribed\nhint: choose another -o, or pass --overwrite to replace it",
     ]
-    assert counts(summary) == (0, 0, 1, 0, 0, 0)
-    assert sorted(p.name for p in folder.iterdir()) == ["scan.png", "scan.png.pdf"]
+    assert counts(summary) == (0, 0, 2, 0, 0, 0)
+    assert sorted(p.name for p in folder.iterdir()) == [
+        ".kosmos",
+        "scan.png",
+        "scan.png.pdf",
+        "scan.png.pdf.txt",
+    ]
 
 
 # --- on a local Ray instance ------------------------------------------------------------------------
@@ -198,11 +210,27 @@ class Run:
 
 
 @pytest.fixture(scope="module")
-def ray_instance() -> Iterator[None]:
-    """Start one local Ray instance for the module: 2 CPUs, no GPU, quiet."""
+def crash_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Where a test arms `ray_crash` to lose one model actor."""
+    return tmp_path_factory.mktemp("ray-crash")
+
+
+@pytest.fixture(scope="module")
+def ray_instance(crash_folder: Path) -> Iterator[None]:
+    """Start one local Ray instance for the module: 2 CPUs, no GPU, quiet, `ray_crash` in every worker."""
     ray = pytest.importorskip("ray")
+    tests = str(Path(__file__).parent)
+    path = os.pathsep.join([tests, *filter(None, [os.environ.get("PYTHONPATH")])])
     ray.init(
-        num_cpus=2, num_gpus=0, include_dashboard=False, log_to_driver=False, logging_level=logging.ERROR
+        num_cpus=2,
+        num_gpus=0,
+        include_dashboard=False,
+        log_to_driver=False,
+        logging_level=logging.ERROR,
+        runtime_env={
+            "worker_process_setup_hook": "ray_crash.install",
+            "env_vars": {"PYTHONPATH": path, CRASH_DIR_ENV: str(crash_folder)},
+        },
     )
     yield
     ray.shutdown()
@@ -236,34 +264,46 @@ def beside_corpus(corpus: Path) -> Iterator[None]:
 
 @pytest.fixture(scope="module")
 def settings(tiny_checkpoint: Path) -> Settings:
-    # One page per generate call on both paths, so batching cannot change a float and a token.
-    return Settings(model=str(tiny_checkpoint), device="cpu", batch_size=1, max_new_tokens=6)
-
-
-def make_job(task: Task, output_dir: Path | None, *, formats: tuple[str, ...] | None = None) -> Job:
-    return Job(
-        task=task,
-        formats=formats or FORMATS[task],
-        output_dir=output_dir,
-        draw=task is Task.OCR and output_dir is not None,
-        fingerprint="tiny",
+    # One page per generate call on both paths, so batching cannot change a float and a token. The
+    # dtype and attention are named: a Ray driver does not resolve `auto` (its workers may differ), so
+    # only then do both paths record the same settings and skip each other's finished documents.
+    return Settings(
+        model=str(tiny_checkpoint), device="cpu", dtype="float32", attn="sdpa", batch_size=1, max_new_tokens=6
     )
 
 
-def run_single(corpus: Path, job: Job, settings: Settings) -> Run:
-    """Run a job as the CLI does on one machine, on the corpus named as a relative path."""
-    summary, recorder, stdout = Summary(), Recorder(), io.BytesIO()
-    todo = plan(discover([corpus.name]).documents, job, recorder, summary)
-    run_job(todo, load_runner(settings), job, recorder, stdout, summary)
-    return Run(summary, recorder, stdout.getvalue(), job.output_dir)
+def job_options(
+    task: Task, output: Path | str | None, *, formats: tuple[str, ...] | None = None
+) -> dict[str, Any]:
+    """The options of a run over the corpus: every format of the task, and --draw into a folder."""
+    return {
+        "task": task,
+        "formats": formats or FORMATS[task],
+        "output": output,
+        "draw": task is Task.OCR and output is not None,
+    }
 
 
-def run_ray(corpus: Path, job: Job, settings: Settings) -> Run:
-    """Run a job as the CLI does with --ray, on the corpus named as a relative path."""
-    summary, recorder, stdout = Summary(), Recorder(), io.BytesIO()
-    todo = plan(discover([corpus.name]).documents, job, recorder, summary)
-    run_on_ray(todo, job, settings, recorder, stdout=stdout, summary=summary, workers=1)
-    return Run(summary, recorder, stdout.getvalue(), job.output_dir)
+def run(
+    inputs: list[str], options: dict[str, Any], settings: Settings, *, ray: RayOptions | None = None
+) -> Run:
+    """Transcribe as the CLI does, on one machine or on Ray."""
+    recorder, stdout = Recorder(), io.BytesIO()
+    summary = transcribe_files(
+        inputs, **options, settings=settings, ray=ray, reporter=recorder, stdout=stdout
+    )
+    output = options["output"]
+    return Run(summary, recorder, stdout.getvalue(), Path(output) if isinstance(output, Path) else None)
+
+
+def run_single(corpus: Path, options: dict[str, Any], settings: Settings) -> Run:
+    """Run on one machine, on the corpus named as a relative path."""
+    return run([corpus.name], options, settings)
+
+
+def run_ray(corpus: Path, options: dict[str, Any], settings: Settings) -> Run:
+    """Run with --ray --workers 1, on the corpus named as a relative path."""
+    return run([corpus.name], options, settings, ray=RayOptions(workers=1))
 
 
 class References:
@@ -281,7 +321,7 @@ class References:
             output_dir = self.folders.mktemp(f"single-{task.value}") if to_folder else None
             formats = None if to_folder else (FORMATS[task][0],)
             self.runs[key] = run_single(
-                self.corpus, make_job(task, output_dir, formats=formats), self.settings
+                self.corpus, job_options(task, output_dir, formats=formats), self.settings
             )
         return self.runs[key]
 
@@ -306,7 +346,7 @@ class TestOnRay:
         reference = references.get(task)
         assert reference.output_dir is not None
         expected = tree(reference.output_dir)
-        ray_run = run_ray(corpus, make_job(task, tmp_path), settings)
+        ray_run = run_ray(corpus, job_options(task, tmp_path), settings)
         assert {name.rsplit(".", 1)[1] for name in expected} >= set(FORMATS[task])  # every format is compared
         assert tree(tmp_path) == expected
         assert counts(ray_run.summary) == counts(reference.summary) == (3, 0, 1, PAGES, 0, 0)
@@ -324,12 +364,11 @@ class TestOnRay:
         folder.mkdir()
         _laughs_pdf(folder / "laughs.pdf")
         make_image(folder / "fine.png")
-        job = replace(make_job(Task.MD, tmp_path / "out"), page_timeout=3.0)
-        summary, recorder = Summary(), Recorder()
-        todo = plan(discover([str(folder)]).documents, job, recorder, summary)
+        options = {**job_options(Task.MD, tmp_path / "out"), "page_timeout": 3.0}
 
-        run_on_ray(todo, job, settings, recorder, summary=summary, workers=1)
+        ray_run = run([str(folder)], options, settings, ray=RayOptions(workers=1))
 
+        summary, recorder = ray_run.summary, ray_run.recorder
         assert [error.split("\n")[0] for error in recorder.errors] == [
             f"`{folder}/laughs.pdf` took longer than 3 s"
         ]
@@ -342,7 +381,7 @@ class TestOnRay:
         reference = references.get(Task.OCR)
         assert reference.output_dir is not None
         expected = tree(reference.output_dir)
-        job = make_job(Task.OCR, tmp_path)
+        options = job_options(Task.OCR, tmp_path)
         for name, data in expected.items():  # a run that stopped inside sub/c.pdf, after its first page
             if not name.startswith("sub/c") or name == "sub/c.pdf-p001.boxes.png":
                 (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
@@ -354,33 +393,32 @@ class TestOnRay:
             if r.info.document.name == "sub/c.pdf" and r.info.page_index == 0
         )
         document = first_page.info.document
-        interrupted = Assembly([document], job, Recorder(), io.BytesIO(), Summary())
-        interrupted.start(document)
-        interrupted.expect(document, [0, 1])
-        interrupted.page_done(first_page)
+        job = Job(task=Task.OCR, formats=(*FORMATS[Task.OCR], "draw"), output_dir=tmp_path)
+        job = replace(job, fingerprint=job_fingerprint(job, settings, resolve=False))
+        with Outputs(job, io.BytesIO()) as outputs:
+            interrupted = Assembly([document], outputs, Recorder(), Summary())
+            interrupted.start(document)
+            interrupted.expect(document, [0, 1])
+            interrupted.page_done(first_page)
         assert (tmp_path / progress_name(document)).exists()
 
-        ray_run = run_ray(corpus, job, settings)
+        ray_run = run_ray(corpus, options, settings)
 
         assert tree(tmp_path) == expected  # the progress file is gone too
         # done, skipped, failed documents; pages done, resumed, failed
         assert counts(ray_run.summary) == (1, 2, 1, 1, 1, 0)
 
     def test_lost_worker_is_replaced_without_losing_or_repeating_pages(
-        self,
-        references: References,
-        settings: Settings,
-        corpus: Path,
-        tmp_path: Path,
-        monkeypatch: pytest.MonkeyPatch,
+        self, references: References, settings: Settings, corpus: Path, crash_folder: Path
     ) -> None:
         reference = references.get(Task.MD, to_folder=False)
-        marker = tmp_path / "crashed"
-        monkeypatch.setenv(CRASH_ENV, f"2:{marker}")  # one model actor exits after its second page, once
+        (crash_folder / "armed").touch()  # one model actor exits after its second page, once
+        try:
+            ray_run = run_ray(corpus, job_options(Task.MD, None, formats=("md",)), settings)
+        finally:
+            (crash_folder / "armed").unlink()
 
-        ray_run = run_ray(corpus, make_job(Task.MD, None, formats=("md",)), settings)
-
-        assert marker.exists()
+        assert (crash_folder / "crashed").exists()
         assert ray_run.stdout == reference.stdout  # every page once, documents in input order
         assert ray_run.stdout.count(b"<!-- kosmos: document ") == 3
         assert counts(ray_run.summary) == counts(reference.summary) == (3, 0, 1, PAGES, 0, 0)
@@ -390,10 +428,10 @@ class TestOnRay:
     ) -> None:
         missing = tmp_path / "no-such-model"
         with pytest.raises(ModelLoadError) as caught:
-            run_ray(corpus, make_job(Task.MD, tmp_path / "out"), replace(settings, model=str(missing)))
+            run_ray(corpus, job_options(Task.MD, tmp_path / "out"), replace(settings, model=str(missing)))
         assert str(missing) in caught.value.message
         assert caught.value.exit_code == 3
-        assert not (tmp_path / "out").exists()
+        assert tree(tmp_path / "out") == {}  # nothing but the run records
 
     def test_inputs_and_outputs_on_s3(
         self, references: References, settings: Settings, corpus: Path, s3: S3Server
@@ -408,17 +446,15 @@ class TestOnRay:
             name: data.replace(corpus.name.encode(), source.encode())
             for name, data in tree(reference.output_dir).items()
         }
-        job = make_job(Task.MD, s3.uri(bucket, "out"))
-        summary, recorder = Summary(), Recorder()
-        todo = plan(discover_uris([s3.uri(bucket, "in")]).documents, job, recorder, summary)
+        options = job_options(Task.MD, s3.uri(bucket, "out"))
 
-        run_on_ray(todo, job, settings, recorder, summary=summary, workers=1)
+        ray_run = run([s3.uri(bucket, "in")], options, settings, ray=RayOptions(workers=1))
 
         assert {k: v for k, v in s3.tree(bucket, "out").items() if not k.startswith(".kosmos/")} == expected
-        assert counts(summary) == counts(reference.summary)
-        assert recorder.errors == [e.replace(corpus.name, source) for e in reference.recorder.errors]
-        again = plan(discover_uris([s3.uri(bucket, "in")]).documents, job, Recorder(), Summary())
-        assert [d.name for d in again] == [BROKEN]  # the rest are done
+        assert counts(ray_run.summary) == counts(reference.summary)
+        assert ray_run.recorder.errors == [e.replace(corpus.name, source) for e in reference.recorder.errors]
+        again = run([s3.uri(bucket, "in")], options, settings, ray=RayOptions(workers=1))
+        assert counts(again.summary) == (0, 3, 1, 0, 0, 0)  # the rest are done; the broken file fails again
 
 
 @pytest.mark.ray
@@ -435,7 +471,19 @@ def test_the_cli_runs_on_ray_with_the_same_exit_code_and_outputs(
     assert reference.output_dir is not None
     args = ["ocr", corpus.name, "-o", str(tmp_path), "--draw", "--model", str(tiny_checkpoint)]
     args += [arg for name in FORMATS[Task.OCR] for arg in ("-f", name)]
-    args += ["--device", "cpu", "--batch-size", "1", "--max-new-tokens", "6", "--ray", "--workers", "1"]
+    args += [
+        "--device",
+        "cpu",
+        "--dtype",
+        "float32",
+        "--attn",
+        "sdpa",
+        "--batch-size",
+        "1",
+        "--max-new-tokens",
+        "6",
+    ]
+    args += ["--ray", "--workers", "1"]
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 1, result.stderr  # the broken file, as on one machine
     assert f"error: `{corpus.name}/{BROKEN}`" in result.stderr
