@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import io
 import json
 import math
 import os
@@ -276,6 +275,9 @@ class _Reporter:
         self.side = side
         self.started = started
 
+    def loading(self, message: str) -> None:
+        pass
+
     def add_total(self, pages: int) -> None:
         pass
 
@@ -302,12 +304,10 @@ def run_kosmos(
     quantize: str | None = None,
     dtype: str | None = None,
 ) -> tuple[Side, Any]:
-    """`kosmos md|ocr PDF -o DIR` through the library calls cli.py makes; returns the side and runner."""
+    """`kosmos md|ocr PDF -o DIR` through the call cli.py makes (the model loaded first, to time it apart)."""
+    from kosmos_cli.api import transcribe_files
     from kosmos_cli.config import Settings
-    from kosmos_cli.discovery import discover
-    from kosmos_cli.jobs import Job, Summary, plan, probe, run_job
     from kosmos_cli.model.loading import load_runner
-    from kosmos_cli.sandbox import Sandbox
 
     side = Side("kosmos" + (f" --quantize {quantize}" if quantize else ""))
     memory.start()
@@ -328,20 +328,15 @@ def run_kosmos(
     memory.loaded(side)
     task = Task(args.task)
     with tempfile.TemporaryDirectory(prefix="kosmos-bench-out-") as out:
-        discovery = discover([str(pdf)])
-        job = Job(
-            task=task,
-            formats=("md",) if task is Task.MD else ("txt",),
-            output_dir=Path(out),
-            fingerprint=f"{settings.model} bench",
-        )
-        summary = Summary()
         started = time.perf_counter()
-        reporter = _Reporter(side, started)
-        with Sandbox(timeout=job.page_timeout) as sandbox:
-            pages = probe(discovery.documents, job, reporter, summary, sandbox=sandbox)
-            todo = plan(discovery.documents, job, reporter, summary, pages=pages)
-            run_job(todo, runner, job, reporter, io.BytesIO(), summary, pages=pages, sandbox=sandbox)
+        summary = transcribe_files(
+            [str(pdf)],
+            task=task,
+            output=out,
+            settings=settings,
+            runner=runner,
+            reporter=_Reporter(side, started),
+        )
         side.run_s = time.perf_counter() - started
         written = sorted(p.name for p in Path(out).iterdir())
     if summary.failed or not written:

@@ -20,6 +20,9 @@ from kosmos_cli.values import Task
         ({"batch_size": 0}, "--batch-size must be at least 1, not 0"),
         ({"max_new_tokens": -5}, "--max-new-tokens must be at least 1, not -5"),
         ({"threads": 0}, "--threads must be at least 1, not 0"),
+        ({"quantize": "int8", "device": "cuda"}, "--quantize int8 runs on CPU only"),
+        ({"quantize": "int8", "dtype": "bfloat16"}, "--quantize int8 needs float32 weights"),
+        ({"quantize": "int8", "compile": True}, "--quantize and --compile do not work together"),
     ],
 )
 def test_settings_refuse(options: dict[str, object], message: str) -> None:

@@ -15,7 +15,7 @@ import torch
 from PIL import Image, ImageDraw
 
 from kosmos_cli.config import DEFAULT_MAX_NEW_TOKENS, Settings
-from kosmos_cli.errors import GenerationError, ModelLoadError
+from kosmos_cli.errors import GenerationError, UsageError
 from kosmos_cli.model import Request, batching, loading, patches
 from kosmos_cli.model.batching import TASK_PROMPTS, KosmosRunner, available_cores, greedy_config
 from kosmos_cli.model.loading import load_runner
@@ -286,13 +286,13 @@ def test_no_loop_detection_runs_to_the_budget(tiny_checkpoint: Path) -> None:
 
 
 def test_pipeline_marks_a_looping_page_truncated(runner: KosmosRunner) -> None:
-    from kosmos_cli.transcribe import Transcriber
+    from kosmos_cli.api import Transcriber
 
     force_token(runner, runner.processor.tokenizer.convert_tokens_to_ids("<bbox>"))
     runner.loop_rule = SMALL_LOOP_RULE
     [result] = Transcriber(runner).transcribe([pages(1)[0].image], task=Task.MD)
     assert result.status is Status.TRUNCATED
-    assert result.extra["truncation"] == "repetition loop cut: a 1-token box block repeating from token 0"
+    assert result.truncation == "repetition loop cut: a 1-token box block repeating from token 0"
 
 
 @pytest.mark.parametrize(
@@ -316,7 +316,7 @@ def test_a_cut_markdown_page_ends_cleanly_and_says_why(
     )
     assert result.status is Status.TRUNCATED
     assert result.text == "<table><tr><td>a</td></tr><tr><td></td></tr></table>"
-    assert str(result.extra["truncation"]).endswith(reason)
+    assert str(result.truncation).endswith(reason)
 
 
 def test_requests_are_pulled_lazily(runner: KosmosRunner) -> None:
@@ -521,20 +521,15 @@ def test_position_table_grows_for_long_budgets(tiny_checkpoint: Path) -> None:
     assert table.weights.shape[0] >= table.padding_idx + 1 + runner.prompt_length + 5000
 
 
-@pytest.mark.parametrize(
-    ("settings", "message"),
-    [
-        ({"quantize": "int4"}, "unknown quantization"),
-        ({"quantize": "int8", "dtype": "bfloat16"}, "needs float32"),
-        ({"quantize": "int8", "compile": True}, "do not work together"),
-        ({"threads": 0}, "at least 1"),
-    ],
-)
-def test_impossible_speed_settings_fail_before_loading(
-    tiny_checkpoint: Path, settings: dict[str, object], message: str
+def test_int8_where_auto_picks_a_gpu_is_a_usage_error_before_loading(
+    tiny_checkpoint: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    with pytest.raises(ModelLoadError, match=message):
-        load(tiny_checkpoint, **settings)
+    monkeypatch.setattr(loading, "resolve_device", lambda device: "cuda")  # as on a GPU machine
+    monkeypatch.setattr(loading, "_load_parts", None)  # loading anything would fail otherwise
+    with pytest.raises(UsageError) as caught:
+        load(tiny_checkpoint, quantize="int8")
+    assert caught.value.message == "--quantize int8 runs on CPU in float32, and --device auto chose cuda"
+    assert caught.value.hint == "add --device cpu"
 
 
 def test_int8_quantizes_the_decoder_and_stays_near_fp32(runner: KosmosRunner, tiny_checkpoint: Path) -> None:

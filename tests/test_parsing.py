@@ -8,9 +8,9 @@ import re
 import pytest
 
 from kosmos_cli.parsing import end_cleanly, parse_ocr, tidy_markdown
+from kosmos_cli.values import Line, Point
 from kosmos_cli.writers.data import pixel_bbox_to_pdf
 from kosmos_cli.writers.text import format_ocr_lines
-from kosmos_cli.values import Line, Point
 
 # Real raw outputs for receipt_00008.png, published in huggingface/transformers
 # tests/models/kosmos2_5/test_modeling_kosmos2_5.py (Kosmos2_5ModelIntegrationTest).
