@@ -9,7 +9,7 @@ EXTRAS ?= dev,ray
 OLDEST_TRANSFORMERS ?= transformers==5.20.0
 OLDEST := .venv-oldest
 
-.PHONY: install demo test test-oldest lint typecheck unit bench clean
+.PHONY: install demo test test-ray test-oldest lint typecheck unit bench clean
 
 install: $(VENV)/.installed
 
@@ -30,14 +30,19 @@ lint: install
 typecheck: install
 	$(BIN)/mypy
 
+# Every test but the Ray ones, on all cores (pytest-xdist).
 unit: install
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest -n auto -m "not ray"
 
 test: lint typecheck unit
 
+# The Ray tests: one local Ray instance, CPU actors (CI runs them too).
+test-ray: install
+	$(BIN)/python -m pytest -m ray tests/test_ray.py
+
 # The tests that touch transformers, on the oldest release kosmos supports (CI runs it too).
 test-oldest: $(OLDEST)/.installed
-	$(OLDEST)/bin/python -m pytest tests/test_generation.py tests/test_testing.py tests/test_exact.py tests/test_api.py
+	$(OLDEST)/bin/python -m pytest -n auto tests/test_generation.py tests/test_testing.py tests/test_exact.py tests/test_api.py
 
 $(OLDEST)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(OLDEST)

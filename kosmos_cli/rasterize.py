@@ -194,12 +194,6 @@ def load_page_image(info: PageInfo, *, password: str | None = None) -> Image.Ima
     return image
 
 
-def load_image(path: str | os.PathLike[str], *, password: str | None = None) -> Image.Image:
-    """Read an image file (or the first page of a PDF) as RGB pixels, as `iter_pages` would."""
-    with _open(Document(os.fspath(path), PurePath(path).stem), password=password) as source:
-        return source.render(0, dpi=None).image
-
-
 def model_image(image: Image.Image) -> Image.Image:
     """Shrink an image far larger than the model reads to WORK_PIXELS_PER_TILE per tile it is read in.
 

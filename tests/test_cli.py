@@ -103,7 +103,10 @@ HELP_MD = "hint: see `kosmos md --help`"
         ),
         (
             ["md", "{png}", "-f", "hocr"],
-            ["error: invalid value for '--format' / '-f': 'hocr' is not one of 'md', 'json', 'jsonl'.", HELP_MD],
+            [
+                "error: invalid value for '--format' / '-f': 'hocr' is not one of 'md', 'json', 'jsonl'.",
+                HELP_MD,
+            ],
         ),
         (
             ["md", "{png}", "--dtype", "float8"],

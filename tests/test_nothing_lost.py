@@ -18,6 +18,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import pymupdf
@@ -340,7 +341,12 @@ def test_the_walk_survives_link_loops_and_skips_pipes(kosmos: Kosmos, tmp_path: 
     assert (tmp_path / "out/a.png.md").exists()
 
 
-def test_a_named_pipe_nobody_writes_fails_at_once(kosmos: Kosmos, tmp_path: Path) -> None:
+def test_a_named_pipe_nobody_writes_fails_at_once(
+    kosmos: Kosmos, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from kosmos_cli import discovery
+
+    monkeypatch.setattr(discovery, "FIFO_WAIT_SECONDS", 1.0)  # how long a silent pipe is waited for
     os.mkfifo(tmp_path / "pipe")
     started = time.monotonic()
     result = kosmos("md", str(tmp_path / "pipe"), str(make_image(tmp_path / "a.png")))
@@ -620,37 +626,49 @@ def test_a_damaged_checkpoint_is_a_loading_error(tiny_checkpoint: Path, tmp_path
 KILLS = [(signal.SIGKILL, 0.3), (signal.SIGINT, 0.6), (signal.SIGTERM, 0.45)]
 
 
-@pytest.mark.parametrize(("signum", "share"), KILLS, ids=[s.name for s, _ in KILLS])
-def test_a_killed_run_resumes_to_identical_outputs(
-    model_folder: Path, tmp_path: Path, signum: signal.Signals, share: float
-) -> None:
-    folder = tmp_path / "in"
+@dataclass(frozen=True)
+class CleanRun:
+    """A folder of inputs and what an uninterrupted run writes from it, made once for the kill tests."""
+
+    args: list[str]  # the kosmos command's arguments, -o excepted
+    outputs: dict[str, bytes]
+    seconds: float  # how long the run took
+
+
+@pytest.fixture(scope="module")
+def clean_run(tmp_path_factory: pytest.TempPathFactory) -> CleanRun:
+    root = tmp_path_factory.mktemp("killed")
+    folder = root / "in"
     make_pdf(folder / "many.pdf", pages=[PdfPage(text=f"page {n}") for n in range(8)])
     for n in range(3):
         make_image(folder / f"img{n}.png", size=(50 + 7 * n, 40))
-    args = ["ocr", str(folder), "-f", "txt", "-f", "json", "--draw"]
-    clean = tmp_path / "clean"
+    model = root / "model"
+    model.mkdir()
+    (model / "config.json").write_text('{"model_type": "kosmos-2.5"}')
+    args = _scripted(model, "ocr", str(folder), "-f", "txt", "-f", "json", "--draw")
     started = time.monotonic()
-    subprocess.run(
-        _scripted(model_folder, *args, "-o", str(clean)), check=True, capture_output=True, timeout=300
-    )
-    whole = time.monotonic() - started
+    subprocess.run([*args, "-o", str(root / "clean")], check=True, capture_output=True, timeout=300)
+    return CleanRun(args, _outputs(root / "clean"), time.monotonic() - started)
+
+
+@pytest.mark.parametrize(("signum", "share"), KILLS, ids=[s.name for s, _ in KILLS])
+def test_a_killed_run_resumes_to_identical_outputs(
+    clean_run: CleanRun, tmp_path: Path, signum: signal.Signals, share: float
+) -> None:
     out = tmp_path / "out"
     process = subprocess.Popen(
-        _scripted(model_folder, *args, "-o", str(out)), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+        [*clean_run.args, "-o", str(out)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
     )
-    time.sleep(whole * share * random.Random(signum).uniform(0.8, 1.2))
+    time.sleep(clean_run.seconds * share * random.Random(signum).uniform(0.8, 1.2))
     process.send_signal(signum)
     _, stderr = process.communicate(timeout=120)
     if process.returncode != 0:  # it may have finished first
         expected = {signal.SIGKILL: -9, signal.SIGINT: 130, signal.SIGTERM: 143}[signum]
         assert process.returncode == expected, stderr.decode()
         assert b"terminate called" not in stderr
-    rerun = subprocess.run(
-        _scripted(model_folder, *args, "-o", str(out)), capture_output=True, text=True, timeout=300
-    )
+    rerun = subprocess.run([*clean_run.args, "-o", str(out)], capture_output=True, text=True, timeout=300)
     assert rerun.returncode == 0, rerun.stderr
-    assert _outputs(out) == _outputs(clean)
+    assert _outputs(out) == clean_run.outputs
     assert not list((out / ".kosmos/tmp").iterdir())
     assert not list((out / ".kosmos/progress").iterdir())
 

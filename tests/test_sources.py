@@ -45,7 +45,6 @@ from kosmos_cli.rasterize import (
     PageError,
     count_pages,
     iter_pages,
-    load_image,
     load_page_image,
 )
 from kosmos_cli.reporting import Summary
@@ -484,13 +483,6 @@ def test_a_plain_zip_in_a_folder_is_unsupported(tmp_path: Path) -> None:
     with zipfile.ZipFile(tmp_path / "photos.zip", "w") as archive:
         archive.writestr("a.png", b"")
     assert discover([str(tmp_path)]).unsupported == [str(tmp_path / "photos.zip")]
-
-
-def test_load_image_reads_images_and_first_pdf_pages(tmp_path: Path) -> None:
-    image = load_image(make_image(tmp_path / "a.png", mode="RGBA"))
-    _assert_quadrants(image, QUADRANTS, tolerance=0)
-    pdf = make_pdf(tmp_path / "b.pdf", pages=[PdfPage(), PdfPage(width=200)])
-    assert load_image(pdf).tobytes() == _pages(_doc(pdf))[0].image.tobytes()
 
 
 # --- PDF rendering ----------------------------------------------------------------------------------

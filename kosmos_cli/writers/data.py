@@ -19,7 +19,6 @@ from kosmos_cli.writers import DocumentWriter, register
 def page_object(result: PageResult) -> dict[str, Any]:
     """Return the JSON object of one page, keys in schema order."""
     info = result.info
-    text = "\n".join(line.text for line in result.lines) if result.task is Task.OCR else result.text
     failed = result.status is Status.FAILED
     return {
         "page_number": info.page_number,
@@ -28,18 +27,14 @@ def page_object(result: PageResult) -> dict[str, Any]:
         "dpi": info.dpi,
         "status": result.status.value,
         "error": result.error,
-        "text": "" if failed else text,
+        "text": "" if failed else result.text,
         "lines": [] if failed else [_line_object(line, info.pixel_to_pdf) for line in result.lines],
     }
 
 
 def _line_object(line: Line, pixel_to_pdf: Matrix | None) -> dict[str, Any]:
     bbox = line.bbox
-    data: dict[str, Any] = {
-        "text": line.text,
-        "polygon": [list(point) for point in line.polygon] if line.polygon else None,
-        "bbox": list(bbox) if bbox else None,
-    }
+    data = line.to_dict() | {"bbox": list(bbox) if bbox else None}
     if pixel_to_pdf is not None:
         data["pdf_bbox"] = list(pixel_bbox_to_pdf(bbox, pixel_to_pdf)) if bbox else None
     return data
