@@ -40,6 +40,7 @@ class _DocumentState:
     listed: bool = False  # every page has been read from the source (or listed, on Ray)
     failed: bool = False
     finished: bool = False  # outputs written (or printed); later results for it are duplicates
+    source: bytes | None = None  # the document's bytes as read, for the formats that `needs_source`
 
 
 class Outputs:
@@ -53,6 +54,8 @@ class Outputs:
         self.stdout = stdout
         self.writers = [get_writer(name, task=job.task, options=writer_options(job)) for name in job.formats]
         check_destination(self.writers, to_stdout=job.output_dir is None)
+        # Whether a format is built from the documents' own bytes (`DocumentWriter.needs_source`).
+        self.needs_source = any(isinstance(w, DocumentWriter) and w.needs_source for w in self.writers)
         self.store = output_store(job.output_dir) if job.output_dir is not None else None
         self.manifest: Manifest | None = None  # read by `open`
         self.inputs: Sequence[Document] = ()
@@ -152,6 +155,12 @@ class Assembly:
             self.summary.pages_resumed += 1
             self.reporter.page_done(result)
         return set(state.results)
+
+    def source(self, document: Document, data: bytes) -> None:
+        """Keep the document's bytes, as the reader read them, for the formats built from them."""
+        state = self.states[document]
+        if not state.failed and not state.finished:
+            state.source = data
 
     def expect(self, document: Document, page_indices: Iterable[int]) -> None:
         """Note pages handed to the model; the document is written once each has a result."""
@@ -265,6 +274,8 @@ class Assembly:
     def _finish_if_complete(self, state: _DocumentState) -> None:
         if not state.listed or state.pending or state.failed or state.finished:
             return
+        if self.outputs.needs_source and state.source is None and self.store is not None:
+            return  # on Ray, the document's bytes may come after its last page
         results = [state.results[i] for i in sorted(state.results)]
         if self.store is None:
             state.finished = True
@@ -274,7 +285,7 @@ class Assembly:
             return
         try:
             rendered = [
-                (writer.file_name(state.document), self._render(writer, results))
+                (writer.file_name(state.document), self._render(writer, results, state.source))
                 for writer in self.writers
                 if isinstance(writer, DocumentWriter)
             ]
@@ -296,7 +307,7 @@ class Assembly:
             self.document_error(state.document, error)
             return
         state.finished = True
-        state.results = {}  # a long run holds only the documents in flight
+        state.results, state.source = {}, None  # a long run holds only the documents in flight
         self.summary.documents_done += 1
 
     def _place_pages(self, document: Document, results: list[PageResult]) -> list[str]:
@@ -314,12 +325,19 @@ class Assembly:
                     placed.append(name)
         return placed
 
-    def _render(self, writer: DocumentWriter, results: list[PageResult]) -> bytes:
-        """Render one format; formats that read the input again do it in the sandbox, time-limited."""
-        if not writer.reads_input or self.sandbox is None:
+    def _render(self, writer: DocumentWriter, results: list[PageResult], source: bytes | None) -> bytes:
+        """Render one format; formats built from the document's bytes run in the sandbox, time-limited."""
+        if not writer.needs_source:
             return writer.render(results)
+        if source is None:
+            document = results[0].info.document
+            raise InputError(f"`{document.display_name}` was not read whole for the {writer.format} output")
+        if self.sandbox is None:
+            return writer.render(results, source)
         try:
-            return self.sandbox.call(writer.render, results, timeout=self.job.page_timeout * len(results))
+            return self.sandbox.call(
+                writer.render, results, source, timeout=self.job.page_timeout * len(results)
+            )
         except ReaderStopped as error:
             document = results[0].info.document
             raise InputError(

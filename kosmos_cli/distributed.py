@@ -84,6 +84,7 @@ FETCHED_DOCUMENTS = 4  # object-store documents a worker keeps a local copy of, 
 # Row kinds, in pipeline order.
 _DOCUMENT = "document"  # payload: (Document, resumed page indices)
 _LISTED = "listed"  # payload: the page indices the document selects
+_SOURCE = "source"  # payload: the document's bytes, for the formats built from them (searchable PDF)
 _PAGE_ITEM = "page_item"  # payload: Document
 _PAGE = "page"  # payload: Page
 _PAGE_ERROR = "page_error"  # payload: (message, hint, page_count)
@@ -162,12 +163,7 @@ def run_on_ray(
     todo = list(documents)
     if not todo:
         return
-    if "pdf" in job.formats and any(is_uri(document.path) for document in todo):
-        raise UsageError(
-            "--format pdf copies the pages of each input, which the driver cannot read from object stores",
-            hint="use the other formats, or mount the bucket and pass local paths",
-        )
-    builder = Sandbox(timeout=job.page_timeout)  # the searchable PDF reads the input again: time-limited
+    builder = Sandbox(timeout=job.page_timeout)  # builds the formats that parse the input's bytes again
     assembly = Assembly(todo, outputs, reporter, summary, sandbox=builder)
     quiet = not logger.isEnabledFor(logging.WARNING)
     started = _connect(options.address, quiet=quiet)
@@ -182,7 +178,8 @@ def run_on_ray(
         )
         resumed = [assembly.start(document) for document in todo]
         model = os.path.abspath(settings.model) if os.path.exists(settings.model) else settings.model
-        dataset = _pipeline(todo, resumed, job, replace(settings, device=plan.device, model=model), plan)
+        worker_settings = replace(settings, device=plan.device, model=model)
+        dataset = _pipeline(todo, resumed, job, worker_settings, plan, sources=outputs.needs_source)
         _collect(_rows(dataset), todo, assembly, reporter)
         assembly.close()
     finally:
@@ -214,7 +211,13 @@ def _connect(address: str | None, *, quiet: bool = False) -> bool:
 
 
 def _pipeline(
-    documents: Sequence[Document], resumed: Sequence[set[int]], job: Job, settings: Settings, plan: WorkerPlan
+    documents: Sequence[Document],
+    resumed: Sequence[set[int]],
+    job: Job,
+    settings: Settings,
+    plan: WorkerPlan,
+    *,
+    sources: bool,
 ) -> Any:
     """Build the lazy Ray Data pipeline from documents to page results."""
     import ray.data
@@ -233,7 +236,11 @@ def _pipeline(
     return (
         ray.data.from_items(items, override_num_blocks=len(items))
         # Ray's annotations leave out fn_kwargs, which these functions take their options from.
-        .flat_map(cast("Any", _list_pages), fn_kwargs={"job": job, "cwd": cwd}, num_cpus=LIST_CPUS)
+        .flat_map(
+            cast("Any", _list_pages),
+            fn_kwargs={"job": job, "cwd": cwd, "sources": sources},
+            num_cpus=LIST_CPUS,
+        )
         # One page per block, so the pages of one document render in parallel.
         .repartition(target_num_rows_per_block=1)
         .map(
@@ -286,6 +293,8 @@ def _collect(
             reporter.add_total(len(payload))
             assembly.expect(document, payload)
             assembly.listed(document)
+        elif kind == _SOURCE:
+            assembly.source(document, payload)
         elif kind == _RESULT:
             result, pieces = payload
             assembly.page_done(PageResult.from_dict(result, document), pieces)
@@ -363,21 +372,29 @@ def _worker_reader(timeout: float) -> Sandbox:
     return _reader
 
 
-def _list_pages(row: dict[str, Any], *, job: Job, cwd: str) -> list[dict[str, Any]]:
-    """Count a document's pages, apply --pages, and emit its `listed` row and one item per page to do."""
-    from kosmos_cli.rasterize import count_pages
+def _list_pages(row: dict[str, Any], *, job: Job, cwd: str, sources: bool) -> list[dict[str, Any]]:
+    """Count a document's pages, apply --pages, and emit its `listed` row and one item per page to do.
+
+    With `sources`, the document's bytes go to the driver too, for the formats built from them.
+    """
+    from kosmos_cli.rasterize import count_pages, document_source
 
     number = int(row["document"])
     document, resumed = pickle.loads(row["payload"])
+    rows = []
     try:
         local = _localize(document, cwd=cwd)
-        count = count_pages(local, password=job.password, sandbox=_worker_reader(job.page_timeout))
+        reader = _worker_reader(job.page_timeout)
+        count = count_pages(local, password=job.password, sandbox=reader)
         selected = list(selected_pages(job, document, count))
+        if sources:
+            rows.append(_row(number, _SOURCE, -1, document_source(local, reader)))
     except InputError as error:
         return [_row(number, _ERROR, -1, (error.message, error.hint))]
     done = set(resumed)
     todo = [page_index for page_index in selected if page_index not in done]
-    return [_row(number, _LISTED, -1, selected)] + [_row(number, _PAGE_ITEM, i, document) for i in todo]
+    rows.append(_row(number, _LISTED, -1, selected))
+    return rows + [_row(number, _PAGE_ITEM, i, document) for i in todo]
 
 
 def _render_page(row: dict[str, Any], *, job: Job, cwd: str) -> dict[str, Any]:

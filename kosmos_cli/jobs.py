@@ -14,7 +14,7 @@ from kosmos_cli.config import Job, Settings
 from kosmos_cli.errors import InputError
 from kosmos_cli.manifest import Record, fingerprint, input_path, progress_name, staging_folder, unchanged
 from kosmos_cli.model import Runner
-from kosmos_cli.rasterize import PageError, count_pages, iter_pages
+from kosmos_cli.rasterize import PageError, count_pages, document_source, iter_pages
 from kosmos_cli.reporting import Reporter, Summary
 from kosmos_cli.sandbox import Sandbox
 from kosmos_cli.transcribe import prefetch, transcribe_pages
@@ -180,10 +180,12 @@ def run_job(
 
         def pages_to_do() -> Iterator[tuple[Page, Document]]:
             nonlocal resumed
-            for event in prefetch(read_pages(documents, pages, job, sandbox)):
+            for event in prefetch(read_pages(documents, pages, job, sandbox, sources=outputs.needs_source)):
                 document, payload = event.document, event.payload
                 if event.kind == "start":
                     resumed = assembly.start(document)
+                elif isinstance(payload, bytes):
+                    assembly.source(document, payload)
                 elif isinstance(payload, Page):
                     if payload.info.page_index in resumed:
                         continue
@@ -207,18 +209,28 @@ def run_job(
 class ReadEvent:
     """One step of reading documents: a document starts, a page or its error, a document error, its end."""
 
-    kind: str  # "start", "page", "page_error", "error" or "end"
+    kind: str  # "start", "source", "page", "page_error", "error" or "end"
     document: Document
-    payload: Page | PageError | InputError | None = None
+    payload: bytes | Page | PageError | InputError | None = None
 
 
 def read_pages(
-    documents: Sequence[Document], pages: dict[Document, Pages], job: Job, reader: Sandbox
+    documents: Sequence[Document],
+    pages: dict[Document, Pages],
+    job: Job,
+    reader: Sandbox,
+    *,
+    sources: bool = False,
 ) -> Iterator[ReadEvent]:
-    """Read the selected pages of each document in `reader`, in order, as events."""
+    """Read the selected pages of each document in `reader`, in order, as events.
+
+    With `sources`, each document's bytes come first, read in the same process as its pages.
+    """
     for document in documents:
         yield ReadEvent("start", document)
         try:
+            if sources:
+                yield ReadEvent("source", document, document_source(document, reader))
             read = iter_pages(
                 document,
                 page_indices=pages[document].selected,

@@ -14,6 +14,7 @@ Rules that live here and nowhere else:
 from __future__ import annotations
 
 import contextlib
+import io
 import logging
 import math
 import os
@@ -40,6 +41,7 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 MAX_PAGE_PIXELS = 2 * 89_478_485  # largest page read, in pixels: PIL's decompression-bomb error limit
+MAX_SOURCE_BYTES = 2 << 30  # largest document the searchable PDF copies, read whole into memory (2 GiB)
 WORK_PIXELS_PER_TILE = 4 * MODEL_PIXELS  # larger pages are shrunk before the model's processor sees them
 SUPPORTED_FORMATS = "PDF, PNG, JPEG, WebP, TIFF, BMP, GIF, XPS, EPUB, CBZ"
 
@@ -183,14 +185,38 @@ def iter_pages(
         _release(sandbox)
 
 
-def load_page_image(info: PageInfo, *, password: str | None = None) -> Image.Image:
-    """Read a page again and return the same RGB pixels `iter_pages` read for it, at full size."""
-    with _open(info.document, password=password) as source:
+def document_source(document: Document, sandbox: Sandbox | None = None) -> bytes:
+    """Return a document's bytes, read in `sandbox` if given; a stopped reader is the document's error."""
+    try:
+        return _run(sandbox, read_source, document)
+    except ReaderStopped as error:
+        raise InputError(f"`{document.display_name}` {error.message}", hint=error.hint) from None
+
+
+def read_source(document: Document) -> bytes:
+    """Return a document's bytes, for the formats that copy its pages (run it in the reader process)."""
+    label = f"`{document.display_name}`"
+    try:
+        with open(document.path, "rb") as stream:
+            size = os.fstat(stream.fileno()).st_size
+            if size > MAX_SOURCE_BYTES:
+                raise InputError(
+                    f"{label} is {size:,} bytes, more than the searchable PDF copies ({MAX_SOURCE_BYTES:,})",
+                    hint="leave out --format pdf for this file",
+                )
+            return stream.read()
+    except OSError as error:
+        raise file_error(label, error) from None
+
+
+def page_pixels(info: PageInfo, data: bytes, *, password: str | None = None) -> Image.Image:
+    """Return the RGB pixels `iter_pages` read for a page, at full size, from its document's bytes."""
+    with _open(info.document, password=password, data=data) as source:
         if info.page_index >= source.page_count:
-            raise InputError(f"`{info.document.display_name}` changed since it was read: it has fewer pages")
+            raise InputError(f"`{info.document.display_name}` has fewer pages than were read")
         image = source.render(info.page_index, dpi=info.dpi).image
     if image.size != (info.width, info.height):
-        raise InputError(f"`{info.document.display_name}` changed since it was read: page size differs")
+        raise InputError(f"`{info.document.display_name}` page {info.page_number} differs from the one read")
     return image
 
 
@@ -283,12 +309,18 @@ class _Source(Protocol):
 
 
 @contextlib.contextmanager
-def _open(document: Document, *, password: str | None) -> Iterator[_Source]:
-    """Open a document by its content and yield a page source; raise InputError if it cannot be read."""
+def _open(document: Document, *, password: str | None, data: bytes | None = None) -> Iterator[_Source]:
+    """Open a document by its content (its file, or `data` read from it) and yield a page source.
+
+    Raises InputError if it cannot be read.
+    """
     label = f"`{document.display_name}`"
     try:
-        with open(document.path, "rb") as stream:
-            header = stream.read(_HEADER_BYTES)
+        if data is not None:
+            header = data[:_HEADER_BYTES]
+        else:
+            with open(document.path, "rb") as stream:
+                header = stream.read(_HEADER_BYTES)
     except OSError as error:
         raise file_error(label, error) from None
     if not header:
@@ -304,10 +336,10 @@ def _open(document: Document, *, password: str | None) -> Iterator[_Source]:
             )
         raise InputError(f"{label} is not an image or PDF", hint=f"supported formats: {SUPPORTED_FORMATS}")
     if kind in _PIL_FORMATS:
-        with _open_image(document, kind, label) as source:
+        with _open_image(document, kind, label, data=data) as source:
             yield source
     else:
-        with _open_pymupdf(document, kind, label, password=password) as pymupdf_source:
+        with _open_pymupdf(document, kind, label, password=password, data=data) as pymupdf_source:
             yield pymupdf_source
 
 
@@ -366,13 +398,13 @@ def _decode_problem(error: Exception) -> str:
 
 
 @contextlib.contextmanager
-def _open_image(document: Document, kind: str, label: str) -> Iterator[_ImageSource]:
+def _open_image(document: Document, kind: str, label: str, *, data: bytes | None) -> Iterator[_ImageSource]:
     with _PIL_INIT_LOCK:
         Image.init()  # a no-op once done; racing threads otherwise see a half-filled plugin registry
     # Pillow 13 no longer registers an opener of its own for MPO.
     formats = [name for name in _PIL_FORMATS[kind] if name in Image.OPEN]
     try:
-        image = Image.open(document.path, formats=formats)
+        image = Image.open(io.BytesIO(data) if data is not None else document.path, formats=formats)
     except Image.DecompressionBombError:
         raise InputError(
             f"{label} is larger than {MAX_PAGE_PIXELS:,} pixels, too large to read safely",
@@ -463,20 +495,23 @@ def _to_8bit(image: Image.Image) -> Image.Image:
 
 @contextlib.contextmanager
 def _open_pymupdf(
-    document: Document, kind: str, label: str, *, password: str | None
+    document: Document, kind: str, label: str, *, password: str | None, data: bytes | None
 ) -> Iterator[_PyMuPDFSource]:
     import pymupdf
 
     with PYMUPDF_LOCK:
         try:
-            opened = pymupdf.open(document.path, filetype=kind.lower())
+            if data is not None:
+                opened = pymupdf.open(stream=data, filetype=kind.lower())
+            else:
+                opened = pymupdf.open(document.path, filetype=kind.lower())
         except pymupdf.FileNotFoundError:
             raise InputError(f"{label} does not exist (was it moved or deleted?)") from None
         except (RuntimeError, ValueError, pymupdf.mupdf.FzErrorBase):
             raise InputError(f"{label} cannot be opened as {kind}: it is damaged beyond repair") from None
     try:
         with PYMUPDF_LOCK:
-            _check_opened(opened, document, kind, label, password=password)
+            _check_opened(opened, document, kind, label, password=password, data=data)
             page_count = opened.page_count
             _log_mupdf_warnings(label)
         yield _PyMuPDFSource(document, opened, kind, label, page_count)
@@ -486,7 +521,13 @@ def _open_pymupdf(
 
 
 def _check_opened(
-    opened: pymupdf.Document, document: Document, kind: str, label: str, *, password: str | None
+    opened: pymupdf.Document,
+    document: Document,
+    kind: str,
+    label: str,
+    *,
+    password: str | None,
+    data: bytes | None,
 ) -> None:
     if opened.needs_pass:
         if password is None:
@@ -496,7 +537,7 @@ def _check_opened(
                 f"{label} is encrypted and --password does not open it", hint="check the password"
             )
     # MuPDF rebuilds a cut-off PDF from what is left and would render its lost pages blank.
-    if kind == "PDF" and opened.is_repaired and _cut_short(document.path):
+    if kind == "PDF" and opened.is_repaired and _cut_short(document.path, data):
         raise InputError(
             f"{label} is truncated: it ends before its %%EOF marker",
             hint="the file was cut short (an interrupted download or copy?); get a complete copy",
@@ -505,14 +546,14 @@ def _check_opened(
         raise InputError(f"{label} has no pages")
 
 
-def _cut_short(path: str) -> bool:
+def _cut_short(path: str, data: bytes | None) -> bool:
     """Whether a PDF MuPDF had to repair was cut off: no %%EOF at its end and its last object unfinished.
 
     A file whose cross-reference table or `startxref` is merely damaged still has every object
-    whole, renders perfectly once repaired, and is read.
+    whole, renders perfectly once repaired, and is read. `data` is the file's bytes, if read already.
     """
-    with open(path, "rb") as stream:
-        size = os.fstat(stream.fileno()).st_size
+    with open(path, "rb") if data is None else io.BytesIO(data) as stream:
+        size = stream.seek(0, os.SEEK_END)
         stream.seek(max(0, size - _TAIL_BYTES))
         if b"%%EOF" in stream.read():
             return False

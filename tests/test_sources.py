@@ -45,7 +45,8 @@ from kosmos_cli.rasterize import (
     PageError,
     count_pages,
     iter_pages,
-    load_page_image,
+    page_pixels,
+    read_source,
 )
 from kosmos_cli.reporting import Summary
 from kosmos_cli.sandbox import Sandbox
@@ -549,7 +550,9 @@ def test_pixel_to_pdf_maps_a_rendered_box_back_to_its_pdf_coordinates(
     assert _to_pdf(page.info.pixel_to_pdf, 0, 0) == pytest.approx(top_left, abs=1e-3)
 
 
-def test_load_page_image_gives_the_same_pixels_again(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_page_pixels_from_the_bytes_read_are_the_pixels_read(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     documents = [
         _doc(make_pdf(tmp_path / "mixed.pdf", pages=MIXED_PAGES)),
         _doc(make_tiff(tmp_path / "scan.tif")),
@@ -559,17 +562,18 @@ def test_load_page_image_gives_the_same_pixels_again(tmp_path: Path, monkeypatch
     _feed_stdin(monkeypatch, make_pdf(tmp_path / "in.pdf", password="pw").read_bytes())
     documents += discover(["-"]).documents
     for document in documents:
+        data = read_source(document)
         for page in _pages(document, password="pw"):
-            again = load_page_image(page.info, password="pw")
+            again = page_pixels(page.info, data, password="pw")
             assert (again.size, again.tobytes()) == (page.image.size, page.image.tobytes()), page.info
 
 
-def test_load_page_image_notices_a_changed_file(tmp_path: Path) -> None:
+def test_page_pixels_notice_bytes_of_another_page(tmp_path: Path) -> None:
     path = make_image(tmp_path / "a.png")
     (page,) = _pages(_doc(path))
-    make_image(path, size=(10, 10))
-    with pytest.raises(InputError, match="changed since it was read"):
-        load_page_image(page.info)
+    other = make_image(tmp_path / "b.png", size=(10, 10)).read_bytes()
+    with pytest.raises(InputError, match=r"page 1 differs from the one read"):
+        page_pixels(page.info, other)
 
 
 # --- encrypted PDFs ---------------------------------------------------------------------------------

@@ -545,10 +545,15 @@ def test_hand_geometry_matches_the_renderer(tmp_path: Path) -> None:
                 assert page.info.pixel_to_pdf == pytest.approx(PIXEL_TO_PDF[index])
 
 
+def searchable(results: list[PageResult], source: Path, *, password: str | None = None) -> bytes:
+    """Build the searchable PDF of `source` from its bytes, as the reader hands them over."""
+    return PdfWriter(WriterOptions(password=password)).render(results, source.read_bytes())
+
+
 def test_searchable_pdf_from_pdf_pages(tmp_path: Path) -> None:
     source = tmp_path / "in.pdf"
     make_source_pdf(source)
-    rendered = PdfWriter().render(pdf_results(source))
+    rendered = searchable(pdf_results(source), source)
     out = pymupdf.open(stream=rendered, filetype="pdf")
     assert out.page_count == len(SOURCE_PAGES) and not out.needs_pass
     for index in range(out.page_count):
@@ -557,7 +562,7 @@ def test_searchable_pdf_from_pdf_pages(tmp_path: Path) -> None:
         assert (page.rect.width * DPI[index] / 72, page.rect.height * DPI[index] / 72) == PIXEL_SIZES[index]
         assert f"ORIGINAL{index + 1}" in page.get_text()  # the original content is kept
         assert_searchable(page, PAGE_LINES[index], DPI[index], index)
-    assert PdfWriter().render(pdf_results(source)) == rendered  # same input, same bytes
+    assert searchable(pdf_results(source), source) == rendered  # same input, same bytes
     assert len(rendered) < source.stat().st_size + 40_000  # only the glyphs used are embedded
 
 
@@ -572,7 +577,7 @@ def test_searchable_pdf_keeps_only_the_pages_read(tmp_path: Path) -> None:
         status=Status.FAILED,
         error="x",
     )
-    out = pymupdf.open(stream=PdfWriter().render([third, unreadable]), filetype="pdf")
+    out = pymupdf.open(stream=searchable([third, unreadable], source), filetype="pdf")
     assert [out[number].get_text().split() for number in range(out.page_count)] == [
         ["ORIGINAL2"],
         ["ORIGINAL3", "Upside", "down"],
@@ -583,21 +588,32 @@ def test_searchable_pdf_keeps_only_the_pages_read(tmp_path: Path) -> None:
 def test_searchable_pdf_of_an_encrypted_pdf(tmp_path: Path) -> None:
     source = tmp_path / "locked.pdf"
     make_source_pdf(source, password="s3cret")
-    rendered = PdfWriter(WriterOptions(password="s3cret")).render(pdf_results(source, [0]))
+    rendered = searchable(pdf_results(source, [0]), source, password="s3cret")
     out = pymupdf.open(stream=rendered, filetype="pdf")
     assert out.needs_pass  # the output stays as locked as the input
     assert out.authenticate("s3cret")
     assert_searchable(out[0], PAGE_LINES[0], DPI[0], 0)
     for password in (None, "wrong"):
         with pytest.raises(InputError, match="password does not open it") as caught:
-            PdfWriter(WriterOptions(password=password)).render(pdf_results(source, [0]))
+            searchable(pdf_results(source, [0]), source, password=password)
         assert caught.value.hint == "pass the right one with --password"
 
 
-def test_searchable_pdf_of_a_missing_pdf(tmp_path: Path) -> None:
-    results = pdf_results(tmp_path / "gone.pdf", [1])
-    with pytest.raises(InputError, match="cannot reopen"):
+def test_searchable_pdf_is_built_from_the_bytes_read_not_the_file(tmp_path: Path) -> None:
+    source = tmp_path / "in.pdf"
+    make_source_pdf(source)
+    results = pdf_results(source, [0, 1])
+    data = source.read_bytes()
+    source.unlink()  # the input is gone by the time the document is written
+    out = pymupdf.open(stream=PdfWriter().render(results, data), filetype="pdf")
+    assert [out[number].get_text().split()[0] for number in range(out.page_count)] == [
+        "ORIGINAL1",
+        "ORIGINAL2",
+    ]
+    with pytest.raises(ValueError, match="pass `source`"):
         PdfWriter().render(results)
+    with pytest.raises(InputError, match=r"cannot open `.*in\.pdf` to build the searchable PDF"):
+        PdfWriter().render(results, b"%PDF-1.7 and then nothing")
 
 
 def image_results(path: Path, lines: list[Line], size: tuple[int, int]) -> list[PageResult]:
@@ -623,7 +639,7 @@ def test_searchable_pdf_from_an_image(
         line("no box", None),
         line("12,34 €", (30, 300, 200, 330)),
     ]
-    out = pymupdf.open(stream=PdfWriter().render(image_results(path, lines, (600, 400))), filetype="pdf")
+    out = pymupdf.open(stream=searchable(image_results(path, lines, (600, 400)), path), filetype="pdf")
     page = out[0]
     assert (page.rect.width, page.rect.height) == pytest.approx((600 * 72 / dpi, 400 * 72 / dpi), rel=1e-5)
     assert_searchable(page, [lines[0], lines[2]], dpi)
@@ -636,7 +652,7 @@ def test_searchable_pdf_skips_glyphs_the_font_lacks(tmp_path: Path) -> None:
     path = tmp_path / "page.png"
     Image.new("RGB", (600, 400), (255, 255, 255)).save(path)
     lines = [line("🙂", (30, 40, 70, 80)), line("ok🙂", (30, 100, 200, 140))]
-    out = pymupdf.open(stream=PdfWriter().render(image_results(path, lines, (600, 400))), filetype="pdf")
+    out = pymupdf.open(stream=searchable(image_results(path, lines, (600, 400)), path), filetype="pdf")
     assert [text for text, _ in words(out[0])] == ["ok"]
 
 
@@ -646,10 +662,10 @@ def test_searchable_pdf_leaves_out_unreadable_failed_image_pages(tmp_path: Path)
     document = Document(str(path), "img")
     readable = ocr(PageInfo(document, 0, 2, 60, 40), [line("a", (1, 1, 50, 30))])
     gone = PageResult(PageInfo(document, 1, 2, 0, 0), Task.OCR, "", status=Status.FAILED, error="unreadable")
-    out = pymupdf.open(stream=PdfWriter().render([readable, gone]), filetype="pdf")
+    out = pymupdf.open(stream=searchable([readable, gone], path), filetype="pdf")
     assert out.page_count == 1 and out[0].get_text().split() == ["a"]
     with pytest.raises(InputError, match="no page of"):
-        PdfWriter().render([gone])
+        searchable([gone], path)
 
 
 # --- atomic writes --------------------------------------------------------------------------------

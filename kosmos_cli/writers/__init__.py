@@ -40,7 +40,6 @@ class Writer(ABC):
     tasks: ClassVar[frozenset[Task]]  # tasks whose results this format can hold
     option: ClassVar[str] = ""  # how users ask for it, for messages; default `--format NAME`
     needs_folder: ClassVar[str | None] = None  # what it writes when stdout cannot take it, e.g. "a PDF file"
-    reads_input: ClassVar[bool] = False  # opens the input again (run where a hostile file can be stopped)
 
     def __init__(self, options: WriterOptions | None = None) -> None:
         self.options = options or WriterOptions()
@@ -67,6 +66,9 @@ class DocumentWriter(Writer):
     """A format with one file per document."""
 
     extension: ClassVar[str]  # file name suffix, e.g. ".md"
+    # Built from the document's own bytes as the reader read them (`render`'s `source`); they are parsed
+    # again, so the caller runs `render` where a hostile file can be stopped.
+    needs_source: ClassVar[bool] = False
     streams: ClassVar[bool] = (
         False  # its file is its pages' `stream_page` pieces: stdout prints pages as they finish
     )
@@ -80,8 +82,11 @@ class DocumentWriter(Writer):
         return b""
 
     @abstractmethod
-    def render(self, results: Sequence[PageResult]) -> bytes:
-        """Render the results of one document, in any order, as this format's bytes."""
+    def render(self, results: Sequence[PageResult], source: bytes | None = None) -> bytes:
+        """Render the results of one document, in any order, as this format's bytes.
+
+        `source` is the document's bytes, for the formats that `needs_source`; the others ignore it.
+        """
 
     def stream_page(self, result: PageResult) -> bytes:
         """Return one page's part of `render`, for printing pages as they finish (formats that `streams`)."""

@@ -56,7 +56,7 @@ class JsonWriter(DocumentWriter):
     extension = ".json"
     tasks = frozenset({Task.MD, Task.OCR})
 
-    def render(self, results: Sequence[PageResult]) -> bytes:
+    def render(self, results: Sequence[PageResult], source: bytes | None = None) -> bytes:
         """Render the document object, pages in order."""
         pages = self.check(results)
         first = pages[0]
@@ -74,7 +74,7 @@ class JsonlWriter(DocumentWriter):
     streams = True
     tasks = frozenset({Task.MD, Task.OCR})
 
-    def render(self, results: Sequence[PageResult]) -> bytes:
+    def render(self, results: Sequence[PageResult], source: bytes | None = None) -> bytes:
         """Render every page as one line, pages in order."""
         return b"".join(self.stream_page(result) for result in self.check(results))
 

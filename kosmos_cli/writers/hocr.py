@@ -33,7 +33,7 @@ class HocrWriter(DocumentWriter):
     extension = ".hocr"
     tasks = frozenset({Task.OCR})
 
-    def render(self, results: Sequence[PageResult]) -> bytes:
+    def render(self, results: Sequence[PageResult], source: bytes | None = None) -> bytes:
         """Render an XHTML document with one `ocr_page` per page."""
         pages = self.check(results)
         document = pages[0].info.document

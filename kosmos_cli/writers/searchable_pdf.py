@@ -15,7 +15,7 @@ from pathlib import PurePath
 from typing import TYPE_CHECKING
 
 from kosmos_cli.errors import InputError, KosmosError
-from kosmos_cli.rasterize import PYMUPDF_LOCK, load_page_image
+from kosmos_cli.rasterize import page_pixels
 from kosmos_cli.values import Document, PageInfo, PageResult, Status, Task
 from kosmos_cli.writers import DocumentWriter, register
 
@@ -41,43 +41,46 @@ class PdfWriter(DocumentWriter):
     format = "pdf"
     extension = ".pdf"
     tasks = frozenset({Task.OCR})
-    reads_input = True
     needs_folder = "a PDF file"
+    needs_source = True
 
-    def render(self, results: Sequence[PageResult]) -> bytes:
-        """Build the PDF; PDF inputs are reopened (with the password) to copy their pages.
+    def render(self, results: Sequence[PageResult], source: bytes | None = None) -> bytes:
+        """Build the PDF from the document's bytes as they were read (`source`), opened with the password.
 
         MuPDF errors on a damaged input (a broken outline, a bad page tree) fail this document only.
         """
         import pymupdf
 
         pages = self.check(results)
-        with PYMUPDF_LOCK:  # pages may be being read in another thread, and PyMuPDF is not thread-safe
-            try:
-                return self._build(pages)
-            except (RuntimeError, ValueError, IndexError, pymupdf.mupdf.FzErrorBase) as error:
-                document = pages[0].info.document
-                raise InputError(
-                    f"cannot build the searchable PDF of `{document.display_name}`: {error}"
-                ) from error
+        if source is None:
+            raise ValueError("the searchable PDF is built from the document's bytes: pass `source`")
+        try:
+            return self._build(pages, source)
+        except (RuntimeError, ValueError, IndexError, pymupdf.mupdf.FzErrorBase) as error:
+            document = pages[0].info.document
+            raise InputError(
+                f"cannot build the searchable PDF of `{document.display_name}`: {error}"
+            ) from error
 
-    def _build(self, pages: list[PageResult]) -> bytes:
+    def _build(self, pages: list[PageResult], source: bytes) -> bytes:
         import pymupdf
 
         document = pages[0].info.document
         # Only PDF pages have a pixel-to-PDF map (a PDF whose every page was unreadable falls to the image
         # path, where its pages cannot be placed either).
         if any(result.info.pixel_to_pdf is not None for result in pages):
-            out = _open_source_pdf(document, self.options.password)
+            out = _open_source_pdf(source, document, self.options.password)
             if pages[-1].info.page_index >= out.page_count:
-                raise InputError(f"`{document.display_name}` changed since it was read: it has fewer pages")
+                raise InputError(f"`{document.display_name}` has fewer pages than were read")
             _select(out, [result.info.page_index for result in pages])
             _remove_scripts(out)
             targets = [(result, out[number]) for number, result in enumerate(pages)]
         else:
             out = pymupdf.open()
             targets = [
-                (result, page) for result in pages if (page := self._image_page(out, result)) is not None
+                (result, page)
+                for result in pages
+                if (page := self._image_page(out, result, source)) is not None
             ]
             if not targets:
                 raise InputError(
@@ -93,10 +96,10 @@ class PdfWriter(DocumentWriter):
         encryption = pymupdf.mupdf.PDF_ENCRYPT_KEEP
         return out.tobytes(garbage=3, deflate=True, no_new_id=True, encryption=encryption)
 
-    def _image_page(self, out: pymupdf.Document, result: PageResult) -> pymupdf.Page | None:
+    def _image_page(self, out: pymupdf.Document, result: PageResult, source: bytes) -> pymupdf.Page | None:
         """Place a page's image on a new page sized by its DPI; None for a failed, unreadable page."""
         try:
-            image = load_page_image(result.info, password=self.options.password)
+            image = page_pixels(result.info, source, password=self.options.password)
         except KosmosError as error:
             if result.status is not Status.FAILED:
                 raise
@@ -138,14 +141,14 @@ def _remove_scripts(pdf: pymupdf.Document) -> None:
                 pdf.xref_set_key(xref, "JS", "()")
 
 
-def _open_source_pdf(document: Document, password: str | None) -> pymupdf.Document:
+def _open_source_pdf(source: bytes, document: Document, password: str | None) -> pymupdf.Document:
     import pymupdf
 
     try:
-        pdf = pymupdf.open(document.path, filetype="pdf")
+        pdf = pymupdf.open(stream=source, filetype="pdf")
     except (pymupdf.FileDataError, RuntimeError, OSError) as error:
         raise InputError(
-            f"cannot reopen `{document.display_name}` to build the searchable PDF: {error}"
+            f"cannot open `{document.display_name}` to build the searchable PDF: {error}"
         ) from error
     if pdf.needs_pass and not pdf.authenticate(password or ""):
         raise InputError(

@@ -56,7 +56,7 @@ class MarkdownWriter(DocumentWriter):
         """Return a comment naming the document."""
         return f"<!-- kosmos: document {comment_safe(document.display_name)} -->\n\n".encode()
 
-    def render(self, results: Sequence[PageResult]) -> bytes:
+    def render(self, results: Sequence[PageResult], source: bytes | None = None) -> bytes:
         """Render the pages' markdown with page markers where due."""
         blocks = []
         for result in self.check(results):
@@ -80,7 +80,7 @@ class TextWriter(DocumentWriter):
         """Return a marker line naming the document."""
         return f"# kosmos: document {one_line(document.display_name)}\n".encode()
 
-    def render(self, results: Sequence[PageResult]) -> bytes:
+    def render(self, results: Sequence[PageResult], source: bytes | None = None) -> bytes:
         """Render the pages' lines with page markers where due."""
         blocks = []
         for result in self.check(results):
