@@ -423,17 +423,29 @@ def _open_image(document: Document, kind: str, label: str, *, data: bytes | None
         yield _ImageSource(document, image, kind, label, page_count)
 
 
-class _ImageSource:
+class _PagedSource:
+    """What every open document knows: itself, its format, its name in messages, its page count."""
+
+    def __init__(self, document: Document, kind: str, label: str, page_count: int) -> None:
+        self._document = document
+        self._kind = kind
+        self._label = label
+        self.page_count = page_count
+
+    def _error(self, message: str, page_index: int, *, hint: str | None = None) -> PageError:
+        return PageError(
+            message, document=self._document, page_index=page_index, page_count=self.page_count, hint=hint
+        )
+
+
+class _ImageSource(_PagedSource):
     """Pages of an open image file: its frames, EXIF-rotated and flattened to RGB."""
 
     def __init__(
         self, document: Document, image: Image.Image, kind: str, label: str, page_count: int
     ) -> None:
-        self._document = document
+        super().__init__(document, kind, label, page_count)
         self._image = image
-        self._kind = kind
-        self._label = label
-        self.page_count = page_count
 
     def render(self, page_index: int, *, dpi: float | None) -> _Rendered:
         """Return one frame's RGB pixels; `dpi` does not apply to images."""
@@ -455,11 +467,6 @@ class _ImageSource:
             raise self._error(
                 f"{where} cannot be decoded as {self._kind}: {_decode_problem(error)}", page_index
             ) from None
-
-    def _error(self, message: str, page_index: int, *, hint: str | None = None) -> PageError:
-        return PageError(
-            message, document=self._document, page_index=page_index, page_count=self.page_count, hint=hint
-        )
 
 
 def _to_rgb(image: Image.Image) -> Image.Image:
@@ -573,17 +580,14 @@ def _log_mupdf_warnings(label: str) -> None:
         logger.debug("MuPDF on %s: %s", label, warnings.replace("\n", "; "))
 
 
-class _PyMuPDFSource:
+class _PyMuPDFSource(_PagedSource):
     """Pages of an open PyMuPDF document, rendered on white as a viewer shows them."""
 
     def __init__(
         self, document: Document, opened: pymupdf.Document, kind: str, label: str, page_count: int
     ) -> None:
-        self._document = document
+        super().__init__(document, kind, label, page_count)
         self._opened = opened
-        self._kind = kind
-        self._label = label
-        self.page_count = page_count
 
     def render(self, page_index: int, *, dpi: float | None) -> _Rendered:
         """Render one page at `dpi` (default: the model's size); PDF pages also get their pixel-to-PDF map."""
@@ -615,11 +619,6 @@ class _PyMuPDFSource:
                 "RGB", (pixmap.width, pixmap.height), pixmap.samples, "raw", "RGB", pixmap.stride
             )
         return _Rendered(image, dpi, to_pdf)
-
-    def _error(self, message: str, page_index: int, *, hint: str | None = None) -> PageError:
-        return PageError(
-            message, document=self._document, page_index=page_index, page_count=self.page_count, hint=hint
-        )
 
 
 def _default_dpi(width_pt: float, height_pt: float) -> float:

@@ -14,7 +14,7 @@
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 from kosmos_cli.values import Document, Line, PageResult, Status, Task
 from kosmos_cli.writers import DocumentWriter, register
@@ -39,9 +39,23 @@ def comment_safe(text: str) -> str:
     return re.sub(r"-(?=-)", "- ", text)
 
 
-def _join_pages(blocks: Sequence[str], separator: str) -> bytes:
-    text = separator.join(block for block in blocks if block)
-    return (text + "\n").encode("utf-8") if text else b""
+def _marked_pages(
+    pages: Sequence[PageResult],
+    *,
+    marker: Callable[[str], str],
+    body: Callable[[PageResult], str],
+    separator: str,
+) -> bytes:
+    """Join the pages' bodies by `separator`, each after its page marker where one is due."""
+    blocks = []
+    for result in pages:
+        note = page_note(result, always=result.info.page_count > 1)
+        parts = [marker(note)] if note else []
+        if result.status is not Status.FAILED and (text := body(result)):
+            parts.append(text)
+        blocks.append(separator.join(parts))
+    joined = separator.join(block for block in blocks if block)
+    return (joined + "\n").encode("utf-8") if joined else b""
 
 
 @register
@@ -58,14 +72,12 @@ class MarkdownWriter(DocumentWriter):
 
     def render(self, results: Sequence[PageResult], source: bytes | None = None) -> bytes:
         """Render the pages' markdown with page markers where due."""
-        blocks = []
-        for result in self.check(results):
-            note = page_note(result, always=result.info.page_count > 1)
-            parts = [f"<!-- kosmos: {comment_safe(note)} -->"] if note else []
-            if result.status is not Status.FAILED and result.text:
-                parts.append(result.text)
-            blocks.append("\n\n".join(parts))
-        return _join_pages(blocks, "\n\n")
+        return _marked_pages(
+            self.check(results),
+            marker=lambda note: f"<!-- kosmos: {comment_safe(note)} -->",
+            body=lambda result: result.text,
+            separator="\n\n",
+        )
 
 
 @register
@@ -82,14 +94,12 @@ class TextWriter(DocumentWriter):
 
     def render(self, results: Sequence[PageResult], source: bytes | None = None) -> bytes:
         """Render the pages' lines with page markers where due."""
-        blocks = []
-        for result in self.check(results):
-            note = page_note(result, always=result.info.page_count > 1)
-            parts = [f"# kosmos: {note}"] if note else []
-            if result.status is not Status.FAILED and result.lines:
-                parts.append(format_ocr_lines(result.lines))
-            blocks.append("\n".join(parts))
-        return _join_pages(blocks, "\n")
+        return _marked_pages(
+            self.check(results),
+            marker=lambda note: f"# kosmos: {note}",
+            body=lambda result: format_ocr_lines(result.lines),
+            separator="\n",
+        )
 
 
 def format_ocr_line(line: Line) -> str:
