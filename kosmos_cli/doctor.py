@@ -22,7 +22,6 @@ PACKAGES = (
     "kosmos-cli",
     "torch",
     "transformers",
-    "accelerate",
     "tokenizers",
     "pillow",
     "pymupdf",

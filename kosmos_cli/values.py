@@ -114,7 +114,7 @@ class Page:
     """A page ready for the model: its info and its RGB pixels.
 
     The image is the page at `info.width` x `info.height`, or smaller where the page was far
-    larger than the model reads (`sources.model_image`); boxes are always in the full size.
+    larger than the model reads (`rasterize.model_image`); boxes are always in the full size.
     """
 
     info: PageInfo

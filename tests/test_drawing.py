@@ -81,11 +81,11 @@ def test_numbers_sit_above_the_box_or_inside_at_the_top() -> None:
         ("book.pdf", 1233, 2000, "book.pdf-p1234.boxes.png"),
     ],
 )
-def test_draw_file_name(name: str, page_index: int, page_count: int, expected: str) -> None:
+def test_drawing_file_names(name: str, page_index: int, page_count: int, expected: str) -> None:
     assert DrawingWriter().file_name(Document(f"/in/{name}", name), page_index, page_count) == expected
 
 
-def test_render_drawing_writes_a_png_of_the_page() -> None:
+def test_a_drawing_is_a_png_of_the_page() -> None:
     info = PageInfo(Document("/in/a.png", "a"), 0, 1, 120, 80)
     page = Page(info, Image.new("RGB", (120, 80), BACKGROUND))
     result = PageResult(info, Task.OCR, "x", lines=(line("x", 10, 10, 60, 30),))
@@ -97,7 +97,7 @@ def test_render_drawing_writes_a_png_of_the_page() -> None:
     assert png.convert("RGB").getpixel((30, 20)) == BACKGROUND
 
 
-def test_render_drawing_refuses_another_page() -> None:
+def test_a_drawing_refuses_another_page() -> None:
     document = Document("/in/a.pdf", "a")
     page = Page(PageInfo(document, 0, 2, 10, 10), Image.new("RGB", (10, 10)))
     result = PageResult(PageInfo(document, 1, 2, 10, 10), Task.OCR, "")
