@@ -1,6 +1,7 @@
 """The library's front door: `transcribe_files` runs a whole job, `Transcriber` returns results in memory.
 
-The CLI, the Ray driver's caller, the benchmarks and the tests all go through `transcribe_files`:
+The CLI, the benchmarks and the tests all go through `transcribe_files`; with `ray` it runs the
+same job on a Ray cluster:
 
     inputs -> discovery -> probe (count pages, --pages) -> plan (skip, redo, refuse)
            -> model (loaded only when a document is left to do) -> run_job or run_on_ray -> Summary
@@ -32,6 +33,7 @@ from kosmos_cli.values import Document, Page, PageInfo, PageResult, Task, failed
 if TYPE_CHECKING:
     from PIL import Image
 
+    from kosmos_cli.assembly import Outputs
     from kosmos_cli.discovery import Discovery
     from kosmos_cli.jobs import Pages
     from kosmos_cli.sandbox import Sandbox
@@ -75,17 +77,15 @@ def transcribe_files(
     """
     from kosmos_cli.assembly import Outputs
     from kosmos_cli.discovery import discover, name_clashes, remove_stale_spools
-    from kosmos_cli.jobs import job_fingerprint, plan, probe, run_job
-    from kosmos_cli.sandbox import Sandbox
     from kosmos_cli.stores import output_location
 
     task = Task(task)
     reporter = reporter or LogReporter()
     settings = settings or Settings(model=default_model())
-    names = tuple(formats) if formats else (DEFAULT_FORMATS[task],)
+    names = (*(formats or (DEFAULT_FORMATS[task],)), *(("draw",) if draw else ()))
     job = Job(
         task=task,
-        formats=names + (("draw",) if draw else ()),
+        formats=tuple(dict.fromkeys(names)),  # each once, in the order asked
         output_dir=output_location(output) if output is not None else None,
         numbered=numbered,
         pages=parse_pages(pages) if isinstance(pages, str) else pages,
@@ -108,30 +108,59 @@ def transcribe_files(
         if job.output_dir is not None and (clash := name_clashes(discovery.documents)) is not None:
             raise clash
         _report_discovery(discovery, reporter, summary)
-        documents = outputs.inputs = discovery.documents
-        if ray is not None:
-            if documents and job.output_dir is not None:
-                outputs.job = job = replace(job, fingerprint=job_fingerprint(job, settings, resolve=False))
-            todo = plan(documents, outputs, reporter, summary)
-            if todo:
-                from kosmos_cli.distributed import run_on_ray
+        outputs.inputs = discovery.documents
+        if ray is None:
+            _run_here(discovery.documents, outputs, settings, runner, reporter, summary)
+        else:
+            _run_on_ray(discovery.documents, outputs, settings, ray, reporter, summary)
+    return summary
 
-                run_on_ray(todo, outputs, settings, reporter, summary, ray)
-            return summary
-        with Sandbox(timeout=job.page_timeout) as sandbox:
-            found = probe(documents, job, reporter, summary, sandbox=sandbox)
-            documents = [document for document in documents if document in found]
-            if documents and job.output_dir is not None:
-                outputs.job = job = replace(job, fingerprint=job_fingerprint(job, settings))
-            todo = plan(documents, outputs, reporter, summary, pages=found)
-            if todo:
-                if runner is None:
-                    from kosmos_cli.model.loading import load_runner
 
-                    reporter.loading(f"loading model `{settings.model}`")
-                    runner = load_runner(settings)
-                run_job(todo, runner, outputs, reporter, summary, pages=found, sandbox=sandbox)
-        return summary
+def _run_here(
+    documents: Sequence[Document],
+    outputs: Outputs,
+    settings: Settings,
+    runner: Runner | None,
+    reporter: Reporter,
+    summary: Summary,
+) -> None:
+    """Count every document's pages, plan, load the model if anything is left, and run on this machine."""
+    from kosmos_cli.jobs import job_fingerprint, plan, probe, run_job
+    from kosmos_cli.sandbox import Sandbox
+
+    with Sandbox(timeout=outputs.job.page_timeout) as sandbox:
+        found = probe(documents, outputs.job, reporter, summary, sandbox=sandbox)
+        readable = [document for document in documents if document in found]
+        if readable and outputs.store is not None:  # resolving the device imports torch: only if needed
+            outputs.job = replace(outputs.job, fingerprint=job_fingerprint(outputs.job, settings))
+        todo = plan(readable, outputs, reporter, summary, pages=found)
+        if not todo:
+            return
+        if runner is None:
+            from kosmos_cli.model.loading import load_runner
+
+            reporter.loading(f"loading model `{settings.model}`")
+            runner = load_runner(settings)
+        run_job(todo, runner, outputs, reporter, summary, pages=found, sandbox=sandbox)
+
+
+def _run_on_ray(
+    documents: Sequence[Document],
+    outputs: Outputs,
+    settings: Settings,
+    options: RayOptions,
+    reporter: Reporter,
+    summary: Summary,
+) -> None:
+    """Plan here, then run on Ray: the workers count and read the documents, the model loads there."""
+    from kosmos_cli.distributed import run_on_ray
+    from kosmos_cli.jobs import job_fingerprint, plan
+
+    if documents and outputs.store is not None:  # as asked: the workers' hardware may differ from this
+        outputs.job = replace(outputs.job, fingerprint=job_fingerprint(outputs.job, settings, resolve=False))
+    todo = plan(documents, outputs, reporter, summary)
+    if todo:
+        run_on_ray(todo, outputs, settings, reporter, summary, options)
 
 
 def _report_discovery(discovery: Discovery, reporter: Reporter, summary: Summary) -> None:
