@@ -696,7 +696,7 @@ def main() -> None:
     try:
         app()
     except SystemExit as done:
-        if done.code not in (EXIT_INTERRUPTED, EXIT_TERMINATED, EXIT_BROKEN_PIPE):
+        if done.code not in (EXIT_INTERRUPTED, EXIT_TERMINATED, EXIT_BROKEN_PIPE, EXIT_CRASH):
             raise
         # Stopped early, torch's and the tokenizer's native threads may still run, and tearing the
         # interpreter down under them can abort ("terminate called without an active exception").
