@@ -4,13 +4,18 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import dataclasses
+import functools
+import inspect
 import logging
 import os
 import signal
 import sys
 import time
 import traceback
+import typing
 from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, Optional, TypeAlias
@@ -289,51 +294,118 @@ RUN_EPILOG = (
 )
 
 
-def _settings(
-    *,
-    model: str | None,
-    revision: str | None,
-    device: str,
-    dtype: Enum,
-    attn: Enum,
-    batch_size: int | None,
-    max_new_tokens: int | None,
-    compile: bool,
-    quantize: Enum | None,
-    threads: int | None,
-) -> Settings:
-    """Gather the model options (raises UsageError for a value that names nothing)."""
-    return Settings(
-        model=model or default_model(),
-        revision=revision,
-        device=device,
-        dtype=dtype.value,
-        attn=attn.value,
-        batch_size=batch_size,
-        max_new_tokens=max_new_tokens,
-        compile=compile,
-        quantize=quantize.value if quantize is not None else None,
-        threads=threads,
-    )
+@dataclass(frozen=True)
+class RunOptions:
+    """The options `md` and `ocr` share, as typer parsed them; `run_command` adds them to each command."""
+
+    inputs: Inputs = None
+    output: Output = None
+    from_list: FromList = None
+    pages: Pages = None
+    dpi: Dpi = None
+    password: Password = None
+    page_timeout: PageTimeout = DEFAULT_PAGE_TIMEOUT
+    overwrite: Overwrite = False
+    model: Model = None
+    revision: Revision = None
+    device: DeviceOpt = "auto"
+    dtype: DTypeOpt = "auto"  # type: ignore[assignment]  # typer turns it into its DType
+    attn: AttnOpt = "auto"  # type: ignore[assignment]
+    batch_size: BatchSize = None
+    max_new_tokens: MaxNewTokens = None
+    compile: Compile = False
+    quantize: Quantize = None
+    threads: Threads = None
+    ray: Ray = False
+    ray_address: RayAddress = None
+    workers: Workers = None
+    gpus_per_worker: GpusPerWorker = DEFAULT_GPUS_PER_WORKER
+    quiet: Quiet = False
+    verbose: Verbose = False
+
+    def settings(self) -> Settings:
+        """Return the model's settings (raises UsageError for a value that names nothing)."""
+        return Settings(
+            model=self.model or default_model(),
+            revision=self.revision,
+            device=self.device,
+            dtype=self.dtype.value,
+            attn=self.attn.value,
+            batch_size=self.batch_size,
+            max_new_tokens=self.max_new_tokens,
+            compile=self.compile,
+            quantize=self.quantize.value if self.quantize is not None else None,
+            threads=self.threads,
+        )
+
+    def ray_options(self) -> RayOptions | None:
+        """Return how to run on Ray, or None to run here."""
+        if not self.ray and self.ray_address is None:
+            return None
+        return RayOptions(
+            address=self.ray_address, workers=self.workers, gpus_per_worker=self.gpus_per_worker
+        )
 
 
-def _values(choices: list[Enum] | None) -> list[str]:
-    return [choice.value for choice in choices or []]
+def run_command(command: Callable[..., None]) -> Callable[..., None]:
+    """Give a command the shared options, declared once in `RunOptions`.
+
+    Typer reads options from a function's signature, so the one it is handed lists the command's own
+    parameters, then `RunOptions`'s fields; the command is called with its own and `options=`.
+    """
+    shared = typing.get_type_hints(RunOptions, include_extras=True)
+    hints = typing.get_type_hints(command, include_extras=True)
+    own = [
+        parameter.replace(annotation=hints[parameter.name])
+        for parameter in inspect.signature(command).parameters.values()
+        if parameter.name != "options"
+    ]
+    keyword = inspect.Parameter.KEYWORD_ONLY
+    added = [
+        inspect.Parameter(field.name, keyword, default=field.default, annotation=shared[field.name])
+        for field in dataclasses.fields(RunOptions)
+    ]
+
+    @functools.wraps(command)
+    def parsed(**values: Any) -> None:
+        options = RunOptions(
+            **{field.name: values.pop(field.name) for field in dataclasses.fields(RunOptions)}
+        )
+        command(**values, options=options)
+
+    parsed.__signature__ = inspect.Signature([*own, *added])  # type: ignore[attr-defined]
+    parsed.__annotations__ = {p.name: p.annotation for p in [*own, *added]}
+    del parsed.__wrapped__  # typer must read the signature above, not the command's
+    return parsed
 
 
-def _ray_options(
-    ray: bool, address: str | None, workers: int | None, gpus_per_worker: float
-) -> RayOptions | None:
-    """Return how to run on Ray, or None to run here."""
-    if not ray and address is None:
-        return None
-    return RayOptions(address=address, workers=workers, gpus_per_worker=gpus_per_worker)
+def _transcribe(
+    task: Task, options: RunOptions, *, formats: list[Enum] | None, draw: bool = False, numbered: bool = False
+) -> None:
+    """Run md or ocr: the one library call, with progress, the summary and the exit code."""
+    with _session(quiet=options.quiet, verbose=options.verbose) as reporter:
+        reporter.summary = transcribe_files(
+            options.inputs or [],
+            task=task,
+            formats=[choice.value for choice in formats or []],
+            output=options.output,
+            from_list=options.from_list,
+            pages=options.pages,
+            dpi=options.dpi,
+            password=options.password,
+            page_timeout=options.page_timeout,
+            draw=draw,
+            numbered=numbered,
+            overwrite=options.overwrite,
+            settings=options.settings(),
+            ray=options.ray_options(),
+            reporter=reporter,
+        )
 
 
 @app.command(epilog=RUN_EPILOG)
+@run_command
 def md(
-    inputs: Inputs = None,
-    output: Output = None,
     format: Annotated[
         Optional[list[MdFormat]],  # noqa: UP045
         typer.Option(
@@ -343,47 +415,16 @@ def md(
             show_default="md",
         ),
     ] = None,
-    from_list: FromList = None,
-    pages: Pages = None,
-    dpi: Dpi = None,
-    password: Password = None,
-    page_timeout: PageTimeout = DEFAULT_PAGE_TIMEOUT,
-    overwrite: Overwrite = False,
-    model: Model = None,
-    revision: Revision = None,
-    device: DeviceOpt = "auto",
-    dtype: DTypeOpt = "auto",  # type: ignore[assignment]
-    attn: AttnOpt = "auto",  # type: ignore[assignment]
-    batch_size: BatchSize = None,
-    max_new_tokens: MaxNewTokens = None,
-    compile: Compile = False,
-    quantize: Quantize = None,
-    threads: Threads = None,
-    ray: Ray = False,
-    ray_address: RayAddress = None,
-    workers: Workers = None,
-    gpus_per_worker: GpusPerWorker = DEFAULT_GPUS_PER_WORKER,
-    quiet: Quiet = False,
-    verbose: Verbose = False,
+    *,
+    options: RunOptions,
 ) -> None:
     """Transcribe to markdown."""
-    with _session(quiet=quiet, verbose=verbose) as reporter:
-        settings = _settings(
-            model=model, revision=revision, device=device, dtype=dtype, attn=attn, batch_size=batch_size,
-            max_new_tokens=max_new_tokens, compile=compile, quantize=quantize, threads=threads,
-        )  # fmt: skip
-        reporter.summary = transcribe_files(
-            inputs or [], task=Task.MD, formats=_values(format), output=output, from_list=from_list,
-            pages=pages, dpi=dpi, password=password, page_timeout=page_timeout, overwrite=overwrite,
-            settings=settings, ray=_ray_options(ray, ray_address, workers, gpus_per_worker),
-            reporter=reporter,
-        )  # fmt: skip
+    _transcribe(Task.MD, options, formats=format)
 
 
 @app.command(epilog=RUN_EPILOG)
+@run_command
 def ocr(
-    inputs: Inputs = None,
-    output: Output = None,
     format: Annotated[
         Optional[list[OcrFormat]],  # noqa: UP045
         typer.Option(
@@ -397,41 +438,11 @@ def ocr(
         bool, typer.Option("--draw", help="Also write a PNG per page with each line's box drawn (needs -o).")
     ] = False,
     numbered: Annotated[bool, typer.Option("--numbered", help="Number the boxes drawn by --draw.")] = False,
-    from_list: FromList = None,
-    pages: Pages = None,
-    dpi: Dpi = None,
-    password: Password = None,
-    page_timeout: PageTimeout = DEFAULT_PAGE_TIMEOUT,
-    overwrite: Overwrite = False,
-    model: Model = None,
-    revision: Revision = None,
-    device: DeviceOpt = "auto",
-    dtype: DTypeOpt = "auto",  # type: ignore[assignment]
-    attn: AttnOpt = "auto",  # type: ignore[assignment]
-    batch_size: BatchSize = None,
-    max_new_tokens: MaxNewTokens = None,
-    compile: Compile = False,
-    quantize: Quantize = None,
-    threads: Threads = None,
-    ray: Ray = False,
-    ray_address: RayAddress = None,
-    workers: Workers = None,
-    gpus_per_worker: GpusPerWorker = DEFAULT_GPUS_PER_WORKER,
-    quiet: Quiet = False,
-    verbose: Verbose = False,
+    *,
+    options: RunOptions,
 ) -> None:
     """Transcribe to text lines with boxes: `x0,y0,x1,y0,x1,y1,x0,y1,text` in original-image pixels."""
-    with _session(quiet=quiet, verbose=verbose) as reporter:
-        settings = _settings(
-            model=model, revision=revision, device=device, dtype=dtype, attn=attn, batch_size=batch_size,
-            max_new_tokens=max_new_tokens, compile=compile, quantize=quantize, threads=threads,
-        )  # fmt: skip
-        reporter.summary = transcribe_files(
-            inputs or [], task=Task.OCR, formats=_values(format), output=output, from_list=from_list,
-            pages=pages, dpi=dpi, password=password, page_timeout=page_timeout, draw=draw, numbered=numbered,
-            overwrite=overwrite, settings=settings,
-            ray=_ray_options(ray, ray_address, workers, gpus_per_worker), reporter=reporter,
-        )  # fmt: skip
+    _transcribe(Task.OCR, options, formats=format, draw=draw, numbered=numbered)
 
 
 @app.command()
@@ -633,8 +644,6 @@ def _print_error(console: Console, error: KosmosError, *, verbose: bool = False)
         console.print(f"hint: {error.hint}", markup=False)
     cause = error.__cause__
     if verbose and cause is not None:
-        import traceback
-
         console.print("".join(traceback.format_exception(cause)).rstrip(), markup=False)
 
 
