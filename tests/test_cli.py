@@ -54,6 +54,18 @@ def test_command_help_names_the_shared_options(command: str) -> None:
         assert option in result.stdout
 
 
+def test_help_imports_neither_torch_nor_transformers() -> None:
+    code = (
+        "import sys\n"
+        "from kosmos_cli.cli import main\n"
+        "sys.argv = ['kosmos', 'ocr', '--help']\n"
+        "try:\n    main()\nexcept SystemExit:\n    pass\n"
+        "print(sorted(name for name in ('torch', 'transformers', 'ray') if name in sys.modules))\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert result.stdout.splitlines()[-1] == "[]", result.stderr
+
+
 def test_version() -> None:
     result = runner.invoke(app, ["--version"])
     assert result.exit_code == 0
