@@ -10,6 +10,7 @@ and the run goes on. The child ignores Ctrl-C: the parent decides when to stop.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import signal
@@ -71,11 +72,16 @@ class Sandbox:
         raise RuntimeError(f"a sandboxed {function.__name__} failed:\n{value}")
 
     def release(self, function: Callable[[], object]) -> None:
-        """Run a clean-up call in the child if it is running; never starts one."""
+        """Run a clean-up call in the child if it is running; never starts one, never raises for a gone one.
+
+        A run that stops closes the sandbox while a reading generator may still be open in another
+        thread; when that generator is collected, its clean-up finds the child gone, which is fine.
+        """
         with self._lock:
             if self._process is None or self._process.poll() is not None:
                 return
-        self.call(function)
+        with contextlib.suppress(ReaderStopped):
+            self.call(function)
 
     def close(self) -> None:
         """Stop the child process, at once, even while another thread waits on a call to it."""
