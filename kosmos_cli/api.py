@@ -108,7 +108,7 @@ def transcribe_files(
         if job.output_dir is not None and (clash := name_clashes(discovery.documents)) is not None:
             raise clash
         _report_discovery(discovery, reporter, summary)
-        outputs.inputs = discovery.documents
+        outputs.set_inputs(discovery.documents)
         if ray is None:
             _run_here(discovery.documents, outputs, settings, runner, reporter, summary)
         else:

@@ -44,10 +44,7 @@ class _DocumentState:
 
 
 class Outputs:
-    """Where a run's outputs go: an output store with its manifest, read once per run, or stdout.
-
-    `inputs` are every document of the run, skipped ones included: no output may overwrite one.
-    """
+    """Where a run's outputs go: an output store with its manifest, read once per run, or stdout."""
 
     def __init__(self, job: Job, stdout: BinaryIO) -> None:
         self.job = job
@@ -57,8 +54,8 @@ class Outputs:
         # Whether a format is built from the documents' own bytes (`DocumentWriter.needs_source`).
         self.needs_source = any(isinstance(w, DocumentWriter) and w.needs_source for w in self.writers)
         self.store = output_store(job.output_dir) if job.output_dir is not None else None
-        self.manifest: Manifest | None = None  # read by `open`
-        self.inputs: Sequence[Document] = ()
+        self.manifest: Manifest | None = None  # read on entering
+        self._inputs: dict[str, Document] = {}  # every input of the run by `location_identity`
 
     def __enter__(self) -> Outputs:
         """Check the output location can be written (and lock a local one), then read its manifest."""
@@ -70,6 +67,10 @@ class Outputs:
     def __exit__(self, *_: object) -> None:
         if self.store is not None:
             self.store.close()
+
+    def set_inputs(self, documents: Sequence[Document]) -> None:
+        """Note every document of the run, skipped ones included: no output may overwrite one."""
+        self._inputs = {location_identity(document.path): document for document in documents}
 
     def files(self) -> list[str]:
         """Return the local output folder and every output the manifest records, for walks to skip."""
@@ -91,9 +92,8 @@ class Outputs:
         """Return the error for the first output that would overwrite an input file, else None."""
         if self.store is None:
             return None
-        by_identity = {location_identity(d.path): d for d in self.inputs}
         for name in names:
-            document = by_identity.get(self.store.identity(name))
+            document = self._inputs.get(self.store.identity(name))
             if document is not None:
                 return InputError(
                     f"`{self.store.describe(name)}` would overwrite the input `{document.display_name}`",

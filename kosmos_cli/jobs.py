@@ -71,8 +71,8 @@ def plan(
     recorded it from the same input, unchanged, with this job's fingerprint. A document one of
     whose outputs exists but was not recorded from its input (another input's output, or a file
     kosmos did not write) is refused with one error line, unless --overwrite; one that would
-    overwrite any of `outputs.inputs` is refused even then. Page-scoped outputs are checked only
-    where `pages` says how many pages a document has.
+    overwrite an input of the run (`Outputs.set_inputs`) is refused even then. Page-scoped outputs
+    are checked only where `pages` says how many pages a document has.
     """
     store, manifest, job = outputs.store, outputs.manifest, outputs.job
     if store is None or manifest is None:
