@@ -5,7 +5,6 @@
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
@@ -172,8 +171,7 @@ def run_job(
     job's page timeout.
     """
     job = outputs.job
-    with contextlib.ExitStack() as stack:
-        builder = stack.enter_context(Sandbox(timeout=job.page_timeout))  # starts only if a format needs it
+    with Sandbox(timeout=job.page_timeout) as builder:  # starts only if a format needs it
         assembly = Assembly(documents, outputs, reporter, summary, sandbox=builder)
         reporter.add_total(sum(len(pages[document].selected) for document in documents))
         resumed: set[int] = set()
