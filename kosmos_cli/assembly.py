@@ -128,7 +128,7 @@ class Assembly:
         self.outputs = outputs
         self.reporter = reporter
         self.summary = summary
-        self.sandbox = sandbox  # builds the formats that read the input again (searchable PDF)
+        self.sandbox = sandbox  # builds the formats made from the document's bytes (searchable PDF)
         self.writers = outputs.writers
         self.page_writers = [writer for writer in outputs.writers if isinstance(writer, PageWriter)]
         self.order = _StdoutOrder(documents, outputs)
@@ -161,6 +161,7 @@ class Assembly:
         state = self.states[document]
         if not state.failed and not state.finished:
             state.source = data
+            self._finish_if_complete(state)  # on Ray, the bytes may come after the last page
 
     def expect(self, document: Document, page_indices: Iterable[int]) -> None:
         """Note pages handed to the model; the document is written once each has a result."""
@@ -191,6 +192,7 @@ class Assembly:
         self.reporter.error(error)
         state.failed = True
         state.results.clear()
+        state.source = None
         self.order.abandon(document)
         self.summary.documents_failed += 1
 

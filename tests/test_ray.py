@@ -33,7 +33,7 @@ from kosmos_cli.errors import ModelLoadError, UsageError
 from kosmos_cli.jobs import job_fingerprint
 from kosmos_cli.manifest import progress_name
 from kosmos_cli.reporting import Summary
-from kosmos_cli.values import Document, PageInfo, PageResult, Task
+from kosmos_cli.values import Document, Line, PageInfo, PageResult, Task
 
 FORMATS = {Task.MD: ("md", "json", "jsonl"), Task.OCR: ("txt", "json", "jsonl", "hocr", "pdf")}
 PAGES = 5  # readable pages in the corpus
@@ -156,6 +156,32 @@ def test_driver_writes_each_document_once_whatever_order_and_repeats_rows_come_i
     }
     assert counts(summary) == (2, 0, 0, 3, 0, 0)
     assert recorder.total == 3
+
+
+def test_driver_writes_the_searchable_pdf_when_the_document_bytes_come_last(tmp_path: Path) -> None:
+    from kosmos_cli.distributed import _LISTED, _RESULT, _SOURCE, _collect, _row
+
+    pdf = make_pdf(tmp_path / "in/a.pdf", pages=[PdfPage(text="Hello")])
+    (document,) = discover([str(pdf)]).documents
+    info = PageInfo(document, 0, 1, 612, 792, 72.0, (1.0, 0.0, 0.0, -1.0, 0.0, 792.0))
+    line = Line("Hello", ((72, 80), (200, 80), (200, 110), (72, 110)))
+    result = PageResult(info, Task.OCR, "Hello", lines=(line,))
+    rows = [
+        _row(0, _LISTED, -1, [0]),
+        _row(0, _RESULT, 0, (result.to_dict(), {})),
+        _row(0, _SOURCE, -1, pdf.read_bytes()),  # after the last page: the document is written now
+        _row(0, _SOURCE, -1, pdf.read_bytes()),  # a listing task that ran twice
+    ]
+    job = Job(task=Task.OCR, formats=("txt", "pdf"), output_dir=tmp_path / "out")
+    summary, recorder = Summary(), Recorder()
+    with Outputs(job, io.BytesIO()) as outputs:
+        assembly = Assembly([document], outputs, recorder, summary)
+        assembly.start(document)
+        _collect(rows, [document], assembly, recorder)
+
+    written = tree(tmp_path / "out")
+    assert sorted(written) == ["a.pdf.pdf", "a.pdf.txt"]
+    assert counts(summary) == (1, 0, 0, 1, 0, 0) and recorder.errors == []
 
 
 def test_outputs_over_inputs_are_refused_before_ray_starts(
