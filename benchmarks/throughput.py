@@ -428,7 +428,7 @@ def decode_sweep(args: argparse.Namespace, batch_sizes: list[int], steps: int = 
     request = Request(0, image, Task(args.task))
     encoded = runner.encode(request)
     started = time.perf_counter()
-    cache, mask, first = runner._prefill([encoded])
+    cache, mask, (first, _) = runner._prefill([encoded])
     synchronize(args.device)
     print(f"prefill of one page: {time.perf_counter() - started:.2f} s")
     bandwidth = args.bandwidth * 1e9 if args.bandwidth else copy_bandwidth(args.device)

@@ -7,6 +7,7 @@ rescaled to original-image pixels here and nowhere else.
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 
 from kosmos_cli.values import Line, Point
 
@@ -57,8 +58,19 @@ _CLOSABLE = frozenset(
 )
 
 
-def parse_ocr(raw: str, *, resized_size: tuple[int, int], original_size: tuple[int, int]) -> list[Line]:
-    """Parse `<bbox><x_N><y_N><x_N><y_N></bbox>text` output into lines in original-image pixels."""
+def parse_ocr(
+    raw: str,
+    *,
+    resized_size: tuple[int, int],
+    original_size: tuple[int, int],
+    segments: Sequence[Sequence[float]] = (),
+) -> list[Line]:
+    """Parse `<bbox><x_N><y_N><x_N><y_N></bbox>text` output into lines in original-image pixels.
+
+    `segments` are the probabilities of each line's text tokens (`Generation.segments`); a line
+    gets their mean and minimum as its confidence. They are used only when they split the output
+    as its `<bbox>` markers do (one per line start, and one before the first).
+    """
     resized_w, resized_h = resized_size
     original_w, original_h = original_size
     if min(resized_w, resized_h, original_w, original_h) <= 0:
@@ -76,8 +88,10 @@ def parse_ocr(raw: str, *, resized_size: tuple[int, int], original_size: tuple[i
     raw = _CUT_TOKEN.sub("", raw)
     lines: list[Line] = []
     starts = list(_LINE_START.finditer(raw))
+    matched = len(segments) == len(starts) + 1 and all(start[0].startswith("<bbox>") for start in starts)
+    probabilities = list(segments) if matched else [()] * (len(starts) + 1)
     lead_end = starts[0].start() if starts else len(raw)
-    _append(lines, raw[:lead_end], None)
+    _append(lines, raw[:lead_end], None, probabilities[0])
     for index, start in enumerate(starts):
         text_end = starts[index + 1].start() if index + 1 < len(starts) else len(raw)
         text = raw[start.end() : text_end]
@@ -90,15 +104,18 @@ def parse_ocr(raw: str, *, resized_size: tuple[int, int], original_size: tuple[i
             # A box that collapses after clipping or rounding is just as unusable.
             if x0 < x1 and y0 < y1:
                 polygon = ((x0, y0), (x1, y0), (x1, y1), (x0, y1))
-        _append(lines, text, polygon)
+        _append(lines, text, polygon, probabilities[index + 1])
     return lines
 
 
-def _append(lines: list[Line], text: str, polygon: tuple[Point, Point, Point, Point] | None) -> None:
+def _append(
+    lines: list[Line], text: str, polygon: tuple[Point, Point, Point, Point] | None, probs: Sequence[float]
+) -> None:
     """Add a line unless it has no text; whitespace runs, newlines included, become one space."""
     words = _CONTROL.sub("", _STRAY_TOKEN.sub(" ", text)).split()
     if words:
-        lines.append(Line(" ".join(words), polygon))
+        confidence = (sum(probs) / len(probs), min(probs)) if probs else (None, None)
+        lines.append(Line(" ".join(words), polygon, *confidence))
 
 
 def tidy_markdown(raw: str) -> str:

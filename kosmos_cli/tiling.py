@@ -20,6 +20,7 @@ from __future__ import annotations
 import itertools
 import math
 from collections.abc import Sequence
+from dataclasses import replace
 
 from kosmos_cli.values import BBox, Line
 
@@ -119,7 +120,7 @@ def _shift(line: Line, tile: BBox) -> Line:
         return line
     dx, dy = tile[0], tile[1]
     p0, p1, p2, p3 = ((x + dx, y + dy) for x, y in line.polygon)
-    return Line(line.text, (p0, p1, p2, p3))
+    return replace(line, polygon=(p0, p1, p2, p3))
 
 
 def _intersection(a: BBox, b: BBox) -> BBox | None:

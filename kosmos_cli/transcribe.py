@@ -133,7 +133,15 @@ def _ocr_lines(tiles: dict[BBox, Generation]) -> list[Line]:
     for box, generation in tiles.items():
         tile_size = (box[2] - box[0], box[3] - box[1])
         per_tile.append(
-            (box, parse_ocr(generation.text, resized_size=generation.resized_size, original_size=tile_size))
+            (
+                box,
+                parse_ocr(
+                    generation.text,
+                    resized_size=generation.resized_size,
+                    original_size=tile_size,
+                    segments=generation.segments,
+                ),
+            )
         )
     if len(per_tile) == 1:
         return per_tile[0][1]

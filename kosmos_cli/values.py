@@ -127,12 +127,18 @@ class Line:
 
     text: str
     polygon: tuple[Point, Point, Point, Point] | None  # clockwise from top-left
+    # The model's probabilities of the line's text tokens as it chose them: their mean and their
+    # minimum (0-1); None where they are not known (a line the tokens could not be matched to).
+    confidence: float | None = None
+    min_confidence: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        """Return the line as JSON-ready values: its text and polygon (`from_dict` reads them back)."""
+        """Return the line as JSON-ready values (`from_dict` reads them back)."""
         return {
             "text": self.text,
             "polygon": [list(point) for point in self.polygon] if self.polygon else None,
+            "confidence": self.confidence,
+            "min_confidence": self.min_confidence,
         }
 
     @classmethod
@@ -142,7 +148,7 @@ class Line:
         points = tuple((int(x), int(y)) for x, y in polygon) if polygon is not None else None
         if points is not None and len(points) != 4:
             raise ValueError(f"a line's polygon has 4 points, not {len(points)}")
-        return cls(data["text"], points)
+        return cls(data["text"], points, data["confidence"], data["min_confidence"])
 
     @property
     def bbox(self) -> BBox | None:
@@ -161,6 +167,10 @@ class Generation:
     text: str  # decoded output with the prompt removed; <bbox>/<x_N> tokens kept
     resized_size: tuple[int, int]  # (width, height) of the image the model saw
     ids: tuple[int, ...]  # the generated token ids behind `text`, EOS excluded
+    probs: tuple[float, ...] = ()  # the model's probability of each of `ids` when it chose it
+    # The probabilities of the text tokens of each `<bbox>` line: [0] before the first `<bbox>`, [k]
+    # after the k-th (box and coordinate tokens left out); () when not known.
+    segments: tuple[tuple[float, ...], ...] = ()
     finish: Finish = Finish.EOS
     loop: Loop | None = None  # what was cut when finish is LOOP
 

@@ -135,6 +135,8 @@ def test_polygons_are_rescaled_per_image_in_mixed_batches(kosmos: Kosmos, script
         assert (page["width"], page["height"]) == (width, height)
         assert [line["text"] for line in page["lines"]] == ["Hello world", "Total 12,50"]
         assert [line["bbox"] for line in page["lines"]] == expected_boxes(width, height), (width, height)
+        # The script leaves the model no other token: each was chosen with all the probability.
+        assert [(line["confidence"], line["min_confidence"]) for line in page["lines"]] == [(1.0, 1.0)] * 2
         for line in page["lines"]:
             x0, y0, x1, y1 = line["bbox"]
             assert line["polygon"] == [[x0, y0], [x1, y0], [x1, y1], [x0, y1]]

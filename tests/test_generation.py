@@ -72,6 +72,23 @@ def reference(runner: KosmosRunner, request: Request, *, variant: str = "") -> l
     return ids
 
 
+def reference_probabilities(runner: KosmosRunner, request: Request) -> tuple[list[int], list[float]]:
+    """This page alone through `model.generate`: its new ids up to EOS and each one's softmax probability."""
+    inputs = runner.processor(text=[TASK_PROMPTS[request.task]], images=[request.image], return_tensors="pt")
+    inputs.pop("width"), inputs.pop("height")
+    with torch.inference_mode():
+        output = runner.model.generate(
+            **inputs,
+            generation_config=greedy_config(runner.model, BUDGET),
+            output_logits=True,
+            return_dict_in_generate=True,
+        )
+    ids: list[int] = output.sequences[0, inputs["input_ids"].shape[1] :].tolist()
+    probs = [float(torch.softmax(step[0].float(), dim=-1)[token]) for step, token in zip(output.logits, ids, strict=True)]
+    end = ids.index(EOS) if EOS in ids else len(ids)
+    return ids[:end], probs[:end]
+
+
 def tie_lm_head(runner: KosmosRunner, bias: torch.Tensor | None = None) -> None:
     """Put back a plain LM head on the embedding matrix (kosmos packs its own copy for oneDNN on CPU)."""
     embeddings = runner.model.text_model.model.embed_tokens.weight
@@ -145,6 +162,28 @@ def test_batched_output_is_identical_to_one_page_at_a_time(tiny_checkpoint: Path
     lengths = {g.token_count for g in got.values()}
     assert len(lengths) >= 2 and BUDGET in lengths, "pages should finish at different steps"
     assert_matches_reference(runner, requests, got, variant=EARLY)
+
+
+@pytest.mark.parametrize("batch_size", [1, 3])
+def test_each_token_carries_the_probability_the_model_gave_it(tiny_checkpoint: Path, batch_size: int) -> None:
+    runner = load(tiny_checkpoint, batch_size=batch_size)
+    end_ocr_pages_early(runner)
+    requests = pages(5)
+    joined = generate(runner, requests)  # pages leaving and joining the running batch
+    fixed = dict(
+        zip((r.key for r in requests[:3]), runner.generate_batch(requests[:3]), strict=True)
+    )  # --compile's
+    bbox = runner.processor.tokenizer.convert_tokens_to_ids("<bbox>")
+    for request in requests:
+        ids, probs = reference_probabilities(runner, request)
+        for got in [joined[request.key], *([fixed[request.key]] if request.key in fixed else [])]:
+            assert got.ids == tuple(ids), request.key
+            assert got.probs == pytest.approx(probs, rel=1e-4, abs=1e-6), request.key
+            assert len(got.segments) == ids.count(bbox) + 1
+            text_probs = [p for token, p in zip(ids, probs, strict=True) if token not in runner.box_ids]
+            assert [p for segment in got.segments for p in segment] == pytest.approx(
+                text_probs, rel=1e-4, abs=1e-6
+            )
 
 
 WORDS = [

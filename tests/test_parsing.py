@@ -405,3 +405,49 @@ def test_pixel_bbox_to_pdf_has_no_negative_zero() -> None:
     x0, _, x1, _ = pixel_bbox_to_pdf((0, 0, 10, 10), (-1, 0, 0, 1, 0, 0))
     assert (x0, x1) == (-10.0, 0.0)
     assert math.copysign(1, x1) == 1
+
+
+RAW_TWO_LINES = "lead<bbox><x_1><y_1><x_9><y_9></bbox>first line<bbox><x_1><y_10><x_9><y_19></bbox>second"
+
+
+@pytest.mark.parametrize(
+    ("raw", "segments", "expected"),
+    [
+        pytest.param(
+            RAW_TWO_LINES,
+            [(0.5,), (0.9, 0.7, 0.8), (0.25, 0.75)],
+            [("lead", 0.5, 0.5), ("first line", 0.8, 0.7), ("second", 0.5, 0.25)],
+            id="one-group-per-line",
+        ),
+        pytest.param(
+            RAW_TWO_LINES,
+            [(0.5,), (0.9,)],
+            [("lead", None, None), ("first line", None, None), ("second", None, None)],
+            id="groups-do-not-split-it-so",
+        ),
+        pytest.param(
+            RAW_TWO_LINES,
+            [],
+            [("lead", None, None), ("first line", None, None), ("second", None, None)],
+            id="none-known",
+        ),
+        pytest.param(
+            "<bbox><x_1><y_1><x_9><y_9></bbox><bbox><x_1><y_10><x_9><y_19></bbox>text",
+            [(), (), (0.6, 0.4)],
+            [("text", 0.5, 0.4)],
+            id="a-line-without-text-is-dropped-with-its-group",
+        ),
+        pytest.param(
+            "<x_1><y_1><x_9><y_9></bbox>no bbox token<bbox><x_1><y_10><x_9><y_19></bbox>next",
+            [(0.9,), (0.8,)],
+            [("no bbox token", None, None), ("next", None, None)],
+            id="a-start-without-bbox-is-not-matched",
+        ),
+    ],
+)
+def test_line_confidences_come_from_their_own_tokens(
+    raw: str, segments: list[tuple[float, ...]], expected: list[tuple[str, float | None, float | None]]
+) -> None:
+    lines = parse_ocr(raw, resized_size=(10, 20), original_size=(10, 20), segments=segments)
+    got = [(line.text, line.confidence, line.min_confidence) for line in lines]
+    assert got == [(text, pytest.approx(mean) if mean else None, low) for text, mean, low in expected]

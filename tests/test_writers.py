@@ -240,7 +240,8 @@ def validate(instance: Any, schema: dict[str, Any], definition: str | None = Non
 
 
 def test_json_document_exact() -> None:
-    results = [ocr(info(size=(200, 100)), LINES[:2])]
+    sure = Line("Total 50,000", box(10, 20, 110, 40), confidence=0.912345678, min_confidence=0.5)
+    results = [ocr(info(size=(200, 100)), [sure, LINES[1]])]
     assert json.loads(WRITERS["json"]().render(results)) == {
         "source": "/in/scan.png",
         "page_count": 1,
@@ -259,8 +260,16 @@ def test_json_document_exact() -> None:
                         "text": "Total 50,000",
                         "polygon": [[10, 20], [110, 20], [110, 40], [10, 40]],
                         "bbox": [10, 20, 110, 40],
+                        "confidence": 0.9123,
+                        "min_confidence": 0.5,
                     },
-                    {"text": "no box", "polygon": None, "bbox": None},
+                    {
+                        "text": "no box",
+                        "polygon": None,
+                        "bbox": None,
+                        "confidence": None,
+                        "min_confidence": None,
+                    },
                 ],
             }
         ],

@@ -6,6 +6,7 @@ import functools
 import logging
 import math
 import os
+import re
 from collections import deque
 from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -31,6 +32,7 @@ CUDA_MAX_BATCH_SIZE = 64
 CUDA_MEMORY_SHARE = 0.7  # of free GPU memory given to the KV cache
 KV_BYTES_PER_TOKEN_PER_DTYPE_BYTE = 24 * 2 * 1536  # layers x (key, value) x embed_dim
 ENCODE_WORKERS = 4  # processor threads on GPU machines (one on CPU, where cores are busy decoding)
+_BOX_TOKEN = re.compile(r"</?bbox>|<[xy]_\d+>")  # the tokens of a line's box, not of its text
 # What a page can make the model raise: out of memory (torch.OutOfMemoryError), a CUDA or shape error
 # on that input (RuntimeError). Anything else is a bug in kosmos and ends the run with a traceback.
 PAGE_ERRORS = (RuntimeError, MemoryError)
@@ -66,6 +68,9 @@ class KosmosRunner:
         self.pad_id = int(model.config.text_config.pad_token_id)
         self.loop_rule = LoopRule() if settings.detect_loops else None
         self.decode_raw = functools.partial(processor.tokenizer.decode, skip_special_tokens=False)
+        added = processor.tokenizer.get_added_vocab()
+        self.bbox_id = added.get("<bbox>")  # where an OCR line starts
+        self.box_ids = frozenset(i for token, i in added.items() if _BOX_TOKEN.fullmatch(token))
         self.cache_argument = cache_argument(model)
 
     def generate(self, requests: Iterable[Request]) -> Iterator[tuple[Request, Generation | GenerationError]]:
@@ -120,7 +125,7 @@ class KosmosRunner:
                     return
                 continue
             try:
-                tokens = self._decode_step(batch)
+                tokens, probs = self._decode_step(batch)
             except PAGE_ERRORS as error:  # a failing step: retried smaller, then per-page errors
                 if len(batch.rows) == 1:
                     row = batch.rows[0]
@@ -129,7 +134,7 @@ class KosmosRunner:
                     continue
                 limit = self._restart(batch, waiting, error, limit)
                 continue
-            yield from self._advance(batch, tokens)
+            yield from self._advance(batch, tokens, probs)
 
     def _join(
         self, batch: _Batch, joining: list[tuple[Request, _Encoded]]
@@ -138,8 +143,8 @@ class KosmosRunner:
         parts: list[_Batch] = []
         yield from self._prefill_parts(joining, parts)
         for index, part in enumerate(parts):
-            assert part.tokens is not None
-            first = part.tokens.tolist()
+            assert part.tokens is not None and part.probs is not None
+            first, first_probs = part.tokens.tolist(), part.probs.tolist()
             try:
                 batch.merge(part)
             except PAGE_ERRORS as error:
@@ -147,7 +152,7 @@ class KosmosRunner:
                     raise
                 unmerged = [(row.request, row.encoded) for later in parts[index:] for row in later.rows]
                 raise _NoRoom(unmerged, error) from error
-            yield from self._advance(batch, first, rows_from=len(batch.rows) - len(part.rows))
+            yield from self._advance(batch, first, first_probs, rows_from=len(batch.rows) - len(part.rows))
 
     def _prefill_parts(
         self, joining: list[tuple[Request, _Encoded]], parts: list[_Batch]
@@ -168,10 +173,15 @@ class KosmosRunner:
             yield from self._prefill_parts(joining[half:], parts)
             return
         rows = [self._new_row(request, encoded) for request, encoded in joining]
-        parts.append(_Batch(rows, cache, mask, first))
+        parts.append(_Batch(rows, cache, mask, *first))
 
-    def _prefill(self, encoded: Sequence[_Encoded]) -> tuple[Any, torch.Tensor, torch.Tensor]:
-        """Run the vision encoder and the prompt for new pages; return their cache, mask and first tokens."""
+    def _prefill(
+        self, encoded: Sequence[_Encoded]
+    ) -> tuple[Any, torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+        """Run the vision encoder and the prompt for new pages; return their cache, mask and first tokens.
+
+        The first tokens come with their probabilities (`_pick`).
+        """
         import torch
 
         inputs = {
@@ -182,8 +192,8 @@ class KosmosRunner:
             output = self.model(**inputs, **{self.cache_argument: cache}, use_cache=True, logits_to_keep=1)
         return cache, inputs["attention_mask"], self._pick(output.logits[:, -1, :])
 
-    def _decode_step(self, batch: _Batch) -> list[int]:
-        """Feed every row its last token; return the next token of each row."""
+    def _decode_step(self, batch: _Batch) -> tuple[list[int], list[float]]:
+        """Feed every row its last token; return the next token of each row and its probability."""
         import torch
 
         assert batch.tokens is not None and batch.mask is not None
@@ -204,29 +214,37 @@ class KosmosRunner:
         batch.mask = mask
         for row in batch.rows:
             row.cached += 1
-        batch.tokens = self._pick(output.logits[:, -1, :])
-        return batch.tokens.tolist()
+        batch.tokens, probs = self._pick(output.logits[:, -1, :])
+        return batch.tokens.tolist(), probs.tolist()
 
-    def _pick(self, logits: torch.Tensor) -> torch.Tensor:
-        """Greedy choice: the argmax token of each row (EOS excluded when `ignore_eos`)."""
+    def _pick(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Greedy choice: the argmax token of each row (EOS excluded when `ignore_eos`), with its probability.
+
+        The probability is the model's softmax over the whole vocabulary for that token, computed
+        in float32 from the logits at hand: one pass over the row (`token_probabilities`).
+        """
+        chosen_from = logits
         if self.settings.ignore_eos:
-            logits = logits.clone()
-            logits[:, self.eos_id] = float("-inf")
-        return logits.argmax(dim=-1)
+            chosen_from = logits.clone()
+            chosen_from[:, self.eos_id] = float("-inf")
+        tokens = chosen_from.argmax(dim=-1)
+        return tokens, token_probabilities(logits, tokens)
 
     def _advance(
-        self, batch: _Batch, tokens: list[int], rows_from: int = 0
+        self, batch: _Batch, tokens: list[int], probs: list[float], rows_from: int = 0
     ) -> Iterator[tuple[Request, Generation | GenerationError]]:
-        """Record each row's new token; yield and drop the rows that finished."""
+        """Record each row's new token and its probability; yield and drop the rows that finished."""
         finished = [
-            i for i, token in enumerate(tokens, start=rows_from) if batch.rows[i].add(token, self.eos_id)
+            i
+            for i, (token, prob) in enumerate(zip(tokens, probs, strict=True), start=rows_from)
+            if batch.rows[i].add(token, prob, self.eos_id)
         ]
         if not finished:
             return
         done = [batch.rows[i] for i in finished]
         batch.drop(finished)
         for row in done:
-            yield row.request, self._to_generation(row.ids, row.resized_size, row.finish, row.loop)
+            yield row.request, self._to_generation(row.ids, row.probs, row.resized_size, row.finish, row.loop)
 
     def _new_row(self, request: Request, encoded: _Encoded) -> _Row:
         detector = LoopDetector(self.loop_rule, self.decode_raw) if self.loop_rule is not None else None
@@ -287,7 +305,7 @@ class KosmosRunner:
 
     def _generate_static(self, encoded: Sequence[_Encoded]) -> list[Generation]:
         import torch
-        from transformers import StoppingCriteriaList
+        from transformers import LogitsProcessorList, StoppingCriteriaList
 
         inputs = {
             key: torch.cat([e.inputs[key] for e in encoded]).to(self.device) for key in encoded[0].inputs
@@ -301,13 +319,20 @@ class KosmosRunner:
         stopping = StoppingCriteriaList()
         if self.loop_rule is not None:
             stopping.append(_loop_stopping_criteria(len(encoded), self.loop_rule, self.decode_raw))
+        recorder = _probability_recorder(len(encoded))
         with torch.inference_mode():
-            output = self.model.generate(**inputs, generation_config=config, stopping_criteria=stopping)
+            output = self.model.generate(
+                **inputs,
+                generation_config=config,
+                stopping_criteria=stopping,
+                logits_processor=LogitsProcessorList([recorder]),
+            )
         new_ids = output[:, inputs["input_ids"].shape[1] :].cpu().tolist()
+        new_probs = recorder.rows()
         generations = []
-        for ids, page in zip(new_ids, encoded, strict=True):
+        for ids, probs, page in zip(new_ids, new_probs, encoded, strict=True):
             ids, finish, loop = self._finish_of(ids)
-            generations.append(self._to_generation(ids, page.resized_size, finish, loop))
+            generations.append(self._to_generation(ids, probs[: len(ids)], page.resized_size, finish, loop))
         return generations
 
     def _finish_of(self, ids: list[int]) -> tuple[list[int], Finish, Loop | None]:
@@ -323,10 +348,33 @@ class KosmosRunner:
         return ids, finish, None
 
     def _to_generation(
-        self, ids: list[int], resized_size: tuple[int, int], finish: Finish, loop: Loop | None = None
+        self,
+        ids: list[int],
+        probs: list[float],
+        resized_size: tuple[int, int],
+        finish: Finish,
+        loop: Loop | None = None,
     ) -> Generation:
         text = self.processor.tokenizer.decode(ids, skip_special_tokens=True)
-        return Generation(text=text, resized_size=resized_size, ids=tuple(ids), finish=finish, loop=loop)
+        return Generation(
+            text=text,
+            resized_size=resized_size,
+            ids=tuple(ids),
+            probs=tuple(probs),
+            segments=self._segments(ids, probs),
+            finish=finish,
+            loop=loop,
+        )
+
+    def _segments(self, ids: list[int], probs: list[float]) -> tuple[tuple[float, ...], ...]:
+        """Split the text tokens' probabilities at each `<bbox>`: a group per line, one before the first."""
+        segments: list[list[float]] = [[]]
+        for token, prob in zip(ids, probs, strict=True):
+            if token == self.bbox_id:
+                segments.append([])
+            elif token not in self.box_ids:
+                segments[-1].append(prob)
+        return tuple(tuple(segment) for segment in segments)
 
 
 class _NoRoom(Exception):
@@ -356,6 +404,7 @@ class _Row:
     detector: LoopDetector | None
     cached: int  # tokens of this page in the KV cache (left padding excluded)
     ids: list[int] = field(default_factory=list)
+    probs: list[float] = field(default_factory=list)  # the probability of each of `ids`
     finish: Finish = Finish.LENGTH
     loop: Loop | None = None  # the loop that stopped the page, if one did
 
@@ -364,14 +413,15 @@ class _Row:
         """The (width, height) the model saw."""
         return self.encoded.resized_size
 
-    def add(self, token: int, eos_id: int) -> bool:
-        """Record the next token; return True when the page is finished."""
+    def add(self, token: int, prob: float, eos_id: int) -> bool:
+        """Record the next token and its probability; return True when the page is finished."""
         if token == eos_id:
             self.finish = Finish.EOS
             return True
         self.ids.append(token)
+        self.probs.append(prob)
         if self.detector is not None and (loop := self.detector.push(token)) is not None:
-            del self.ids[loop.keep :]
+            del self.ids[loop.keep :], self.probs[loop.keep :]
             self.finish, self.loop = Finish.LOOP, loop
             return True
         return len(self.ids) >= self.budget
@@ -385,6 +435,7 @@ class _Batch:
     cache: Any = None
     mask: torch.Tensor | None = None  # [rows, cache columns]
     tokens: torch.Tensor | None = None  # [rows]: the token each row feeds next
+    probs: torch.Tensor | None = None  # [rows]: the probability of `tokens` (after prefill; not merged)
 
     def clear(self) -> None:
         """Forget every row and free the cache."""
@@ -564,6 +615,40 @@ class _Encoder:
     def close(self) -> None:
         """Drop what is still queued and let the workers go."""
         self._pool.shutdown(wait=False, cancel_futures=True)
+
+
+def token_probabilities(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """Return each row's softmax probability of its token, in float32: `exp(logit - logsumexp)`."""
+    import torch
+
+    logits = logits.float()
+    return torch.exp(logits.gather(-1, tokens[:, None])[:, 0] - torch.logsumexp(logits, dim=-1))
+
+
+def _probability_recorder(rows: int) -> Any:
+    """A transformers LogitsProcessor that notes the probability of each row's greedy choice, step by step.
+
+    It runs after the generation config's own processors, so the token it sees win is the one
+    `generate` picks; the scores are left as they are.
+    """
+    import torch
+    from transformers import LogitsProcessor
+
+    class ProbabilityRecorder(LogitsProcessor):
+        def __init__(self) -> None:
+            self.steps: list[torch.Tensor] = []
+
+        def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+            self.steps.append(token_probabilities(scores, scores.argmax(dim=-1)))
+            return scores
+
+        def rows(self) -> list[list[float]]:
+            """Return each row's probabilities, one per generated token."""
+            if not self.steps:
+                return [[] for _ in range(rows)]
+            return torch.stack(self.steps, dim=1).cpu().tolist()
+
+    return ProbabilityRecorder()
 
 
 def _loop_stopping_criteria(rows: int, rule: LoopRule, decode: Decode) -> Any:
