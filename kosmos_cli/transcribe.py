@@ -6,7 +6,7 @@ import logging
 import queue
 import threading
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Generic, TypeVar
 
 from kosmos_cli.errors import GenerationError
@@ -19,12 +19,12 @@ from kosmos_cli.values import (
     Generation,
     Line,
     Page,
-    PageInfo,
     PageResult,
     Status,
     Task,
     failed_result,
 )
+from kosmos_cli.words import split_words
 
 if TYPE_CHECKING:
     pass
@@ -88,7 +88,7 @@ def transcribe_pages(
             yield (
                 entry.page,
                 entry.item,
-                build_result(entry.page.info, task, entry.tiles, runner.max_new_tokens),
+                build_result(entry.page, task, entry.tiles, runner.max_new_tokens),
             )
 
 
@@ -99,10 +99,11 @@ def _scaled(box: BBox, page: Page) -> BBox:
     return (round(x0 * scale_x), round(y0 * scale_y), round(x1 * scale_x), round(y1 * scale_y))
 
 
-def build_result(
-    info: PageInfo, task: Task, tiles: dict[BBox, Generation], max_new_tokens: int
-) -> PageResult:
-    """Parse the generation(s) of one page into its result, merging tiles back together."""
+def build_result(page: Page, task: Task, tiles: dict[BBox, Generation], max_new_tokens: int) -> PageResult:
+    """Parse the generation(s) of one page into its result, merging tiles back together.
+
+    OCR lines get their words (`words.split_words`), found on the page's own pixels.
+    """
     generations = [tiles[box] for box in sorted(tiles, key=lambda box: (box[1], box[0]))]
     truncation = None
     if any(g.finish is not Finish.EOS for g in generations):
@@ -114,10 +115,13 @@ def build_result(
         if truncation is not None:
             text = end_cleanly(text)
     else:
-        lines = tuple(_ocr_lines(tiles))
+        scale = (page.image.width / page.info.width, page.image.height / page.info.height)
+        lines = tuple(
+            replace(line, words=split_words(page.image, line, scale=scale)) for line in _ocr_lines(tiles)
+        )
         text = "\n".join(line.text for line in lines)
     return PageResult(
-        info,
+        page.info,
         task,
         text,
         lines=lines,

@@ -122,6 +122,24 @@ class Page:
 
 
 @dataclass(frozen=True)
+class Word:
+    """One word of an OCR line and its box on the ink, in original-image pixels."""
+
+    text: str
+    bbox: BBox
+
+    def to_dict(self) -> dict[str, Any]:
+        """Return the word as JSON-ready values (`from_dict` reads them back)."""
+        return {"text": self.text, "bbox": list(self.bbox)}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Word:
+        """Read back what `to_dict` returned."""
+        x0, y0, x1, y1 = (int(value) for value in data["bbox"])
+        return cls(data["text"], (x0, y0, x1, y1))
+
+
+@dataclass(frozen=True)
 class Line:
     """One OCR text line in original-image pixels; no box when the model's box was unusable."""
 
@@ -131,6 +149,7 @@ class Line:
     # minimum (0-1); None where they are not known (a line the tokens could not be matched to).
     confidence: float | None = None
     min_confidence: float | None = None
+    words: tuple[Word, ...] = ()  # the line's words on the ink (`words.split_words`); () without a box
 
     def to_dict(self) -> dict[str, Any]:
         """Return the line as JSON-ready values (`from_dict` reads them back)."""
@@ -139,6 +158,7 @@ class Line:
             "polygon": [list(point) for point in self.polygon] if self.polygon else None,
             "confidence": self.confidence,
             "min_confidence": self.min_confidence,
+            "words": [word.to_dict() for word in self.words],
         }
 
     @classmethod
@@ -148,7 +168,8 @@ class Line:
         points = tuple((int(x), int(y)) for x, y in polygon) if polygon is not None else None
         if points is not None and len(points) != 4:
             raise ValueError(f"a line's polygon has 4 points, not {len(points)}")
-        return cls(data["text"], points, data["confidence"], data["min_confidence"])
+        words = tuple(Word.from_dict(word) for word in data["words"])
+        return cls(data["text"], points, data["confidence"], data["min_confidence"], words)
 
     @property
     def bbox(self) -> BBox | None:

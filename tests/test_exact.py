@@ -135,6 +135,12 @@ def test_polygons_are_rescaled_per_image_in_mixed_batches(kosmos: Kosmos, script
         assert (page["width"], page["height"]) == (width, height)
         assert [line["text"] for line in page["lines"]] == ["Hello world", "Total 12,50"]
         assert [line["bbox"] for line in page["lines"]] == expected_boxes(width, height), (width, height)
+        for line in page["lines"]:  # every word in its line's box
+            x0, y0, x1, y1 = line["bbox"]
+            assert [word["text"] for word in line["words"]] == line["text"].split()
+            for word in line["words"]:
+                wx0, wy0, wx1, wy1 = word["bbox"]
+                assert x0 <= wx0 < wx1 <= x1 and y0 <= wy0 < wy1 <= y1, (line, word)
         # The script leaves the model no other token: each was chosen with all the probability.
         assert [(line["confidence"], line["min_confidence"]) for line in page["lines"]] == [(1.0, 1.0)] * 2
         for line in page["lines"]:

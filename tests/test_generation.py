@@ -84,7 +84,10 @@ def reference_probabilities(runner: KosmosRunner, request: Request) -> tuple[lis
             return_dict_in_generate=True,
         )
     ids: list[int] = output.sequences[0, inputs["input_ids"].shape[1] :].tolist()
-    probs = [float(torch.softmax(step[0].float(), dim=-1)[token]) for step, token in zip(output.logits, ids, strict=True)]
+    probs = [
+        float(torch.softmax(step[0].float(), dim=-1)[token])
+        for step, token in zip(output.logits, ids, strict=True)
+    ]
     end = ids.index(EOS) if EOS in ids else len(ids)
     return ids[:end], probs[:end]
 
@@ -345,14 +348,13 @@ def test_a_cut_markdown_page_ends_cleanly_and_says_why(
     finish: Finish, loop: Loop | None, reason: str
 ) -> None:
     from kosmos_cli.transcribe import build_result
-    from kosmos_cli.values import Document, PageInfo
+    from kosmos_cli.values import Document, Page, PageInfo
 
     cut = Generation(
         "<table><tr><td>a</td></tr><tr><td></t", (10, 10), ids=(7,) * 30, finish=finish, loop=loop
     )
-    result = build_result(
-        PageInfo(Document("/in/a.png", "a"), 0, 1, 10, 10), Task.MD, {(0, 0, 10, 10): cut}, BUDGET
-    )
+    page = Page(PageInfo(Document("/in/a.png", "a"), 0, 1, 10, 10), Image.new("RGB", (10, 10), "white"))
+    result = build_result(page, Task.MD, {(0, 0, 10, 10): cut}, BUDGET)
     assert result.status is Status.TRUNCATED
     assert result.text == "<table><tr><td>a</td></tr><tr><td></td></tr></table>"
     assert str(result.truncation).endswith(reason)

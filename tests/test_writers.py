@@ -18,7 +18,7 @@ from PIL import Image
 
 from kosmos_cli.errors import InputError, KosmosError, UsageError
 from kosmos_cli.stores import atomic_write
-from kosmos_cli.values import Document, Line, Matrix, Page, PageInfo, PageResult, Point, Status, Task
+from kosmos_cli.values import Document, Line, Matrix, Page, PageInfo, PageResult, Point, Status, Task, Word
 from kosmos_cli.writers import WRITERS, DocumentWriter, WriterOptions, formats_for, get_writer
 from kosmos_cli.writers.data import JsonlWriter, pixel_bbox_to_pdf
 from kosmos_cli.writers.searchable_pdf import DEFAULT_IMAGE_DPI, PdfWriter
@@ -240,7 +240,8 @@ def validate(instance: Any, schema: dict[str, Any], definition: str | None = Non
 
 
 def test_json_document_exact() -> None:
-    sure = Line("Total 50,000", box(10, 20, 110, 40), confidence=0.912345678, min_confidence=0.5)
+    words = (Word("Total", (10, 21, 50, 39)), Word("50,000", (60, 22, 110, 39)))
+    sure = Line("Total 50,000", box(10, 20, 110, 40), confidence=0.912345678, min_confidence=0.5, words=words)
     results = [ocr(info(size=(200, 100)), [sure, LINES[1]])]
     assert json.loads(WRITERS["json"]().render(results)) == {
         "source": "/in/scan.png",
@@ -262,6 +263,10 @@ def test_json_document_exact() -> None:
                         "bbox": [10, 20, 110, 40],
                         "confidence": 0.9123,
                         "min_confidence": 0.5,
+                        "words": [
+                            {"text": "Total", "bbox": [10, 21, 50, 39]},
+                            {"text": "50,000", "bbox": [60, 22, 110, 39]},
+                        ],
                     },
                     {
                         "text": "no box",
@@ -269,6 +274,7 @@ def test_json_document_exact() -> None:
                         "bbox": None,
                         "confidence": None,
                         "min_confidence": None,
+                        "words": [],
                     },
                 ],
             }
@@ -405,7 +411,7 @@ def test_hocr_boxes_read_back() -> None:
     root = parse_hocr(rendered)
     assert root.findtext(f"{XHTML}head/{XHTML}title") == '/in/we"ird & <name>.png'
     metas = {meta.get("name"): meta.get("content") for meta in root.iter(f"{XHTML}meta")}
-    assert metas["ocr-capabilities"] == "ocr_page ocr_line"
+    assert metas["ocr-capabilities"] == "ocr_page ocr_line ocrx_word ocrp_wconf"
     assert metas["ocr-number-of-pages"] == "3"
     pages = root.findall(f"{XHTML}body/{XHTML}div")
     assert [page.get("class") for page in pages] == ["ocr_page"] * 3
@@ -425,6 +431,32 @@ def test_hocr_boxes_read_back() -> None:
     assert comments == [" kosmos: page 2 truncated ", " kosmos: page 3 failed: broken - - page "]
     ids = [element.get("id") for element in root.iter() if element.get("id")]
     assert len(ids) == len(set(ids))
+
+
+def test_hocr_lines_hold_their_words_with_boxes_and_confidence() -> None:
+    words = (Word("Total", (10, 21, 50, 39)), Word("<50>", (60, 22, 110, 39)))
+    sure = Line("Total <50>", box(10, 20, 110, 40), confidence=0.9149, min_confidence=0.3, words=words)
+    unknown = Line(
+        "no figure",
+        box(5, 60, 190, 90),
+        words=(Word("no", (5, 61, 40, 89)), Word("figure", (50, 61, 190, 89))),
+    )
+    root = parse_hocr(WRITERS["hocr"]().render([ocr(info(), [sure, unknown])]))
+    lines = [span for span in root.iter(f"{XHTML}span") if span.get("class") == "ocr_line"]
+    read_back = [
+        [(word.get("class"), word.get("id"), word.get("title"), word.text) for word in line] for line in lines
+    ]
+    assert read_back == [
+        [
+            ("ocrx_word", "word_1_1_1", "bbox 10 21 50 39; x_wconf 91", "Total"),
+            ("ocrx_word", "word_1_1_2", "bbox 60 22 110 39; x_wconf 91", "<50>"),
+        ],
+        [
+            ("ocrx_word", "word_1_2_1", "bbox 5 61 40 89", "no"),
+            ("ocrx_word", "word_1_2_2", "bbox 50 61 190 89", "figure"),
+        ],
+    ]
+    assert ["".join(line.itertext()) for line in lines] == ["Total <50>", "no figure"]
 
 
 def test_hocr_stdin_document_has_no_image_property() -> None:

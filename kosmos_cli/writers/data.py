@@ -45,6 +45,7 @@ def _line_object(line: Line, pixel_to_pdf: Matrix | None) -> dict[str, Any]:
         data["pdf_bbox"] = list(pixel_bbox_to_pdf(bbox, pixel_to_pdf)) if bbox else None
     data["confidence"] = _rounded(line.confidence)
     data["min_confidence"] = _rounded(line.min_confidence)
+    data["words"] = [word.to_dict() for word in line.words]
     return data
 
 

@@ -1,6 +1,8 @@
 """hOCR 1.2 in XHTML (ocr task): one `ocr_page` per page and one `ocr_line` per line.
 
 hOCR requires a bbox on every line, so lines without a box are left out (they stay in txt and json).
+Each line holds its words as `ocrx_word` elements with their own boxes; their `x_wconf` is the line's
+confidence (0-100), kosmos's figure being per line.
 """
 
 from __future__ import annotations
@@ -9,12 +11,16 @@ import re
 from collections.abc import Sequence
 from xml.sax.saxutils import escape, quoteattr
 
-from kosmos_cli.values import PageResult, Status, Task, safe_text
+from kosmos_cli.values import BBox, PageResult, Status, Task, safe_text
 from kosmos_cli.writers import DocumentWriter, register
 from kosmos_cli.writers.text import comment_safe, page_note
 
 # Characters XML 1.0 does not allow, even escaped.
 _XML_INVALID = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\ufffe\uffff]")
+
+
+def _box(box: BBox) -> str:
+    return " ".join(str(value) for value in box)
 
 
 def _xml_text(text: str) -> str:
@@ -46,7 +52,7 @@ class HocrWriter(DocumentWriter):
             f"  <title>{_xml_text(document.display_name)}</title>",
             '  <meta http-equiv="Content-Type" content="text/html;charset=utf-8"/>',
             '  <meta name="ocr-system" content="kosmos-cli"/>',
-            '  <meta name="ocr-capabilities" content="ocr_page ocr_line"/>',
+            '  <meta name="ocr-capabilities" content="ocr_page ocr_line ocrx_word ocrp_wconf"/>',
             f'  <meta name="ocr-number-of-pages" content="{pages[0].info.page_count}"/>',
             " </head>",
             " <body>",
@@ -72,10 +78,18 @@ class HocrWriter(DocumentWriter):
             for index, line in enumerate(result.lines, start=1):
                 if line.bbox is None:
                     continue
-                box = " ".join(str(value) for value in line.bbox)
-                out.append(
-                    f'   <span class="ocr_line" id="line_{number}_{index}" title="bbox {box}">'
-                    f"{_xml_text(line.text)}</span>"
-                )
+                line_id = f"line_{number}_{index}"
+                content = _xml_text(line.text)
+                if line.words:
+                    confidence = (
+                        f"; x_wconf {round(line.confidence * 100)}" if line.confidence is not None else ""
+                    )
+                    content = " ".join(
+                        f'<span class="ocrx_word" id="word_{number}_{index}_{position}" '
+                        f'title="bbox {_box(word.bbox)}{confidence}">{_xml_text(word.text)}</span>'
+                        for position, word in enumerate(line.words, start=1)
+                    )
+                title = f"bbox {_box(line.bbox)}"
+                out.append(f'   <span class="ocr_line" id="{line_id}" title="{title}">{content}</span>')
         out.append("  </div>")
         return out
