@@ -102,7 +102,7 @@ def transcribe_files(
 
         require_ray()
     summary = Summary()
-    with Outputs(job, stdout or sys.stdout.buffer) as outputs:
+    with Outputs(job, stdout or sys.stdout.buffer, model=settings.model) as outputs:
         remove_stale_spools()
         discovery = discover(locations, from_list=from_list, exclude=outputs.files(), uris=ray is not None)
         if job.output_dir is not None and (clash := name_clashes(discovery.documents)) is not None:

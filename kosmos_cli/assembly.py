@@ -46,10 +46,11 @@ class _DocumentState:
 class Outputs:
     """Where a run's outputs go: an output store with its manifest, read once per run, or stdout."""
 
-    def __init__(self, job: Job, stdout: BinaryIO) -> None:
+    def __init__(self, job: Job, stdout: BinaryIO, *, model: str = "") -> None:
         self.job = job
         self.stdout = stdout
-        self.writers = [get_writer(name, task=job.task, options=writer_options(job)) for name in job.formats]
+        options = writer_options(job, model=model)
+        self.writers = [get_writer(name, task=job.task, options=options) for name in job.formats]
         check_destination(self.writers, to_stdout=job.output_dir is None)
         # Whether a format is built from the documents' own bytes (`DocumentWriter.needs_source`).
         self.needs_source = any(isinstance(w, DocumentWriter) and w.needs_source for w in self.writers)
@@ -102,9 +103,9 @@ class Outputs:
         return None
 
 
-def writer_options(job: Job) -> WriterOptions:
-    """Return the job's options that writers read."""
-    return WriterOptions(password=job.password, numbered=job.numbered)
+def writer_options(job: Job, *, model: str = "") -> WriterOptions:
+    """Return the job's options that writers read, and the model that transcribed (`model`)."""
+    return WriterOptions(password=job.password, numbered=job.numbered, model=model)
 
 
 class Assembly:

@@ -70,16 +70,16 @@ LINES = [
 
 
 def test_registry_names_match_formats() -> None:
-    assert list(WRITERS) == ["md", "txt", "json", "jsonl", "hocr", "pdf", "draw"]
+    assert list(WRITERS) == ["md", "txt", "json", "jsonl", "hocr", "alto", "pdf", "draw"]
     for name, cls in WRITERS.items():
         assert cls.format == name
         if issubclass(cls, DocumentWriter):
-            assert cls.extension == f".{name}"
+            assert cls.extension == (".alto.xml" if name == "alto" else f".{name}")
 
 
 @pytest.mark.parametrize(
     ("task", "formats"),
-    [(Task.MD, ["md", "json", "jsonl"]), (Task.OCR, ["txt", "json", "jsonl", "hocr", "pdf"])],
+    [(Task.MD, ["md", "json", "jsonl"]), (Task.OCR, ["txt", "json", "jsonl", "hocr", "alto", "pdf"])],
 )
 def test_formats_for(task: Task, formats: list[str]) -> None:
     assert formats_for(task) == formats
@@ -88,7 +88,7 @@ def test_formats_for(task: Task, formats: list[str]) -> None:
 @pytest.mark.parametrize(
     ("name", "task", "message", "hint"),
     [
-        ("docx", Task.OCR, "unknown format `docx`", "use one of: txt, json, jsonl, hocr, pdf"),
+        ("docx", Task.OCR, "unknown format `docx`", "use one of: txt, json, jsonl, hocr, alto, pdf"),
         (
             "txt",
             Task.MD,
@@ -114,11 +114,22 @@ def test_get_writer_passes_the_options() -> None:
     assert isinstance(writer, PdfWriter) and writer.options.password == "s3cret"
 
 
-@pytest.mark.parametrize("name", ["md", "txt", "json", "jsonl", "hocr", "pdf"])
-def test_file_name_comes_from_the_writer(name: str) -> None:
+@pytest.mark.parametrize(
+    ("name", "suffix"),
+    [
+        ("md", "md"),
+        ("txt", "txt"),
+        ("json", "json"),
+        ("jsonl", "jsonl"),
+        ("hocr", "hocr"),
+        ("alto", "alto.xml"),
+        ("pdf", "pdf"),
+    ],
+)
+def test_file_name_comes_from_the_writer(name: str, suffix: str) -> None:
     writer = WRITERS[name]()
     assert isinstance(writer, DocumentWriter)
-    assert writer.file_name(PDF_DOC) == f"sub/report.{name}"
+    assert writer.file_name(PDF_DOC) == f"sub/report.{suffix}"
 
 
 @pytest.mark.parametrize(
@@ -754,3 +765,79 @@ def test_atomic_write_long_names(tmp_path: Path) -> None:
     target = tmp_path / ("n" * 250 + ".md")
     atomic_write(target, b"x")
     assert target.read_bytes() == b"x"
+
+
+# --- ALTO -----------------------------------------------------------------------------------------
+
+SCHEMAS = Path(__file__).parent / "schemas"
+ALTO = "{http://www.loc.gov/standards/alto/ns-v4#}"
+
+
+@pytest.fixture(scope="module")
+def alto_schema() -> etree.XMLSchema:
+    return etree.XMLSchema(etree.parse(str(SCHEMAS / "alto-4-4.xsd")))
+
+
+def test_alto_is_valid_and_reads_back_pages_lines_and_words(alto_schema: etree.XMLSchema) -> None:
+    words = (Word("Total", (10, 21, 50, 39)), Word("<50> & co", (60, 22, 110, 39)))
+    sure = Line("Total <50> & co", box(10, 20, 110, 40), confidence=0.91236, min_confidence=0.3, words=words)
+    old = line("read before words", (5, 60, 190, 90))  # no words: its text as one String
+    document = Document("/in/report.pdf", "report")
+    results = [
+        ocr(info(1, 3, document=document, size=(300, 400)), [], Status.FAILED, "broken -- page"),
+        ocr(info(0, 3, document=document, size=(200, 100)), [sure, LINES[1], old]),
+        ocr(info(2, 3, document=document, size=(300, 400)), [LINES[2]], Status.TRUNCATED),
+    ]
+    rendered = WRITERS["alto"](WriterOptions(model="microsoft/kosmos-2.5")).render(results)
+    root = etree.fromstring(rendered)
+    alto_schema.assertValid(root)
+    assert root.findtext(f"{ALTO}Description/{ALTO}MeasurementUnit") == "pixel"
+    assert root.findtext(f"{ALTO}Description/{ALTO}sourceImageInformation/{ALTO}fileName") == "/in/report.pdf"
+    processing = root.find(f"{ALTO}Description/{ALTO}Processing")
+    assert processing is not None
+    assert processing.findtext(f"{ALTO}processingStepSettings") == "model: microsoft/kosmos-2.5"
+    assert processing.findtext(f"{ALTO}processingSoftware/{ALTO}softwareName") == "kosmos"
+    pages = root.findall(f"{ALTO}Layout/{ALTO}Page")
+    assert [(p.get("ID"), p.get("PHYSICAL_IMG_NR"), p.get("WIDTH")) for p in pages] == [
+        ("page_1", "1", "200"),
+        ("page_2", "2", "300"),
+        ("page_3", "3", "300"),
+    ]
+    lines = [
+        [
+            (
+                string.get("CONTENT"),
+                string.get("HPOS"),
+                string.get("VPOS"),
+                string.get("WIDTH"),
+                string.get("HEIGHT"),
+                string.get("WC"),
+            )
+            for string in text_line.iter(f"{ALTO}String")
+        ]
+        for page in pages
+        for text_line in page.iter(f"{ALTO}TextLine")
+    ]
+    assert lines == [
+        [("Total", "10", "21", "40", "18", "0.9124"), ("<50> & co", "60", "22", "50", "17", "0.9124")],
+        [("read before words", "5", "60", "185", "30", None)],  # "no box" is left out: ALTO places every line
+        [("Ünïcödé 漢字", "5", "60", "185", "30", None)],
+    ]
+    assert len(pages[0].findall(f".//{ALTO}SP")) == 1
+    assert pages[1].find(f"{ALTO}PrintSpace") is None  # the failed page: empty, with a comment
+    comments = [node.text for node in root.iter(etree.Comment)]
+    assert comments == [" kosmos: page 2 failed: broken - - page ", " kosmos: page 3 truncated "]
+
+
+def test_alto_of_words_found_on_a_rendered_page_is_valid(alto_schema: etree.XMLSchema) -> None:
+    from test_words import font, line_of, render
+
+    from kosmos_cli.words import split_words
+
+    image, line_box, _ = render("Words on a page", font("default", 24))
+    words = split_words(image, line_of(line_box, "Words on a page"))
+    page_line = Line("Words on a page", line_of(line_box, "").polygon, words=words)
+    rendered = WRITERS["alto"]().render([ocr(info(size=image.size), [page_line])])
+    root = etree.fromstring(rendered)
+    alto_schema.assertValid(root)
+    assert [s.get("CONTENT") for s in root.iter(f"{ALTO}String")] == ["Words", "on", "a", "page"]

@@ -11,7 +11,7 @@ Two kinds of writer, both in the one registry:
   until the document is complete, then moved into place with the document's other outputs.
 
 Results may include failed and truncated pages; each format marks them in place (see its module):
-`text` (md, txt), `data` (json, jsonl), `hocr`, `searchable_pdf` (pdf), `drawing` (`--draw`).
+`text` (md, txt), `data` (json, jsonl), `hocr`, `alto`, `searchable_pdf` (pdf), `drawing` (`--draw`).
 """
 
 from __future__ import annotations
@@ -31,6 +31,7 @@ class WriterOptions:
 
     password: str | None = None  # opens encrypted PDF inputs, for formats that copy their pages
     numbered: bool = False  # --numbered: number the boxes drawn by --draw
+    model: str = ""  # the model that transcribed, for formats that record it (ALTO)
 
 
 class Writer(ABC):
@@ -159,6 +160,7 @@ def check_destination(writers: Sequence[Writer], *, to_stdout: bool) -> None:
 from kosmos_cli.writers import text  # noqa: E402, F401  (md, txt)
 from kosmos_cli.writers import data  # noqa: E402, F401  (json, jsonl)
 from kosmos_cli.writers import hocr  # noqa: E402, F401
+from kosmos_cli.writers import alto  # noqa: E402, F401
 from kosmos_cli.writers import searchable_pdf  # noqa: E402, F401  (pdf)
 from kosmos_cli.writers import drawing  # noqa: E402, F401  (--draw)
 # isort: on

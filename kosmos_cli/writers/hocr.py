@@ -23,11 +23,11 @@ def _box(box: BBox) -> str:
     return " ".join(str(value) for value in box)
 
 
-def _xml_text(text: str) -> str:
+def xml_text(text: str) -> str:
     return escape(_XML_INVALID.sub("", text))
 
 
-def _xml_attribute(text: str) -> str:
+def xml_attribute(text: str) -> str:
     return quoteattr(_XML_INVALID.sub("", text))
 
 
@@ -49,7 +49,7 @@ class HocrWriter(DocumentWriter):
             '    "http://www.w3.org/TR/xhtml1/DTD/xhtml1-transitional.dtd">',
             '<html xmlns="http://www.w3.org/1999/xhtml" xml:lang="en" lang="en">',
             " <head>",
-            f"  <title>{_xml_text(document.display_name)}</title>",
+            f"  <title>{xml_text(document.display_name)}</title>",
             '  <meta http-equiv="Content-Type" content="text/html;charset=utf-8"/>',
             '  <meta name="ocr-system" content="kosmos-cli"/>',
             '  <meta name="ocr-capabilities" content="ocr_page ocr_line ocrx_word ocrp_wconf"/>',
@@ -70,23 +70,23 @@ class HocrWriter(DocumentWriter):
         if info.document.label is None:
             image = safe_text(info.document.path).replace("\\", "\\\\").replace('"', '\\"')
             properties.insert(0, f'image "{image}"')
-        out = [f'  <div class="ocr_page" id="page_{number}" title={_xml_attribute("; ".join(properties))}>']
+        out = [f'  <div class="ocr_page" id="page_{number}" title={xml_attribute("; ".join(properties))}>']
         if result.status is not Status.OK:
             note = page_note(result, always=True)
-            out.append(f"   <!-- kosmos: {_xml_text(comment_safe(note or ''))} -->")
+            out.append(f"   <!-- kosmos: {xml_text(comment_safe(note or ''))} -->")
         if result.status is not Status.FAILED:
             for index, line in enumerate(result.lines, start=1):
                 if line.bbox is None:
                     continue
                 line_id = f"line_{number}_{index}"
-                content = _xml_text(line.text)
+                content = xml_text(line.text)
                 if line.words:
                     confidence = (
                         f"; x_wconf {round(line.confidence * 100)}" if line.confidence is not None else ""
                     )
                     content = " ".join(
                         f'<span class="ocrx_word" id="word_{number}_{index}_{position}" '
-                        f'title="bbox {_box(word.bbox)}{confidence}">{_xml_text(word.text)}</span>'
+                        f'title="bbox {_box(word.bbox)}{confidence}">{xml_text(word.text)}</span>'
                         for position, word in enumerate(line.words, start=1)
                     )
                 title = f"bbox {_box(line.bbox)}"
