@@ -6,6 +6,7 @@ import copy
 import json
 import os
 import re
+from dataclasses import replace
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -698,6 +699,39 @@ def test_searchable_pdf_from_an_image(
     ((xref, *_),) = page.get_images()
     assert out.extract_image(xref)["ext"] == image_kind
     assert "no box" not in page.get_text()
+
+
+@pytest.mark.parametrize("source_index", [0, 2, 3], ids=["upright", "rotated-180", "rotated-90"])
+def test_searchable_pdf_places_each_word_on_its_box(tmp_path: Path, source_index: int) -> None:
+    source = tmp_path / "in.pdf"
+    make_source_pdf(source)
+    (result,) = pdf_results(source, [source_index])
+    width, height = PIXEL_SIZES[source_index]
+    line_box = (width // 10, height // 5, width * 8 // 10, height // 5 + 30)  # inside the smallest page
+    middle = (line_box[0] + line_box[2]) // 2
+    boxes = [
+        (line_box[0], line_box[1] + 3, middle - 10, line_box[3] - 2),
+        (middle + 10, line_box[1] + 5, line_box[2], line_box[3] - 4),
+    ]
+    line_words = (Word("Searchable", boxes[0]), Word("words", boxes[1]))
+    worded = Line("Searchable words", box(*line_box), words=line_words)
+    out = pymupdf.open(stream=searchable([replace(result, lines=(worded,))], source), filetype="pdf")
+    page = out[0]
+    found = [
+        (text, rect * page.rotation_matrix * (DPI[source_index] / 72))
+        for text, rect in words(page)
+        if text in ("Searchable", "words")
+    ]
+    assert [text for text, _ in found] == ["Searchable", "words"]
+    for (_, rect), word in zip(
+        found, line_words, strict=True
+    ):  # each word over its own box, at its line's height
+        x0, _, x1, _ = word.bbox
+        assert (rect.x0, rect.x1) == (pytest.approx(x0, abs=0.5), pytest.approx(x1, abs=0.5))
+        assert (rect.y0, rect.y1) == (
+            pytest.approx(line_box[1], abs=0.5),
+            pytest.approx(line_box[3], abs=0.5),
+        )
 
 
 def test_searchable_pdf_skips_glyphs_the_font_lacks(tmp_path: Path) -> None:

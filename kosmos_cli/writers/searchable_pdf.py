@@ -1,7 +1,8 @@
 """The searchable PDF (ocr task): the input's pages under an invisible text layer.
 
-The original PDF's pages (or each image placed on a page) under an invisible text layer fitted to
-each line's box. A failed page is kept without a text layer.
+The original PDF's pages (or each image placed on a page) under an invisible text layer: each word
+fitted to its box (`words.split_words`) at its line's height, so selecting or searching highlights
+the words on the page. A failed page is kept without a text layer.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from typing import TYPE_CHECKING
 
 from kosmos_cli.errors import InputError, KosmosError
 from kosmos_cli.rasterize import page_pixels
-from kosmos_cli.values import Document, PageInfo, PageResult, Status, Task
+from kosmos_cli.values import BBox, Document, Line, PageInfo, PageResult, Status, Task
 from kosmos_cli.writers import DocumentWriter, register
 
 if TYPE_CHECKING:
@@ -217,10 +218,8 @@ def _write_text_layer(layer: pymupdf.Document, page: pymupdf.Page, result: PageR
     font = _text_layer_font()
     shape = target.new_shape()
     wrote = False
-    for line in lines:
-        text = "".join(char for char in line.text if font.has_glyph(ord(char)))  # e.g. emoji have no glyph
-        assert line.bbox is not None
-        x0, y0, x1, y1 = line.bbox
+    for text, (x0, y0, x1, y1) in _pieces(lines):
+        text = "".join(char for char in text if font.has_glyph(ord(char)))  # e.g. emoji have no glyph
         size = (y1 - y0) / (font.ascender - font.descender)
         # Readers lay text out with the font's /W widths, which PyMuPDF writes truncated to 1/1000 em.
         length = size * sum(int(font.glyph_advance(ord(char)) * 1000) for char in text) / 1000
@@ -247,6 +246,23 @@ def _write_text_layer(layer: pymupdf.Document, page: pymupdf.Page, result: PageR
     if wrote:
         shape.commit()
     return wrote
+
+
+def _pieces(lines: Sequence[Line]) -> list[tuple[str, BBox]]:
+    """Return what the text layer places and where: each word on its box, at its line's height.
+
+    A word keeps its line's top and bottom, so the words of a line share one baseline and size; a
+    line without words (read before kosmos split them) is placed whole on its box.
+    """
+    pieces = []
+    for line in lines:
+        assert line.bbox is not None
+        _, top, _, bottom = line.bbox
+        if line.words:
+            pieces += [(word.text, (word.bbox[0], top, word.bbox[2], bottom)) for word in line.words]
+        else:
+            pieces.append((line.text, line.bbox))
+    return pieces
 
 
 def _overlay(page: pymupdf.Page, layer: pymupdf.Document, number: int) -> None:
