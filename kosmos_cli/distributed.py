@@ -429,7 +429,8 @@ class _TranscribeWorker:
         from kosmos_cli.writers import get_writer
 
         self.job = job
-        self.writers = [get_writer(name, task=job.task, options=writer_options(job)) for name in job.formats]
+        options = writer_options(job, model=settings.model)
+        self.writers = [get_writer(name, task=job.task, options=options) for name in job.formats]
         self.runner: Runner | None = None
         self.load_error: ModelLoadError | None = None
         try:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import KW_ONLY, dataclass
 from enum import Enum
 from typing import TYPE_CHECKING, Any
@@ -246,6 +247,12 @@ class PageResult:
             token_count=data["token_count"],
             truncation=data["truncation"],
         )
+
+
+def enclosing(boxes: Iterable[BBox]) -> BBox:
+    """Return the smallest box around every box given (at least one)."""
+    x0s, y0s, x1s, y1s = zip(*boxes, strict=True)
+    return (min(x0s), min(y0s), max(x1s), max(y1s))
 
 
 def failed_result(info: PageInfo, task: Task, error: KosmosError) -> PageResult:

@@ -337,3 +337,33 @@ def test_a_page_the_model_fails_on_is_marked_in_place_and_its_hint_reaches_the_u
     assert pages[2]["error"] == "out of memory even alone"  # type: ignore[index]
     assert "kosmos: 1 done, 0 skipped (done before), 0 failed; 3 pages in " in result.stderr
     assert ", 1 failed, 2 truncated" in result.stderr
+
+
+def test_archival_formats_for_a_pdf_and_an_image(kosmos: Kosmos, tmp_path: Path) -> None:
+    from lxml import etree
+
+    schemas = Path(__file__).parent / "schemas"
+    pdf = make_pdf(tmp_path / "in" / "two.pdf", pages=MIXED_PAGES[:2])
+    make_image(tmp_path / "in" / "scan.png")
+    out = tmp_path / "out"
+    result = kosmos("ocr", str(tmp_path / "in"), "-o", str(out), "-f", "alto", "-f", "page")
+    assert result.exit_code == 0, result.stderr
+    written = sorted(p.name for p in out.iterdir() if p.is_file())
+    assert written == [
+        "scan.png.alto.xml",
+        "scan.png.page.xml",
+        "two.pdf-p001.page.xml",
+        "two.pdf-p002.page.xml",
+        "two.pdf.alto.xml",
+    ]
+    alto = etree.XMLSchema(etree.parse(str(schemas / "alto-4-4.xsd")))
+    page = etree.XMLSchema(etree.parse(str(schemas / "page-2019-07-15.xsd")))
+    for name in written:
+        (alto if name.endswith(".alto.xml") else page).assertValid(etree.parse(str(out / name)))
+    pages = (
+        etree.parse(str(out / "two.pdf.alto.xml"))
+        .getroot()
+        .iter("{http://www.loc.gov/standards/alto/ns-v4#}Page")
+    )
+    assert len(list(pages)) == 2
+    assert str(pdf) in (out / "two.pdf-p002.page.xml").read_text()

@@ -20,7 +20,7 @@ from PIL import Image
 from kosmos_cli.errors import InputError, KosmosError, UsageError
 from kosmos_cli.stores import atomic_write
 from kosmos_cli.values import Document, Line, Matrix, Page, PageInfo, PageResult, Point, Status, Task, Word
-from kosmos_cli.writers import WRITERS, DocumentWriter, WriterOptions, formats_for, get_writer
+from kosmos_cli.writers import WRITERS, DocumentWriter, PageWriter, WriterOptions, formats_for, get_writer
 from kosmos_cli.writers.data import JsonlWriter, pixel_bbox_to_pdf
 from kosmos_cli.writers.searchable_pdf import DEFAULT_IMAGE_DPI, PdfWriter
 
@@ -71,7 +71,7 @@ LINES = [
 
 
 def test_registry_names_match_formats() -> None:
-    assert list(WRITERS) == ["md", "txt", "json", "jsonl", "hocr", "alto", "pdf", "draw"]
+    assert list(WRITERS) == ["md", "txt", "json", "jsonl", "hocr", "alto", "page", "pdf", "draw"]
     for name, cls in WRITERS.items():
         assert cls.format == name
         if issubclass(cls, DocumentWriter):
@@ -80,7 +80,7 @@ def test_registry_names_match_formats() -> None:
 
 @pytest.mark.parametrize(
     ("task", "formats"),
-    [(Task.MD, ["md", "json", "jsonl"]), (Task.OCR, ["txt", "json", "jsonl", "hocr", "alto", "pdf"])],
+    [(Task.MD, ["md", "json", "jsonl"]), (Task.OCR, ["txt", "json", "jsonl", "hocr", "alto", "page", "pdf"])],
 )
 def test_formats_for(task: Task, formats: list[str]) -> None:
     assert formats_for(task) == formats
@@ -89,7 +89,7 @@ def test_formats_for(task: Task, formats: list[str]) -> None:
 @pytest.mark.parametrize(
     ("name", "task", "message", "hint"),
     [
-        ("docx", Task.OCR, "unknown format `docx`", "use one of: txt, json, jsonl, hocr, alto, pdf"),
+        ("docx", Task.OCR, "unknown format `docx`", "use one of: txt, json, jsonl, hocr, alto, page, pdf"),
         (
             "txt",
             Task.MD,
@@ -875,3 +875,66 @@ def test_alto_of_words_found_on_a_rendered_page_is_valid(alto_schema: etree.XMLS
     root = etree.fromstring(rendered)
     alto_schema.assertValid(root)
     assert [s.get("CONTENT") for s in root.iter(f"{ALTO}String")] == ["Words", "on", "a", "page"]
+
+
+# --- PAGE XML -------------------------------------------------------------------------------------
+
+PAGE = "{http://schema.primaresearch.org/PAGE/gts/pagecontent/2019-07-15}"
+
+
+@pytest.fixture(scope="module")
+def page_schema() -> etree.XMLSchema:
+    return etree.XMLSchema(etree.parse(str(SCHEMAS / "page-2019-07-15.xsd")))
+
+
+def test_page_xml_is_valid_and_reads_back_lines_words_and_baselines(
+    page_schema: etree.XMLSchema, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("SOURCE_DATE_EPOCH", "1764547200")  # 2025-12-01T00:00:00Z
+    words = (Word("Total", (10, 21, 50, 39)), Word("50,000", (60, 22, 110, 39)))
+    sure = Line("Total 50,000", box(10, 20, 110, 40), confidence=0.91236, words=words)
+    document = Document("/in/report & co.pdf", "report")
+    result = ocr(info(1, 3, document=document, size=(200, 100)), [sure, LINES[1]], Status.TRUNCATED)
+    page = Page(result.info, Image.new("RGB", (200, 100), "white"))
+    writer = WRITERS["page"](WriterOptions(model="microsoft/kosmos-2.5"))
+    assert isinstance(writer, PageWriter)
+    assert writer.file_name(document, 1, 3) == "report-p002.page.xml"
+    assert writer.file_name(Document("/in/a.png", "a.png"), 0, 1) == "a.png.page.xml"
+    rendered = writer.render_page(page, result)
+    assert rendered is not None
+    root = etree.fromstring(rendered)
+    page_schema.assertValid(root)
+    assert root.findtext(f"{PAGE}Metadata/{PAGE}Creator") == "kosmos 0.1.0, model microsoft/kosmos-2.5"
+    assert root.findtext(f"{PAGE}Metadata/{PAGE}Created") == "2025-12-01T00:00:00"
+    page_element = root.find(f"{PAGE}Page")
+    assert page_element is not None
+    assert dict(page_element.attrib) == {
+        "imageFilename": "/in/report & co.pdf",
+        "imageWidth": "200",
+        "imageHeight": "100",
+    }
+    (line_element,) = page_element.iter(f"{PAGE}TextLine")  # "no box" is left out
+    coords = line_element.find(f"{PAGE}Coords")
+    baseline = line_element.find(f"{PAGE}Baseline")
+    assert coords is not None and coords.get("points") == "10,20 110,20 110,40 10,40"
+    assert baseline is not None and baseline.get("points") == "10,36 110,36"
+    read_back = [
+        (
+            word.find(f"{PAGE}Coords").get("points"),
+            word.find(f"{PAGE}TextEquiv").get("conf"),
+            word.findtext(f"{PAGE}TextEquiv/{PAGE}Unicode"),
+        )  # type: ignore[union-attr]
+        for word in line_element.iter(f"{PAGE}Word")
+    ]
+    assert read_back == [
+        ("10,21 50,21 50,39 10,39", "0.9124", "Total"),
+        ("60,22 110,22 110,39 60,39", "0.9124", "50,000"),
+    ]
+    assert line_element.findtext(f"{PAGE}TextEquiv/{PAGE}Unicode") == "Total 50,000"
+
+
+def test_page_xml_of_a_failed_page_is_no_file() -> None:
+    result = ocr(info(), [], Status.FAILED, "unreadable")
+    writer = WRITERS["page"]()
+    assert isinstance(writer, PageWriter)
+    assert writer.render_page(Page(result.info, Image.new("RGB", (200, 100))), result) is None

@@ -11,7 +11,8 @@ Two kinds of writer, both in the one registry:
   until the document is complete, then moved into place with the document's other outputs.
 
 Results may include failed and truncated pages; each format marks them in place (see its module):
-`text` (md, txt), `data` (json, jsonl), `hocr`, `alto`, `searchable_pdf` (pdf), `drawing` (`--draw`).
+`text` (md, txt), `data` (json, jsonl), `hocr`, `alto`, `page_xml` (page), `searchable_pdf` (pdf),
+`drawing` (`--draw`).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 from kosmos_cli.errors import UsageError
+from kosmos_cli.pages import page_number
 from kosmos_cli.values import Document, Page, PageResult, Task
 
 
@@ -134,6 +136,16 @@ def formats_for(task: Task) -> list[str]:
     return [name for name, cls in WRITERS.items() if task in cls.tasks and not cls.option]
 
 
+def page_file_name(document: Document, page_index: int, page_count: int, suffix: str) -> str:
+    """Name one page's file: `NAME` + `suffix` for a one-page document, else `NAME-p001` + `suffix` (1-based).
+
+    The name never equals an input's: walks skip kosmos's page suffixes, and NAME keeps the input's.
+    """
+    if page_count == 1:
+        return f"{document.name}{suffix}"
+    return f"{document.name}-p{page_number(page_index):03}{suffix}"
+
+
 def render_pages(writers: Sequence[Writer], page: Page, result: PageResult) -> dict[str, bytes]:
     """Render the page-scoped files of one page, by format: what runs where the page's pixels are."""
     pieces = {}
@@ -161,6 +173,7 @@ from kosmos_cli.writers import text  # noqa: E402, F401  (md, txt)
 from kosmos_cli.writers import data  # noqa: E402, F401  (json, jsonl)
 from kosmos_cli.writers import hocr  # noqa: E402, F401
 from kosmos_cli.writers import alto  # noqa: E402, F401
+from kosmos_cli.writers import page_xml  # noqa: E402, F401  (page)
 from kosmos_cli.writers import searchable_pdf  # noqa: E402, F401  (pdf)
 from kosmos_cli.writers import drawing  # noqa: E402, F401  (--draw)
 # isort: on

@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from kosmos_cli import __version__
-from kosmos_cli.values import BBox, Line, PageResult, Status, Task
+from kosmos_cli.values import BBox, Line, PageResult, Status, Task, enclosing
 from kosmos_cli.writers import DocumentWriter, register
 from kosmos_cli.writers.hocr import xml_attribute, xml_text
 from kosmos_cli.writers.text import comment_safe, page_note
@@ -75,7 +75,7 @@ class AltoWriter(DocumentWriter):
             else []
         )
         if lines:
-            block = _union([line.bbox for line in lines if line.bbox is not None])
+            block = enclosing(line.bbox for line in lines if line.bbox is not None)
             out.append(f'   <PrintSpace HPOS="0" VPOS="0" WIDTH="{info.width}" HEIGHT="{info.height}">')
             out.append(f'    <TextBlock ID="block_{number}"{_position(block)}>')
             for index, line in enumerate(lines, start=1):
@@ -106,12 +106,3 @@ def _line(line: Line, key: str) -> list[str]:
 def _position(box: BBox) -> str:
     x0, y0, x1, y1 = box
     return f' HPOS="{x0}" VPOS="{y0}" WIDTH="{x1 - x0}" HEIGHT="{y1 - y0}"'
-
-
-def _union(boxes: Sequence[BBox]) -> BBox:
-    return (
-        min(box[0] for box in boxes),
-        min(box[1] for box in boxes),
-        max(box[2] for box in boxes),
-        max(box[3] for box in boxes),
-    )

@@ -7,9 +7,8 @@ from collections.abc import Sequence
 
 from PIL import Image, ImageDraw, ImageFont
 
-from kosmos_cli.pages import page_number
 from kosmos_cli.values import Document, Line, Page, PageResult, Status, Task
-from kosmos_cli.writers import PageWriter, register
+from kosmos_cli.writers import PageWriter, page_file_name, register
 
 DRAWING_SUFFIX = ".boxes.png"  # NAME.boxes.png, NAME-p001.boxes.png; folder walks skip these
 BOX_COLOR = (255, 0, 0)  # RGB of polygon outlines and numbers
@@ -62,13 +61,8 @@ class DrawingWriter(PageWriter):
     needs_folder = "PNG files"
 
     def file_name(self, document: Document, page_index: int, page_count: int) -> str:
-        """Return `NAME.boxes.png` for a one-page document, else `NAME-p001.boxes.png` (1-based).
-
-        The name never equals an input's: walks skip `*.boxes.png`, and NAME keeps the input's suffix.
-        """
-        if page_count == 1:
-            return f"{document.name}{DRAWING_SUFFIX}"
-        return f"{document.name}-p{page_number(page_index):03}{DRAWING_SUFFIX}"
+        """Return `NAME.boxes.png` for a one-page document, else `NAME-p001.boxes.png` (1-based)."""
+        return page_file_name(document, page_index, page_count, DRAWING_SUFFIX)
 
     def render_page(self, page: Page, result: PageResult) -> bytes | None:
         """Return the PNG of the page with its lines drawn; None for a failed page."""
