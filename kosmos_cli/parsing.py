@@ -11,6 +11,7 @@ from collections.abc import Sequence
 
 from kosmos_cli.values import Line, Point
 
+CONFIDENCE_DIGITS = 4  # decimals a line's confidence is kept to, in every output alike
 # One line starts at `<bbox>`, or at a complete coordinate quad whose `<bbox>` went missing.
 _LINE_START = re.compile(
     r"<bbox>(?:<x_(\d+)><y_(\d+)><x_(\d+)><y_(\d+)>(?:</bbox>)?)?"
@@ -114,7 +115,11 @@ def _append(
     """Add a line unless it has no text; whitespace runs, newlines included, become one space."""
     words = _CONTROL.sub("", _STRAY_TOKEN.sub(" ", text)).split()
     if words:
-        confidence = (sum(probs) / len(probs), min(probs)) if probs else (None, None)
+        confidence = (
+            (round(sum(probs) / len(probs), CONFIDENCE_DIGITS), round(min(probs), CONFIDENCE_DIGITS))
+            if probs
+            else (None, None)
+        )
         lines.append(Line(" ".join(words), polygon, *confidence))
 
 

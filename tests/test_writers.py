@@ -253,7 +253,7 @@ def validate(instance: Any, schema: dict[str, Any], definition: str | None = Non
 
 def test_json_document_exact() -> None:
     words = (Word("Total", (10, 21, 50, 39)), Word("50,000", (60, 22, 110, 39)))
-    sure = Line("Total 50,000", box(10, 20, 110, 40), confidence=0.912345678, min_confidence=0.5, words=words)
+    sure = Line("Total 50,000", box(10, 20, 110, 40), confidence=0.9123, min_confidence=0.5, words=words)
     results = [ocr(info(size=(200, 100)), [sure, LINES[1]])]
     assert json.loads(WRITERS["json"]().render(results)) == {
         "source": "/in/scan.png",
@@ -814,7 +814,7 @@ def alto_schema() -> etree.XMLSchema:
 
 def test_alto_is_valid_and_reads_back_pages_lines_and_words(alto_schema: etree.XMLSchema) -> None:
     words = (Word("Total", (10, 21, 50, 39)), Word("<50> & co", (60, 22, 110, 39)))
-    sure = Line("Total <50> & co", box(10, 20, 110, 40), confidence=0.91236, min_confidence=0.3, words=words)
+    sure = Line("Total <50> & co", box(10, 20, 110, 40), confidence=0.9124, min_confidence=0.3, words=words)
     old = line("read before words", (5, 60, 190, 90))  # no words: its text as one String
     document = Document("/in/report.pdf", "report")
     results = [
@@ -892,7 +892,7 @@ def test_page_xml_is_valid_and_reads_back_lines_words_and_baselines(
 ) -> None:
     monkeypatch.setenv("SOURCE_DATE_EPOCH", "1764547200")  # 2025-12-01T00:00:00Z
     words = (Word("Total", (10, 21, 50, 39)), Word("50,000", (60, 22, 110, 39)))
-    sure = Line("Total 50,000", box(10, 20, 110, 40), confidence=0.91236, words=words)
+    sure = Line("Total 50,000", box(10, 20, 110, 40), confidence=0.9124, words=words)
     document = Document("/in/report & co.pdf", "report")
     result = ocr(info(1, 3, document=document, size=(200, 100)), [sure, LINES[1]], Status.TRUNCATED)
     page = Page(result.info, Image.new("RGB", (200, 100), "white"))

@@ -18,7 +18,6 @@ from kosmos_cli.writers.text import comment_safe, page_note
 
 NAMESPACE = "http://www.loc.gov/standards/alto/ns-v4#"
 SCHEMA_LOCATION = "http://www.loc.gov/alto/v4/alto-4-4.xsd"
-CONFIDENCE_DIGITS = 4  # decimals of WC
 
 
 @register
@@ -88,7 +87,7 @@ class AltoWriter(DocumentWriter):
 def _line(line: Line, key: str) -> list[str]:
     assert line.bbox is not None
     words = line.words or ()
-    confidence = f' WC="{round(line.confidence, CONFIDENCE_DIGITS)}"' if line.confidence is not None else ""
+    confidence = f' WC="{line.confidence}"' if line.confidence is not None else ""
     out = [f'     <TextLine ID="line_{key}"{_position(line.bbox)}>']
     if not words:  # a line read before kosmos split words: its text as one String on its box
         out.append(f"      <String CONTENT={xml_attribute(line.text)}{_position(line.bbox)}{confidence}/>")

@@ -15,8 +15,6 @@ from typing import Any
 from kosmos_cli.values import BBox, Line, Matrix, PageInfo, PageResult, Status, Task
 from kosmos_cli.writers import DocumentWriter, register
 
-CONFIDENCE_DIGITS = 4  # decimals of the line confidences written
-
 
 def page_object(result: PageResult) -> dict[str, Any]:
     """Return the JSON object of one page, keys in schema order."""
@@ -43,14 +41,10 @@ def _line_object(line: Line, pixel_to_pdf: Matrix | None) -> dict[str, Any]:
     }
     if pixel_to_pdf is not None:
         data["pdf_bbox"] = list(pixel_bbox_to_pdf(bbox, pixel_to_pdf)) if bbox else None
-    data["confidence"] = _rounded(line.confidence)
-    data["min_confidence"] = _rounded(line.min_confidence)
+    data["confidence"] = line.confidence
+    data["min_confidence"] = line.min_confidence
     data["words"] = [word.to_dict() for word in line.words]
     return data
-
-
-def _rounded(probability: float | None) -> float | None:
-    return round(probability, CONFIDENCE_DIGITS) if probability is not None else None
 
 
 def _json_bytes(value: dict[str, Any], *, indent: int | None) -> bytes:

@@ -20,7 +20,6 @@ from kosmos_cli.writers.hocr import xml_attribute, xml_text
 NAMESPACE = "http://schema.primaresearch.org/PAGE/gts/pagecontent/2019-07-15"
 PAGE_SUFFIX = ".page.xml"
 BASELINE_SHARE = 0.8  # the baseline's height in a line's box, from its top: where Latin text sits
-CONFIDENCE_DIGITS = 4  # decimals of `conf`
 
 
 @register
@@ -89,7 +88,7 @@ def _line(line: Line, index: int) -> list[str]:
 
 
 def _text_equiv(text: str, confidence: float | None) -> str:
-    conf = f' conf="{round(confidence, CONFIDENCE_DIGITS)}"' if confidence is not None else ""
+    conf = f' conf="{confidence}"' if confidence is not None else ""
     return f"<TextEquiv{conf}><Unicode>{xml_text(text)}</Unicode></TextEquiv>"
 
 
