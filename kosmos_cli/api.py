@@ -283,3 +283,87 @@ class _Raise:
 
     def warning(self, message: str) -> None:
         """Nothing to say."""
+
+
+def convert_files(
+    results: Sequence[str | os.PathLike[str]],
+    *,
+    formats: Sequence[str],
+    output: str | os.PathLike[str] | None = None,
+    source: str | os.PathLike[str] | None = None,
+    password: str | None = None,
+    overwrite: bool = False,
+    reporter: Reporter | None = None,
+) -> Summary:
+    """Write other formats from kosmos's own JSON output (`--format json`), without the model.
+
+    Each `NAME.json` gives `NAME` plus each format's suffix, in `output` (default: beside it). The
+    searchable PDF reads the input again, from the path the JSON records or `source` (one JSON
+    only); page-scoped formats that need pixels (`--draw`) cannot be made. An existing file is
+    refused unless `overwrite`. A file that cannot be read or written is reported and counted.
+    """
+    from kosmos_cli.stores import atomic_write
+    from kosmos_cli.writers import DocumentWriter, PageWriter, WriterOptions, get_writer
+    from kosmos_cli.writers.data import read_json
+
+    reporter = reporter or LogReporter()
+    if not results:
+        raise UsageError("no JSON files given", hint="name the .json files `kosmos ... -f json` wrote")
+    if source is not None and len(results) > 1:
+        raise UsageError("--source names the input of one JSON file", hint="convert one file at a time")
+    if not formats:
+        raise UsageError("no formats given", hint="add -f FORMAT, e.g. -f alto -f page")
+    summary = Summary()
+    for result_path in map(Path, results):
+        try:
+            pages, model = read_json(result_path.read_bytes(), result_path.name.removesuffix(".json"))
+        except OSError as error:
+            reporter.error(InputError(f"cannot read `{result_path}`: {error.strerror or error}"))
+            summary.documents_failed += 1
+            continue
+        except (ValueError, KeyError, TypeError) as error:
+            reporter.error(InputError(f"`{result_path}` is not a JSON file kosmos wrote: {error}"))
+            summary.documents_failed += 1
+            continue
+        options = WriterOptions(password=password, model=model)
+        folder = Path(output) if output is not None else result_path.parent
+        document = pages[0].info.document
+        input_path = Path(source) if source is not None else Path(document.path)
+        try:
+            written: dict[Path, bytes] = {}
+            for name in formats:
+                writer = get_writer(name, task=pages[0].task, options=options)
+                if isinstance(writer, DocumentWriter):
+                    data = _read_source(input_path) if writer.needs_source else None
+                    written[folder / writer.file_name(document)] = writer.render(pages, data)
+                elif isinstance(writer, PageWriter) and not writer.needs_pixels:
+                    for page in pages:
+                        info = page.info
+                        if (piece := writer.render_page(None, page)) is not None:
+                            path = folder / writer.file_name(document, info.page_index, info.page_count)
+                            written[path] = piece
+                else:
+                    message = f"{writer.asked_as()} draws the page's pixels, which a JSON file does not hold"
+                    raise UsageError(message)
+            for path in written:
+                if path.exists() and not overwrite:
+                    raise InputError(f"`{path}` exists", hint="pass --overwrite to replace it")
+            for path, data in written.items():
+                atomic_write(path, data)
+        except InputError as error:
+            reporter.error(error)
+            summary.documents_failed += 1
+            continue
+        summary.documents_done += 1
+        summary.pages_done += len(pages)
+    return summary
+
+
+def _read_source(path: Path) -> bytes:
+    try:
+        return path.read_bytes()
+    except OSError as error:
+        raise InputError(
+            f"cannot read the input `{path}` for the searchable PDF: {error.strerror or error}",
+            hint="pass its new place with --source",
+        ) from None

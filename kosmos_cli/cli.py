@@ -120,12 +120,14 @@ if TYPE_CHECKING:  # made at runtime from the one list of each option's choices
     Quantization: TypeAlias = Enum
     MdFormat: TypeAlias = Enum
     OcrFormat: TypeAlias = Enum
+    ConvertFormat: TypeAlias = Enum
 else:
     DType = _choices("DType", DTYPES)
     Attention = _choices("Attention", ATTENTIONS)
     Quantization = _choices("Quantization", QUANTIZATIONS)
     MdFormat = _choices("MdFormat", formats_for(Task.MD))
     OcrFormat = _choices("OcrFormat", formats_for(Task.OCR))
+    ConvertFormat = _choices("ConvertFormat", dict.fromkeys(formats_for(Task.MD) + formats_for(Task.OCR)))
 
 
 Inputs = Annotated[
@@ -443,6 +445,48 @@ def ocr(
 ) -> None:
     """Transcribe to text lines with boxes: `x0,y0,x1,y0,x1,y1,x0,y1,text` in original-image pixels."""
     _transcribe(Task.OCR, options, formats=format, draw=draw, numbered=numbered)
+
+
+@app.command()
+def convert(
+    results: Annotated[
+        list[Path],
+        typer.Argument(help="JSON files kosmos wrote (`-f json`).", show_default=False),
+    ],
+    format: Annotated[
+        list[ConvertFormat],
+        typer.Option(
+            "--format",
+            "-f",
+            help="Format to write, repeatable: any `md` or `ocr` format that the file's task can hold.",
+        ),
+    ],
+    output: Annotated[
+        Optional[Path],  # noqa: UP045
+        typer.Option("--output", "-o", help="Folder to write to; default: beside each JSON file."),
+    ] = None,
+    source: Annotated[
+        Optional[Path],  # noqa: UP045
+        typer.Option("--source", help="Where the input is now, if it moved (the searchable PDF reads it)."),
+    ] = None,
+    password: Password = None,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace files that exist.")] = False,
+    quiet: Quiet = False,
+    verbose: Verbose = False,
+) -> None:
+    """Write other formats from kosmos's JSON output, without the model: ALTO tomorrow from JSON today."""
+    from kosmos_cli.api import convert_files
+
+    with _session(quiet=quiet, verbose=verbose) as reporter:
+        reporter.summary = convert_files(
+            results,
+            formats=[choice.value for choice in format],
+            output=output,
+            source=source,
+            password=password,
+            overwrite=overwrite,
+            reporter=reporter,
+        )
 
 
 @app.command()

@@ -16,6 +16,13 @@ def page_number(page_index: int) -> int:
     return page_index + 1
 
 
+def page_index(page_number: int) -> int:
+    """Return the 0-based page index of a 1-based page number (as a file kosmos wrote gives it)."""
+    if page_number < 1:
+        raise ValueError(f"pages are numbered from 1, not {page_number}")
+    return page_number - 1
+
+
 _PAGES_HINT = "use 1-based page numbers and ranges, e.g. 1-3,7,10- (10- runs to the last page)"
 _RANGE = re.compile(r"(\d*)\s*(-?)\s*(\d*)", re.ASCII)
 

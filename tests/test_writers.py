@@ -256,7 +256,9 @@ def test_json_document_exact() -> None:
     sure = Line("Total 50,000", box(10, 20, 110, 40), confidence=0.9123, min_confidence=0.5, words=words)
     results = [ocr(info(size=(200, 100)), [sure, LINES[1]])]
     assert json.loads(WRITERS["json"]().render(results)) == {
+        "schema_version": 2,
         "source": "/in/scan.png",
+        "path": "/in/scan.png",
         "page_count": 1,
         "task": "ocr",
         "pages": [
@@ -265,9 +267,12 @@ def test_json_document_exact() -> None:
                 "width": 200,
                 "height": 100,
                 "dpi": None,
+                "pixel_to_pdf": None,
                 "status": "ok",
                 "error": None,
+                "truncation": None,
                 "text": "Total 50,000\nno box",
+                "raw": "",
                 "lines": [
                     {
                         "text": "Total 50,000",
@@ -316,9 +321,12 @@ def test_json_pdf_pages_carry_pdf_boxes(schema: dict[str, Any]) -> None:
         "width": 0,
         "height": 0,
         "dpi": None,
+        "pixel_to_pdf": None,
         "status": "failed",
         "error": "page 3 cannot be rendered",
+        "truncation": None,
         "text": "",
+        "raw": "",
         "lines": [],
     }
 
@@ -329,15 +337,18 @@ def test_json_markdown_document(schema: dict[str, Any]) -> None:
     assert rendered.endswith(b"}\n") and "Über".encode() in rendered  # UTF-8, not \u escapes
     data = json.loads(rendered)
     validate(data, schema)
-    assert list(data) == ["source", "page_count", "task", "pages"]
+    assert list(data) == ["schema_version", "source", "path", "page_count", "task", "pages"]
     assert list(data["pages"][0]) == [
         "page_number",
         "width",
         "height",
         "dpi",
+        "pixel_to_pdf",
         "status",
         "error",
+        "truncation",
         "text",
+        "raw",
         "lines",
     ]
     assert [(p["text"], p["status"], p["lines"]) for p in data["pages"]] == [
@@ -387,7 +398,7 @@ def test_jsonl_streams_one_page_per_line(schema: dict[str, Any]) -> None:
     for number, row in enumerate(rows[:-1], start=1):
         data = json.loads(row)
         validate(data, schema, "streamedPage")
-        assert list(data)[:4] == ["source", "page_count", "task", "page_number"]
+        assert list(data)[:6] == ["schema_version", "source", "path", "page_count", "task", "page_number"]
         assert (data["source"], data["page_count"], data["task"], data["page_number"]) == (
             "/in/report.pdf",
             2,

@@ -97,15 +97,20 @@ class DocumentWriter(Writer):
 
 
 class PageWriter(Writer):
-    """A format with one file per page, made from the page's pixels and its result."""
+    """A format with one file per page, made from the page's result (and its pixels, if `needs_pixels`)."""
+
+    needs_pixels: ClassVar[bool] = True  # False: `render_page` works without `page` (kosmos convert)
 
     @abstractmethod
     def file_name(self, document: Document, page_index: int, page_count: int) -> str:
         """Return the output path of one page's file, relative to the output folder."""
 
     @abstractmethod
-    def render_page(self, page: Page, result: PageResult) -> bytes | None:
-        """Render one page's file; None when the page gets none (it failed)."""
+    def render_page(self, page: Page | None, result: PageResult) -> bytes | None:
+        """Render one page's file; None when the page gets none (it failed).
+
+        `page` may be None for a writer that does not `needs_pixels`.
+        """
 
 
 WRITERS: dict[str, type[DocumentWriter] | type[PageWriter]] = {}

@@ -12,8 +12,11 @@ import json
 from collections.abc import Sequence
 from typing import Any
 
-from kosmos_cli.values import BBox, Line, Matrix, PageInfo, PageResult, Status, Task
+from kosmos_cli.pages import page_index
+from kosmos_cli.values import BBox, Document, Line, Matrix, PageInfo, PageResult, Status, Task, Word
 from kosmos_cli.writers import DocumentWriter, register
+
+SCHEMA_VERSION = 2  # `result.schema.json`'s `schema_version`
 
 
 def page_object(result: PageResult) -> dict[str, Any]:
@@ -25,9 +28,12 @@ def page_object(result: PageResult) -> dict[str, Any]:
         "width": info.width,
         "height": info.height,
         "dpi": info.dpi,
+        "pixel_to_pdf": list(info.pixel_to_pdf) if info.pixel_to_pdf is not None else None,
         "status": result.status.value,
         "error": result.error,
+        "truncation": result.truncation,
         "text": "" if failed else result.text,
+        "raw": result.raw,
         "lines": [] if failed else [_line_object(line, info.pixel_to_pdf) for line in result.lines],
     }
 
@@ -51,8 +57,71 @@ def _json_bytes(value: dict[str, Any], *, indent: int | None) -> bytes:
     return (json.dumps(value, ensure_ascii=False, indent=indent) + "\n").encode("utf-8")
 
 
-def _document_fields(info: PageInfo, task: Task) -> dict[str, Any]:
-    return {"source": info.document.display_name, "page_count": info.page_count, "task": task.value}
+def _document_fields(info: PageInfo, task: Task, model: str) -> dict[str, Any]:
+    document = info.document
+    return {
+        "schema_version": SCHEMA_VERSION,
+        "source": document.display_name,
+        "path": document.display_name if document.label is None else None,
+        "model": model or None,
+        "page_count": info.page_count,
+        "task": task.value,
+    }
+
+
+def read_json(data: bytes, name: str) -> tuple[list[PageResult], str]:
+    """Read back the pages of a document `JsonWriter` wrote (any schema version) and the model named.
+
+    The document is named `name` (its outputs' stem).
+
+    What version 1 lacked reads as unknown: no raw output, confidences or words, no pixel-to-PDF map.
+    Raises ValueError, KeyError or TypeError for a file that is not kosmos's JSON.
+    """
+    value = json.loads(data)
+    if (
+        not isinstance(value, dict)
+        or not value.get("pages")
+        or value.get("schema_version", 1) > SCHEMA_VERSION
+    ):
+        raise ValueError("not a JSON file kosmos wrote (or one of a newer kosmos)")
+    path = value.get("path")
+    document = Document(path or value["source"], name, label=None if path else value["source"])
+    task = Task(value["task"])
+    pages = [_page_from_object(page, document, value["page_count"], task) for page in value["pages"]]
+    return pages, value.get("model") or ""
+
+
+def _page_from_object(page: dict[str, Any], document: Document, page_count: int, task: Task) -> PageResult:
+    matrix = page.get("pixel_to_pdf")
+    info = PageInfo(
+        document,
+        page_index(page["page_number"]),
+        page_count,
+        page["width"],
+        page["height"],
+        page["dpi"],
+        tuple(matrix) if matrix is not None else None,
+    )
+    lines = tuple(
+        Line(
+            line["text"],
+            tuple(tuple(point) for point in line["polygon"]) if line["polygon"] else None,  # type: ignore[arg-type]
+            line.get("confidence"),
+            line.get("min_confidence"),
+            tuple(Word.from_dict(word) for word in line.get("words", ())),
+        )
+        for line in page["lines"]
+    )
+    return PageResult(
+        info,
+        task,
+        page["text"],
+        lines=lines,
+        raw=page.get("raw", ""),
+        status=Status(page["status"]),
+        error=page["error"],
+        truncation=page.get("truncation"),
+    )
 
 
 @register
@@ -67,7 +136,7 @@ class JsonWriter(DocumentWriter):
         """Render the document object, pages in order."""
         pages = self.check(results)
         first = pages[0]
-        document = _document_fields(first.info, first.task)
+        document = _document_fields(first.info, first.task, self.options.model)
         document["pages"] = [page_object(result) for result in pages]
         return _json_bytes(document, indent=2)
 
@@ -88,7 +157,10 @@ class JsonlWriter(DocumentWriter):
     def stream_page(self, result: PageResult) -> bytes:
         """Render one page as one line, for printing pages as they finish."""
         self.check([result])
-        return _json_bytes({**_document_fields(result.info, result.task), **page_object(result)}, indent=None)
+        return _json_bytes(
+            {**_document_fields(result.info, result.task, self.options.model), **page_object(result)},
+            indent=None,
+        )
 
 
 def pixel_bbox_to_pdf(bbox: BBox, matrix: Matrix) -> tuple[float, float, float, float]:

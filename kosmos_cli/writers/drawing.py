@@ -64,9 +64,9 @@ class DrawingWriter(PageWriter):
         """Return `NAME.boxes.png` for a one-page document, else `NAME-p001.boxes.png` (1-based)."""
         return page_file_name(document, page_index, page_count, DRAWING_SUFFIX)
 
-    def render_page(self, page: Page, result: PageResult) -> bytes | None:
+    def render_page(self, page: Page | None, result: PageResult) -> bytes | None:
         """Return the PNG of the page with its lines drawn; None for a failed page."""
-        if page.info != result.info:
+        if page is None or page.info != result.info:
             raise ValueError("the result is not the page's")
         if result.status is Status.FAILED:
             return None

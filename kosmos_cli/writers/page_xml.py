@@ -29,12 +29,13 @@ class PageXmlWriter(PageWriter):
     format = "page"
     tasks = frozenset({Task.OCR})
     needs_folder = "a PAGE XML file per page"
+    needs_pixels = False
 
     def file_name(self, document: Document, page_index: int, page_count: int) -> str:
         """Return `NAME.page.xml` for a one-page document, else `NAME-p001.page.xml` (1-based)."""
         return page_file_name(document, page_index, page_count, PAGE_SUFFIX)
 
-    def render_page(self, page: Page, result: PageResult) -> bytes | None:
+    def render_page(self, page: Page | None, result: PageResult) -> bytes | None:
         """Return the page's PAGE XML; None for a failed page."""
         if result.status is Status.FAILED:
             return None
