@@ -259,6 +259,7 @@ def test_json_document_exact() -> None:
         "schema_version": 2,
         "source": "/in/scan.png",
         "path": "/in/scan.png",
+        "model": None,
         "page_count": 1,
         "task": "ocr",
         "pages": [
@@ -337,7 +338,7 @@ def test_json_markdown_document(schema: dict[str, Any]) -> None:
     assert rendered.endswith(b"}\n") and "Über".encode() in rendered  # UTF-8, not \u escapes
     data = json.loads(rendered)
     validate(data, schema)
-    assert list(data) == ["schema_version", "source", "path", "page_count", "task", "pages"]
+    assert list(data) == ["schema_version", "source", "path", "model", "page_count", "task", "pages"]
     assert list(data["pages"][0]) == [
         "page_number",
         "width",
@@ -398,7 +399,15 @@ def test_jsonl_streams_one_page_per_line(schema: dict[str, Any]) -> None:
     for number, row in enumerate(rows[:-1], start=1):
         data = json.loads(row)
         validate(data, schema, "streamedPage")
-        assert list(data)[:6] == ["schema_version", "source", "path", "page_count", "task", "page_number"]
+        assert list(data)[:7] == [
+            "schema_version",
+            "source",
+            "path",
+            "model",
+            "page_count",
+            "task",
+            "page_number",
+        ]
         assert (data["source"], data["page_count"], data["task"], data["page_number"]) == (
             "/in/report.pdf",
             2,
