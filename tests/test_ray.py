@@ -11,6 +11,7 @@ from __future__ import annotations
 import io
 import logging
 import os
+import re
 import shutil
 import sys
 from collections.abc import Iterator
@@ -471,8 +472,11 @@ class TestOnRay:
         # The same objects as the local files, naming their sources by URI where a format names them.
         # (hOCR names a URI input's image only when the URI carries no credentials: left out here.)
         formats = tuple(name for name in FORMATS[task] if name != "hocr")
+        # (JSON records no path for an input whose URI carries credentials: it would leak them.)
         expected = {
-            name: data.replace(corpus.name.encode(), source.encode())
+            name: re.sub(
+                rb'"path": "s3://[^"]*"', b'"path": null', data.replace(corpus.name.encode(), source.encode())
+            )
             for name, data in tree(reference.output_dir).items()
             if not name.endswith(".hocr")
         }
