@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import io
 import json
 import os
 import re
@@ -489,6 +491,21 @@ def test_hocr_lines_hold_their_words_with_boxes_and_confidence() -> None:
         ],
     ]
     assert ["".join(line.itertext()) for line in lines] == ["Total <50>", "no figure"]
+
+
+def test_hocr_passes_hocr_tools_checks(tmp_path: Path) -> None:
+    from hocr_tools_lib.tools.hocr_check import Checker
+
+    words = (Word("Total", (10, 21, 50, 39)), Word("50,000", (60, 22, 110, 39)))
+    sure = Line("Total 50,000", box(10, 20, 110, 40), confidence=0.9124, words=words)
+    path = tmp_path / "page.hocr"
+    # One page: the checker compares the lines of every page with each other (its XPath starts at //).
+    path.write_bytes(WRITERS["hocr"]().render([ocr(info(size=(200, 100)), [sure, LINES[2]])]))
+    report = io.StringIO()
+    with contextlib.redirect_stderr(report):
+        Checker(path).check()
+    lines = report.getvalue().splitlines()
+    assert lines and all(line.startswith("ok ") for line in lines), lines
 
 
 def test_hocr_stdin_document_has_no_image_property() -> None:
