@@ -38,7 +38,7 @@ def split_words(
     box = (round(x0 * sx), round(y0 * sy), round(x1 * sx), round(y1 * sy))
     if box[2] - box[0] < MIN_LINE_PIXELS or box[3] - box[1] < MIN_LINE_PIXELS:
         return tuple(Word(text, line.bbox) for text in texts)
-    ink = _ink(np.asarray(image.convert("L").crop(box), dtype=np.uint8))
+    ink = _ink(np.asarray(image.crop(box).convert("L"), dtype=np.uint8))
     columns: np.ndarray = np.asarray(ink.any(axis=0))
     if not columns.any():
         return tuple(Word(text, line.bbox) for text in texts)
@@ -90,15 +90,12 @@ def _word_spans(columns: np.ndarray, texts: Sequence[str]) -> list[tuple[int, in
 
 def _gaps(columns: np.ndarray, *, offset: int) -> list[tuple[int, int]]:
     """Return the [start, end) column runs without ink between inked columns."""
-    gaps = []
-    start = None
-    for index, inked in enumerate(columns.tolist()):
-        if not inked and start is None:
-            start = index
-        elif inked and start is not None:
-            gaps.append((offset + start, offset + index))
-            start = None
-    return gaps
+    import numpy as np
+
+    edges = np.flatnonzero(np.diff(columns.astype(np.int8)))  # where ink starts or stops
+    starts = edges[columns[edges]] + 1  # ink stops after these columns: a gap starts
+    ends = edges[~columns[edges]] + 1  # ink starts after these: a gap ends
+    return [(offset + int(start), offset + int(end)) for start, end in zip(starts, ends, strict=True)]
 
 
 def _proportional(first: int, last: int, texts: Sequence[str]) -> list[tuple[int, int]]:
