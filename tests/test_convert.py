@@ -124,3 +124,22 @@ def test_convert_reports_a_file_it_cannot_read_and_goes_on(
     assert result.exit_code == 1
     assert f"error: `{bad}` {message}" in result.stderr
     assert (transcribed / "out" / "scan.png.alto.xml").exists()
+
+
+def test_markdown_converts_too(scripted: list[object], model_folder: Path, tmp_path: Path) -> None:
+    pdf = make_pdf(tmp_path / "in" / "two.pdf", pages=MIXED_PAGES[:2])
+    direct = tmp_path / "direct"
+    run = CliRunner().invoke(
+        app, ["md", str(pdf), "-o", str(direct), "-f", "json", "-f", "md", "--model", str(model_folder)]
+    )
+    assert run.exit_code == 0, run.stderr
+    result = CliRunner().invoke(
+        app, ["convert", str(direct / "two.pdf.json"), "-f", "md", "-o", str(tmp_path / "converted")]
+    )
+    assert result.exit_code == 0, result.stderr
+    assert (tmp_path / "converted" / "two.pdf.md").read_bytes() == (direct / "two.pdf.md").read_bytes()
+    wrong = CliRunner().invoke(
+        app, ["convert", str(direct / "two.pdf.json"), "-f", "alto", "-o", str(tmp_path / "x")]
+    )
+    assert wrong.exit_code == 2
+    assert wrong.stderr.splitlines()[0] == "error: format `alto` cannot hold `md` results"
