@@ -293,18 +293,18 @@ def convert_files(
     source: str | os.PathLike[str] | None = None,
     password: str | None = None,
     overwrite: bool = False,
+    page_timeout: float = DEFAULT_PAGE_TIMEOUT,
     reporter: Reporter | None = None,
 ) -> Summary:
     """Write other formats from kosmos's own JSON output (`--format json`), without the model.
 
     Each `NAME.json` gives `NAME` plus each format's suffix, in `output` (default: beside it). The
     searchable PDF reads the input again, from the path the JSON records or `source` (one JSON
-    only); page-scoped formats that need pixels (`--draw`) cannot be made. An existing file is
-    refused unless `overwrite`. A file that cannot be read or written is reported and counted.
+    only), and parses it in a reader process, `page_timeout` seconds a page, as a run does;
+    page-scoped formats that need pixels (`--draw`) cannot be made. An existing file is refused
+    unless `overwrite`. A file that cannot be read or written is reported and counted.
     """
-    from kosmos_cli.stores import atomic_write
-    from kosmos_cli.writers import DocumentWriter, PageWriter, WriterOptions, get_writer
-    from kosmos_cli.writers.data import read_json
+    from kosmos_cli.sandbox import Sandbox
 
     reporter = reporter or LogReporter()
     if not results:
@@ -314,49 +314,65 @@ def convert_files(
     if not formats:
         raise UsageError("no formats given", hint="add -f FORMAT, e.g. -f alto -f page")
     summary = Summary()
-    for result_path in map(Path, results):
-        try:
-            pages, model = read_json(result_path.read_bytes(), result_path.name.removesuffix(".json"))
-        except OSError as error:
-            reporter.error(InputError(f"cannot read `{result_path}`: {error.strerror or error}"))
-            summary.documents_failed += 1
-            continue
-        except (ValueError, KeyError, TypeError) as error:
-            reporter.error(InputError(f"`{result_path}` is not a JSON file kosmos wrote: {error}"))
-            summary.documents_failed += 1
-            continue
-        options = WriterOptions(password=password, model=model)
-        folder = Path(output) if output is not None else result_path.parent
-        document = pages[0].info.document
-        input_path = Path(source) if source is not None else Path(document.path)
-        try:
-            written: dict[Path, bytes] = {}
-            for name in formats:
-                writer = get_writer(name, task=pages[0].task, options=options)
-                if isinstance(writer, DocumentWriter):
-                    data = _read_source(input_path) if writer.needs_source else None
-                    written[folder / writer.file_name(document)] = writer.render(pages, data)
-                elif isinstance(writer, PageWriter) and not writer.needs_pixels:
-                    for page in pages:
-                        info = page.info
-                        if (piece := writer.render_page(None, page)) is not None:
-                            path = folder / writer.file_name(document, info.page_index, info.page_count)
-                            written[path] = piece
-                else:
-                    message = f"{writer.asked_as()} draws the page's pixels, which a JSON file does not hold"
-                    raise UsageError(message)
-            for path in written:
-                if path.exists() and not overwrite:
-                    raise InputError(f"`{path}` exists", hint="pass --overwrite to replace it")
-            for path, data in written.items():
-                atomic_write(path, data)
-        except InputError as error:
-            reporter.error(error)
-            summary.documents_failed += 1
-            continue
-        summary.documents_done += 1
-        summary.pages_done += len(pages)
+    with Sandbox(timeout=page_timeout) as sandbox:  # starts only if a format parses the input
+        for result_path in map(Path, results):
+            try:
+                pages = _convert_one(result_path, formats, output, source, password, overwrite, sandbox)
+            except InputError as error:
+                reporter.error(error)
+                summary.documents_failed += 1
+                continue
+            summary.documents_done += 1
+            summary.pages_done += pages
     return summary
+
+
+def _convert_one(
+    result_path: Path,
+    formats: Sequence[str],
+    output: str | os.PathLike[str] | None,
+    source: str | os.PathLike[str] | None,
+    password: str | None,
+    overwrite: bool,
+    sandbox: Sandbox,
+) -> int:
+    """Write the formats of one JSON file and return its page count; raise InputError if it cannot."""
+    from kosmos_cli.assembly import render_document
+    from kosmos_cli.stores import atomic_write
+    from kosmos_cli.writers import DocumentWriter, PageWriter, WriterOptions, get_writer
+    from kosmos_cli.writers.data import read_json
+
+    try:
+        pages, model = read_json(result_path.read_bytes(), result_path.name.removesuffix(".json"))
+    except OSError as error:
+        raise InputError(f"cannot read `{result_path}`: {error.strerror or error}") from None
+    except (ValueError, KeyError, TypeError) as error:
+        raise InputError(f"`{result_path}` is not a JSON file kosmos wrote: {error}") from None
+    options = WriterOptions(password=password, model=model)
+    folder = Path(output) if output is not None else result_path.parent
+    document = pages[0].info.document
+    input_path = Path(source) if source is not None else Path(document.path)
+    written: dict[Path, bytes] = {}
+    for name in formats:
+        writer = get_writer(name, task=pages[0].task, options=options)
+        if isinstance(writer, DocumentWriter):
+            data = _read_source(input_path) if writer.needs_source else None
+            written[folder / writer.file_name(document)] = render_document(
+                writer, pages, data, sandbox=sandbox, page_timeout=sandbox.timeout
+            )
+        elif isinstance(writer, PageWriter) and not writer.needs_pixels:
+            for page in pages:
+                info = page.info
+                if (piece := writer.render_page(None, page)) is not None:
+                    written[folder / writer.file_name(document, info.page_index, info.page_count)] = piece
+        else:
+            raise UsageError(f"{writer.asked_as()} draws the page's pixels, which a JSON file does not hold")
+    for path in written:
+        if path.exists() and not overwrite:
+            raise InputError(f"`{path}` exists", hint="pass --overwrite to replace it")
+    for path, data in written.items():
+        atomic_write(path, data)
+    return len(pages)
 
 
 def _read_source(path: Path) -> bytes:

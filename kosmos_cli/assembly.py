@@ -24,9 +24,8 @@ from kosmos_cli.stores import LocalStore, location_identity, output_store
 from kosmos_cli.values import Document, PageInfo, PageResult, Status, failed_result
 from kosmos_cli.writers import DocumentWriter, PageWriter, WriterOptions, check_destination, get_writer
 
-PROGRESS_VERSION = (
-    3  # per-page results of unfinished documents (`PageResult.to_dict`), in `manifest.PROGRESS_FOLDER`
-)
+# Per-page results of unfinished documents (`PageResult.to_dict`), in `manifest.PROGRESS_FOLDER`.
+PROGRESS_VERSION = 3
 
 
 @dataclass
@@ -49,8 +48,7 @@ class Outputs:
     def __init__(self, job: Job, stdout: BinaryIO, *, model: str = "") -> None:
         self.job = job
         self.stdout = stdout
-        options = writer_options(job, model=model)
-        self.writers = [get_writer(name, task=job.task, options=options) for name in job.formats]
+        self.writers = job_writers(job, model=model)
         check_destination(self.writers, to_stdout=job.output_dir is None)
         # Whether a format is built from the documents' own bytes (`DocumentWriter.needs_source`).
         self.needs_source = any(isinstance(w, DocumentWriter) and w.needs_source for w in self.writers)
@@ -103,9 +101,10 @@ class Outputs:
         return None
 
 
-def writer_options(job: Job, *, model: str = "") -> WriterOptions:
-    """Return the job's options that writers read, and the model that transcribed (`model`)."""
-    return WriterOptions(password=job.password, numbered=job.numbered, model=model)
+def job_writers(job: Job, *, model: str = "") -> list[DocumentWriter | PageWriter]:
+    """Return the writer of each of the job's formats, with the job's options and the model's name."""
+    options = WriterOptions(password=job.password, numbered=job.numbered, model=model)
+    return [get_writer(name, task=job.task, options=options) for name in job.formats]
 
 
 class Assembly:
@@ -329,24 +328,35 @@ class Assembly:
         return placed
 
     def _render(self, writer: DocumentWriter, results: list[PageResult], source: bytes | None) -> bytes:
-        """Render one format; formats built from the document's bytes run in the sandbox, time-limited."""
-        if not writer.needs_source:
-            return writer.render(results)
-        if source is None:
-            document = results[0].info.document
-            raise InputError(f"`{document.display_name}` was not read whole for the {writer.format} output")
-        if self.sandbox is None:
-            return writer.render(results, source)
-        try:
-            return self.sandbox.call(
-                writer.render, results, source, timeout=self.job.page_timeout * len(results)
-            )
-        except ReaderStopped as error:
-            document = results[0].info.document
-            raise InputError(
-                f"building the {writer.format} output of `{document.display_name}` {error.message}",
-                hint=error.hint,
-            ) from None
+        return render_document(
+            writer, results, source, sandbox=self.sandbox, page_timeout=self.job.page_timeout
+        )
+
+
+def render_document(
+    writer: DocumentWriter,
+    results: Sequence[PageResult],
+    source: bytes | None,
+    *,
+    sandbox: Sandbox | None,
+    page_timeout: float,
+) -> bytes:
+    """Render one document in one format; formats built from its bytes run in `sandbox`, time-limited."""
+    if not writer.needs_source:
+        return writer.render(results)
+    if source is None:
+        document = results[0].info.document
+        raise InputError(f"`{document.display_name}` was not read whole for the {writer.format} output")
+    if sandbox is None:
+        return writer.render(results, source)
+    try:
+        return sandbox.call(writer.render, results, source, timeout=page_timeout * len(results))
+    except ReaderStopped as error:
+        document = results[0].info.document
+        raise InputError(
+            f"building the {writer.format} output of `{document.display_name}` {error.message}",
+            hint=error.hint,
+        ) from None
 
 
 def _count_result(result: PageResult, summary: Summary, reporter: Reporter) -> None:

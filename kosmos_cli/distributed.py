@@ -50,7 +50,7 @@ from dataclasses import dataclass, replace
 from pathlib import PurePosixPath
 from typing import TYPE_CHECKING, Any, cast
 
-from kosmos_cli.assembly import Assembly, Outputs, writer_options
+from kosmos_cli.assembly import Assembly, Outputs, job_writers
 from kosmos_cli.config import Job, RayOptions, Settings
 from kosmos_cli.discovery import input_filesystem
 from kosmos_cli.errors import InputError, KosmosError, ModelLoadError, UsageError
@@ -426,11 +426,9 @@ class _TranscribeWorker:
 
     def __init__(self, *, settings: Settings, job: Job) -> None:
         from kosmos_cli.model.loading import load_runner
-        from kosmos_cli.writers import get_writer
 
         self.job = job
-        options = writer_options(job, model=settings.model)
-        self.writers = [get_writer(name, task=job.task, options=options) for name in job.formats]
+        self.writers = job_writers(job, model=settings.model)
         self.runner: Runner | None = None
         self.load_error: ModelLoadError | None = None
         try:
