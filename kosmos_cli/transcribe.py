@@ -7,7 +7,7 @@ import queue
 import threading
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field, replace
-from typing import TYPE_CHECKING, Generic, TypeVar
+from typing import Generic, TypeVar
 
 from kosmos_cli.errors import GenerationError
 from kosmos_cli.model import Request, Runner
@@ -25,9 +25,6 @@ from kosmos_cli.values import (
     failed_result,
 )
 from kosmos_cli.words import split_words
-
-if TYPE_CHECKING:
-    pass
 
 logger = logging.getLogger(__name__)
 
@@ -94,7 +91,7 @@ def transcribe_pages(
 
 def _scaled(box: BBox, page: Page) -> BBox:
     """Map a box in the page's full-size pixels onto its image, which may have been shrunk."""
-    scale_x, scale_y = page.image.width / page.info.width, page.image.height / page.info.height
+    scale_x, scale_y = page.scale
     x0, y0, x1, y1 = box
     return (round(x0 * scale_x), round(y0 * scale_y), round(x1 * scale_x), round(y1 * scale_y))
 
@@ -115,9 +112,8 @@ def build_result(page: Page, task: Task, tiles: dict[BBox, Generation], max_new_
         if truncation is not None:
             text = end_cleanly(text)
     else:
-        scale = (page.image.width / page.info.width, page.image.height / page.info.height)
         lines = tuple(
-            replace(line, words=split_words(page.image, line, scale=scale)) for line in _ocr_lines(tiles)
+            replace(line, words=split_words(page.image, line, scale=page.scale)) for line in _ocr_lines(tiles)
         )
         text = "\n".join(line.text for line in lines)
     return PageResult(

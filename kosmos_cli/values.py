@@ -121,6 +121,11 @@ class Page:
     info: PageInfo
     image: Image.Image
 
+    @property
+    def scale(self) -> tuple[float, float]:
+        """How the image's pixels compare with the page's: (1.0, 1.0) unless it was shrunk."""
+        return self.image.width / self.info.width, self.image.height / self.info.height
+
 
 @dataclass(frozen=True)
 class Word:

@@ -71,6 +71,7 @@ class DrawingWriter(PageWriter):
         if result.status is Status.FAILED:
             return None
         buffer = io.BytesIO()
-        scale = (page.image.width / page.info.width, page.image.height / page.info.height)
-        draw_boxes(page.image, result.lines, numbered=self.options.numbered, scale=scale).save(buffer, "PNG")
+        draw_boxes(page.image, result.lines, numbered=self.options.numbered, scale=page.scale).save(
+            buffer, "PNG"
+        )
         return buffer.getvalue()
