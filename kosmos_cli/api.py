@@ -4,7 +4,7 @@ The CLI, the benchmarks and the tests all go through `transcribe_files`; with `r
 same job on a Ray cluster:
 
     inputs -> discovery -> probe (count pages, --pages) -> plan (skip, redo, refuse)
-           -> model (loaded only when a document is left to do) -> run_job or run_on_ray -> Summary
+           -> model (loaded only when a page needs it) -> run_job or run_on_ray -> Summary
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, BinaryIO
 
 from kosmos_cli.config import (
     DEFAULT_FORMATS,
+    DEFAULT_MAX_NEW_TOKENS,
     DEFAULT_PAGE_TIMEOUT,
     Job,
     RayOptions,
@@ -50,6 +51,7 @@ def transcribe_files(
     dpi: float | None = None,
     password: str | None = None,
     page_timeout: float = DEFAULT_PAGE_TIMEOUT,
+    text_layer: str = "auto",
     draw: bool = False,
     numbered: bool = False,
     overwrite: bool = False,
@@ -67,6 +69,8 @@ def transcribe_files(
       this process's), documents in input order. A rerun into the same folder skips what is done.
     - `pages`: 1-based, e.g. `"1-3,7,10-"`; `dpi`, `password`: how PDFs are rendered and opened;
       `page_timeout`: seconds one page may take to open or render.
+    - `text_layer` (ocr): `auto` takes a PDF page's lines from its own text where it has real text,
+      `ignore` always runs the model, `only` never does (`text_layer` module).
     - `settings`: the model and how it generates (default: the default model, device auto);
       `runner`: a model already loaded, used instead of loading one from `settings`.
     - `ray`: run on a Ray cluster; inputs may then be object-store URIs.
@@ -93,6 +97,7 @@ def transcribe_files(
         password=password,
         overwrite=overwrite,
         page_timeout=page_timeout,
+        text_layer=text_layer,
     )
     locations = [os.fspath(location) for location in inputs]
     if not locations and from_list is None:
@@ -124,7 +129,7 @@ def _run_here(
     reporter: Reporter,
     summary: Summary,
 ) -> None:
-    """Count every document's pages, plan, load the model if anything is left, and run on this machine."""
+    """Count every document's pages, plan, and run on this machine; the model loads when a page needs it."""
     from kosmos_cli.jobs import job_fingerprint, plan, probe, run_job
     from kosmos_cli.sandbox import Sandbox
 
@@ -137,11 +142,21 @@ def _run_here(
         if not todo:
             return
         if runner is None:
-            from kosmos_cli.model.loading import load_runner
-
-            reporter.loading(f"loading model `{settings.model}`")
-            runner = load_runner(settings)
+            runner = _lazy_runner(settings, reporter)
         run_job(todo, runner, outputs, reporter, summary, pages=found, sandbox=sandbox)
+
+
+def _lazy_runner(settings: Settings, reporter: Reporter) -> Runner:
+    """Return a runner that loads `settings`' model when the first page needs it (`LazyRunner`)."""
+    from kosmos_cli.model import LazyRunner
+
+    def load() -> Runner:
+        from kosmos_cli.model.loading import load_runner
+
+        reporter.loading(f"loading model `{settings.model}`")
+        return load_runner(settings)
+
+    return LazyRunner(load, settings.max_new_tokens or DEFAULT_MAX_NEW_TOKENS)
 
 
 def _run_on_ray(

@@ -50,6 +50,7 @@ from kosmos_cli.config import (
     MODEL_ENV,
     QUANTIZATIONS,
     RAY_ADDRESS_ENV,
+    TEXT_LAYERS,
     RayOptions,
     Settings,
     default_model,
@@ -118,6 +119,7 @@ if TYPE_CHECKING:  # made at runtime from the one list of each option's choices
     DType: TypeAlias = Enum
     Attention: TypeAlias = Enum
     Quantization: TypeAlias = Enum
+    TextLayerMode: TypeAlias = Enum
     MdFormat: TypeAlias = Enum
     OcrFormat: TypeAlias = Enum
     ConvertFormat: TypeAlias = Enum
@@ -125,6 +127,7 @@ else:
     DType = _choices("DType", DTYPES)
     Attention = _choices("Attention", ATTENTIONS)
     Quantization = _choices("Quantization", QUANTIZATIONS)
+    TextLayerMode = _choices("TextLayerMode", TEXT_LAYERS)
     MdFormat = _choices("MdFormat", formats_for(Task.MD))
     OcrFormat = _choices("OcrFormat", formats_for(Task.OCR))
     ConvertFormat = _choices("ConvertFormat", dict.fromkeys(formats_for(Task.MD) + formats_for(Task.OCR)))
@@ -382,7 +385,13 @@ def run_command(command: Callable[..., None]) -> Callable[..., None]:
 
 
 def _transcribe(
-    task: Task, options: RunOptions, *, formats: list[Enum] | None, draw: bool = False, numbered: bool = False
+    task: Task,
+    options: RunOptions,
+    *,
+    formats: list[Enum] | None,
+    draw: bool = False,
+    numbered: bool = False,
+    text_layer: str = "auto",
 ) -> None:
     """Run md or ocr: the one library call, with progress, the summary and the exit code."""
     with _session(quiet=options.quiet, verbose=options.verbose) as reporter:
@@ -396,6 +405,7 @@ def _transcribe(
             dpi=options.dpi,
             password=options.password,
             page_timeout=options.page_timeout,
+            text_layer=text_layer,
             draw=draw,
             numbered=numbered,
             overwrite=options.overwrite,
@@ -440,11 +450,21 @@ def ocr(
         bool, typer.Option("--draw", help="Also write a PNG per page with each line's box drawn (needs -o).")
     ] = False,
     numbered: Annotated[bool, typer.Option("--numbered", help="Number the boxes drawn by --draw.")] = False,
+    text_layer: Annotated[
+        TextLayerMode,
+        typer.Option(
+            "--text-layer",
+            help="A PDF page's own text: `auto` takes its lines and boxes from the file where the page has "
+            "real text (visible, not over a page-covering scan) and runs the model on the rest; `ignore` "
+            "runs the model on every page (and -f pdf replaces an old invisible OCR layer); `only` never "
+            "loads the model, taking any text layer and failing pages without one.",
+        ),
+    ] = "auto",  # type: ignore[assignment]  # typer turns it into its TextLayerMode
     *,
     options: RunOptions,
 ) -> None:
     """Transcribe to text lines with boxes: `x0,y0,x1,y0,x1,y1,x0,y1,text` in original-image pixels."""
-    _transcribe(Task.OCR, options, formats=format, draw=draw, numbered=numbered)
+    _transcribe(Task.OCR, options, formats=format, draw=draw, numbered=numbered, text_layer=text_layer.value)
 
 
 @app.command()

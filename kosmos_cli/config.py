@@ -21,6 +21,7 @@ DEVICES = ("auto", "cpu", "cuda", "cuda:N", "mps")
 DTYPES = ("auto", "bfloat16", "float16", "float32")
 ATTENTIONS = ("auto", "sdpa", "eager", "flash_attention_2")
 QUANTIZATIONS = ("int8",)
+TEXT_LAYERS = ("auto", "ignore", "only")  # --text-layer: how a PDF page's own text is used (`text_layer`)
 # The reference's budget: microsoft/unilm kosmos-2.5/inference.py generates up to max_len_b=4000 new
 # tokens. A dense OCR page costs about 24 tokens a line, so 2,044 (what the 4096-row position table
 # leaves after the 2052-token prompt) cut pages of more than about 85 lines; the sinusoidal table is
@@ -114,13 +115,26 @@ class Job:
     overwrite: bool = False
     fingerprint: str = ""  # every setting that changes outputs (`jobs.job_fingerprint`)
     page_timeout: float = DEFAULT_PAGE_TIMEOUT  # seconds to open or render one page
+    text_layer: str = "auto"  # one of TEXT_LAYERS; md always runs the model
 
     def __post_init__(self) -> None:
         check_dpi(self.dpi)
+        if self.text_layer not in TEXT_LAYERS:
+            raise UsageError(f"--text-layer `{self.text_layer}` is not one of: {', '.join(TEXT_LAYERS)}")
+        if self.task is Task.MD and self.text_layer == "only":
+            raise UsageError(
+                "--text-layer only applies to kosmos ocr",
+                hint="kosmos md always runs the model: a PDF's text layer has no markdown structure",
+            )
         if not (math.isfinite(self.page_timeout) and self.page_timeout > 0):
             raise UsageError(
                 f"--page-timeout must be a positive number of seconds, not {self.page_timeout:g}"
             )
+
+    @property
+    def reads_text_layer(self) -> bool:
+        """Whether PDF pages are read with their own text (`text_layer`): ocr, unless --text-layer ignore."""
+        return self.task is Task.OCR and self.text_layer != "ignore"
 
 
 @dataclass(frozen=True)

@@ -245,7 +245,7 @@ def _pipeline(
         .repartition(target_num_rows_per_block=1)
         .map(
             cast("Any", _render_page),
-            fn_kwargs={"job": job, "cwd": cwd},
+            fn_kwargs={"job": job, "cwd": cwd, "model": settings.model},
             num_cpus=RENDER_CPUS,
             memory=RENDER_MEMORY_BYTES,
         )
@@ -397,9 +397,15 @@ def _list_pages(row: dict[str, Any], *, job: Job, cwd: str, sources: bool) -> li
     return rows + [_row(number, _PAGE_ITEM, i, document) for i in todo]
 
 
-def _render_page(row: dict[str, Any], *, job: Job, cwd: str) -> dict[str, Any]:
-    """Rasterize one page item; pass other rows through."""
+def _render_page(row: dict[str, Any], *, job: Job, cwd: str, model: str) -> dict[str, Any]:
+    """Rasterize one page item; pass other rows through.
+
+    A page whose result comes from its own text layer (`text_layer.layer_result`) becomes its result
+    row here, and skips the model.
+    """
     from kosmos_cli.rasterize import iter_pages
+    from kosmos_cli.text_layer import layer_result
+    from kosmos_cli.writers import render_pages
 
     if row["kind"] != _PAGE_ITEM:
         return row
@@ -409,13 +415,23 @@ def _render_page(row: dict[str, Any], *, job: Job, cwd: str) -> dict[str, Any]:
         local = _localize(document, cwd=cwd)
         reader = _worker_reader(job.page_timeout)
         read = iter_pages(
-            local, page_indices=[page_index], dpi=job.dpi, password=job.password, sandbox=reader
+            local,
+            page_indices=[page_index],
+            dpi=job.dpi,
+            password=job.password,
+            sandbox=reader,
+            text_layer=job.reads_text_layer,
         )
         for page in read:
             if isinstance(page, PageError):
                 return _row(number, _PAGE_ERROR, page_index, (page.message, page.hint, page.page_count))
             # Results name the document as the driver knows it (its URI), not the local copy.
-            return _row(number, _PAGE, page_index, replace(page, info=replace(page.info, document=document)))
+            page = replace(page, info=replace(page.info, document=document))
+            own = layer_result(page, job)
+            if own is None:
+                return _row(number, _PAGE, page_index, page)
+            payload = (own.to_dict(), render_pages(job_writers(job, model=model), page, own))
+            return _row(number, _RESULT, page_index, payload)
     except InputError as error:
         return _row(number, _ERROR, -1, (error.message, error.hint))
     raise AssertionError("iter_pages yields one item per page index or raises")

@@ -16,8 +16,9 @@ from kosmos_cli.model import Runner
 from kosmos_cli.rasterize import PageError, count_pages, document_source, iter_pages
 from kosmos_cli.reporting import Reporter, Summary
 from kosmos_cli.sandbox import Sandbox
+from kosmos_cli.text_layer import layer_result
 from kosmos_cli.transcribe import prefetch, transcribe_pages
-from kosmos_cli.values import Document, Page, safe_text
+from kosmos_cli.values import Document, Page, Task, safe_text
 from kosmos_cli.writers import render_pages
 
 
@@ -152,6 +153,8 @@ def job_fingerprint(job: Job, settings: Settings, *, resolve: bool = True) -> st
     pages = [list(pair) for pair in job.pages.ranges] if job.pages else None
     described = {"kosmos": __version__, "task": job.task.value, "dpi": job.dpi, "pages": pages}
     described |= {"tiling": True, "numbered": job.numbered, **output_settings(settings, resolve=resolve)}
+    if job.task is Task.OCR:
+        described["text_layer"] = job.text_layer
     return fingerprint(described)
 
 
@@ -168,7 +171,8 @@ def run_job(
     """Transcribe planned documents and write their outputs, reporting as it goes.
 
     `pages` are what `probe` found; documents are opened and rendered again in `sandbox`, under the
-    job's page timeout.
+    job's page timeout. A page whose result comes from its own text layer (`text_layer.layer_result`)
+    never reaches `runner`.
     """
     job = outputs.job
     with Sandbox(timeout=job.page_timeout) as builder:  # starts only if a format needs it
@@ -188,7 +192,11 @@ def run_job(
                     if payload.info.page_index in resumed:
                         continue
                     assembly.expect(document, [payload.info.page_index])
-                    yield payload, document
+                    own = layer_result(payload, job)
+                    if own is None:
+                        yield payload, document
+                    else:  # the page's own text: no model
+                        assembly.page_done(own, render_pages(outputs.writers, payload, own))
                 elif event.kind == "page_error":
                     assert isinstance(payload, PageError)
                     assembly.page_error(document, payload)
@@ -235,6 +243,7 @@ def read_pages(
                 dpi=job.dpi,
                 password=job.password,
                 sandbox=reader,
+                text_layer=job.reads_text_layer,
             )
             for page in read:
                 yield ReadEvent("page_error" if isinstance(page, PageError) else "page", document, page)

@@ -23,7 +23,7 @@ import struct
 import threading
 import zlib
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import PurePath
 from typing import TYPE_CHECKING, Protocol, TypeVar
 
@@ -33,7 +33,7 @@ from kosmos_cli.errors import InputError
 from kosmos_cli.pages import page_number
 from kosmos_cli.sandbox import ReaderStopped, Sandbox
 from kosmos_cli.tiling import MODEL_PIXELS, plan_tiles
-from kosmos_cli.values import Document, Matrix, Page, PageInfo
+from kosmos_cli.values import Document, Matrix, Page, PageInfo, TextLayer
 
 if TYPE_CHECKING:
     import pymupdf
@@ -135,6 +135,7 @@ def iter_pages(
     dpi: float | None = None,
     password: str | None = None,
     sandbox: Sandbox | None = None,
+    text_layer: bool = False,
 ) -> Iterator[Page | PageError]:
     """Stream a document's pages as RGB images, one at a time, with a `PageError` for a page that fails.
 
@@ -145,7 +146,8 @@ def iter_pages(
     `sandbox`, opening and rendering run in its process under its time limit. `page_indices`
     (0-based, from `PageSelection.indices`) picks pages; default: all. Raises `InputError` when the
     document cannot be read at all, when it has fewer pages than asked for (it changed since it was
-    counted), and when its only page fails.
+    counted), and when its only page fails. With `text_layer`, PDF pages carry their own text
+    (`Page.text_layer`).
     """
     label = f"`{document.display_name}`"
     count = _probe(document, password, sandbox)
@@ -156,7 +158,7 @@ def iter_pages(
         for page_index in selected:
             rendered: _Rendered | PageError
             try:
-                rendered = _run(sandbox, render_page, document, page_index, dpi, password)
+                rendered = _run(sandbox, render_page, document, page_index, dpi, password, text_layer)
             except ReaderStopped as error:
                 where = _where(label, page_index, count)
                 rendered = PageError(
@@ -180,7 +182,7 @@ def iter_pages(
                 dpi=rendered.dpi,
                 pixel_to_pdf=rendered.pixel_to_pdf,
             )
-            yield Page(info, rendered.image)
+            yield Page(info, rendered.image, rendered.text_layer)
     finally:
         _release(sandbox)
 
@@ -246,11 +248,16 @@ def probe_document(document: Document, password: str | None) -> int:
     return _source(document, password).page_count
 
 
-def render_page(document: Document, page_index: int, dpi: float | None, password: str | None) -> _Rendered:
-    """Render one page of the open document, shrunk for the model; `size` keeps its full size."""
-    rendered = _source(document, password).render(page_index, dpi=dpi)
+def render_page(
+    document: Document, page_index: int, dpi: float | None, password: str | None, text_layer: bool = False
+) -> _Rendered:
+    """Render one page of the open document, shrunk for the model; `size` keeps its full size.
+
+    With `text_layer`, a PDF page's own text is read too (`text_layer.read_text_layer`).
+    """
+    rendered = _source(document, password).render(page_index, dpi=dpi, text_layer=text_layer)
     image = model_image(rendered.image)
-    return _Rendered(image, rendered.dpi, rendered.pixel_to_pdf, rendered.image.size)
+    return replace(rendered, image=image, size=rendered.image.size)
 
 
 def close_document() -> None:
@@ -298,12 +305,13 @@ class _Rendered:
     dpi: float | None = None
     pixel_to_pdf: Matrix | None = None
     size: tuple[int, int] = (0, 0)  # the page's full size, when `image` was shrunk for the model
+    text_layer: TextLayer | None = None  # a PDF page's own text, when asked for
 
 
 class _Source(Protocol):
     page_count: int
 
-    def render(self, page_index: int, *, dpi: float | None) -> _Rendered:
+    def render(self, page_index: int, *, dpi: float | None, text_layer: bool = False) -> _Rendered:
         """Return one page's RGB pixels, or raise PageError."""
         ...
 
@@ -447,8 +455,8 @@ class _ImageSource(_PagedSource):
         super().__init__(document, kind, label, page_count)
         self._image = image
 
-    def render(self, page_index: int, *, dpi: float | None) -> _Rendered:
-        """Return one frame's RGB pixels; `dpi` does not apply to images."""
+    def render(self, page_index: int, *, dpi: float | None, text_layer: bool = False) -> _Rendered:
+        """Return one frame's RGB pixels; `dpi` and `text_layer` do not apply to images."""
         where = _where(self._label, page_index, self.page_count)
         try:
             if self.page_count > 1:
@@ -589,9 +597,14 @@ class _PyMuPDFSource(_PagedSource):
         super().__init__(document, kind, label, page_count)
         self._opened = opened
 
-    def render(self, page_index: int, *, dpi: float | None) -> _Rendered:
-        """Render one page at `dpi` (default: the model's size); PDF pages also get their pixel-to-PDF map."""
+    def render(self, page_index: int, *, dpi: float | None, text_layer: bool = False) -> _Rendered:
+        """Render one page at `dpi` (default: the model's size); PDF pages also get their pixel-to-PDF map.
+
+        With `text_layer`, a PDF page's own text comes too, in the rendered pixels.
+        """
         import pymupdf
+
+        from kosmos_cli.text_layer import read_text_layer
 
         where = _where(self._label, page_index, self.page_count)
         with PYMUPDF_LOCK:
@@ -611,6 +624,10 @@ class _PyMuPDFSource(_PagedSource):
                     )
                 pixmap = page.get_pixmap(matrix=zoom, alpha=False)
                 to_pdf = _pixel_to_pdf(page, zoom) if self._kind == "PDF" else None
+                layer = None
+                if text_layer and self._kind == "PDF":
+                    size = (pixmap.width, pixmap.height)
+                    layer = read_text_layer(page, page.rotation_matrix * zoom, size)
             except (RuntimeError, ValueError, pymupdf.mupdf.FzErrorBase) as error:
                 raise self._error(f"{where} cannot be rendered: {error}", page_index) from None
             finally:
@@ -618,7 +635,7 @@ class _PyMuPDFSource(_PagedSource):
             image = Image.frombytes(
                 "RGB", (pixmap.width, pixmap.height), pixmap.samples, "raw", "RGB", pixmap.stride
             )
-        return _Rendered(image, dpi, to_pdf)
+        return _Rendered(image, dpi, to_pdf, text_layer=layer)
 
 
 def _default_dpi(width_pt: float, height_pt: float) -> float:

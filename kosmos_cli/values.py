@@ -36,6 +36,21 @@ class Status(str, Enum):
     FAILED = "failed"
 
 
+class TextSource(str, Enum):
+    """Where a page's text came from."""
+
+    MODEL = "model"
+    PDF_TEXT = "pdf-text"  # the PDF's own text layer (`--text-layer`)
+
+
+class LayerKind(str, Enum):
+    """What text a PDF page carries of its own (`text_layer.read_text_layer` decides)."""
+
+    DIGITAL = "digital"  # visible text over no page-covering image: the page's real text
+    OCR = "ocr"  # invisible text, or text over a page-covering image: another engine's OCR layer
+    NONE = "none"  # no text, too little, or text whose glyphs map to no characters
+
+
 class Finish(str, Enum):
     """Why generation stopped for one page."""
 
@@ -120,6 +135,7 @@ class Page:
 
     info: PageInfo
     image: Image.Image
+    text_layer: TextLayer | None = None  # the PDF page's own text, when the job reads it
 
     @property
     def scale(self) -> tuple[float, float]:
@@ -188,6 +204,14 @@ class Line:
 
 
 @dataclass(frozen=True)
+class TextLayer:
+    """A PDF page's own text: what kind it is and its lines, in the rendered page's pixels."""
+
+    kind: LayerKind
+    lines: tuple[Line, ...] = ()
+
+
+@dataclass(frozen=True)
 class Generation:
     """What the model produced for one image."""
 
@@ -221,6 +245,7 @@ class PageResult:
     hint: str | None = None  # what may help, when the page failed
     token_count: int = 0
     truncation: str | None = None  # why the page is truncated: the budget, or the loop that was cut
+    text_source: TextSource = TextSource.MODEL
 
     def to_dict(self) -> dict[str, Any]:
         """Return the result as JSON-ready values, its document left out (`from_dict` reads it back)."""
@@ -235,6 +260,7 @@ class PageResult:
             "hint": self.hint,
             "token_count": self.token_count,
             "truncation": self.truncation,
+            "text_source": self.text_source.value,
         }
 
     @classmethod
@@ -251,6 +277,7 @@ class PageResult:
             hint=data["hint"],
             token_count=data["token_count"],
             truncation=data["truncation"],
+            text_source=TextSource(data["text_source"]),
         )
 
 

@@ -258,7 +258,7 @@ def test_json_document_exact() -> None:
     sure = Line("Total 50,000", box(10, 20, 110, 40), confidence=0.9123, min_confidence=0.5, words=words)
     results = [ocr(info(size=(200, 100)), [sure, LINES[1]])]
     assert json.loads(WRITERS["json"]().render(results)) == {
-        "schema_version": 2,
+        "schema_version": 3,
         "source": "/in/scan.png",
         "path": "/in/scan.png",
         "model": None,
@@ -274,6 +274,7 @@ def test_json_document_exact() -> None:
                 "status": "ok",
                 "error": None,
                 "truncation": None,
+                "text_source": "model",
                 "text": "Total 50,000\nno box",
                 "raw": "",
                 "lines": [
@@ -328,6 +329,7 @@ def test_json_pdf_pages_carry_pdf_boxes(schema: dict[str, Any]) -> None:
         "status": "failed",
         "error": "page 3 cannot be rendered",
         "truncation": None,
+        "text_source": "model",
         "text": "",
         "raw": "",
         "lines": [],
@@ -350,6 +352,7 @@ def test_json_markdown_document(schema: dict[str, Any]) -> None:
         "status",
         "error",
         "truncation",
+        "text_source",
         "text",
         "raw",
         "lines",

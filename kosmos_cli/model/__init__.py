@@ -9,7 +9,8 @@ Only this package imports torch and transformers, inside functions, so `kosmos -
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+import itertools
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
@@ -37,3 +38,29 @@ class Runner(Protocol):
     def generate(self, requests: Iterable[Request]) -> Iterator[tuple[Request, Generation | GenerationError]]:
         """Yield each request with its generation, or the error that stopped it."""
         ...
+
+
+class LazyRunner:
+    """A Runner that loads its model when the first request comes: a job whose pages all come from
+    their PDF's own text (`--text-layer`) never loads one."""
+
+    def __init__(self, load: Callable[[], Runner], max_new_tokens: int) -> None:
+        self._load = load
+        self._runner: Runner | None = None
+        self.max_new_tokens = max_new_tokens
+
+    @property
+    def loaded(self) -> bool:
+        """Whether the model has been loaded."""
+        return self._runner is not None
+
+    def generate(self, requests: Iterable[Request]) -> Iterator[tuple[Request, Generation | GenerationError]]:
+        """Load the model on the first request, then hand every request to it."""
+        pending = iter(requests)
+        first = next(pending, None)
+        if first is None:
+            return
+        if self._runner is None:
+            self._runner = self._load()
+            self.max_new_tokens = self._runner.max_new_tokens
+        yield from self._runner.generate(itertools.chain([first], pending))

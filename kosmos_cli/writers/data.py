@@ -13,10 +13,21 @@ from collections.abc import Sequence
 from typing import Any
 
 from kosmos_cli.pages import page_index
-from kosmos_cli.values import BBox, Document, Line, Matrix, PageInfo, PageResult, Status, Task, Word
+from kosmos_cli.values import (
+    BBox,
+    Document,
+    Line,
+    Matrix,
+    PageInfo,
+    PageResult,
+    Status,
+    Task,
+    TextSource,
+    Word,
+)
 from kosmos_cli.writers import DocumentWriter, register
 
-SCHEMA_VERSION = 2  # `result.schema.json`'s `schema_version`
+SCHEMA_VERSION = 3  # `result.schema.json`'s `schema_version`
 
 
 def page_object(result: PageResult) -> dict[str, Any]:
@@ -32,6 +43,7 @@ def page_object(result: PageResult) -> dict[str, Any]:
         "status": result.status.value,
         "error": result.error,
         "truncation": result.truncation,
+        "text_source": result.text_source.value,
         "text": "" if failed else result.text,
         "raw": result.raw,
         "lines": [] if failed else [_line_object(line, info.pixel_to_pdf) for line in result.lines],
@@ -74,7 +86,8 @@ def read_json(data: bytes, name: str) -> tuple[list[PageResult], str]:
 
     The document is named `name` (its outputs' stem).
 
-    What version 1 lacked reads as unknown: no raw output, confidences or words, no pixel-to-PDF map.
+    What version 1 lacked reads as unknown: no raw output, confidences or words, no pixel-to-PDF map;
+    pages of versions before 3 came from the model.
     Raises ValueError, KeyError or TypeError for a file that is not kosmos's JSON.
     """
     value = json.loads(data)
@@ -121,6 +134,7 @@ def _page_from_object(page: dict[str, Any], document: Document, page_count: int,
         status=Status(page["status"]),
         error=page["error"],
         truncation=page.get("truncation"),
+        text_source=TextSource(page.get("text_source", TextSource.MODEL.value)),
     )
 
 

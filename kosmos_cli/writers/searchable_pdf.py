@@ -2,7 +2,12 @@
 
 The original PDF's pages (or each image placed on a page) under an invisible text layer: each word
 fitted to its box (`words.split_words`) at its line's height, so selecting or searching highlights
-the words on the page. A failed page is kept without a text layer.
+the words on the page. A failed page is kept as it was.
+
+A page whose result came from its own text (`text_layer`, `--text-layer auto|only`) is kept as it
+was: no second layer is stacked on text the page already has. On a page the model transcribed, an
+old invisible layer (another engine's OCR) is replaced by kosmos's, as OCRmyPDF's `--redo-ocr` does
+(MuPDF's redaction of invisible text only: visible text, images and drawings stay).
 """
 
 from __future__ import annotations
@@ -17,7 +22,7 @@ from typing import TYPE_CHECKING
 
 from kosmos_cli.errors import InputError, KosmosError
 from kosmos_cli.rasterize import page_pixels
-from kosmos_cli.values import BBox, Document, Line, PageInfo, PageResult, Status, Task
+from kosmos_cli.values import BBox, Document, Line, PageInfo, PageResult, Status, Task, TextSource
 from kosmos_cli.writers import DocumentWriter, register
 
 if TYPE_CHECKING:
@@ -90,7 +95,9 @@ class PdfWriter(DocumentWriter):
         layer = pymupdf.open()  # the text layer is built apart so that only its own font gets subset
         written = [_write_text_layer(layer, page, result) for result, page in targets]
         layer.subset_fonts()
-        for number, ((_, page), has_text) in enumerate(zip(targets, written, strict=True)):
+        for number, ((result, page), has_text) in enumerate(zip(targets, written, strict=True)):
+            if _from_model(result) and result.info.pixel_to_pdf is not None:
+                _remove_invisible_text(page)
             if has_text:
                 _overlay(page, layer, number)
         # KEEP: an encrypted input gives an output that opens with the same password.
@@ -209,9 +216,7 @@ def _write_text_layer(layer: pymupdf.Document, page: pymupdf.Page, result: PageR
 
     crop = page.cropbox
     target = layer.new_page(width=crop.width, height=crop.height)
-    lines = (
-        [line for line in result.lines if line.bbox is not None] if result.status is not Status.FAILED else []
-    )
+    lines = [line for line in result.lines if line.bbox is not None] if _from_model(result) else []
     if not lines:
         return False
     to_page = _pixel_to_unrotated(result.info, page)
@@ -246,6 +251,31 @@ def _write_text_layer(layer: pymupdf.Document, page: pymupdf.Page, result: PageR
     if wrote:
         shape.commit()
     return wrote
+
+
+def _from_model(result: PageResult) -> bool:
+    """Whether the model transcribed the page, so kosmos's layer goes on it (not failed, not its own text)."""
+    return result.status is not Status.FAILED and result.text_source is TextSource.MODEL
+
+
+def _remove_invisible_text(page: pymupdf.Page) -> None:
+    """Remove a page's invisible text (an earlier OCR layer); visible text and everything else stay."""
+    import pymupdf
+
+    spans = (
+        span
+        for block in page.get_text("dict")["blocks"]
+        for line in block.get("lines", ())
+        for span in line["spans"]
+    )
+    if all(span["alpha"] > 0 for span in spans):
+        return  # nothing to remove: the page's content is left byte for byte
+    page.add_redact_annot(page.cropbox, fill=False)  # type: ignore[arg-type]  # False: no fill
+    page.apply_redactions(
+        images=pymupdf.mupdf.PDF_REDACT_IMAGE_NONE,
+        graphics=pymupdf.mupdf.PDF_REDACT_LINE_ART_NONE,
+        text=pymupdf.mupdf.PDF_REDACT_TEXT_REMOVE_INVISIBLE,
+    )
 
 
 def _pieces(lines: Sequence[Line]) -> list[tuple[str, BBox]]:
