@@ -4,12 +4,12 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 # torch first: 2.13.0 is the release kosmos is tested with; `make install TORCH=torch` takes the newest instead.
 TORCH ?= torch==2.13.0
-EXTRAS ?= dev,ray
+EXTRAS ?= dev,ray,ocrmypdf
 # The oldest transformers kosmos supports (5.20: the model became compile-ready), tested in its own venv.
 OLDEST_TRANSFORMERS ?= transformers==5.20.0
 OLDEST := .venv-oldest
 
-.PHONY: install demo test test-ray test-oldest lint typecheck unit bench clean
+.PHONY: install debian-packages demo test test-ray test-oldest lint typecheck unit bench clean
 
 install: $(VENV)/.installed
 
@@ -19,6 +19,13 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/python -m pip install --quiet "$(TORCH)"
 	$(BIN)/python -m pip install --quiet -e ".[$(EXTRAS)]"
 	touch $@
+
+# What the tests need from Debian (as root): jq for examples/pipeline.sh, DejaVu fonts for word boxes,
+# Ghostscript and Tesseract for OCRmyPDF (tests/test_ocrmypdf.py). Without them those tests are skipped.
+DEBIAN_PACKAGES := jq fonts-dejavu-core ghostscript tesseract-ocr tesseract-ocr-eng tesseract-ocr-osd
+debian-packages:
+	apt-get update -qq
+	DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $(DEBIAN_PACKAGES) >/dev/null
 
 demo: install
 	$(BIN)/kosmos md examples/prose.png

@@ -133,9 +133,8 @@ def layer_result(page: Page, job: Job) -> PageResult | None:
     if layer is None or layer.kind not in usable:
         if job.text_layer == "auto":
             return None
-        where = f"page {page.info.page_number} of `{page.info.document.display_name}`"
         error = InputError(
-            f"{where} has no text layer of its own",
+            "no text layer of its own (--text-layer only)",
             hint="use --text-layer auto to transcribe such pages with the model",
         )
         return failed_result(page.info, job.task, error)

@@ -5,12 +5,13 @@ from __future__ import annotations
 import logging
 import queue
 import threading
+from collections import deque
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field, replace
 from typing import Generic, TypeVar
 
 from kosmos_cli.errors import GenerationError
-from kosmos_cli.model import Request, Runner
+from kosmos_cli.model import Arrivals, Request, Runner
 from kosmos_cli.parsing import end_cleanly, parse_ocr, tidy_markdown
 from kosmos_cli.tiling import merge_tile_lines, plan_tiles
 from kosmos_cli.values import (
@@ -55,21 +56,14 @@ def transcribe_pages(
     task: Task,
     tile: bool = True,
 ) -> Iterator[tuple[Page, T, PageResult]]:
-    """Transcribe pages as the runner finishes them; `T` is any tag the caller wants back."""
-    pending: dict[int, _PendingPage[T]] = {}
+    """Transcribe pages as the runner finishes them; `T` is any tag the caller wants back.
 
-    def requests() -> Iterator[Request]:
-        for number, (page, item) in enumerate(items):
-            pending[number] = _PendingPage(page, item)
-            boxes = plan_tiles(page.info.width, page.info.height) if tile and task is Task.OCR else []
-            if len(boxes) <= 1:
-                whole = (0, 0, page.info.width, page.info.height)
-                yield Request(_Tile(number, whole, 1), page.image, task)
-                continue
-            for box in boxes:
-                yield Request(_Tile(number, box, len(boxes)), page.image.crop(_scaled(box, page)), task)
-
-    for request, outcome in runner.generate(requests()):
+    `items` may be `model.Arrivals` (pages other processes send): the runner then keeps decoding the
+    pages it has while it waits for more.
+    """
+    requests = _Requests(items, task=task, tile=tile)
+    pending = requests.pending
+    for request, outcome in runner.generate(requests):
         tile_key = request.key
         assert isinstance(tile_key, _Tile)
         entry = pending.get(tile_key.page_key)
@@ -87,6 +81,48 @@ def transcribe_pages(
                 entry.item,
                 build_result(entry.page, task, entry.tiles, runner.max_new_tokens),
             )
+
+
+class _Requests(Generic[T]):
+    """The runner's requests for a stream of pages: each page whole, or its tiles (OCR of tall pages).
+
+    Pages taken are kept in `pending` until their results are built. `ready` passes on whether the
+    next page is already here, for pages that arrive over time (`model.Arrivals`).
+    """
+
+    def __init__(self, items: Iterable[tuple[Page, T]], *, task: Task, tile: bool) -> None:
+        self._items = iter(items)
+        self._arrivals = items if isinstance(items, Arrivals) else None
+        self._task = task
+        self._tile = tile
+        self._queued: deque[Request] = deque()  # the tiles of the last page taken, not yet handed out
+        self._count = 0
+        self.pending: dict[int, _PendingPage[T]] = {}
+
+    def __iter__(self) -> _Requests[T]:
+        return self
+
+    def __next__(self) -> Request:
+        if not self._queued:
+            page, item = next(self._items)
+            number, self._count = self._count, self._count + 1
+            self.pending[number] = _PendingPage(page, item)
+            self._queued.extend(self._split(number, page))
+        return self._queued.popleft()
+
+    def ready(self) -> bool:
+        """Whether `next` returns at once: a tile is queued, or the next page is here."""
+        return bool(self._queued) or self._arrivals is None or self._arrivals.ready()
+
+    def _split(self, number: int, page: Page) -> list[Request]:
+        boxes = plan_tiles(page.info.width, page.info.height) if self._tile and self._task is Task.OCR else []
+        if len(boxes) <= 1:
+            whole = (0, 0, page.info.width, page.info.height)
+            return [Request(_Tile(number, whole, 1), page.image, self._task)]
+        return [
+            Request(_Tile(number, box, len(boxes)), page.image.crop(_scaled(box, page)), self._task)
+            for box in boxes
+        ]
 
 
 def _scaled(box: BBox, page: Page) -> BBox:

@@ -1,6 +1,6 @@
 """Exact outputs through the whole CLI: the real model runs, its token choices are scripted.
 
-`ScriptedModel` wraps the loaded tiny Kosmos-2.5 and, after each real forward pass, overwrites the
+`forced.ScriptedModel` wraps the loaded tiny Kosmos-2.5 and, after each real forward pass, overwrites the
 last position's logits so that the greedy choice is the next token of a fixed script (a logits
 processor by another name). Every row of every batch follows the same script, so what differs
 between pages is only what kosmos does with it: each image's own resized size, rescaling, tiling,
@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import torch
+from forced import forcing
 from inputs import PdfPage, make_image, make_pdf
 from typer.testing import CliRunner
 
@@ -34,51 +34,12 @@ PATCH = 16
 MAX_PATCHES = 4096
 
 
-class ScriptedModel:
-    """Delegate to the real model; force each row's next greedy token to follow `script`."""
-
-    def __init__(self, model: Any, script: list[int], *, prompt_length: int, eos: int, pad: int) -> None:
-        self.model = model
-        self.script = script
-        self.prompt_length = prompt_length
-        self.eos = eos
-        self.pad = pad
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self.model, name)
-
-    def __call__(self, **kwargs: Any) -> Any:
-        output = self.model(**kwargs)
-        logits = output.logits
-        rows = logits.shape[0]
-        positions = kwargs.get("position_ids")
-        if positions is None:  # the prefill: the first generated token
-            steps = [0] * rows
-        else:  # the row's own position counts its prompt and the tokens it has generated
-            steps = [int(p) - (self.pad + 1) - self.prompt_length + 1 for p in positions[:, -1]]
-        forced = torch.full_like(logits[:, -1, :], float("-inf"))
-        for row, step in enumerate(steps):
-            forced[row, self.script[step] if step < len(self.script) else self.eos] = 0.0
-        logits[:, -1, :] = forced
-        return output
-
-
 @pytest.fixture
 def scripted(monkeypatch: pytest.MonkeyPatch) -> Script:
     """Make every runner the CLI loads follow the given raw output."""
 
     def install(raw: str) -> None:
-        load = loading.load_runner
-
-        def load_scripted(settings: Any) -> Any:
-            loaded = load(settings)
-            ids = loaded.processor.tokenizer.encode(raw, add_special_tokens=False)
-            loaded.model = ScriptedModel(
-                loaded.model, ids, prompt_length=loaded.prompt_length, eos=loaded.eos_id, pad=loaded.pad_id
-            )
-            return loaded
-
-        monkeypatch.setattr(loading, "load_runner", load_scripted)
+        monkeypatch.setattr(loading, "load_runner", forcing(loading.load_runner, raw))
 
     return install
 

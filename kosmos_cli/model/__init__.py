@@ -12,7 +12,7 @@ from __future__ import annotations
 import itertools
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
 from kosmos_cli.errors import GenerationError
 from kosmos_cli.values import Generation, Task
@@ -28,6 +28,19 @@ class Request:
     key: object
     image: Image.Image
     task: Task
+
+
+@runtime_checkable
+class Arrivals(Protocol):
+    """Requests that arrive over time, from other processes (`serve.Inbox`): `next` waits for one.
+
+    A runner pulls from such an iterator only what `ready` says is here while it has pages decoding,
+    and waits in `next` only when it has nothing else to do.
+    """
+
+    def ready(self) -> bool:
+        """Whether `next` would return at once."""
+        ...
 
 
 class Runner(Protocol):

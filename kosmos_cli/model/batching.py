@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 from kosmos_cli.config import DEFAULT_MAX_NEW_TOKENS, Settings
 from kosmos_cli.errors import GenerationError, first_line
-from kosmos_cli.model import Request
+from kosmos_cli.model import Arrivals, Request
 from kosmos_cli.repetition import Decode, Loop, LoopDetector, LoopRule, find_loop
 from kosmos_cli.values import Finish, Generation, Task
 
@@ -585,11 +585,15 @@ class _Encoder:
     @property
     def exhausted(self) -> bool:
         """Whether every request has been taken."""
-        self._fill()
+        self._fill(wait=False)
         return self._input_done and not self._pending
 
-    def _fill(self) -> None:
+    def _fill(self, *, wait: bool) -> None:
+        """Pull requests up to the depth; from `Arrivals`, wait for one only if `wait` and none is pending."""
+        arrivals = self._requests if isinstance(self._requests, Arrivals) else None
         while len(self._pending) < self._depth and not self._input_done:
+            if arrivals is not None and not (wait and not self._pending) and not arrivals.ready():
+                return
             request = next(self._requests, None)
             if request is None:
                 self._input_done = True
@@ -599,7 +603,7 @@ class _Encoder:
     def take(self, count: int, *, wait_for: int) -> list[tuple[Request, _Encoded | GenerationError]]:
         """Return up to `count` encoded requests: wait for the first `wait_for`, take the rest if ready."""
         taken: list[tuple[Request, _Encoded | GenerationError]] = []
-        self._fill()
+        self._fill(wait=wait_for > 0)
         while self._pending and len(taken) < count:
             request, future = self._pending[0]
             if len(taken) >= wait_for and not future.done():
@@ -609,7 +613,7 @@ class _Encoder:
                 taken.append((request, future.result()))
             except (ValueError, OSError, RuntimeError) as error:  # an image the processor rejects
                 taken.append((request, GenerationError(f"could not prepare the image: {first_line(error)}")))
-            self._fill()
+            self._fill(wait=False)
         return taken
 
     def close(self) -> None:
