@@ -96,8 +96,11 @@ def add_options(parser: Any) -> None:
 @hookimpl
 def check_options(options: OcrOptions) -> None:
     """Check the options and start the model service the workers will use (once per settings)."""
+    from PIL import Image
+
     from kosmos_cli.serve import ModelService
 
+    Image.init()  # PIL registers its formats lazily and not thread-safely; OCRmyPDF may OCR in threads
     try:
         settings = options.kosmos.settings()
     except KosmosError as error:

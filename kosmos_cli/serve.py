@@ -30,6 +30,7 @@ import tempfile
 import threading
 import traceback
 from dataclasses import dataclass
+from multiprocessing import AuthenticationError
 from multiprocessing.connection import Client, Connection, Listener
 from typing import Any
 
@@ -117,10 +118,12 @@ def transcribe_image(address: str, authkey: bytes, image: str) -> PageResult:
         with Client(address, family="AF_UNIX", authkey=authkey) as connection:
             connection.send({"image": image})
             reply = connection.recv()
+    except AuthenticationError:
+        raise ModelLoadError("the kosmos model service refused this process: wrong key") from None
     except (OSError, EOFError) as error:
         raise ModelLoadError(f"the kosmos model service is gone: {error}") from None
     if "error" in reply:
-        raise KosmosError(reply["error"], hint=reply["hint"])
+        raise reply["error"]  # the KosmosError itself, of its own kind
     return PageResult.from_dict(reply["result"], _document(image))
 
 
@@ -173,7 +176,7 @@ def _answer(connection: Connection, inbox: Inbox) -> None:
             outcome = KosmosError(f"kosmos crashed: {error!r}", hint=CRASH_HINT)
         try:
             if isinstance(outcome, KosmosError):
-                connection.send({"error": outcome.message, "hint": outcome.hint})
+                connection.send({"error": outcome})
             else:
                 connection.send({"result": outcome.to_dict()})
         except OSError:

@@ -79,3 +79,18 @@ def scripted(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[ScriptedRunner]]:
 
     monkeypatch.setattr(loading, "load_runner", load)
     yield made
+
+
+@pytest.fixture
+def ocrmypdf_tools() -> None:
+    """Skip without OCRmyPDF, Ghostscript and Tesseract (`make debian-packages`); fail in CI, which has them."""
+    missing = [tool for tool in ("gs", "tesseract") if shutil.which(tool) is None]
+    try:
+        import ocrmypdf  # noqa: F401
+    except ImportError:
+        missing.append("the ocrmypdf extra (pip install 'kosmos-cli[ocrmypdf]')")
+    if missing:
+        message = f"needs {', '.join(missing)}"
+        if os.environ.get("CI"):
+            pytest.fail(message)
+        pytest.skip(message)

@@ -51,3 +51,16 @@ def test_reading(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[
     pdf = make_pdf(tmp_path / "a.pdf", pages=[PdfPage(), PdfPage()])
     run_benchmark("reading.py", [str(pdf)], monkeypatch)
     assert "a.pdf" in capsys.readouterr().out
+
+
+def test_pdf_inputs(
+    tiny_checkpoint: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    ocrmypdf_tools: None,
+) -> None:
+    argv = ["--model", str(tiny_checkpoint), "--tokens", "4", "--digital-pages", "2"]
+    run_benchmark("pdf_inputs.py", argv, monkeypatch)
+    out = capsys.readouterr().out
+    assert "--text-layer only (no model)" in out and "--text-layer ignore" in out
+    assert "plugin/direct time: " in out

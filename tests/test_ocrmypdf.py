@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 import uuid
@@ -17,10 +16,6 @@ from PIL import Image, ImageDraw, ImageFont
 
 from kosmos_cli.api import Transcriber, transcribe_files
 
-ocrmypdf = pytest.importorskip(
-    "ocrmypdf", reason="needs the ocrmypdf extra: pip install 'kosmos-cli[ocrmypdf]'"
-)
-
 TESTS = Path(__file__).resolve().parent
 FORCED = (
     "<bbox><x_40><y_60><x_700><y_140></bbox>Hello world<bbox><x_40><y_200><x_600><y_280></bbox>Total 12,50"
@@ -30,14 +25,8 @@ FONT = "/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf"
 
 
 @pytest.fixture(autouse=True)
-def tools() -> None:
-    """OCRmyPDF needs Ghostscript and Tesseract (`make install-ocrmypdf`); CI must have them."""
-    missing = [tool for tool in ("gs", "tesseract") if shutil.which(tool) is None]
-    if missing:
-        message = f"needs {' and '.join(missing)} (Debian: ghostscript, tesseract-ocr)"
-        if os.environ.get("CI"):
-            pytest.fail(message)
-        pytest.skip(message)
+def tools(ocrmypdf_tools: None) -> None:
+    """Every test here runs the real OCRmyPDF."""
 
 
 def scan_image(words: str, size: tuple[int, int] = (850, 1100)) -> Image.Image:
@@ -199,6 +188,8 @@ def test_bad_kosmos_options_stop_ocrmypdf_with_why(
 
 
 def test_the_python_api_takes_the_plugin_and_its_options(tmp_path: Path, tiny_checkpoint: Path) -> None:
+    import ocrmypdf
+
     pdf = mixed_pdf(tmp_path / "in.pdf")
     code = ocrmypdf.ocr(
         pdf,
