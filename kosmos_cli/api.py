@@ -217,8 +217,12 @@ class Transcriber:
         dpi: float | None = None,
         password: str | None = None,
         page_timeout: float = DEFAULT_PAGE_TIMEOUT,
+        text_layer: str = "auto",
     ) -> list[PageResult]:
         """Transcribe PIL images and files (images, PDFs, multi-page TIFFs) and return every page's result.
+
+        `text_layer` is `kosmos ocr --text-layer`: with `auto`, a PDF page with real text of its own
+        gives its lines from the file (`result.text_source`); md always runs the model.
 
         Results come in input order, a document's selected pages in page order (`result.info.page_number`).
         A page that cannot be read or transcribed is a result with `status` FAILED and its `error`.
@@ -227,6 +231,7 @@ class Transcriber:
         from kosmos_cli.jobs import probe, read_pages
         from kosmos_cli.rasterize import PageError
         from kosmos_cli.sandbox import Sandbox
+        from kosmos_cli.text_layer import layer_result
         from kosmos_cli.transcribe import transcribe_pages
 
         task = Task(task)
@@ -237,6 +242,7 @@ class Transcriber:
             dpi=dpi,
             password=password,
             page_timeout=page_timeout,
+            text_layer=text_layer,
         )
         items = [
             Document(os.fspath(source), Path(source).name)
@@ -261,8 +267,10 @@ class Transcriber:
                 for event in events:
                     payload = event.payload
                     if isinstance(payload, Page):
-                        slots.append(None)
-                        yield payload, len(slots) - 1
+                        own = layer_result(payload, job)
+                        slots.append(own)
+                        if own is None:
+                            yield payload, len(slots) - 1
                     elif event.kind == "page_error":
                         assert isinstance(payload, PageError)
                         info = PageInfo(item, payload.page_index, payload.page_count, 0, 0)

@@ -14,7 +14,9 @@ BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
 
 def run_benchmark(name: str, argv: list[str], monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(sys, "argv", [str(BENCHMARKS / name), *argv])
-    monkeypatch.syspath_prepend(str(BENCHMARKS))  # as `python benchmarks/NAME` has it: benchmarks import each other
+    monkeypatch.syspath_prepend(
+        str(BENCHMARKS)
+    )  # as `python benchmarks/NAME` has it: benchmarks import each other
     runpy.run_path(str(BENCHMARKS / name), run_name="__main__")
 
 

@@ -383,3 +383,20 @@ def test_ignore_redoes_every_page_keeping_visible_text(
         ("", squeeze(f"page {hashes[1]}")),
         ("", squeeze(f"page {hashes[2]}")),
     ]
+
+
+def test_the_transcriber_takes_the_text_layer_too(tmp_path: Path) -> None:
+    from kosmos_cli.api import Transcriber
+
+    pdf = mixed_pdf(tmp_path / "mixed.pdf")
+    runner = ScriptedRunner()
+    results = Transcriber(runner).transcribe([str(pdf)], task="ocr", dpi=DPI)
+    assert [result.text_source for result in results] == [
+        TextSource.PDF_TEXT,
+        TextSource.MODEL,
+        TextSource.MODEL,
+    ]
+    assert results[0].text == "\n".join(text for text, *_ in LINES)
+    assert len(runner.seen) == 2  # the model read the two scans only
+    ignored = Transcriber(ScriptedRunner()).transcribe([str(pdf)], task="ocr", dpi=DPI, text_layer="ignore")
+    assert [result.text_source for result in ignored] == [TextSource.MODEL] * 3
