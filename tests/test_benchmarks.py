@@ -67,3 +67,11 @@ def test_pdf_inputs(
     out = capsys.readouterr().out
     assert "--text-layer only (no model)" in out and "--text-layer ignore" in out
     assert "plugin/direct time: " in out
+
+
+def test_loading(
+    tiny_checkpoint: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    run_benchmark("loading.py", ["--model", str(tiny_checkpoint)], monkeypatch)
+    out = capsys.readouterr().out
+    assert "model card from_pretrained" in out and "float32 int8" in out

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import warnings
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from kosmos_cli.errors import ModelLoadError
@@ -12,6 +13,7 @@ if TYPE_CHECKING:
     import torch
 INT8_PREFIX = "text_model."  # the modules --quantize int8 quantizes: the decoder and its LM head
 CPU_DECODE_ATTENTION = "kosmos_cpu_decode"  # registered with transformers' AttentionInterface
+_MADV_DONTNEED = 4  # Linux's madvise advice: drop these pages (a file mapping reads them again)
 
 
 def fit_positions(model: Any, tokens: int) -> None:
@@ -143,11 +145,13 @@ def use_onednn_linears(model: Any) -> int:
         return 0
     dtypes = {torch.float32, torch.bfloat16} if native_bf16_cpu() else {torch.float32}
     layer_class = _onednn_linear_class()
+    mapped = checkpoint_mappings()
     swapped = 0
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
             if type(child) is torch.nn.Linear and child.weight.dtype in dtypes:
                 setattr(parent, name, layer_class(child))
+                release_file_pages(child.weight, mapped)
                 swapped += 1
     return swapped
 
@@ -191,10 +195,59 @@ def own_weights(model: Any) -> None:
 
     import torch
 
+    mapped = checkpoint_mappings()
     with torch.no_grad():
         for tensor in itertools.chain(model.parameters(), model.buffers()):
             if tensor.device.type == "cpu" and not tensor.is_mkldnn:
-                tensor.data = tensor.data.clone()
+                mapped_data = tensor.data
+                tensor.data = mapped_data.clone()
+                release_file_pages(mapped_data, mapped)
+
+
+def checkpoint_mappings() -> list[tuple[int, int]]:
+    """Return the address ranges where this process maps checkpoint files (`*.safetensors`); [] off Linux."""
+    try:
+        lines = Path("/proc/self/maps").read_text().splitlines()
+    except OSError:
+        return []
+    ranges = []
+    for line in lines:
+        fields = line.split(maxsplit=5)
+        if len(fields) == 6 and fields[5].endswith(".safetensors"):
+            start, end = (int(bound, 16) for bound in fields[0].split("-"))
+            ranges.append((start, end))
+    return ranges
+
+
+def release_file_pages(tensor: torch.Tensor, mapped: list[tuple[int, int]]) -> None:
+    """Drop from memory the pages of a weight read from a memory-mapped checkpoint, once it was copied.
+
+    transformers maps the safetensors files and leaves the weights pointing into the mapping; every
+    page a conversion reads (oneDNN packing, int8) then stays resident, so loading used to peak at
+    the weights twice over (BENCHMARKS.md). Only whole pages inside the tensor and inside a file
+    mapping (`mapped`) are dropped (madvise MADV_DONTNEED): a tensor that still points there reads the
+    file's bytes again, unchanged. Anywhere else this does nothing.
+    """
+    import ctypes
+    import mmap
+
+    if not mapped or tensor.device.type != "cpu" or tensor.is_mkldnn:
+        return
+    start = tensor.data_ptr()
+    end = start + tensor.numel() * tensor.element_size()
+    if not any(low <= start and end <= high for low, high in mapped):
+        return
+    page = mmap.PAGESIZE
+    first, last = -(-start // page) * page, end // page * page
+    if last > first:
+        _libc().madvise(ctypes.c_void_p(first), ctypes.c_size_t(last - first), _MADV_DONTNEED)
+
+
+@functools.cache
+def _libc() -> Any:
+    import ctypes
+
+    return ctypes.CDLL(None, use_errno=True)
 
 
 def quantize_int8(model: Any) -> None:
@@ -225,10 +278,14 @@ def quantize_int8(model: Any) -> None:
             bias = model.get_submodule(name).bias
             if bias is not None:
                 bias.data = bias.data.clone()
+    weights = [model.get_submodule(name).weight for name in layers]
     with warnings.catch_warnings():  # deprecated in favour of torchao, whose CPU int8 is slower (above)
         warnings.simplefilter("ignore", DeprecationWarning)
         warnings.simplefilter("ignore", UserWarning)
         quantization.quantize_dynamic(model, layers, dtype=torch.qint8, inplace=True)
+    mapped = checkpoint_mappings()
+    for weight in weights:
+        release_file_pages(weight, mapped)
 
 
 def native_bf16_cpu() -> bool:
