@@ -9,7 +9,7 @@ EXTRAS ?= dev,ray,ocrmypdf
 OLDEST_TRANSFORMERS ?= transformers==5.20.0
 OLDEST := .venv-oldest
 
-.PHONY: install debian-packages demo test test-ray test-oldest lint typecheck unit bench clean
+.PHONY: install debian-packages demo test test-ray test-oldest lint typecheck unit gpu-check gpu-check-dry-run gpu-wheels bench clean
 
 install: $(VENV)/.installed
 
@@ -58,8 +58,23 @@ $(OLDEST)/.installed: pyproject.toml
 	$(OLDEST)/bin/python -m pip install --quiet -e ".[dev]" "$(OLDEST_TRANSFORMERS)"
 	touch $@
 
+# The GPU check (benchmarks/gpu_check.sh): on a machine with one NVIDIA GPU; `--dry-run` checks it on a CPU.
+gpu-check:
+	bash benchmarks/gpu_check.sh
+
+gpu-check-dry-run: install
+	PYTHON=$(BIN)/python OUT=$(or $(OUT),gpu-check) bash benchmarks/gpu_check.sh --dry-run
+
+# Wheels for the GPU machine (Python 3.12, no network, an older transformers and no PyMuPDF), into .whl/.
+GPU_PYTHON ?= 3.12
+GPU_WHEELS ?= transformers==$(shell $(BIN)/python -c "import transformers; print(transformers.__version__)") pymupdf==1.27.1
+gpu-wheels: install
+	$(BIN)/python -m pip download --quiet --no-deps --only-binary=:all: --python-version $(GPU_PYTHON) \
+		--implementation cp --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 \
+		--platform manylinux2014_x86_64 -d .whl $(GPU_WHEELS)
+
 bench: install
 	$(BIN)/python benchmarks/throughput.py --quick
 
 clean:
-	rm -rf $(VENV) $(OLDEST) build *.egg-info .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) $(OLDEST) build *.egg-info .pytest_cache .mypy_cache .ruff_cache gpu-check

@@ -218,7 +218,7 @@ def run_baseline(args: argparse.Namespace, pdf: Path, memory: PeakMemory) -> tup
     outputs: list[list[int]] = []
     started = time.perf_counter()
     with pymupdf.open(pdf) as document:
-        for page in document:
+        for page in list(document)[: args.baseline_pages or None]:
             image = render(page)
             inputs = processor(text=prompt, images=image, return_tensors="pt")
             height, width = inputs.pop("height"), inputs.pop("width")
@@ -439,7 +439,7 @@ def decode_sweep(args: argparse.Namespace, batch_sizes: list[int], steps: int = 
         2 * config.layers * config.embed_dim * torch.tensor([], dtype=runner.dtype).element_size()
     )
     context = mask.shape[1]
-    for batch_size in batch_sizes:
+    for batch_size in (size or runner.batch_size for size in batch_sizes):  # 0: what kosmos would pick
         rows = [runner._new_row(request, encoded) for _ in range(batch_size)]
         repeated = _repeat_cache(runner, cache, batch_size)
         batch = _Batch(rows, repeated, mask.repeat(batch_size, 1), first.repeat(batch_size))
@@ -557,9 +557,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--also-int8", action="store_true", help="also run kosmos --quantize int8 and its drift"
     )
     parser.add_argument("--natural", action="store_true", help="stop at EOS on both sides (real weights)")
-    parser.add_argument("--decode-sweep", help="only time decode steps at these batch sizes, e.g. 1,2,4")
+    parser.add_argument(
+        "--decode-sweep", help="only time decode steps at these batch sizes, e.g. 1,8,max (max: kosmos's own)"
+    )
     parser.add_argument("--bandwidth", type=float, help="memory bandwidth in GB/s for --decode-sweep's bound")
     parser.add_argument("--skip-baseline", action="store_true", help="only run kosmos (no ratio)")
+    parser.add_argument(
+        "--baseline-pages", type=int, help="the baseline reads only the first N pages (rates are compared)"
+    )
     parser.add_argument("--json", type=Path, help="also write the figures to this JSON file")
     parser.add_argument(
         "--quick", action="store_true", help=f"{QUICK['pages']} pages x {QUICK['tokens']} tokens"
@@ -590,7 +595,7 @@ def main(argv: list[str] | None = None) -> None:
         f"device {args.device}, dtype {torch_dtype(args)}"
     )
     if args.decode_sweep:
-        decode_sweep(args, [int(b) for b in args.decode_sweep.split(",")])
+        decode_sweep(args, [0 if b == "max" else int(b) for b in args.decode_sweep.split(",")])
         return
     memory = PeakMemory(args.device)
     figures: dict[str, Any] = {}

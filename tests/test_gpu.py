@@ -1,0 +1,106 @@
+"""kosmos on a CUDA GPU: exactness in float32 and bf16, --compile, out-of-memory halving, flash-attention.
+
+Skipped without CUDA; `make gpu-check` (benchmarks/gpu_check.sh) runs them on a lent GPU. The full-size
+test reads the random full-size checkpoint named by KOSMOS_GPU_CHECK_MODEL (gpu_check.sh builds it).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from test_generation import BF16_TOLERANCE, BUDGET, EOS, divergence_margin, generate, load, pages
+
+from kosmos_cli.config import Settings
+from kosmos_cli.model import Request
+from kosmos_cli.model.batching import TASK_PROMPTS, KosmosRunner, greedy_config
+from kosmos_cli.model.loading import load_runner
+from kosmos_cli.values import Finish
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (make gpu-check)"),
+]
+FULL_MODEL_ENV = "KOSMOS_GPU_CHECK_MODEL"
+
+
+def on_cuda(checkpoint: Path, **settings: object) -> KosmosRunner:
+    chosen = {"device": "cuda", "dtype": "float32", "max_new_tokens": BUDGET, **settings}
+    return load_runner(Settings(model=str(checkpoint), **chosen))  # type: ignore[arg-type]
+
+
+def cuda_reference(runner: KosmosRunner, request: Request) -> list[int]:
+    """This page alone through `model.generate` on the GPU, greedy: new ids up to EOS."""
+    inputs = runner.processor(text=[TASK_PROMPTS[request.task]], images=[request.image], return_tensors="pt")
+    inputs.pop("width"), inputs.pop("height")
+    inputs = {key: value.to(runner.device) for key, value in inputs.items()}
+    inputs["flattened_patches"] = inputs["flattened_patches"].to(runner.dtype)
+    with torch.inference_mode():
+        output = runner.model.generate(**inputs, generation_config=greedy_config(runner.model, BUDGET))
+    ids: list[int] = output[0, inputs["input_ids"].shape[1] :].tolist()
+    return ids[: ids.index(EOS)] if EOS in ids else ids
+
+
+@pytest.mark.parametrize("batch_size", [1, 3])
+def test_cuda_float32_batches_match_one_page_at_a_time(tiny_checkpoint: Path, batch_size: int) -> None:
+    runner = on_cuda(tiny_checkpoint, batch_size=batch_size)
+    requests = pages(7)
+    got = generate(runner, requests)
+    for request in requests:
+        assert list(got[request.key].ids) == cuda_reference(runner, request), request.key
+
+
+def test_cuda_bf16_differs_from_float32_only_at_near_ties(tiny_checkpoint: Path) -> None:
+    exact = load(tiny_checkpoint, batch_size=2)  # CPU float32: the margins are measured there
+    fast = on_cuda(tiny_checkpoint, dtype="bfloat16", batch_size=4, detect_loops=False)
+    requests = pages(8)
+    got = generate(fast, requests)
+    margins = [divergence_margin(exact, request, got[request.key].ids) for request in requests]
+    assert all(0 <= margin <= BF16_TOLERANCE for margin in margins if margin is not None), margins
+
+
+def test_cuda_compile_matches_eager(tiny_checkpoint: Path) -> None:
+    eager = on_cuda(tiny_checkpoint, batch_size=2)
+    compiled = on_cuda(tiny_checkpoint, batch_size=2, compile=True, ignore_eos=True, detect_loops=False)
+    requests = pages(4)
+    expected = {key: g.ids for key, g in generate(eager, requests).items()}
+    got = generate(compiled, requests)
+    assert {(g.token_count, g.finish) for g in got.values()} == {(BUDGET, Finish.LENGTH)}
+    assert {key: g.ids[: len(expected[key])] for key, g in got.items()} == expected
+
+
+@pytest.mark.skipif(importlib.util.find_spec("flash_attn") is None, reason="flash-attn is not installed")
+def test_flash_attention_stays_near_float32(tiny_checkpoint: Path) -> None:
+    exact = load(tiny_checkpoint, batch_size=2)
+    flash = on_cuda(
+        tiny_checkpoint, dtype="bfloat16", attn="flash_attention_2", batch_size=4, detect_loops=False
+    )
+    requests = pages(6)
+    got = generate(flash, requests)
+    margins = [divergence_margin(exact, request, got[request.key].ids) for request in requests]
+    assert all(0 <= margin <= BF16_TOLERANCE for margin in margins if margin is not None), margins
+
+
+@pytest.mark.skipif(
+    not os.environ.get(FULL_MODEL_ENV), reason=f"set {FULL_MODEL_ENV} to a full-size checkpoint"
+)
+def test_out_of_memory_halves_the_batch_and_every_page_finishes() -> None:
+    """With the GPU capped a little above the weights, 16 full-size pages cannot prefill together."""
+    runner = load_runner(
+        Settings(
+            model=os.environ[FULL_MODEL_ENV], device="cuda", dtype="bfloat16", batch_size=16, max_new_tokens=8,
+            ignore_eos=True, detect_loops=False,
+        )
+    )  # fmt: skip
+    total = torch.cuda.get_device_properties(0).total_memory
+    cap = (torch.cuda.memory_allocated() + (3 << 30)) / total  # the weights and 3 GiB: a few pages' prefill
+    torch.cuda.set_per_process_memory_fraction(cap)
+    try:
+        got = generate(runner, pages(16))
+    finally:
+        torch.cuda.set_per_process_memory_fraction(1.0)
+        torch.cuda.empty_cache()
+    assert {(g.token_count, g.finish) for g in got.values()} == {(8, Finish.LENGTH)}
