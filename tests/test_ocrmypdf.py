@@ -164,6 +164,36 @@ def test_the_model_reads_the_image_ocrmypdf_rasterized(tmp_path: Path, tiny_chec
     assert (tmp_path / "side.txt").read_text().split("\f") == expected
 
 
+def test_rotate_pages_turns_a_sideways_scan_with_tesseract_s_reading(
+    tmp_path: Path, tiny_checkpoint: Path
+) -> None:
+    """Kosmos-2.5 cannot tell orientation; the plugin asks Tesseract, as OCRmyPDF's own engine does."""
+    font = ImageFont.truetype(FONT, 30) if Path(FONT).exists() else ImageFont.load_default()
+    image = Image.new("RGB", (1275, 1650), "white")
+    draw = ImageDraw.Draw(image)
+    for line in range(14):
+        draw.text(
+            (90, 120 + 70 * line),
+            "The quick brown fox jumps over the lazy dog"[: 30 + line],
+            fill="black",
+            font=font,
+        )
+    sideways = tmp_path / "sideways.png"
+    image.rotate(90, expand=True).save(sideways)  # fed into the scanner on its side
+    doc = pymupdf.open()
+    doc.new_page(width=792, height=612).insert_image(pymupdf.Rect(0, 0, 792, 612), filename=str(sideways))
+    doc.save(tmp_path / "in.pdf")
+    done = run_ocrmypdf(
+        tmp_path,
+        "--kosmos-model", str(tiny_checkpoint), "--kosmos-max-new-tokens", "4",
+        "--rotate-pages", "--rotate-pages-threshold", "5", "--output-type", "pdf",
+        str(tmp_path / "in.pdf"), str(tmp_path / "out.pdf"),
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert "will rotate" in done.stderr
+    assert pymupdf.open(tmp_path / "out.pdf")[0].rotation == 90
+
+
 @pytest.mark.parametrize(
     ("args", "message"),
     [
@@ -203,3 +233,27 @@ def test_the_python_api_takes_the_plugin_and_its_options(tmp_path: Path, tiny_ch
     )
     assert code == ocrmypdf.ExitCode.ok
     assert pymupdf.open(tmp_path / "out.pdf").page_count == 3
+
+
+def test_the_hocr_path_writes_the_page_s_hocr_and_text(tmp_path: Path, tiny_checkpoint: Path) -> None:
+    """OCRmyPDF's hOCR pipelines call `generate_hocr`: kosmos's hOCR writer on the service's result."""
+    from types import SimpleNamespace
+
+    from kosmos_cli.config import Settings
+    from kosmos_cli.ocrmypdf import KosmosEngine, KosmosOptions
+    from kosmos_cli.serve import ModelService, transcribe_image
+
+    image = tmp_path / "page.png"
+    scan_image("Hello world", size=(425, 550)).save(image)
+    service = ModelService.start(Settings(model=str(tiny_checkpoint), dtype="float32", max_new_tokens=8))
+    try:
+        chosen = KosmosOptions(service=service.address, service_key=service.authkey.hex())
+        options = SimpleNamespace(kosmos=chosen)
+        KosmosEngine.generate_hocr(image, tmp_path / "page.hocr", tmp_path / "page.txt", options)  # type: ignore[arg-type]
+        expected = transcribe_image(service.address, service.authkey, str(image))
+    finally:
+        service.stop()
+    hocr = (tmp_path / "page.hocr").read_text()
+    assert "class='ocr_page'" in hocr or 'class="ocr_page"' in hocr
+    assert "bbox 0 0 425 550" in hocr
+    assert (tmp_path / "page.txt").read_text() == expected.text
