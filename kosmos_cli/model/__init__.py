@@ -62,11 +62,6 @@ class LazyRunner:
         self._runner: Runner | None = None
         self.max_new_tokens = max_new_tokens
 
-    @property
-    def loaded(self) -> bool:
-        """Whether the model has been loaded."""
-        return self._runner is not None
-
     def generate(self, requests: Iterable[Request]) -> Iterator[tuple[Request, Generation | GenerationError]]:
         """Load the model on the first request, then hand every request to it."""
         pending = iter(requests)
