@@ -240,7 +240,7 @@ def model_image(image: Image.Image) -> Image.Image:
 
 # --- what runs in the reader process (or here, without a sandbox) ----------------------------------
 
-_opened: tuple[tuple[str, str | None], contextlib.ExitStack, _Source] | None = None  # the open document
+_reading = threading.local()  # `opened`: the document this thread has open, (key, its ExitStack, its source)
 
 
 def probe_document(document: Document, password: str | None) -> int:
@@ -261,22 +261,23 @@ def render_page(
 
 
 def close_document() -> None:
-    """Close the document `probe_document` opened, if any."""
-    global _opened
-    if _opened is not None:
-        stack, _opened = _opened[1], None
-        stack.close()
+    """Close the document `probe_document` opened in this thread, if any."""
+    opened = getattr(_reading, "opened", None)
+    if opened is not None:
+        _reading.opened = None
+        opened[1].close()
 
 
 def _source(document: Document, password: str | None) -> _Source:
-    global _opened
+    """Return this thread's open document, opening it (and closing the one before) if it is another."""
     key = (document.path, password)
-    if _opened is not None and _opened[0] == key:
-        return _opened[2]
+    opened = getattr(_reading, "opened", None)
+    if opened is not None and opened[0] == key:
+        return opened[2]
     close_document()
     stack = contextlib.ExitStack()
     source = stack.enter_context(_open(document, password=password))
-    _opened = (key, stack, source)
+    _reading.opened = (key, stack, source)
     return source
 
 

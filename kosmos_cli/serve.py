@@ -38,8 +38,6 @@ from kosmos_cli.config import Settings
 from kosmos_cli.errors import KosmosError, ModelLoadError
 from kosmos_cli.values import Document, Page, PageResult, Task
 
-_READ_LOCK = threading.Lock()
-
 READY = b"listening\n"  # what the service prints once its socket takes connections
 CRASH_HINT = "please report it with the traceback the service printed"
 STOP_SECONDS = 30.0  # how long a service may take to end once told to, before it is killed
@@ -184,11 +182,10 @@ def _answer(connection: Connection, inbox: Inbox) -> None:
 
 
 def _read_image(path: str) -> Page:
-    """Read a page image OCRmyPDF wrote, one at a time (`rasterize` keeps one document open)."""
+    """Read a page image OCRmyPDF wrote (in this connection's thread)."""
     from kosmos_cli.rasterize import iter_pages
 
-    with _READ_LOCK:
-        first = next(iter(list(iter_pages(_document(path)))))
+    (first,) = list(iter_pages(_document(path)))
     if not isinstance(first, Page):
         raise first
     return first

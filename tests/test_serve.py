@@ -51,13 +51,12 @@ def test_pages_arriving_one_after_another_join_the_batch_and_match_one_at_a_time
     """
     runner = load_runner(Settings(model=str(tiny_checkpoint), dtype="float32", max_new_tokens=TOKENS))
     inbox = Inbox()
-    pages = [read_page(path) for path in images]  # here: reading is not thread-safe (the service locks it)
     results: dict[int, str] = {}
 
     def worker(numbers: list[int]) -> None:
         for number in numbers:
             answer: queue.Queue[PageResult | KosmosError] = queue.Queue()
-            inbox.put(pages[number], answer)
+            inbox.put(read_page(images[number]), answer)  # two threads read at once, as the service's do
             outcome = answer.get(timeout=120)
             assert isinstance(outcome, PageResult)
             results[number] = outcome.text
