@@ -11,7 +11,8 @@
 # flash-attention if installed); the throughput benchmark against the model card's loop (the
 # baseline reads fewer pages: rates are compared); a decode sweep at batch 1, 8, 32, 64 and the
 # largest kosmos picks, against the bandwidth bound; a run with natural lengths. Each step's log and
-# one summary (its figures and exit codes) go to $OUT (the device tool's) or gpu-check/.
+# one summary (its figures and exit codes) go to $OUT (the device tool's) or gpu-check/; the script
+# exits 1 if any step failed, after every step has run.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 DRY_RUN=0
@@ -32,6 +33,7 @@ fi
 # The lines of each log that carry figures or outcomes, copied into the summary.
 FIGURES='machine:|model:|pages/s|ratio|prefill|bandwidth|decode batch|token-identical|drift|same argmax|passed|failed|skipped|error|Error|GiB'
 
+FAILED=()
 step() { # step NAME SECONDS COMMAND...: run it under a time limit; its figures and exit code to the summary
     local name=$1 seconds=$2
     shift 2
@@ -39,6 +41,7 @@ step() { # step NAME SECONDS COMMAND...: run it under a time limit; its figures 
     echo "== $name" | tee -a "$SUMMARY"
     timeout "$seconds" "$@" >"$OUT_DIR/$name.log" 2>&1
     local code=$?
+    if [ "$code" != 0 ]; then FAILED+=("$name"); fi
     grep -E "$FIGURES" "$OUT_DIR/$name.log" | tail -n 40 | tee -a "$SUMMARY"
     echo "-- $name: exit $code in $((SECONDS - started)) s$([ "$code" = 124 ] && echo ' (time limit)')" \
         | tee -a "$SUMMARY"
@@ -70,3 +73,7 @@ step decode-sweep 60 "$PYTHON" benchmarks/throughput.py --model "$MODEL" --devic
 step natural 60 "$PYTHON" benchmarks/throughput.py --model "$MODEL" --device "$DEVICE" --natural --skip-baseline \
     "${NATURAL[@]}"
 echo "summary: $SUMMARY"
+if [ "${#FAILED[@]}" != 0 ]; then
+    echo "failed: ${FAILED[*]}" | tee -a "$SUMMARY"
+    exit 1
+fi
