@@ -465,6 +465,69 @@ def decode_sweep(args: argparse.Namespace, batch_sizes: list[int], steps: int = 
         gc.collect()
 
 
+def kv_waste(args: argparse.Namespace, shortest: int = 100, longest: int = 2000) -> None:
+    """Count the KV-cache columns kosmos's decode steps read against the minimum, over a mix of lengths.
+
+    Six times the batch size of pages get budgets drawn from `shortest`..`longest` tokens and run to
+    them (EOS suppressed), through the real loop: pages join and leave the running batch as on a real
+    run. Each step reads, per row,
+    the batch's cache width (left padding included); the minimum is each row's own tokens. All pages
+    share one prompt length P, so the padding a step reads does not depend on P: the ratio is given
+    for this model's prompt and for the full-size model's 2,052-token prompt.
+    """
+    import random
+
+    import pymupdf
+
+    from kosmos_cli.config import Settings
+    from kosmos_cli.model import Request
+    from kosmos_cli.model.loading import load_runner
+
+    runner = load_runner(
+        Settings(
+            model=str(args.model), device=args.device, dtype=args.dtype, batch_size=args.batch_size,
+            max_new_tokens=longest, ignore_eos=True, detect_loops=False,
+        )
+    )  # fmt: skip
+    pages = 6 * runner.batch_size  # enough for pages to keep joining a full batch, as on a long run
+    rng = random.Random(0)
+    budgets = [rng.randint(shortest, longest) for _ in range(pages)]
+    new_row, decode_step = runner._new_row, runner._decode_step
+    prompt = 0
+    counts = {"rows": 0, "generated": 0, "padding": 0}
+
+    def row_with_its_budget(request: Any, encoded: Any) -> Any:
+        nonlocal prompt
+        row = new_row(request, encoded)
+        row.budget, prompt = budgets[request.key], row.cached
+        return row
+
+    def counting_step(batch: Any) -> Any:
+        width = batch.mask.shape[1]
+        for row in batch.rows:
+            counts["rows"] += 1
+            counts["generated"] += row.cached - prompt
+            counts["padding"] += width - row.cached
+        return decode_step(batch)
+
+    runner._new_row, runner._decode_step = row_with_its_budget, counting_step  # type: ignore[method-assign]
+    with pymupdf.open(make_pdf(Path(tempfile.mkdtemp()) / "mix.pdf", pages)) as document:
+        requests = [Request(number, render(page), Task(args.task)) for number, page in enumerate(document)]
+    started = time.perf_counter()
+    for _ in runner.generate(requests):
+        pass
+    print(
+        f"kv waste: {pages} pages of {shortest}-{longest} tokens ({sum(budgets)} in all), batch "
+        f"{runner.batch_size}, {time.perf_counter() - started:.1f} s"
+    )
+    for label, length in (("this model's prompt", prompt), ("the full-size prompt", 2052)):
+        minimum = counts["rows"] * length + counts["generated"]
+        print(
+            f"kv waste with {label} ({length} tokens): read {(minimum + counts['padding']) / minimum:.3f}x "
+            f"the minimum ({counts['padding'] / counts['rows']:.0f} padding columns per row and step)"
+        )
+
+
 def decode_weight_bytes(text_model: Any) -> int:
     """Bytes of weights one decode step reads: every linear layer of the text model, LM head included."""
     import torch
@@ -560,6 +623,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--decode-sweep", help="only time decode steps at these batch sizes, e.g. 1,8,max (max: kosmos's own)"
     )
+    parser.add_argument(
+        "--kv-waste",
+        action="store_true",
+        help="only count KV-cache reads against the minimum over a length mix",
+    )
     parser.add_argument("--bandwidth", type=float, help="memory bandwidth in GB/s for --decode-sweep's bound")
     parser.add_argument("--skip-baseline", action="store_true", help="only run kosmos (no ratio)")
     parser.add_argument(
@@ -594,6 +662,9 @@ def main(argv: list[str] | None = None) -> None:
         f"model: {args.model}; {args.pages} pages, {args.tokens} tokens per page, task {args.task}, "
         f"device {args.device}, dtype {torch_dtype(args)}"
     )
+    if args.kv_waste:
+        kv_waste(args)
+        return
     if args.decode_sweep:
         decode_sweep(args, [0 if b == "max" else int(b) for b in args.decode_sweep.split(",")])
         return

@@ -75,3 +75,13 @@ def test_loading(
     run_benchmark("loading.py", ["--model", str(tiny_checkpoint)], monkeypatch)
     out = capsys.readouterr().out
     assert "model card from_pretrained" in out and "float32 int8" in out
+
+
+def test_throughput_kv_waste(
+    tiny_checkpoint: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    argv = ["--model", str(tiny_checkpoint), "--kv-waste", "--dtype", "float32", "--batch-size", "1"]
+    run_benchmark("throughput.py", argv, monkeypatch)
+    out = capsys.readouterr().out
+    # One page at a time reads no padding: exactly the minimum.
+    assert "read 1.000x the minimum (0 padding columns per row and step)" in out
