@@ -13,6 +13,10 @@ class KosmosError(Exception):
         self.message = message
         self.hint = hint
 
+    def one_line(self) -> str:
+        """The message with its hint, for logs and other tools' error lines: `message (hint: ...)`."""
+        return f"{self.message} (hint: {self.hint})" if self.hint else self.message
+
     def __reduce__(self) -> tuple[object, ...]:
         """Pickle with every attribute (errors cross into and out of the reader process and Ray)."""
         return (_restore, (type(self), self.message, self.__dict__))

@@ -104,13 +104,13 @@ def check_options(options: OcrOptions) -> None:
     try:
         settings = options.kosmos.settings()
     except KosmosError as error:
-        raise BadArgsError(_message(error).replace("--", "--kosmos-", 1)) from None
+        raise BadArgsError(error.one_line().replace("--", "--kosmos-", 1)) from None
     service = _services.get(settings)
     if service is None or service.process.poll() is not None:
         try:
             service = _services[settings] = ModelService.start(settings)
         except KosmosError as error:
-            raise ExitCodeException(_message(error)) from None
+            raise ExitCodeException(error.one_line()) from None
     # Flat names, as argparse stores plugin options: they travel to the workers with the options.
     options.extra_attrs[f"{NAMESPACE}_service"] = service.address
     options.extra_attrs[f"{NAMESPACE}_service_key"] = service.authkey.hex()
@@ -214,7 +214,7 @@ def _transcribe(input_file: Path, options: OcrOptions) -> PageResult:
     try:
         result = transcribe_image(chosen.service, bytes.fromhex(chosen.service_key), str(input_file))
     except KosmosError as error:
-        raise ExitCodeException(_message(error)) from None
+        raise ExitCodeException(error.one_line()) from None
     if result.status is Status.FAILED:
         raise ExitCodeException(f"Kosmos-2.5 could not transcribe the page: {result.error}")
     return result
@@ -227,7 +227,3 @@ def _dpi(image_file: Path) -> float:
     with Image.open(image_file) as image:
         dpi = image.info.get("dpi", (300.0, 300.0))
     return float(dpi[0] if isinstance(dpi, tuple) else dpi)
-
-
-def _message(error: KosmosError) -> str:
-    return f"{error.message} ({error.hint})" if error.hint else error.message

@@ -67,7 +67,7 @@ class LogReporter:
 
     def error(self, error: KosmosError) -> None:
         """Log `message (hint: ...)` at ERROR."""
-        logger.error("%s%s", error.message, f" (hint: {error.hint})" if error.hint else "")
+        logger.error("%s", error.one_line())
 
     def warning(self, message: str) -> None:
         """Log the message at WARNING."""
