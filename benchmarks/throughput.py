@@ -408,16 +408,15 @@ def release_memory() -> None:
 def decode_sweep(args: argparse.Namespace, batch_sizes: list[int], steps: int = 8) -> None:
     """Time decode steps alone at several batch sizes, against the memory-bandwidth bound.
 
-    Every row holds the same prefilled page (2052 prompt tokens). A decode step must read the text
-    model's weights once and each row's KV cache; the bound is those bytes over the copy bandwidth
-    measured here (or `--bandwidth`).
+    Every row holds the same prefilled page (2052 prompt tokens) in its own slot. A decode step must
+    read the text model's weights once and each row's KV cache; the bound is those bytes over the
+    copy bandwidth measured here (or `--bandwidth`).
     """
     import pymupdf
-    import torch
 
     from kosmos_cli.config import Settings
     from kosmos_cli.model import Request
-    from kosmos_cli.model.batching import _Batch
+    from kosmos_cli.model.batching import _Batch, kv_bytes_per_token
     from kosmos_cli.model.loading import load_runner
 
     runner = load_runner(
@@ -427,60 +426,58 @@ def decode_sweep(args: argparse.Namespace, batch_sizes: list[int], steps: int = 
         image = render(document[0])
     request = Request(0, image, Task(args.task))
     encoded = runner.encode(request)
-    started = time.perf_counter()
-    cache, mask, (first, _) = runner._prefill([encoded])
-    synchronize(args.device)
-    print(f"prefill of one page: {time.perf_counter() - started:.2f} s")
     bandwidth = args.bandwidth * 1e9 if args.bandwidth else copy_bandwidth(args.device)
     print(f"memory bandwidth: {bandwidth / 1e9:.0f} GB/s ({'given' if args.bandwidth else 'measured copy'})")
-    config = runner.model.config.text_config
     weight_bytes = decode_weight_bytes(runner.model.text_model)
-    kv_bytes_per_token = (
-        2 * config.layers * config.embed_dim * torch.tensor([], dtype=runner.dtype).element_size()
-    )
-    context = mask.shape[1]
+    token_bytes = kv_bytes_per_token(runner.model, runner.dtype)
     for batch_size in (size or runner.batch_size for size in batch_sizes):  # 0: what kosmos would pick
-        rows = [runner._new_row(request, encoded) for _ in range(batch_size)]
-        repeated = _repeat_cache(runner, cache, batch_size)
-        batch = _Batch(rows, repeated, mask.repeat(batch_size, 1), first.repeat(batch_size))
+        cache = runner._new_cache(batch_size)
+        rows = [runner._new_row(request, encoded, cache.take()) for _ in range(batch_size)]
+        started = time.perf_counter()
+        first, _ = runner._prefill(cache, rows[:1])
+        synchronize(args.device)
+        prefill = time.perf_counter() - started
+        for keys in (*cache.keys, *cache.values):  # every row holds the same page
+            keys[1:batch_size, :, : rows[0].cached] = keys[0, :, : rows[0].cached]
+        batch = _Batch(rows, cache, first.repeat(batch_size))
         runner._decode_step(batch)  # warm-up
+        synchronize(args.device)
         started = time.perf_counter()
         for _ in range(steps):
             runner._decode_step(batch)
-        step = (time.perf_counter() - started) / steps
-        bound = (weight_bytes + batch_size * (context + steps) * kv_bytes_per_token) / bandwidth
-        joining = _Batch(
-            [runner._new_row(request, encoded)], _repeat_cache(runner, cache, 1), mask.clone(), first.clone()
-        )
-        started = time.perf_counter()
-        batch.merge(joining)  # what a page joining this running batch costs, besides its prefill
         synchronize(args.device)
-        join = time.perf_counter() - started
+        step = (time.perf_counter() - started) / steps
+        context = rows[0].cached - steps // 2  # the mean context over the timed steps
+        bound = (weight_bytes + batch_size * context * token_bytes) / bandwidth
         print(
             f"decode batch {batch_size}: {step:.4f} s/step, {batch_size / step:.2f} tokens/s; "
             f"bandwidth bound {bound:.4f} s/step ({step / bound:.2f}x the bound); "
-            f"a page joining costs {join:.4f} s besides its prefill"
+            f"prefill of a joining page {prefill:.3f} s (a join copies nothing else)"
         )
-        del batch, repeated, joining
+        del batch, cache, rows
         gc.collect()
+        release_device_memory(args.device)
 
 
-def kv_waste(args: argparse.Namespace, shortest: int = 100, longest: int = 2000) -> None:
-    """Count the KV-cache columns kosmos's decode steps read against the minimum, over a mix of lengths.
+def kv_waste(args: argparse.Namespace, shortest: int, longest: int) -> None:
+    """Count the KV-cache columns kosmos's decode attention reads against the minimum, over a length mix.
 
     Six times the batch size of pages get budgets drawn from `shortest`..`longest` tokens and run to
     them (EOS suppressed), through the real loop: pages join and leave the running batch as on a real
-    run. Each step reads, per row,
-    the batch's cache width (left padding included); the minimum is each row's own tokens. All pages
-    share one prompt length P, so the padding a step reads does not depend on P: the ratio is given
-    for this model's prompt and for the full-size model's 2,052-token prompt.
+    run. The columns read are counted inside the decode attention (`slots.slot_attention`, what its
+    kernel is given); the minimum is each row's own tokens, counted from the rows. All pages share
+    one prompt length P, so the excess does not depend on P: the ratio is given for this model's
+    prompt and for the full-size model's 2,052-token prompt. The run's timing is reported too: the
+    time to the first finished page and each decode step's time, with pages joining (their prefills
+    are stalls of the running rows).
     """
     import random
+    import statistics
 
     import pymupdf
 
     from kosmos_cli.config import Settings
-    from kosmos_cli.model import Request
+    from kosmos_cli.model import Request, slots
     from kosmos_cli.model.loading import load_runner
 
     runner = load_runner(
@@ -492,40 +489,72 @@ def kv_waste(args: argparse.Namespace, shortest: int = 100, longest: int = 2000)
     pages = 6 * runner.batch_size  # enough for pages to keep joining a full batch, as on a long run
     rng = random.Random(0)
     budgets = [rng.randint(shortest, longest) for _ in range(pages)]
-    new_row, decode_step = runner._new_row, runner._decode_step
+    new_row, decode_step, prefill = runner._new_row, runner._decode_step, runner._prefill
+    layers = runner.model.config.text_config.layers
     prompt = 0
-    counts = {"rows": 0, "generated": 0, "padding": 0}
+    counts = {"rows": 0, "generated": 0, "minimum": 0, "read": 0}
+    step_times: list[float] = []
+    prefill_times: list[float] = []
+    attention = slots.slot_attention
 
-    def row_with_its_budget(request: Any, encoded: Any) -> Any:
+    def row_with_its_budget(request: Any, encoded: Any, slot: int) -> Any:
         nonlocal prompt
-        row = new_row(request, encoded)
+        row = new_row(request, encoded, slot)
         row.budget, prompt = budgets[request.key], row.cached
         return row
 
+    def counting_attention(query: Any, keys: Any, values: Any, read: Any, **kwargs: Any) -> Any:
+        counts["read"] += sum(read.lengths)
+        return attention(query, keys, values, read, **kwargs)
+
     def counting_step(batch: Any) -> Any:
-        width = batch.mask.shape[1]
         for row in batch.rows:
             counts["rows"] += 1
             counts["generated"] += row.cached - prompt
-            counts["padding"] += width - row.cached
-        return decode_step(batch)
+            counts["minimum"] += layers * (row.cached + 1)  # its own tokens and the one it writes
+        started = time.perf_counter()
+        result = decode_step(batch)
+        synchronize(args.device)
+        step_times.append(time.perf_counter() - started)
+        return result
 
-    runner._new_row, runner._decode_step = row_with_its_budget, counting_step  # type: ignore[method-assign]
+    def timed_prefill(cache: Any, rows: Any) -> Any:
+        started = time.perf_counter()
+        result = prefill(cache, rows)
+        synchronize(args.device)
+        prefill_times.append(time.perf_counter() - started)
+        return result
+
+    runner._new_row, runner._decode_step, runner._prefill = row_with_its_budget, counting_step, timed_prefill  # type: ignore[method-assign]
+    slots.slot_attention = counting_attention  # type: ignore[assignment]
     with pymupdf.open(make_pdf(Path(tempfile.mkdtemp()) / "mix.pdf", pages)) as document:
         requests = [Request(number, render(page), Task(args.task)) for number, page in enumerate(document)]
     started = time.perf_counter()
-    for _ in runner.generate(requests):
-        pass
+    first_page = None
+    try:
+        for _ in runner.generate(requests):
+            first_page = first_page or time.perf_counter() - started
+    finally:
+        slots.slot_attention = attention  # type: ignore[assignment]
     print(
         f"kv waste: {pages} pages of {shortest}-{longest} tokens ({sum(budgets)} in all), batch "
         f"{runner.batch_size}, {time.perf_counter() - started:.1f} s"
     )
+    excess = (counts["read"] - counts["minimum"]) / layers  # columns read past a row's own, per layer
     for label, length in (("this model's prompt", prompt), ("the full-size prompt", 2052)):
-        minimum = counts["rows"] * length + counts["generated"]
+        minimum = counts["rows"] * (length + 1) + counts["generated"]
         print(
-            f"kv waste with {label} ({length} tokens): read {(minimum + counts['padding']) / minimum:.3f}x "
-            f"the minimum ({counts['padding'] / counts['rows']:.0f} padding columns per row and step)"
+            f"kv waste with {label} ({length} tokens): read {(minimum + excess) / minimum:.3f}x "
+            f"the minimum ({excess / counts['rows']:.0f} extra columns per row and step)"
         )
+    ordered = sorted(step_times)
+    p99 = ordered[int(0.99 * (len(ordered) - 1))]
+    print(
+        f"timing: first page done after {first_page:.2f} s; {len(step_times)} decode steps, median "
+        f"{statistics.median(ordered) * 1e3:.1f} ms, p99 {p99 * 1e3:.1f} ms; "
+        f"{len(prefill_times)} prefills of joining pages (stalls), median "
+        f"{statistics.median(prefill_times) * 1e3:.1f} ms, longest {max(prefill_times) * 1e3:.1f} ms"
+    )
 
 
 def decode_weight_bytes(text_model: Any) -> int:
@@ -564,15 +593,11 @@ def synchronize(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def _repeat_cache(runner: Any, cache: Any, batch_size: int) -> Any:
-    from kosmos_cli.model.batching import _new_cache
+def release_device_memory(device: str) -> None:
+    import torch
 
-    repeated = _new_cache(runner.model)
-    for layer, source in zip(repeated.layers, cache.layers, strict=True):
-        layer.lazy_initialization(source.keys, source.values)
-        layer.keys = source.keys.repeat(batch_size, 1, 1, 1)
-        layer.values = source.values.repeat(batch_size, 1, 1, 1)
-    return repeated
+    if device.startswith("cuda"):
+        torch.cuda.empty_cache()
 
 
 # --- main -------------------------------------------------------------------------------------------
@@ -625,8 +650,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument(
         "--kv-waste",
-        action="store_true",
-        help="only count KV-cache reads against the minimum over a length mix",
+        nargs="?",
+        const="100,2000",
+        metavar="SHORTEST,LONGEST",
+        help="only run a mix of page lengths (default 100,2000 tokens): KV-cache reads against the minimum, "
+        "time to the first page, step times with pages joining",
     )
     parser.add_argument("--bandwidth", type=float, help="memory bandwidth in GB/s for --decode-sweep's bound")
     parser.add_argument("--skip-baseline", action="store_true", help="only run kosmos (no ratio)")
@@ -663,7 +691,7 @@ def main(argv: list[str] | None = None) -> None:
         f"device {args.device}, dtype {torch_dtype(args)}"
     )
     if args.kv_waste:
-        kv_waste(args)
+        kv_waste(args, *(int(tokens) for tokens in args.kv_waste.split(",")))
         return
     if args.decode_sweep:
         decode_sweep(args, [0 if b == "max" else int(b) for b in args.decode_sweep.split(",")])

@@ -80,8 +80,10 @@ def test_loading(
 def test_throughput_kv_waste(
     tiny_checkpoint: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    argv = ["--model", str(tiny_checkpoint), "--kv-waste", "--dtype", "float32", "--batch-size", "1"]
+    argv = ["--model", str(tiny_checkpoint), "--kv-waste", "20,90", "--dtype", "float32", "--batch-size", "3"]
     run_benchmark("throughput.py", argv, monkeypatch)
     out = capsys.readouterr().out
-    # One page at a time reads no padding: exactly the minimum.
-    assert "read 1.000x the minimum (0 padding columns per row and step)" in out
+    # Pages of different lengths decoding together, each reading only its own slot's tokens.
+    assert "18 pages of 20-90 tokens" in out
+    assert out.count("read 1.000x the minimum (0 extra columns per row and step)") == 2
+    assert "first page done after" in out and "prefills of joining pages" in out

@@ -19,6 +19,7 @@ from kosmos_cli.errors import GenerationError, UsageError
 from kosmos_cli.model import Request, batching, loading, patches
 from kosmos_cli.model.batching import TASK_PROMPTS, KosmosRunner, available_cores, greedy_config
 from kosmos_cli.model.loading import load_runner
+from kosmos_cli.model.slots import SLOT_ATTENTION, SlotCache
 from kosmos_cli.repetition import Loop, LoopKind, LoopRule
 from kosmos_cli.values import Finish, Generation, Status, Task
 
@@ -244,44 +245,52 @@ def test_tiles_of_a_tall_page_match_one_tile_at_a_time(tiny_checkpoint: Path) ->
     assert_matches_reference(runner, requests, got, variant="")
 
 
-def test_rows_join_a_running_batch_with_left_padding(
+def test_pages_join_free_slots_while_others_decode(
     runner: KosmosRunner, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     end_ocr_pages_early(runner)
-    widths: list[tuple[int, int]] = []
-    merge = batching._Batch.merge
+    steps: list[list[tuple[int, int]]] = []  # each decode step's (slot, length) per row
+    step = type(runner)._decode_step
 
-    def spy(self: batching._Batch, other: batching._Batch) -> None:
-        if self.rows:
-            assert self.mask is not None and other.mask is not None
-            widths.append((self.mask.shape[1], other.mask.shape[1]))
-        merge(self, other)
+    def spy(self: KosmosRunner, batch: batching._Batch) -> tuple[list[int], list[float]]:
+        steps.append([(row.slot, row.cached) for row in batch.rows])
+        return step(self, batch)
 
-    monkeypatch.setattr(batching._Batch, "merge", spy)
+    monkeypatch.setattr(KosmosRunner, "_decode_step", spy)
     requests = pages(6)
     got = generate(runner, requests)
-    assert any(running > joining for running, joining in widths), "no page joined with left padding"
+    assert any(len({length for _, length in rows}) > 1 for rows in steps), "no page joined a running one"
+    assert {slot for rows in steps for slot, _ in rows} == {0, 1}, "two slots, each reused"
+    assert all(len({slot for slot, _ in rows}) == len(rows) for rows in steps)
     assert_matches_reference(runner, requests, got, variant=EARLY)
 
 
-def test_no_room_to_merge_restarts_the_pages(
-    runner: KosmosRunner, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+def test_a_failed_prefill_of_joining_pages_retries_them_in_halves(
+    tiny_checkpoint: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
+    runner = load(tiny_checkpoint, batch_size=3)
     end_ocr_pages_early(runner)
-    merge = batching._Batch.merge
+    prefill = type(runner)._prefill
     failures: list[int] = []
+    free_after: list[int] = []
 
-    def no_room_once(self: batching._Batch, other: batching._Batch) -> None:
-        if self.rows and not failures:
-            failures.append(len(self.rows))
+    def no_room_once(self: KosmosRunner, cache: SlotCache, rows: list) -> object:  # type: ignore[type-arg]
+        if len(rows) > 1 and not failures:
+            failures.append(len(rows))
             raise RuntimeError("CUDA out of memory (scripted)")
-        merge(self, other)
+        return prefill(self, cache, rows)
 
-    monkeypatch.setattr(batching._Batch, "merge", no_room_once)
-    requests = pages(5)
+    def release(self: SlotCache, slot: int) -> None:
+        self.free.append(slot)
+        free_after.append(len(self.free))
+
+    monkeypatch.setattr(KosmosRunner, "_prefill", no_room_once)
+    monkeypatch.setattr(SlotCache, "release", release)
+    requests = pages(7)
     with caplog.at_level(logging.WARNING, logger="kosmos_cli.model.batching"):
         got = generate(runner, requests)
-    assert failures and "restarting them" in caplog.text
+    assert failures and "retrying in halves" in caplog.text
+    assert free_after[-1] == 3, "every slot is free again at the end"
     assert_matches_reference(runner, requests, got, variant=EARLY)
 
 
@@ -458,26 +467,6 @@ def test_cpu_linears_run_on_onednn(runner: KosmosRunner) -> None:
     assert "OneDnnLinear" in kinds and "Linear" not in kinds
 
 
-def test_cpu_decode_attention_matches_sdpa() -> None:
-    from transformers.integrations.sdpa_attention import sdpa_attention_forward
-
-    generator = torch.Generator().manual_seed(0)
-    rows, heads, columns, dim = 3, 4, 37, 8
-    buffer = torch.zeros(2, rows, heads, columns + 11, dim)  # spare columns are zeros, as GrowingLayer keeps
-    buffer[:, :, :, :columns].normal_(generator=generator)
-    key, value = buffer[0, :, :, :columns], buffer[1, :, :, :columns]  # strided views, as the cache gives
-    assert not key.is_contiguous()
-    mask = torch.ones(rows, 1, 1, columns, dtype=torch.bool)
-    mask[0, ..., :5] = False  # a row's left padding
-    module = torch.nn.Module()
-    for queries in (1, 3):
-        query = torch.randn(rows, heads, queries, dim, generator=generator)
-        query_mask = mask.expand(rows, 1, queries, columns)
-        expected, _ = sdpa_attention_forward(module, query, key, value, query_mask, scaling=0.3)
-        got, _ = patches._cpu_decode_attention(module, query, key, value, query_mask, scaling=0.3)
-        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
-
-
 # bf16 rounds every matmul, so greedy decoding follows fp32 only until two tokens come within the
 # rounding of each other. On the tiny model (32 pages, 24 new tokens) kosmos's bf16 CPU path (oneDNN
 # linears, matmul decode attention, batches of 3) kept 14 of 32 pages token-identical to fp32, against
@@ -515,7 +504,7 @@ def divergence_margin(runner: KosmosRunner, request: Request, got: tuple[int, ..
 
 def test_bf16_on_cpu_differs_from_fp32_only_at_near_ties(runner: KosmosRunner, tiny_checkpoint: Path) -> None:
     fast = load(tiny_checkpoint, dtype="bfloat16", batch_size=3, detect_loops=False)
-    assert fast.model.config.text_config._attn_implementation == patches.CPU_DECODE_ATTENTION
+    assert fast.model.config.text_config._attn_implementation == f"{SLOT_ATTENTION}:sdpa"
     if patches.native_bf16_cpu():
         assert "OneDnnLinear" in {type(module).__name__ for module in fast.model.modules()}
     requests = pages(8)

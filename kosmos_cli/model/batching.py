@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 from kosmos_cli.config import DEFAULT_MAX_NEW_TOKENS, Settings
 from kosmos_cli.errors import GenerationError, first_line
 from kosmos_cli.model import Arrivals, Request
+from kosmos_cli.model.slots import SlotCache, SlotRead
 from kosmos_cli.repetition import Decode, Loop, LoopDetector, LoopRule, find_loop
 from kosmos_cli.values import Finish, Generation, Task
 
@@ -25,12 +26,12 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 TASK_PROMPTS = {Task.MD: "<md>", Task.OCR: "<ocr>"}
-GROW_COLUMNS = 256  # spare KV cache columns allocated at a time while decoding
 CPU_BATCH_SIZE = 4  # pages decoding together on CPU: a step of 4 costs 1.8x a step of 1 (BENCHMARKS.md)
 CPU_MEMORY_SHARE = 0.5  # of available RAM given to the KV cache
-CUDA_MAX_BATCH_SIZE = 64
-CUDA_MEMORY_SHARE = 0.7  # of free GPU memory given to the KV cache
-KV_BYTES_PER_TOKEN_PER_DTYPE_BYTE = 24 * 2 * 1536  # layers x (key, value) x embed_dim
+CUDA_MEMORY_SHARE = 0.7  # of free GPU memory given to the KV cache (the rest: weights' activations, prefill)
+PREFILL_GROUP = (
+    16  # most pages prefilled in one forward: bounds its activations and the stall of running rows
+)
 ENCODE_WORKERS = 4  # processor threads on GPU machines (one on CPU, where cores are busy decoding)
 _BOX_TOKEN = re.compile(r"</?bbox>|<[xy]_\d+>")  # the tokens of a line's box, not of its text
 # What a page can make the model raise: out of memory (torch.OutOfMemoryError), a CUDA or shape error
@@ -61,8 +62,9 @@ class KosmosRunner:
         self.dtype = dtype
         self.prompt_length = processor.num_image_tokens + 4  # <s> <image> ... </image> <task>
         self.max_new_tokens = settings.max_new_tokens or DEFAULT_MAX_NEW_TOKENS
+        self.capacity = self.prompt_length + self.max_new_tokens  # KV columns a page can fill
         self.batch_size = settings.batch_size or default_batch_size(
-            device, dtype, self.prompt_length + self.max_new_tokens
+            device, kv_bytes_per_token(model, dtype) * self.capacity
         )
         self.eos_id = int(model.generation_config.eos_token_id)
         self.pad_id = int(model.config.text_config.pad_token_id)
@@ -99,7 +101,8 @@ class KosmosRunner:
     # --- continuous batching (default) -------------------------------------------------------------
 
     def _generate_continuous(self, pages: _Encoder) -> Iterator[tuple[Request, Generation | GenerationError]]:
-        """Keep up to `batch_size` pages decoding; a finished page leaves, the next page joins."""
+        """Keep up to `batch_size` pages decoding, each in its own cache slot; a finished page leaves,
+        the next page joins."""
         batch = _Batch()
         waiting: deque[tuple[Request, _Encoded]] = deque()  # pages to (re)start before new ones
         limit = self.batch_size
@@ -114,12 +117,11 @@ class KosmosRunner:
                         yield request, encoded
                     else:
                         joining.append((request, encoded))
-                try:
-                    if joining:
-                        yield from self._join(batch, joining)
-                except _NoRoom as no_room:  # widening the cache failed half way: start again smaller
-                    waiting.extendleft(reversed(no_room.pages))
-                    limit = self._restart(batch, waiting, no_room.error, limit)
+                if joining:
+                    if batch.cache is None:
+                        batch.cache = self._new_cache(limit)
+                    for start in range(0, len(joining), PREFILL_GROUP):
+                        yield from self._join(batch, joining[start : start + PREFILL_GROUP])
             if not batch.rows:
                 if pages.exhausted and not waiting:
                     return
@@ -136,31 +138,23 @@ class KosmosRunner:
                 continue
             yield from self._advance(batch, tokens, probs)
 
+    def _new_cache(self, slots: int) -> SlotCache:
+        """Allocate the KV cache slots of a run."""
+        return SlotCache.for_model(
+            self.model, slots=slots, capacity=self.capacity, dtype=self.dtype, device=self.device
+        )
+
     def _join(
         self, batch: _Batch, joining: list[tuple[Request, _Encoded]]
     ) -> Iterator[tuple[Request, Generation | GenerationError]]:
-        """Prefill new pages and merge them into the running batch; raise _NoRoom if merging fails."""
-        parts: list[_Batch] = []
-        yield from self._prefill_parts(joining, parts)
-        for index, part in enumerate(parts):
-            assert part.tokens is not None and part.probs is not None
-            first, first_probs = part.tokens.tolist(), part.probs.tolist()
-            try:
-                batch.merge(part)
-            except PAGE_ERRORS as error:
-                if not _is_out_of_memory(error):
-                    raise
-                unmerged = [(row.request, row.encoded) for later in parts[index:] for row in later.rows]
-                raise _NoRoom(unmerged, error) from error
-            yield from self._advance(batch, first, first_probs, rows_from=len(batch.rows) - len(part.rows))
-
-    def _prefill_parts(
-        self, joining: list[tuple[Request, _Encoded]], parts: list[_Batch]
-    ) -> Iterator[tuple[Request, Generation | GenerationError]]:
-        """Prefill pages together, halving the group when it fails; a page failing alone is an error."""
+        """Prefill new pages into free slots of the running batch, halving the group when it fails."""
+        assert batch.cache is not None
+        rows = [self._new_row(request, encoded, batch.cache.take()) for request, encoded in joining]
         try:
-            cache, mask, first = self._prefill([encoded for _, encoded in joining])
+            first, first_probs = self._prefill(batch.cache, rows)
         except PAGE_ERRORS as error:  # a failing prefill: retried in halves, then per-page errors
+            for row in rows:
+                batch.cache.release(row.slot)
             if len(joining) == 1:
                 yield joining[0][0], _page_error(error)
                 return
@@ -169,49 +163,53 @@ class KosmosRunner:
             )
             _release_memory()
             half = len(joining) // 2
-            yield from self._prefill_parts(joining[:half], parts)
-            yield from self._prefill_parts(joining[half:], parts)
+            yield from self._join(batch, joining[:half])
+            yield from self._join(batch, joining[half:])
             return
-        rows = [self._new_row(request, encoded) for request, encoded in joining]
-        parts.append(_Batch(rows, cache, mask, *first))
+        batch.add(rows, first)
+        yield from self._advance(
+            batch, first.tolist(), first_probs.tolist(), rows_from=len(batch.rows) - len(rows)
+        )
 
-    def _prefill(
-        self, encoded: Sequence[_Encoded]
-    ) -> tuple[Any, torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
-        """Run the vision encoder and the prompt for new pages; return their cache, mask and first tokens.
+    def _prefill(self, cache: SlotCache, rows: Sequence[_Row]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Run the vision encoder and the prompt of new pages into their slots; return their first tokens.
 
         The first tokens come with their probabilities (`_pick`).
         """
         import torch
 
+        encoded = [row.encoded for row in rows]
         inputs = {
             key: torch.cat([e.inputs[key] for e in encoded]).to(self.device) for key in encoded[0].inputs
         }
-        cache = _new_cache(self.model)
+        cache.at(torch.tensor([row.slot for row in rows], device=self.device), 0)
         with torch.inference_mode():
             output = self.model(**inputs, **{self.cache_argument: cache}, use_cache=True, logits_to_keep=1)
-        return cache, inputs["attention_mask"], self._pick(output.logits[:, -1, :])
+        return self._pick(output.logits[:, -1, :])
 
     def _decode_step(self, batch: _Batch) -> tuple[list[int], list[float]]:
         """Feed every row its last token; return the next token of each row and its probability."""
         import torch
 
-        assert batch.tokens is not None and batch.mask is not None
+        assert batch.tokens is not None and batch.cache is not None
         input_ids = batch.tokens[:, None]
-        # Kosmos' sinusoidal positions count from padding_idx + 1 over the row's own tokens; left padding
-        # in the shared cache would shift the positions the model computes itself from the cache length.
-        lengths = torch.tensor([row.cached for row in batch.rows], device=input_ids.device)[:, None]
-        position_ids = torch.where(input_ids == self.pad_id, self.pad_id, self.pad_id + 1 + lengths)
-        mask = torch.cat([batch.mask, batch.mask.new_ones(len(batch.rows), 1)], dim=1)
+        slots = [row.slot for row in batch.rows]
+        lengths = [row.cached for row in batch.rows]
+        slot_index = torch.tensor(slots, device=input_ids.device)
+        columns = torch.tensor(lengths, device=input_ids.device)
+        # Kosmos' sinusoidal positions count from padding_idx + 1 over the row's own tokens, as
+        # transformers computes them for a page alone (a pad token keeps the padding position).
+        position_ids = torch.where(input_ids == self.pad_id, self.pad_id, self.pad_id + 1 + columns[:, None])
+        batch.cache.at(slot_index, columns)
+        read = SlotRead(slots, [length + 1 for length in lengths], slot_index, (columns + 1).int())
         with torch.inference_mode():
             output = self.model(
                 input_ids=input_ids,
-                attention_mask=mask,
                 **{self.cache_argument: batch.cache},
                 position_ids=position_ids,
                 use_cache=True,
+                slot_read=read,
             )
-        batch.mask = mask
         for row in batch.rows:
             row.cached += 1
         batch.tokens, probs = self._pick(output.logits[:, -1, :])
@@ -246,17 +244,21 @@ class KosmosRunner:
         for row in done:
             yield row.request, self._to_generation(row.ids, row.probs, row.resized_size, row.finish, row.loop)
 
-    def _new_row(self, request: Request, encoded: _Encoded) -> _Row:
+    def _new_row(self, request: Request, encoded: _Encoded, slot: int) -> _Row:
         detector = LoopDetector(self.loop_rule, self.decode_raw) if self.loop_rule is not None else None
         cached = int(encoded.inputs["input_ids"].shape[1])
-        return _Row(request, encoded, self.max_new_tokens, detector, cached)
+        return _Row(request, encoded, self.max_new_tokens, detector, slot, cached)
 
     def _restart(
         self, batch: _Batch, waiting: deque[tuple[Request, _Encoded]], error: BaseException, limit: int
     ) -> int:
-        """Put every running page back in line to start again, and return a halved batch limit."""
+        """Put every running page back in line to start again, and return a halved batch limit.
+
+        The cache is freed too: the next pages get one of the smaller size.
+        """
         restart = [(row.request, row.encoded) for row in batch.rows]
         batch.clear()
+        batch.cache = None
         _release_memory()
         waiting.extendleft(reversed(restart))
         smaller = max(1, min(limit, len(restart)) // 2)
@@ -377,15 +379,6 @@ class KosmosRunner:
         return tuple(tuple(segment) for segment in segments)
 
 
-class _NoRoom(Exception):
-    """Merging new pages into the running batch ran out of memory; `pages` were not merged."""
-
-    def __init__(self, pages: list[tuple[Request, _Encoded]], error: BaseException) -> None:
-        super().__init__(str(error))
-        self.pages = pages
-        self.error = error
-
-
 @dataclass(frozen=True)
 class _Encoded:
     """A request after the processor: model inputs for one page (batch dim 1) and the resized size."""
@@ -402,7 +395,8 @@ class _Row:
     encoded: _Encoded  # kept so the page can restart after a failed step
     budget: int
     detector: LoopDetector | None
-    cached: int  # tokens of this page in the KV cache (left padding excluded)
+    slot: int  # its slot in the run's SlotCache
+    cached: int  # tokens of this page in its slot
     ids: list[int] = field(default_factory=list)
     probs: list[float] = field(default_factory=list)  # the probability of each of `ids`
     finish: Finish = Finish.LENGTH
@@ -429,139 +423,41 @@ class _Row:
 
 @dataclass
 class _Batch:
-    """Rows decoding together over one left-padded KV cache; `mask` is 0 over each row's padding."""
+    """Rows decoding together, each in its own slot of `cache`."""
 
     rows: list[_Row] = field(default_factory=list)
-    cache: Any = None
-    mask: torch.Tensor | None = None  # [rows, cache columns]
+    cache: SlotCache | None = None  # allocated when the first page joins, freed after a failed step
     tokens: torch.Tensor | None = None  # [rows]: the token each row feeds next
-    probs: torch.Tensor | None = None  # [rows]: the probability of `tokens` (after prefill; not merged)
 
     def clear(self) -> None:
-        """Forget every row and free the cache."""
-        self.rows, self.cache, self.mask, self.tokens = [], None, None, None
+        """Forget every row, freeing their slots."""
+        if self.cache is not None:
+            for row in self.rows:
+                self.cache.release(row.slot)
+        self.rows, self.tokens = [], None
 
-    def merge(self, other: _Batch) -> None:
-        """Append `other`'s rows, left-padding the shorter cache with masked columns.
-
-        Layer by layer, so the extra memory is one layer's cache, not the whole cache again; a failure
-        half way leaves the batch unusable (the caller restarts its pages).
-        """
+    def add(self, rows: list[_Row], tokens: torch.Tensor) -> None:
+        """Append rows already prefilled into their slots, with the token each feeds next."""
         import torch
 
-        if not self.rows:
-            self.rows, self.cache, self.mask, self.tokens = other.rows, other.cache, other.mask, other.tokens
-            return
-        assert self.mask is not None and other.mask is not None and self.tokens is not None
-        assert other.tokens is not None
-        width = max(self.mask.shape[1], other.mask.shape[1])
-        for mine, theirs in zip(self.cache.layers, other.cache.layers, strict=True):
-            mine.keys = torch.cat([_left_pad(mine.keys, width), _left_pad(theirs.keys, width)])
-            theirs.keys = None
-            mine.values = torch.cat([_left_pad(mine.values, width), _left_pad(theirs.values, width)])
-            theirs.values = None
-        self.mask = torch.cat([_left_pad(self.mask, width), _left_pad(other.mask, width)])
-        self.tokens = torch.cat([self.tokens, other.tokens])
-        self.rows = self.rows + other.rows
+        self.tokens = tokens if self.tokens is None else torch.cat([self.tokens, tokens])
+        self.rows = self.rows + rows
 
     def drop(self, indices: list[int]) -> None:
-        """Remove rows from the batch and trim cache columns that are padding for every remaining row."""
-        import torch
-
+        """Remove rows from the batch and free their slots."""
         gone = set(indices)
         keep = [i for i in range(len(self.rows)) if i not in gone]
+        assert self.cache is not None and self.tokens is not None
+        for i in indices:
+            self.cache.release(self.rows[i].slot)
         if not keep:
-            self.clear()
+            self.rows, self.tokens = [], None
             return
-        assert self.mask is not None and self.tokens is not None
-        index = torch.tensor(keep, device=self.mask.device)
+        if len(keep) < len(self.rows):
+            import torch
+
+            self.tokens = self.tokens[torch.tensor(keep, device=self.tokens.device)]
         self.rows = [self.rows[i] for i in keep]
-        mask = self.mask[index]
-        start = int(mask.any(dim=0).int().argmax())  # padding is on the left, so leading columns go first
-        self.mask = mask[:, start:]
-        self.tokens = self.tokens[index]
-        for layer in self.cache.layers:
-            layer.keys = layer.keys[index, :, start:]
-            layer.values = layer.values[index, :, start:]
-
-
-def _left_pad(tensor: torch.Tensor, width: int) -> torch.Tensor:
-    """Pad a [rows, columns] mask or a [rows, heads, columns, dim] cache tensor on the left with zeros."""
-    import torch
-
-    if tensor.dim() == 2:
-        missing = width - tensor.shape[1]
-        return torch.nn.functional.pad(tensor, (missing, 0)) if missing else tensor
-    missing = width - tensor.shape[-2]
-    return torch.nn.functional.pad(tensor, (0, 0, missing, 0)) if missing else tensor
-
-
-def _new_cache(model: Any) -> Any:
-    """Return an empty KV cache whose layers grow in place instead of re-concatenating every step."""
-    from transformers import DynamicCache
-
-    cache = DynamicCache()
-    layer_class = _growing_layer_class()
-    cache.layers = [layer_class() for _ in range(model.config.text_config.layers)]
-    cache.layer_class_to_replicate = None
-    return cache
-
-
-@functools.cache
-def _growing_layer_class() -> type:
-    """Build (once) a DynamicLayer that keeps spare columns, so a decode step writes in place.
-
-    transformers' DynamicLayer concatenates the whole cache with the new token at every step, which
-    copies every row's KV (2052 prompt tokens and more) once per token; here `update` writes into
-    spare capacity and only reallocates every `GROW_COLUMNS` tokens.
-    """
-    from transformers.cache_utils import DynamicLayer
-
-    class GrowingLayer(DynamicLayer):
-        # `keys`/`values` read as the filled part of a buffer with spare columns; assigning them
-        # (as batch_select_indices and _Batch do) replaces the buffer, filled to its full width.
-        def __init__(self) -> None:
-            self._buffers: dict[str, Any] = {"keys": None, "values": None}
-            self._lengths = {"keys": 0, "values": 0}
-            super().__init__()
-
-        def _get(self, name: str) -> Any:
-            buffer = self._buffers[name]
-            return buffer if buffer is None or buffer.dim() < 3 else buffer[:, :, : self._lengths[name]]
-
-        def _set(self, name: str, value: Any) -> None:
-            self._buffers[name] = value
-            self._lengths[name] = 0 if value is None or value.dim() < 3 else value.shape[-2]
-
-        keys = property(lambda self: self._get("keys"), lambda self, value: self._set("keys", value))
-        values = property(lambda self: self._get("values"), lambda self, value: self._set("values", value))
-
-        def get_seq_length(self) -> int:
-            return self._lengths["keys"] if self.is_initialized else 0
-
-        def update(self, key_states: Any, value_states: Any, *args: Any, **kwargs: Any) -> tuple[Any, Any]:
-            if not self.is_initialized or self.get_seq_length() == 0:
-                self.lazy_initialization(key_states, value_states)
-                self.keys, self.values = key_states, value_states
-                return key_states, value_states
-            start = self._lengths["keys"]
-            end = start + key_states.shape[-2]
-            for name, states in (("keys", key_states), ("values", value_states)):
-                buffer = self._buffers[name]
-                if end > buffer.shape[-2]:
-                    buffer = _grow(buffer, start, end + GROW_COLUMNS)
-                    self._buffers[name] = buffer
-                buffer[:, :, start:end] = states
-                self._lengths[name] = end
-            return self.keys, self.values
-
-    def _grow(tensor: torch.Tensor, length: int, capacity: int) -> torch.Tensor:
-        shape = (*tensor.shape[:2], capacity, tensor.shape[-1])
-        grown = tensor.new_zeros(shape)  # zero spare columns: readers may use the whole buffer
-        grown[:, :, :length] = tensor[:, :, :length]
-        return grown
-
-    return GrowingLayer
 
 
 class _Encoder:
@@ -705,15 +601,19 @@ def greedy_config(model: Any, max_new_tokens: int) -> Any:
     )
 
 
-def default_batch_size(device: str, dtype: Any = None, tokens: int = 4096) -> int:
-    """Pick how many pages decode together: from free memory on GPU and CPU, at most a measured cap on CPU."""
-    dtype_bytes = dtype.itemsize if dtype is not None else 2
-    kv_bytes_per_page = KV_BYTES_PER_TOKEN_PER_DTYPE_BYTE * dtype_bytes * (tokens + GROW_COLUMNS)
+def kv_bytes_per_token(model: Any, dtype: Any) -> int:
+    """Bytes of KV cache one token of a page takes: layers x (key, value) x embed_dim x the dtype's size."""
+    text = model.config.text_config
+    return text.layers * 2 * text.embed_dim * dtype.itemsize
+
+
+def default_batch_size(device: str, kv_bytes_per_page: int) -> int:
+    """Pick how many pages decode together: the slots free memory holds (on CPU, at most a measured cap)."""
     if device.startswith("cuda"):
         import torch
 
         free_bytes, _ = torch.cuda.mem_get_info(torch.device(device))
-        return max(1, min(CUDA_MAX_BATCH_SIZE, int(free_bytes * CUDA_MEMORY_SHARE // kv_bytes_per_page)))
+        return max(1, int(free_bytes * CUDA_MEMORY_SHARE // kv_bytes_per_page))
     if device == "cpu":
         import psutil
 

@@ -15,10 +15,10 @@ from kosmos_cli.model.patches import (
     native_bf16_cpu,
     own_weights,
     quantize_int8,
-    use_cpu_decode_attention,
     use_onednn_linears,
     use_sdpa_in_vision,
 )
+from kosmos_cli.model.slots import use_slot_attention
 
 if TYPE_CHECKING:
     import torch
@@ -225,8 +225,8 @@ def prepare_for_speed(runner: KosmosRunner) -> None:
     fit_positions(runner.model, runner.prompt_length + runner.max_new_tokens)
     if runner.model.config.vision_config._attn_implementation != "eager":
         use_sdpa_in_vision(runner.model)
-    if runner.device == "cpu" and runner.dtype != torch.float32 and not settings.compile:
-        use_cpu_decode_attention(runner.model)
+    if not settings.compile:
+        use_slot_attention(runner.model)
     changed = False
     if settings.quantize == "int8":
         quantize_int8(runner.model)

@@ -1,4 +1,4 @@
-"""What kosmos changes in a loaded model: attention kernels, oneDNN linears, int8, a longer position table."""
+"""What kosmos changes in a loaded model: vision attention, oneDNN linears, int8, a longer position table."""
 
 from __future__ import annotations
 
@@ -12,7 +12,6 @@ from kosmos_cli.errors import ModelLoadError
 if TYPE_CHECKING:
     import torch
 INT8_PREFIX = "text_model."  # the modules --quantize int8 quantizes: the decoder and its LM head
-CPU_DECODE_ATTENTION = "kosmos_cpu_decode"  # registered with transformers' AttentionInterface
 _MADV_DONTNEED = 4  # Linux's madvise advice: drop these pages (a file mapping reads them again)
 
 
@@ -58,71 +57,6 @@ def _vision_attention_sdpa(
         query, key, value, attn_mask=attention_mask, scale=self.scaling
     )
     return self.output(output.transpose(1, 2).reshape(*input_shape, -1)), None
-
-
-def use_cpu_decode_attention(model: Any) -> None:
-    """Make the text model's one-token (decode) attention in bf16/fp16 two matmuls over whole cache buffers.
-
-    torch's CPU flash-attention kernel is slow in bf16 for one query over a long cache, and a matmul
-    over the cache's filled columns (a strided view of the growing buffer) copies them first. Two
-    matmuls over the whole, contiguous buffer and a float32 softmax over the filled columns made a
-    bf16 decode step of 4 pages 1.8x faster on the 2-core CPU (BENCHMARKS.md); in fp32 the same
-    change was slower, so fp32 keeps SDPA. Scores are rounded to the model's dtype before the
-    softmax, as transformers' eager attention does. Prompts (more than one query) keep SDPA.
-    """
-    from transformers import AttentionInterface, AttentionMaskInterface
-    from transformers.masking_utils import sdpa_mask
-
-    if model.config.text_config._attn_implementation != "sdpa":
-        return  # an explicit --attn eager (or another kernel) stays as asked
-    AttentionInterface.register(CPU_DECODE_ATTENTION, _cpu_decode_attention)
-    AttentionMaskInterface.register(CPU_DECODE_ATTENTION, sdpa_mask)
-    model.set_attn_implementation({"text_config": CPU_DECODE_ATTENTION})
-
-
-def _cpu_decode_attention(
-    module: Any,
-    query: torch.Tensor,
-    key: torch.Tensor,
-    value: torch.Tensor,
-    attention_mask: torch.Tensor | None,
-    scaling: float | None = None,
-    **kwargs: Any,
-) -> tuple[torch.Tensor, None]:
-    """Attention for one query token as matmuls; SDPA for anything longer."""
-    import torch
-    from transformers.integrations.sdpa_attention import sdpa_attention_forward
-
-    if query.shape[2] != 1:
-        return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, **kwargs)
-    columns = key.shape[2]
-    key, value = _whole_buffer(key), _whole_buffer(value)
-    scores = torch.matmul(query, key.transpose(-1, -2))[..., :columns].float()
-    if scaling is not None:
-        scores *= scaling
-    if attention_mask is not None:
-        if attention_mask.dtype == torch.bool:
-            scores.masked_fill_(~attention_mask, float("-inf"))
-        else:
-            scores += attention_mask
-    weights = scores.softmax(dim=-1).to(value.dtype)
-    if value.shape[2] > columns:  # the spare columns are zeros (GrowingLayer) and get zero weight
-        weights = torch.nn.functional.pad(weights, (0, value.shape[2] - columns))
-    return torch.matmul(weights, value).transpose(1, 2).contiguous(), None
-
-
-def _whole_buffer(tensor: torch.Tensor) -> torch.Tensor:
-    """The contiguous [rows, heads, capacity, dim] buffer whose leading columns `tensor` is, if it is one."""
-    if tensor.is_contiguous():
-        return tensor
-    rows, heads, _, dim = tensor.shape
-    stride = tensor.stride()
-    whole_rows = (
-        stride[3] == 1 and stride[2] == dim and stride[1] % dim == 0 and stride[0] == heads * stride[1]
-    )
-    if whole_rows and tensor.storage_offset() == 0:
-        return tensor.as_strided((rows, heads, stride[1] // dim, dim), stride)
-    return tensor.contiguous()
 
 
 def use_onednn_linears(model: Any) -> int:
