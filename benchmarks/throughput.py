@@ -431,14 +431,13 @@ def decode_sweep(args: argparse.Namespace, batch_sizes: list[int], steps: int = 
     weight_bytes = decode_weight_bytes(runner.model.text_model)
     token_bytes = kv_bytes_per_token(runner.model, runner.dtype)
     for batch_size in (size or runner.batch_size for size in batch_sizes):  # 0: what kosmos would pick
-        cache = runner._new_cache(batch_size)
+        cache, batch_size = runner._new_cache(batch_size)
         rows = [runner._new_row(request, encoded, cache.take()) for _ in range(batch_size)]
         started = time.perf_counter()
         first, _ = runner._prefill(cache, rows[:1])
         synchronize(args.device)
         prefill = time.perf_counter() - started
-        for keys in (*cache.keys, *cache.values):  # every row holds the same page
-            keys[1:batch_size, :, : rows[0].cached] = keys[0, :, : rows[0].cached]
+        fill_slots_like_the_first(cache, batch_size, rows[0].cached)
         batch = _Batch(rows, cache, first.repeat(batch_size))
         runner._decode_step(batch)  # warm-up
         synchronize(args.device)
@@ -464,8 +463,8 @@ def kv_waste(args: argparse.Namespace, shortest: int, longest: int) -> None:
 
     Six times the batch size of pages get budgets drawn from `shortest`..`longest` tokens and run to
     them (EOS suppressed), through the real loop: pages join and leave the running batch as on a real
-    run. The columns read are counted inside the decode attention (`slots.slot_attention`, what its
-    kernel is given); the minimum is each row's own tokens, counted from the rows. All pages share
+    run. The columns read are counted where the decode attention's kernels are called (what each
+    multiplies); the minimum is each row's own tokens, counted from the rows. All pages share
     one prompt length P, so the excess does not depend on P: the ratio is given for this model's
     prompt and for the full-size model's 2,052-token prompt. The run's timing is reported too: the
     time to the first finished page and each decode step's time, with pages joining (their prefills
@@ -495,7 +494,7 @@ def kv_waste(args: argparse.Namespace, shortest: int, longest: int) -> None:
     counts = {"rows": 0, "generated": 0, "minimum": 0, "read": 0}
     step_times: list[float] = []
     prefill_times: list[float] = []
-    attention = slots.slot_attention
+    row_kernel, triton_kernel = slots._row_attention, slots._triton_attention
 
     def row_with_its_budget(request: Any, encoded: Any, slot: int) -> Any:
         nonlocal prompt
@@ -503,9 +502,15 @@ def kv_waste(args: argparse.Namespace, shortest: int, longest: int) -> None:
         row.budget, prompt = budgets[request.key], row.cached
         return row
 
-    def counting_attention(query: Any, keys: Any, values: Any, read: Any, **kwargs: Any) -> Any:
-        counts["read"] += sum(read.lengths)
-        return attention(query, keys, values, read, **kwargs)
+    def counting_row_kernel(query: Any, keys: Any, values: Any, lengths: Any, scaling: Any) -> Any:
+        counts["read"] += sum(buffer.shape[1] for buffer in keys)  # it multiplies whole buffers
+        return row_kernel(query, keys, values, lengths, scaling)
+
+    def counting_triton_kernel(
+        query: Any, keys: Any, values: Any, slots: Any, lengths: Any, scaling: Any
+    ) -> Any:
+        counts["read"] += int(lengths.sum())  # it reads each row up to its length (tests/test_slots.py)
+        return triton_kernel(query, keys, values, slots, lengths, scaling)
 
     def counting_step(batch: Any) -> Any:
         for row in batch.rows:
@@ -526,7 +531,7 @@ def kv_waste(args: argparse.Namespace, shortest: int, longest: int) -> None:
         return result
 
     runner._new_row, runner._decode_step, runner._prefill = row_with_its_budget, counting_step, timed_prefill  # type: ignore[method-assign]
-    slots.slot_attention = counting_attention  # type: ignore[assignment]
+    slots._row_attention, slots._triton_attention = counting_row_kernel, counting_triton_kernel
     with pymupdf.open(make_pdf(Path(tempfile.mkdtemp()) / "mix.pdf", pages)) as document:
         requests = [Request(number, render(page), Task(args.task)) for number, page in enumerate(document)]
     started = time.perf_counter()
@@ -535,7 +540,7 @@ def kv_waste(args: argparse.Namespace, shortest: int, longest: int) -> None:
         for _ in runner.generate(requests):
             first_page = first_page or time.perf_counter() - started
     finally:
-        slots.slot_attention = attention  # type: ignore[assignment]
+        slots._row_attention, slots._triton_attention = row_kernel, triton_kernel
     print(
         f"kv waste: {pages} pages of {shortest}-{longest} tokens ({sum(budgets)} in all), batch "
         f"{runner.batch_size}, {time.perf_counter() - started:.1f} s"
@@ -591,6 +596,19 @@ def synchronize(device: str) -> None:
 
     if device.startswith("cuda"):
         torch.cuda.synchronize()
+
+
+def fill_slots_like_the_first(cache: Any, slots: int, length: int) -> None:
+    """Copy slot 0's page into slots 1..slots-1 of a freshly prefilled cache."""
+    from kosmos_cli.model.slots import GrowingSlots
+
+    if isinstance(cache, GrowingSlots):
+        for layer in (*cache.keys, *cache.values):
+            layer[1:slots] = [layer[0].clone() for _ in range(1, slots)]
+        cache.lengths[1:slots] = [length] * (slots - 1)
+        return
+    for layer in (*cache.keys, *cache.values):
+        layer[1:slots, :, :length] = layer[0, :, :length]
 
 
 def release_device_memory(device: str) -> None:

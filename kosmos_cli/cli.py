@@ -47,6 +47,7 @@ from kosmos_cli.config import (
     DEFAULT_PAGE_TIMEOUT,
     DEVICES,
     DTYPES,
+    KV_DTYPES,
     MODEL_ENV,
     QUANTIZATIONS,
     RAY_ADDRESS_ENV,
@@ -117,6 +118,7 @@ def _choices(name: str, values: Iterable[str]) -> type[Enum]:
 
 if TYPE_CHECKING:  # made at runtime from the one list of each option's choices
     DType: TypeAlias = Enum
+    KvDType: TypeAlias = Enum
     Attention: TypeAlias = Enum
     Quantization: TypeAlias = Enum
     TextLayerMode: TypeAlias = Enum
@@ -125,6 +127,7 @@ if TYPE_CHECKING:  # made at runtime from the one list of each option's choices
     ConvertFormat: TypeAlias = Enum
 else:
     DType = _choices("DType", DTYPES)
+    KvDType = _choices("KvDType", KV_DTYPES)
     Attention = _choices("Attention", ATTENTIONS)
     Quantization = _choices("Quantization", QUANTIZATIONS)
     TextLayerMode = _choices("TextLayerMode", TEXT_LAYERS)
@@ -231,6 +234,15 @@ Quantize = Annotated[
         show_default=False,
     ),
 ]
+KvDTypeOpt = Annotated[
+    KvDType,
+    typer.Option(
+        "--kv-dtype",
+        help="What the KV cache stores; auto: the weights' dtype. A smaller one holds more pages and reads"
+        " fewer bytes a token: float8 (e4m3, GPUs of compute capability 8.9+) halves a 16-bit cache; output"
+        " may drift (see BENCHMARKS.md).",
+    ),
+]
 Threads = Annotated[
     Optional[int],  # noqa: UP045
     typer.Option(
@@ -320,6 +332,7 @@ class RunOptions:
     max_new_tokens: MaxNewTokens = None
     compile: Compile = False
     quantize: Quantize = None
+    kv_dtype: KvDTypeOpt = "auto"  # type: ignore[assignment]
     threads: Threads = None
     ray: Ray = False
     ray_address: RayAddress = None
@@ -340,6 +353,7 @@ class RunOptions:
             max_new_tokens=self.max_new_tokens,
             compile=self.compile,
             quantize=self.quantize.value if self.quantize is not None else None,
+            kv_dtype=self.kv_dtype.value,
             threads=self.threads,
         )
 

@@ -21,6 +21,7 @@ DEVICES = ("auto", "cpu", "cuda", "cuda:N", "mps")
 DTYPES = ("auto", "bfloat16", "float16", "float32")
 ATTENTIONS = ("auto", "sdpa", "eager", "flash_attention_2")
 QUANTIZATIONS = ("int8",)
+KV_DTYPES = ("auto", "bfloat16", "float16", "float8")  # --kv-dtype: the KV cache's; auto: the weights'
 TEXT_LAYERS = ("auto", "ignore", "only")  # --text-layer: how a PDF page's own text is used (`text_layer`)
 # The reference's budget: microsoft/unilm kosmos-2.5/inference.py generates up to max_len_b=4000 new
 # tokens. A dense OCR page costs about 24 tokens a line, so 2,044 (what the 4096-row position table
@@ -68,6 +69,7 @@ class Settings:
     max_new_tokens: int | None = None  # None: DEFAULT_MAX_NEW_TOKENS
     compile: bool = False  # static KV cache + torch.compile'd decode, in fixed batches (GPU)
     quantize: str | None = None  # one of QUANTIZATIONS: int8 linears in the text decoder (CPU only)
+    kv_dtype: str = "auto"  # one of KV_DTYPES: what the KV cache stores (float8: e4m3, no scale)
     threads: int | None = None  # CPU threads; None: the cores this process may run on
     detect_loops: bool = True  # stop a page whose output repeats itself (no CLI option)
     ignore_eos: bool = False  # benchmarks only: always generate max_new_tokens (no CLI option)
@@ -78,6 +80,7 @@ class Settings:
             ("dtype", self.dtype, DTYPES),
             ("attn", self.attn, ATTENTIONS),
             ("quantize", self.quantize, (None, *QUANTIZATIONS)),
+            ("kv-dtype", self.kv_dtype, KV_DTYPES),
         ):
             if value not in choices:
                 shown = ", ".join(str(choice) for choice in choices if choice is not None)
@@ -99,6 +102,11 @@ class Settings:
                 raise UsageError("--quantize int8 needs float32 weights", hint=hint)
             if self.compile:
                 raise UsageError("--quantize and --compile do not work together", hint="pick one")
+        if self.kv_dtype != "auto" and self.compile:
+            raise UsageError(
+                "--kv-dtype applies to kosmos's own KV cache, and --compile uses transformers' static one",
+                hint="drop one of them",
+            )
 
 
 @dataclass(frozen=True)

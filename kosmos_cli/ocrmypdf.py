@@ -9,7 +9,7 @@ plugin starts in OCRmyPDF's main process (`check_options`); workers send it thei
 pages from all workers decode together, so `-j N` is also how many pages share a batch.
 
 Options (`ocrmypdf --help`, group "Kosmos-2.5"): `--kosmos-model`, `--kosmos-revision`,
-`--kosmos-device`, `--kosmos-dtype`, `--kosmos-batch-size`, `--kosmos-max-new-tokens`,
+`--kosmos-device`, `--kosmos-dtype`, `--kosmos-kv-dtype`, `--kosmos-batch-size`, `--kosmos-max-new-tokens`,
 `--kosmos-threads`; the same as `kosmos ocr`'s options of those names. Python:
 `ocrmypdf.ocr(..., plugins=["kosmos_cli.ocrmypdf"], kosmos_model="...")`.
 
@@ -34,7 +34,7 @@ from ocrmypdf.pluginspec import OcrEngine, OrientationConfidence
 from pydantic import BaseModel
 
 from kosmos_cli import __version__
-from kosmos_cli.config import DTYPES, Settings, default_model
+from kosmos_cli.config import DTYPES, KV_DTYPES, Settings, default_model
 from kosmos_cli.errors import KosmosError
 
 if TYPE_CHECKING:
@@ -55,6 +55,7 @@ class KosmosOptions(BaseModel):
     revision: str | None = None
     device: str = "auto"
     dtype: str = "auto"
+    kv_dtype: str = "auto"
     batch_size: int | None = None
     max_new_tokens: int | None = None
     threads: int | None = None
@@ -84,6 +85,9 @@ def add_options(parser: Any) -> None:
     )
     group.add_argument("--kosmos-device", dest="kosmos_device", help="auto, cpu, cuda, cuda:N or mps.")
     group.add_argument("--kosmos-dtype", dest="kosmos_dtype", choices=DTYPES, help="Weights' dtype.")
+    group.add_argument(
+        "--kosmos-kv-dtype", dest="kosmos_kv_dtype", choices=KV_DTYPES, help="The KV cache's dtype."
+    )
     group.add_argument(
         "--kosmos-batch-size", dest="kosmos_batch_size", type=int, help="Most pages decoding together."
     )

@@ -294,6 +294,32 @@ def test_a_failed_prefill_of_joining_pages_retries_them_in_halves(
     assert_matches_reference(runner, requests, got, variant=EARLY)
 
 
+@pytest.mark.parametrize("room", [1, 0])
+def test_no_room_for_the_cache_slots_halves_them(
+    tiny_checkpoint: Path, room: int, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    runner = load(tiny_checkpoint, batch_size=4)
+    end_ocr_pages_early(runner)
+    asked: list[int] = []
+    for_model = SlotCache.for_model
+
+    def scarce(model: object, *, slots: int, **sizes: object) -> SlotCache:
+        asked.append(slots)
+        if slots > room:
+            raise torch.OutOfMemoryError("CUDA out of memory (scripted)")
+        return for_model(model, slots=slots, **sizes)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(SlotCache, "for_model", scarce)
+    requests = pages(3)
+    with caplog.at_level(logging.WARNING, logger="kosmos_cli.model.batching"):
+        outcomes = dict((request.key, outcome) for request, outcome in runner.generate(requests))
+    assert asked[:3] == [4, 2, 1] and "no room for 4 cache slots" in caplog.text
+    if room:
+        assert_matches_reference(runner, requests, outcomes, variant=EARLY)  # type: ignore[arg-type]
+    else:
+        assert {outcome.message for outcome in outcomes.values()} == {"out of memory even alone"}  # type: ignore[union-attr]
+
+
 def test_budget_is_reported_as_length(runner: KosmosRunner) -> None:
     set_eos_row(runner, torch.zeros_like(runner.model.text_model.model.embed_tokens.weight[EOS]))
     got = generate(runner, pages(3))

@@ -88,7 +88,8 @@ def test_flash_attention_stays_near_float32(tiny_checkpoint: Path) -> None:
     not os.environ.get(FULL_MODEL_ENV), reason=f"set {FULL_MODEL_ENV} to a full-size checkpoint"
 )
 def test_out_of_memory_halves_the_batch_and_every_page_finishes() -> None:
-    """With the GPU capped a little above the weights, 16 full-size pages cannot prefill together."""
+    """With the GPU capped a little above the weights, 16 full-size pages have no room for their cache
+    slots (4.9 GB) nor for prefilling together."""
     runner = load_runner(
         Settings(
             model=os.environ[FULL_MODEL_ENV], device="cuda", dtype="bfloat16", batch_size=16, max_new_tokens=8,

@@ -1,4 +1,4 @@
-"""The slot KV cache and its decode attention: each row reads its own slot's filled columns, exactly."""
+"""The slot KV cache and its decode attention: each row reads its own slot's filled columns."""
 
 from __future__ import annotations
 
@@ -9,61 +9,68 @@ import pytest
 import torch
 
 from kosmos_cli.model import slots
-from kosmos_cli.model.slots import SlotCache, SlotRead
+from kosmos_cli.model.slots import GROW_COLUMNS, FixedSlots, GrowingSlots
 
-# (heads, head_dim, each row's (slot, length)): lengths across the Triton kernel's 64-column blocks,
-# a head size that is not a power of two (the full-size model's 96), slots out of order.
+# (heads, head_dim, each row's (slot, length)): lengths across the kernels' 64-column blocks, a head
+# size that is not a power of two (the full-size model's 96), slots out of order.
 CASES = [
     (2, 16, [(0, 1)]),
     (3, 96, [(4, 1), (0, 65), (2, 300)]),
     (16, 96, [(1, 64), (3, 63), (0, 128), (2, 129)]),
 ]
+TOLERANCES = [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)]
 
 
-def read_of(rows: list[tuple[int, int]]) -> SlotRead:
-    slot_list, lengths = [slot for slot, _ in rows], [length for _, length in rows]
-    return SlotRead(slot_list, lengths, torch.tensor(slot_list), torch.tensor(lengths, dtype=torch.int32))
-
-
-def buffers(heads: int, dim: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    generator = torch.Generator().manual_seed(heads * dim)
-    keys, values = torch.randn(2, 5, heads, 300, dim, generator=generator).to(dtype)
-    return keys, values
-
-
-def reference(
-    query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, rows: list[tuple[int, int]]
-) -> torch.Tensor:
-    """Each row alone, in float64, as transformers' eager attention computes it: [rows, 1, heads, dim]."""
+def reference(query: torch.Tensor, keys: list[torch.Tensor], values: list[torch.Tensor]) -> torch.Tensor:
+    """Each row alone over exactly its tokens, in float64: [rows, 1, heads, dim]."""
     outputs = []
-    for row, (slot, length) in enumerate(rows):
-        k, v = keys[slot, :, :length].double(), values[slot, :, :length].double()
-        weights = (query[row].double() @ k.transpose(-1, -2) * 0.125).softmax(dim=-1)
-        outputs.append((weights @ v).transpose(0, 1))
+    for row, (k, v) in enumerate(zip(keys, values, strict=True)):
+        weights = (query[row].double() @ k.double().transpose(-1, -2) * 0.125).softmax(dim=-1)
+        outputs.append((weights @ v.double()).transpose(0, 1))
     return torch.stack(outputs)
 
 
+def filled(heads: int, dim: int, rows: list[tuple[int, int]], dtype: torch.dtype) -> GrowingSlots:
+    """A GrowingSlots cache holding random tokens, written as a prefill and then decode steps would."""
+    cache = GrowingSlots(5, layers=1, heads=heads, head_dim=dim, dtype=dtype, device="cpu")
+    generator = torch.Generator().manual_seed(heads * dim)
+    for slot, length in rows:
+        states = torch.randn(2, 1, heads, length, dim, generator=generator).to(dtype)
+        prompt = max(1, length // 2)
+        cache.at([slot])
+        cache.update(states[0, :, :, :prompt], states[1, :, :, :prompt], 0)
+        for column in range(prompt, length):
+            cache.at([slot], [column])
+            cache.update(states[0, :, :, column : column + 1], states[1, :, :, column : column + 1], 0)
+    return cache
+
+
 @pytest.mark.parametrize(("heads", "dim", "rows"), CASES)
-@pytest.mark.parametrize(("dtype", "tolerance"), [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
-def test_row_attention_reads_each_rows_own_columns(
+@pytest.mark.parametrize(("dtype", "tolerance"), TOLERANCES)
+def test_growing_slots_attend_over_each_rows_own_tokens(
     heads: int, dim: int, rows: list[tuple[int, int]], dtype: torch.dtype, tolerance: float
 ) -> None:
-    keys, values = buffers(heads, dim, dtype)
-    for slot, length in rows:  # what lies past a row's length must not count: NaN would spread
-        keys[slot, :, length:] = float("nan")
-        values[slot, :, length:] = float("nan")
+    cache = filled(heads, dim, rows, dtype)
+    for slot, length in rows:
+        width = cache.keys[0][slot].shape[1]
+        assert width == -(-length // GROW_COLUMNS) * GROW_COLUMNS, "grown a block at a time"
+        assert not cache.keys[0][slot][:, length:].any() and not cache.values[0][slot][:, length:].any()
     query = torch.randn(len(rows), heads, 1, dim).to(dtype)
-    got = slots._row_attention(query, keys, values, read_of(rows), 0.125)
+    cache.at([slot for slot, _ in rows], [length for _, length in rows])
+    got = cache.attend(query, 0, 0.125)
     assert got.shape == (len(rows), 1, heads, dim) and got.dtype == dtype
-    torch.testing.assert_close(
-        got.double(), reference(query, keys, values, rows), rtol=tolerance, atol=tolerance
+    expected = reference(
+        query,
+        [cache.keys[0][slot][:, :length] for slot, length in rows],
+        [cache.values[0][slot][:, :length] for slot, length in rows],
     )
+    torch.testing.assert_close(got.double(), expected, rtol=tolerance, atol=tolerance)
 
 
 @pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="Triton is not installed")
 @pytest.mark.parametrize(("heads", "dim", "rows"), CASES)
-@pytest.mark.parametrize(("dtype", "tolerance"), [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
-def test_triton_kernel_matches_each_row_alone(
+@pytest.mark.parametrize(("dtype", "tolerance"), TOLERANCES)
+def test_triton_kernel_reads_each_rows_own_tokens(
     heads: int,
     dim: int,
     rows: list[tuple[int, int]],
@@ -74,50 +81,74 @@ def test_triton_kernel_matches_each_row_alone(
     # Triton's interpreter runs the kernel's own code on the CPU, so CI checks what CUDA runs.
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     slots._decode_kernel.cache_clear()
+    cache = FixedSlots(5, layers=1, heads=heads, head_dim=dim, capacity=300, dtype=dtype, device="cpu")
+    for layer in (*cache.keys, *cache.values):  # what lies past a row's length must not count
+        layer.fill_(float("nan"))
+    generator = torch.Generator().manual_seed(heads * dim)
+    for slot, length in rows:
+        states = torch.randn(2, 1, heads, length, dim, generator=generator).to(dtype)
+        cache.at([slot])
+        cache.update(states[0], states[1], 0)
+    query = torch.randn(len(rows), heads, 1, dim).to(dtype)
+    cache.at([slot for slot, _ in rows], [length - 1 for _, length in rows])  # the step writing each last one
+    cache.update(
+        *(torch.stack([cache.keys[0][slot, :, length - 1 : length] for slot, length in rows]),) * 2, 0
+    )
     try:
-        keys, values = buffers(heads, dim, dtype)
-        for slot, length in rows:
-            keys[slot, :, length:] = float("nan")
-            values[slot, :, length:] = float("nan")
-        query = torch.randn(len(rows), heads, 1, dim).to(dtype)
-        got = slots._triton_attention(query, keys, values, read_of(rows), 0.125)
+        got = cache.attend(query, 0, 0.125)
     finally:
         slots._decode_kernel.cache_clear()
     assert got.shape == (len(rows), 1, heads, dim) and got.dtype == dtype
-    torch.testing.assert_close(
-        got.double(), reference(query, keys, values, rows), rtol=tolerance, atol=tolerance
+    expected = reference(
+        query,
+        [cache.keys[0][slot, :, :length] for slot, length in rows],
+        [cache.values[0][slot, :, :length] for slot, length in rows],
     )
+    torch.testing.assert_close(got.double(), expected, rtol=tolerance, atol=tolerance)
 
 
 def test_slots_are_taken_and_given_back() -> None:
-    cache = SlotCache(layers=1, slots=3, heads=1, capacity=4, head_dim=2, dtype=torch.float32, device="cpu")
+    cache = GrowingSlots(3, layers=1, heads=1, head_dim=2, dtype=torch.float32, device="cpu")
     assert [cache.take(), cache.take()] == [0, 1]
+    cache.at([0])
+    cache.update(torch.ones(1, 1, 3, 2), torch.ones(1, 1, 3, 2), 0)
     cache.release(0)
+    assert cache.keys[0][0] is None, "a freed slot's memory goes back"
     assert [cache.take(), cache.take()] == [0, 2]
     with pytest.raises(IndexError):
         cache.take()
 
 
-def test_a_prefill_fills_its_slots_from_column_0_and_a_step_writes_each_rows_next_column() -> None:
-    cache = SlotCache(layers=2, slots=3, heads=2, capacity=6, head_dim=4, dtype=torch.float32, device="cpu")
-    for layer in (*cache.keys, *cache.values):
-        layer.fill_(-1)
+@pytest.mark.parametrize("kind", ["fixed", "growing"])
+def test_a_prefill_fills_its_slots_from_column_0_and_a_step_writes_each_rows_next_column(kind: str) -> None:
+    sizes = {"layers": 2, "heads": 2, "head_dim": 4, "dtype": torch.float32, "device": "cpu"}
+    cache = FixedSlots(3, capacity=70, **sizes) if kind == "fixed" else GrowingSlots(3, **sizes)  # type: ignore[arg-type]
+
+    def slot(layer: int, index: int) -> torch.Tensor:
+        return cache.keys[layer][index][:, :6]
+
+    if isinstance(cache, FixedSlots):
+        for layer in (*cache.keys, *cache.values):
+            layer.fill_(-1)
     prompt = torch.arange(2 * 2 * 3 * 4, dtype=torch.float32).view(2, 2, 3, 4)  # two pages, three tokens
-    cache.at(torch.tensor([2, 0]), 0)
+    cache.at([2, 0])
     got = cache.update(prompt, -prompt, 1)
     assert got[0] is prompt, "a prefill attends over its own states"
-    assert torch.equal(cache.keys[1][2, :, :3], prompt[0]) and torch.equal(cache.keys[1][0, :, :3], prompt[1])
-    assert torch.equal(cache.values[1][2, :, :3], -prompt[0])
-    assert (cache.keys[0] == -1).all() and (cache.keys[1][1] == -1).all(), "only that layer and those slots"
+    assert torch.equal(slot(1, 2)[:, :3], prompt[0]) and torch.equal(slot(1, 0)[:, :3], prompt[1])
+    assert torch.equal(cache.values[1][2][:, :3], -prompt[0])
     new = torch.full((2, 2, 1, 4), 7.0)
-    cache.at(torch.tensor([0, 2]), torch.tensor([3, 5]))  # rows of different lengths
-    keys, _ = cache.update(new, new, 1)
-    assert keys is cache.keys[1]
-    assert (keys[0, :, 3] == 7).all() and (keys[2, :, 5] == 7).all()
-    assert (keys[0, :, 4:] == -1).all() and (keys[2, :, 3:5] == -1).all()
+    cache.at([0, 2], [3, 5])  # rows of different lengths
+    cache.update(new, new, 1)
+    assert (slot(1, 0)[:, 3] == 7).all() and (slot(1, 2)[:, 5] == 7).all()
+    assert (slot(1, 0)[:, 4:] != 7).all() and (slot(1, 2)[:, 3:5] != 7).all()
+    if isinstance(cache, FixedSlots):
+        assert (cache.keys[0] == -1).all() and (cache.keys[1][1] == -1).all(), "only that layer and slots"
+    else:
+        assert cache.keys[0][1] is None and cache.keys[1][1] is None
+        assert cache.lengths == [4, 0, 6]
 
 
-def test_cpu_runner_uses_the_row_kernel(tiny_checkpoint: Path) -> None:
+def test_the_cpu_runner_decodes_through_slots(tiny_checkpoint: Path) -> None:
     from kosmos_cli.config import Settings
     from kosmos_cli.model.loading import load_runner
 
@@ -125,6 +156,7 @@ def test_cpu_runner_uses_the_row_kernel(tiny_checkpoint: Path) -> None:
         Settings(model=str(tiny_checkpoint), device="cpu", dtype="float32", max_new_tokens=4)
     )
     assert runner.model.config.text_config._attn_implementation == f"{slots.SLOT_ATTENTION}:sdpa"
+    assert isinstance(runner._new_cache(2)[0], GrowingSlots)
     compiled = load_runner(
         Settings(model=str(tiny_checkpoint), device="cpu", dtype="float32", max_new_tokens=4, compile=True)
     )

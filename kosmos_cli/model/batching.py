@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 from kosmos_cli.config import DEFAULT_MAX_NEW_TOKENS, Settings
 from kosmos_cli.errors import GenerationError, first_line
 from kosmos_cli.model import Arrivals, Request
-from kosmos_cli.model.slots import SlotCache, SlotRead
+from kosmos_cli.model.slots import SlotCache
 from kosmos_cli.repetition import Decode, Loop, LoopDetector, LoopRule, find_loop
 from kosmos_cli.values import Finish, Generation, Task
 
@@ -54,17 +54,20 @@ def cache_argument(model: Any) -> str:
 class KosmosRunner:
     """A loaded Kosmos-2.5 model and processor with greedy, continuously batched generation."""
 
-    def __init__(self, *, model: Any, processor: Any, settings: Settings, device: str, dtype: Any) -> None:
+    def __init__(
+        self, *, model: Any, processor: Any, settings: Settings, device: str, dtype: Any, kv_dtype: Any = None
+    ) -> None:
         self.model = model
         self.processor = processor
         self.settings = settings
         self.device = device
         self.dtype = dtype
+        self.kv_dtype = kv_dtype or dtype  # what the KV cache stores
         self.prompt_length = processor.num_image_tokens + 4  # <s> <image> ... </image> <task>
         self.max_new_tokens = settings.max_new_tokens or DEFAULT_MAX_NEW_TOKENS
         self.capacity = self.prompt_length + self.max_new_tokens  # KV columns a page can fill
         self.batch_size = settings.batch_size or default_batch_size(
-            device, kv_bytes_per_token(model, dtype) * self.capacity
+            device, kv_bytes_per_token(model, self.kv_dtype) * self.capacity
         )
         self.eos_id = int(model.generation_config.eos_token_id)
         self.pad_id = int(model.config.text_config.pad_token_id)
@@ -117,9 +120,16 @@ class KosmosRunner:
                         yield request, encoded
                     else:
                         joining.append((request, encoded))
+                if joining and batch.cache is None:
+                    try:
+                        batch.cache, limit = self._new_cache(limit)
+                    except PAGE_ERRORS as error:  # not even one slot: these pages cannot run
+                        for request, _ in joining:
+                            yield request, _page_error(error)
+                        continue
+                    waiting.extendleft(reversed(joining[limit:]))
+                    joining = joining[:limit]
                 if joining:
-                    if batch.cache is None:
-                        batch.cache = self._new_cache(limit)
                     for start in range(0, len(joining), PREFILL_GROUP):
                         yield from self._join(batch, joining[start : start + PREFILL_GROUP])
             if not batch.rows:
@@ -138,11 +148,24 @@ class KosmosRunner:
                 continue
             yield from self._advance(batch, tokens, probs)
 
-    def _new_cache(self, slots: int) -> SlotCache:
-        """Allocate the KV cache slots of a run."""
-        return SlotCache.for_model(
-            self.model, slots=slots, capacity=self.capacity, dtype=self.dtype, device=self.device
-        )
+    def _new_cache(self, slots: int) -> tuple[SlotCache, int]:
+        """Allocate a run's KV cache slots, halving their number while there is no room; return it and
+        the number of slots."""
+        while True:
+            try:
+                cache = SlotCache.for_model(
+                    self.model, slots=slots, capacity=self.capacity, dtype=self.kv_dtype, device=self.device
+                )
+            except PAGE_ERRORS as error:
+                if slots == 1 or not _is_out_of_memory(error):
+                    raise
+                _release_memory()
+                logger.warning(
+                    "no room for %d cache slots (%s); trying %d", slots, first_line(error), slots // 2
+                )
+                slots //= 2
+                continue
+            return cache, slots
 
     def _join(
         self, batch: _Batch, joining: list[tuple[Request, _Encoded]]
@@ -182,7 +205,7 @@ class KosmosRunner:
         inputs = {
             key: torch.cat([e.inputs[key] for e in encoded]).to(self.device) for key in encoded[0].inputs
         }
-        cache.at(torch.tensor([row.slot for row in rows], device=self.device), 0)
+        cache.at([row.slot for row in rows])
         with torch.inference_mode():
             output = self.model(**inputs, **{self.cache_argument: cache}, use_cache=True, logits_to_keep=1)
         return self._pick(output.logits[:, -1, :])
@@ -193,22 +216,19 @@ class KosmosRunner:
 
         assert batch.tokens is not None and batch.cache is not None
         input_ids = batch.tokens[:, None]
-        slots = [row.slot for row in batch.rows]
         lengths = [row.cached for row in batch.rows]
-        slot_index = torch.tensor(slots, device=input_ids.device)
-        columns = torch.tensor(lengths, device=input_ids.device)
+        columns = torch.tensor(lengths, device=input_ids.device)[:, None]
         # Kosmos' sinusoidal positions count from padding_idx + 1 over the row's own tokens, as
         # transformers computes them for a page alone (a pad token keeps the padding position).
-        position_ids = torch.where(input_ids == self.pad_id, self.pad_id, self.pad_id + 1 + columns[:, None])
-        batch.cache.at(slot_index, columns)
-        read = SlotRead(slots, [length + 1 for length in lengths], slot_index, (columns + 1).int())
+        position_ids = torch.where(input_ids == self.pad_id, self.pad_id, self.pad_id + 1 + columns)
+        batch.cache.at([row.slot for row in batch.rows], lengths)
         with torch.inference_mode():
             output = self.model(
                 input_ids=input_ids,
                 **{self.cache_argument: batch.cache},
                 position_ids=position_ids,
                 use_cache=True,
-                slot_read=read,
+                slot_cache=batch.cache,
             )
         for row in batch.rows:
             row.cached += 1

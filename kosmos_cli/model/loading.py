@@ -47,6 +47,7 @@ def output_settings(settings: Settings, *, resolve: bool = True) -> dict[str, An
         "dtype": dtype,
         "attn": attn,
         "quantize": settings.quantize,
+        "kv_dtype": settings.kv_dtype,
         "max_new_tokens": settings.max_new_tokens,
         "compile": settings.compile,
         "detect_loops": settings.detect_loops,
@@ -114,6 +115,22 @@ def resolve_dtype(dtype: str, device: str, *, quantize: str | None = None) -> to
     return getattr(torch, dtype)
 
 
+def resolve_kv_dtype(kv_dtype: str, device: str, dtype: torch.dtype) -> torch.dtype:
+    """The KV cache's dtype: the weights' for `auto`; float8 is e4m3, which CUDA GPUs read from 8.9 on."""
+    import torch
+
+    if kv_dtype == "auto":
+        return dtype
+    if kv_dtype == "float8":
+        if device.startswith("cuda") and torch.cuda.get_device_capability(torch.device(device)) < (8, 9):
+            raise UsageError(
+                "--kv-dtype float8 needs a GPU of compute capability 8.9 or later (Ada, Hopper)",
+                hint="use --kv-dtype float16 or leave it auto",
+            )
+        return torch.float8_e4m3fn
+    return getattr(torch, kv_dtype)
+
+
 def resolve_attn(attn: str, device: str, dtype: torch.dtype) -> str:
     """Pick flash attention 2 when installed and usable, else SDPA."""
     import torch
@@ -169,7 +186,10 @@ def load_runner(settings: Settings) -> KosmosRunner:
         raise _load_error(source, error) from error
     model.to(device).eval()
     logger.info("loaded %s on %s as %s with %s attention", source, device, dtype, attn)
-    runner = KosmosRunner(model=model, processor=processor, settings=settings, device=device, dtype=dtype)
+    kv_dtype = resolve_kv_dtype(settings.kv_dtype, device, dtype)
+    runner = KosmosRunner(
+        model=model, processor=processor, settings=settings, device=device, dtype=dtype, kv_dtype=kv_dtype
+    )
     prepare_for_speed(runner)
     return runner
 

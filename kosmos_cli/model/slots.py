@@ -1,79 +1,60 @@
-"""A KV cache of fixed page slots, and the decode attention that reads each page's own tokens only.
+"""A KV cache of page slots, and the decode attention that reads each page's own tokens only.
 
-Every page in the running batch owns one slot: a [heads, capacity, head_dim] key and value buffer
-per layer, allocated once for the run. A page joins by prefilling into a free slot and leaves by
-freeing it; nothing else moves. A decode step writes each row's new token at its own length and
-reads, per row, exactly the columns that row filled, so the KV bytes a step reads are the minimum
-(the left-padded cache it replaced read every row up to the longest: 1.12x-1.31x, BENCHMARKS.md).
+Every page in the running batch owns one slot of the cache for as long as it decodes. A page joins
+by prefilling into a free slot and leaves by freeing it; nothing else moves (the left-padded cache
+this replaced copied the whole cache at every join). A decode step writes each row's new token at
+its own length and reads, per row, only the columns that row filled, so the KV bytes a step reads
+stay at the minimum (the left-padded cache read every row up to the longest: 1.12x-1.31x the
+minimum over a mix of page lengths, BENCHMARKS.md).
 
-Two kernels compute that attention: on CUDA, when Triton is there, one Triton kernel for the whole
-batch (a program per row and head, looping over the row's own columns with an online softmax, its
-lengths read from device memory); elsewhere a loop over the rows, each a dense attention over its
-slot's filled columns.
+Two kinds of slot, one per kernel:
+- `FixedSlots` (CUDA with Triton): preallocated [slots, heads, capacity, head_dim] buffers, read by
+  one Triton kernel for the whole batch, a program per row and head looping over the row's own
+  columns with an online softmax; slots and lengths come from device memory, so the step's shapes
+  stay fixed as pages come and go.
+- `GrowingSlots` (CPU, and devices without Triton): a contiguous buffer per slot that grows with its
+  page, read by two matmuls per row.
 """
 
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     import torch
 
 SLOT_ATTENTION = "kosmos_slots"  # the prefix of the names registered with transformers' AttentionInterface
-
-
-@dataclass(frozen=True)
-class SlotRead:
-    """Where a decode step's rows are: each row's slot, and its length with the token being written."""
-
-    slots: list[int]
-    lengths: list[int]
-    slot_index: torch.Tensor  # [rows] int64 on the cache's device
-    length_index: torch.Tensor  # [rows] int32: `lengths`
+GROW_COLUMNS = 64  # a GrowingSlots buffer grows this many columns at a time
 
 
 class SlotCache:
-    """Keys and values of `slots` pages, preallocated: per layer [slots, heads, capacity, head_dim].
+    """The KV cache of `slots` pages, each page in a slot of its own (`for_model` picks the kind).
 
     It speaks transformers' cache protocol for one forward at a time: `at` says where that forward
     writes (the joining pages' slots from column 0 for a prefill, each row's next column for a decode
-    step); `update` writes there. A prefill's attention runs on the states it was given, as with a
-    fresh cache; a decode step's attention gets the whole buffers and the `SlotRead` that says which
-    columns are filled. On CPU `torch.empty` reserves address space only: memory is taken as pages
-    fill their slots, not for the whole capacity up front.
+    step), `update` writes there, and a prefill's attention runs on the states it was given, as with a
+    fresh cache. A decode step's attention (`attend`) reads each row's own slot.
     """
 
     is_compileable = False
 
-    def __init__(
-        self, *, layers: int, slots: int, heads: int, capacity: int, head_dim: int, dtype: Any, device: Any
-    ):
-        import torch
-
-        shape = (slots, heads, capacity, head_dim)
-        self.keys = [torch.empty(shape, dtype=dtype, device=device) for _ in range(layers)]
-        self.values = [torch.empty(shape, dtype=dtype, device=device) for _ in range(layers)]
-        self.capacity = capacity
+    def __init__(self, slots: int) -> None:
+        self.slots = slots
         self.free = list(range(slots - 1, -1, -1))  # popped from the end: slot 0 first
-        self._slots: torch.Tensor | None = None
-        self._start: torch.Tensor | int = 0
+        self.rows: list[int] = []  # the slots the next forward writes, one per row
+        self.columns: list[int] | None = None  # and where, for a decode step (None: a prefill, from 0)
 
-    @classmethod
-    def for_model(cls, model: Any, *, slots: int, capacity: int, dtype: Any, device: Any) -> SlotCache:
-        """An empty cache sized for `model`'s text decoder."""
+    @staticmethod
+    def for_model(model: Any, *, slots: int, capacity: int, dtype: Any, device: str) -> SlotCache:
+        """An empty cache for `model`'s text decoder: `FixedSlots` where Triton reads them (CUDA),
+        else `GrowingSlots`."""
         text = model.config.text_config
         heads = text.attention_heads
-        return cls(
-            layers=text.layers, slots=slots, heads=heads, capacity=capacity,
-            head_dim=text.embed_dim // heads, dtype=dtype, device=device,
-        )  # fmt: skip
-
-    @property
-    def slots(self) -> int:
-        """How many pages the cache holds."""
-        return self.keys[0].shape[0]
+        shape = {"layers": text.layers, "heads": heads, "head_dim": text.embed_dim // heads}
+        if device.startswith("cuda") and triton_available():
+            return FixedSlots(slots, capacity=capacity, dtype=dtype, device=device, **shape)
+        return GrowingSlots(slots, dtype=dtype, device=device, **shape)
 
     def take(self) -> int:
         """Return a free slot, now in use."""
@@ -83,50 +64,159 @@ class SlotCache:
         """Give a slot back; its columns are written again before they are read."""
         self.free.append(slot)
 
-    def at(self, slots: torch.Tensor, start: torch.Tensor | int) -> None:
-        """Say where the next forward writes: `slots` [rows], from column `start` (one per row, or 0)."""
-        self._slots, self._start = slots, start
-
-    # --- transformers' cache protocol, as the text decoder calls it ---------------------------------
+    def at(self, slots: list[int], columns: list[int] | None = None) -> None:
+        """Say where the next forward writes: `slots` from column 0 (a prefill), or each row's `columns`."""
+        self.rows, self.columns = slots, columns
 
     def update(
         self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args: Any, **kwargs: Any
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Write a forward's new keys and values; return what its attention reads."""
-        assert self._slots is not None
-        keys, values = self.keys[layer_idx], self.values[layer_idx]
-        if isinstance(self._start, int):  # a prefill: whole prompts, from column start
-            end = self._start + key_states.shape[2]
-            keys[self._slots, :, self._start : end] = key_states
-            values[self._slots, :, self._start : end] = value_states
-            return key_states, value_states
-        keys[self._slots, :, self._start] = key_states[:, :, 0]  # a decode step: one column per row
-        values[self._slots, :, self._start] = value_states[:, :, 0]
-        return keys, values
+        """Write a forward's new keys and values where `at` said; return them (a prefill attends to them)."""
+        if self.columns is None:
+            self._write_prompts(layer_idx, key_states, value_states)
+        else:
+            self._write_step(layer_idx, key_states[:, :, 0], value_states[:, :, 0])
+        return key_states, value_states
+
+    def attend(self, query: torch.Tensor, layer: int, scaling: float | None) -> torch.Tensor:
+        """A decode step's attention: each row's one query over its own slot, [rows, 1, heads, head_dim]."""
+        raise NotImplementedError
+
+    def _write_prompts(self, layer: int, keys: torch.Tensor, values: torch.Tensor) -> None:
+        raise NotImplementedError
+
+    def _write_step(self, layer: int, keys: torch.Tensor, values: torch.Tensor) -> None:
+        raise NotImplementedError
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
-        """0: a prefill starts the page's slot; decode steps pass their positions themselves."""
+        """0: a prefill starts its pages' slots; decode steps pass their positions themselves."""
         return 0
 
     def get_query_offset(self, layer_idx: int = 0) -> int:
         return 0
 
     def get_mask_sizes(self, query: Any, layer_idx: int = 0) -> tuple[int, int]:
-        """A prefill attends over its own tokens (a decode step's mask is unused: `SlotRead` says)."""
+        """A prefill attends over its own tokens (a decode step's mask is unused: `attend` reads slots)."""
         length = query if isinstance(query, int) else query.shape[0]
         return length, 0
+
+
+class FixedSlots(SlotCache):
+    """Slots preallocated once: per layer [slots, heads, capacity, head_dim] keys and values.
+
+    Read by one Triton kernel for the whole batch, which takes each row's slot and length from device
+    memory: a decode step's shapes do not change as pages join and leave.
+    """
+
+    def __init__(
+        self, slots: int, *, layers: int, heads: int, head_dim: int, capacity: int, dtype: Any, device: str
+    ) -> None:
+        import torch
+
+        super().__init__(slots)
+        shape = (slots, heads, capacity, head_dim)
+        self.keys = [torch.empty(shape, dtype=dtype, device=device) for _ in range(layers)]
+        self.values = [torch.empty(shape, dtype=dtype, device=device) for _ in range(layers)]
+        self._device = device
+        self._slot_index: torch.Tensor | None = None
+        self._column_index: torch.Tensor | None = None
+
+    def at(self, slots: list[int], columns: list[int] | None = None) -> None:
+        import torch
+
+        super().at(slots, columns)
+        self._slot_index = torch.tensor(slots, device=self._device)
+        self._column_index = None if columns is None else torch.tensor(columns, device=self._device)
+
+    def _write_prompts(self, layer: int, keys: torch.Tensor, values: torch.Tensor) -> None:
+        length = keys.shape[2]
+        self.keys[layer][self._slot_index, :, :length] = keys.to(self.keys[layer].dtype)
+        self.values[layer][self._slot_index, :, :length] = values.to(self.values[layer].dtype)
+
+    def _write_step(self, layer: int, keys: torch.Tensor, values: torch.Tensor) -> None:
+        self.keys[layer][self._slot_index, :, self._column_index] = keys.to(self.keys[layer].dtype)
+        self.values[layer][self._slot_index, :, self._column_index] = values.to(self.values[layer].dtype)
+
+    def attend(self, query: torch.Tensor, layer: int, scaling: float | None) -> torch.Tensor:
+        assert self._slot_index is not None and self._column_index is not None
+        lengths = (self._column_index + 1).int()
+        return _triton_attention(
+            query, self.keys[layer], self.values[layer], self._slot_index, lengths, scaling
+        )
+
+
+class GrowingSlots(SlotCache):
+    """Slots whose buffers grow with their page: per layer and slot one [heads, width, head_dim] tensor.
+
+    The width is the page's tokens rounded up to `GROW_COLUMNS`, the spare columns zeros, so each
+    row's attention is two matmuls over one contiguous buffer: on CPU a matmul over the first columns
+    of a larger buffer copies them first (2.2 ms against 0.45 ms for one bf16 row of 2,100 tokens,
+    BENCHMARKS.md). The spare columns cost at most GROW_COLUMNS - 1 columns a row; growing copies a
+    slot once every GROW_COLUMNS tokens. Memory is taken as pages grow, not for the whole budget.
+    """
+
+    def __init__(
+        self, slots: int, *, layers: int, heads: int, head_dim: int, dtype: Any, device: str
+    ) -> None:
+        super().__init__(slots)
+        self.keys: list[list[Any]] = [[None] * slots for _ in range(layers)]
+        self.values: list[list[Any]] = [[None] * slots for _ in range(layers)]
+        self.lengths = [0] * slots
+        self._shape, self._dtype, self._device = (heads, head_dim), dtype, device
+
+    def release(self, slot: int) -> None:
+        for layer in (*self.keys, *self.values):
+            layer[slot] = None  # its memory goes back at once
+        super().release(slot)
+
+    def _write_prompts(self, layer: int, keys: torch.Tensor, values: torch.Tensor) -> None:
+        length = keys.shape[2]
+        for row, slot in enumerate(self.rows):
+            for buffers, states in ((self.keys[layer], keys), (self.values[layer], values)):
+                buffer = self._new_buffer(length)
+                buffer[:, :length] = states[row]
+                buffers[slot] = buffer
+            self.lengths[slot] = length
+
+    def _write_step(self, layer: int, keys: torch.Tensor, values: torch.Tensor) -> None:
+        assert self.columns is not None
+        for row, (slot, column) in enumerate(zip(self.rows, self.columns, strict=True)):
+            for buffers, states in ((self.keys[layer], keys), (self.values[layer], values)):
+                buffer = buffers[slot]
+                if column >= buffer.shape[1]:
+                    grown = self._new_buffer(column + 1)
+                    grown[:, :column] = buffer[:, :column]
+                    buffers[slot] = buffer = grown
+                buffer[:, column] = states[row]
+            self.lengths[slot] = column + 1
+
+    def _new_buffer(self, length: int) -> torch.Tensor:
+        import torch
+
+        width = -(-length // GROW_COLUMNS) * GROW_COLUMNS
+        return torch.zeros((self._shape[0], width, self._shape[1]), dtype=self._dtype, device=self._device)
+
+    def attend(self, query: torch.Tensor, layer: int, scaling: float | None) -> torch.Tensor:
+        return _row_attention(
+            query,
+            [self.keys[layer][slot] for slot in self.rows],
+            [self.values[layer][slot] for slot in self.rows],
+            [self.lengths[slot] for slot in self.rows],
+            scaling,
+        )
 
 
 def use_slot_attention(model: Any) -> str:
     """Make the text decoder's attention read a `SlotCache` in decode steps; everything else as it was.
 
     The decoder's own kernel (`sdpa`, `eager`, `flash_attention_2`) and its mask still serve prompts
-    and fixed batches; a forward that passes `slot_read=` gets `slot_attention`. Returns the name
+    and fixed batches; a forward that passes `slot_cache=` gets its `attend`. Returns the name
     registered, `kosmos_slots:<kernel>`.
     """
     from transformers import AttentionInterface, AttentionMaskInterface
     from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+    from transformers.models.kosmos2_5.modeling_kosmos2_5 import eager_attention_forward
 
     text = model.config.text_config
     base = text._attn_implementation
@@ -134,7 +224,8 @@ def use_slot_attention(model: Any) -> str:
         return base
     name = f"{SLOT_ATTENTION}:{base}"
     AttentionInterface.register(
-        name, functools.partial(_attention, ALL_ATTENTION_FUNCTIONS.get_interface(base, None))
+        name,
+        functools.partial(_attention, ALL_ATTENTION_FUNCTIONS.get_interface(base, eager_attention_forward)),
     )
     if base in ALL_MASK_ATTENTION_FUNCTIONS:
         AttentionMaskInterface.register(name, ALL_MASK_ATTENTION_FUNCTIONS[base])
@@ -150,54 +241,41 @@ def _attention(
     value: torch.Tensor,
     attention_mask: Any,
     *,
-    slot_read: SlotRead | None = None,
+    slot_cache: SlotCache | None = None,
     **kwargs: Any,
 ) -> tuple[torch.Tensor, None]:
-    if slot_read is None:
+    if slot_cache is None:
         return base(module, query, key, value, attention_mask, **kwargs)
-    return slot_attention(query, key, value, slot_read, scaling=kwargs.get("scaling")), None
-
-
-def slot_attention(
-    query: torch.Tensor,
-    keys: torch.Tensor,
-    values: torch.Tensor,
-    read: SlotRead,
-    *,
-    scaling: float | None = None,
-) -> torch.Tensor:
-    """Attention of one new token per row over its own slot's filled columns: [rows, 1, heads, head_dim].
-
-    `query` is [rows, heads, 1, head_dim]; `keys` and `values` are the cache's [slots, heads, capacity,
-    head_dim] buffers. Scores and softmax are float32 in both kernels.
-    """
-    if query.is_cuda and triton_available():
-        return _triton_attention(query, keys, values, read, scaling)
-    return _row_attention(query, keys, values, read, scaling)
+    return slot_cache.attend(query, module.layer_idx, kwargs.get("scaling")), None
 
 
 def _row_attention(
-    query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, read: SlotRead, scaling: float | None
+    query: torch.Tensor,
+    keys: list[torch.Tensor],
+    values: list[torch.Tensor],
+    lengths: list[int],
+    scaling: float | None,
 ) -> torch.Tensor:
-    """One dense attention per row over its slot's first `length` columns (CPU, and GPUs without Triton).
+    """Each row's query over its own whole [heads, width, head_dim] buffers, the first `length` columns
+    filled and the rest zeros: two matmuls, the softmax in float32 over the filled columns.
 
-    float32 runs torch's SDPA, which gives the same values as a page decoding alone; in bf16 and fp16
-    two matmuls and a float32 softmax, which ran 1.8x faster than SDPA's CPU kernel for one query
-    (BENCHMARKS.md).
+    `query` is [rows, heads, 1, head_dim]; the result [rows, 1, heads, head_dim]. Scores are rounded
+    to the weights' dtype before the softmax, as transformers' eager attention does.
     """
     import torch
 
     outputs = []
-    for row, (slot, length) in enumerate(zip(read.slots, read.lengths, strict=True)):
-        q, k, v = query[row], keys[slot, :, :length], values[slot, :, :length]
-        if q.dtype == torch.float32:
-            out = torch.nn.functional.scaled_dot_product_attention(q, k, v, scale=scaling)
-        else:
-            scores = torch.matmul(q, k.transpose(-1, -2)).float()
-            if scaling is not None:
-                scores *= scaling
-            out = torch.matmul(scores.softmax(dim=-1).to(v.dtype), v)
-        outputs.append(out)
+    for row, (k, v, length) in enumerate(zip(keys, values, lengths, strict=True)):
+        q = query[row]
+        if k.dtype != q.dtype:  # --kv-dtype: a smaller cache, computed in the weights' dtype
+            k, v = k.to(q.dtype), v.to(q.dtype)
+        scores = torch.matmul(q, k.transpose(-1, -2))[..., :length].float()
+        if scaling is not None:
+            scores *= scaling
+        weights = scores.softmax(dim=-1).to(v.dtype)
+        if v.shape[1] > length:  # the spare columns are zeros and get no weight
+            weights = torch.nn.functional.pad(weights, (0, v.shape[1] - length))
+        outputs.append(torch.matmul(weights, v))
     return torch.stack(outputs).transpose(1, 2)
 
 
@@ -212,9 +290,15 @@ def triton_available() -> bool:
 
 
 def _triton_attention(
-    query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, read: SlotRead, scaling: float | None
+    query: torch.Tensor,
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    slots: torch.Tensor,
+    lengths: torch.Tensor,
+    scaling: float | None,
 ) -> torch.Tensor:
-    """The whole batch's decode attention in one Triton kernel launch."""
+    """The whole batch's decode attention in one Triton kernel launch: row i reads the first
+    `lengths[i]` columns of slot `slots[i]` of the [slots, heads, capacity, head_dim] buffers."""
     import torch
     import triton
 
@@ -222,7 +306,7 @@ def _triton_attention(
     out = torch.empty((rows, heads, head_dim), dtype=query.dtype, device=query.device)
     q = query[:, :, 0]
     _decode_kernel()[(rows, heads)](
-        q, keys, values, out, read.slot_index, read.length_index,
+        q, keys, values, out, slots, lengths,
         q.stride(0), q.stride(1), keys.stride(0), keys.stride(1), keys.stride(2),
         out.stride(0), out.stride(1),
         1.0 if scaling is None else float(scaling), head_dim,
@@ -238,7 +322,7 @@ def _decode_kernel() -> Any:
     import triton.language as tl
 
     @triton.jit
-    def decode(
+    def decode(  # type: ignore[no-untyped-def]
         q, keys, values, out, slots, lengths,
         q_row, q_head, kv_slot, kv_head, kv_column, out_row, out_head,
         scaling, head_dim,
