@@ -10,7 +10,9 @@
 # machine; the `gpu` tests (CUDA exactness in float32 and bf16, --compile, out-of-memory halving,
 # flash-attention if installed); the throughput benchmark against the model card's loop (the
 # baseline reads fewer pages: rates are compared); a decode sweep at batch 1, 8, 32, 64 and the
-# largest kosmos picks, against the bandwidth bound; a run with natural lengths. Each step's log and
+# largest kosmos picks, against the bandwidth bound; a mix of page lengths through the real loop (KV
+# reads against the minimum, time to the first page, step times with pages joining); a run with
+# natural lengths. Each step's log and
 # one summary (its figures and exit codes) go to $OUT (the device tool's) or gpu-check/; the script
 # exits 1 if any step failed, after every step has run.
 set -uo pipefail
@@ -31,7 +33,7 @@ else
     export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 fi
 # The lines of each log that carry figures or outcomes, copied into the summary.
-FIGURES='machine:|model:|pages/s|ratio|prefill|bandwidth|decode batch|token-identical|drift|same argmax|passed|failed|skipped|error|Error|GiB'
+FIGURES='machine:|model:|pages/s|ratio|prefill|bandwidth|decode batch|kv waste|timing:|token-identical|drift|same argmax|passed|failed|skipped|error|Error|GiB'
 
 FAILED=()
 step() { # step NAME SECONDS COMMAND...: run it under a time limit; its figures and exit code to the summary
@@ -53,6 +55,7 @@ if [ "$DRY_RUN" = 1 ]; then
     step model 120 "$PYTHON" -c "from pathlib import Path; from kosmos_cli.testing import save_random_checkpoint as s; s(Path('$MODEL'), size='tiny')"
     THROUGHPUT=(--pages 2 --tokens 4 --baseline-pages 1 --dtype float32)
     SWEEP=1,2,max
+    MIX=(--kv-waste 4,12 --batch-size 2 --dtype float32)
     NATURAL=(--pages 2 --tokens 8)
 else
     DEVICE=cuda
@@ -60,16 +63,18 @@ else
     step model 100 "$PYTHON" -c "import sys; sys.path.insert(0, 'benchmarks'); from throughput import random_model; print(random_model())"
     THROUGHPUT=(--pages 64 --tokens 300 --baseline-pages 4 --dtype bfloat16)
     SWEEP=1,8,32,64,max
+    MIX=(--kv-waste 100,1000 --batch-size 16 --dtype bfloat16)
     NATURAL=(--pages 32 --tokens 1500)
 fi
-step environment 30 "$PYTHON" -c "import platform, torch, transformers, pymupdf, kosmos_cli
+step environment 20 "$PYTHON" -c "import platform, torch, transformers, pymupdf, kosmos_cli
 print('machine:', platform.node(), torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'no GPU')
 print('python', platform.python_version(), 'torch', torch.__version__, 'transformers', transformers.__version__,
       'pymupdf', pymupdf.VersionBind, 'kosmos', kosmos_cli.__version__)"
-KOSMOS_GPU_CHECK_MODEL=$MODEL step tests 100 "$PYTHON" -m pytest -q -rs -m gpu tests/test_gpu.py -p no:cacheprovider
-step throughput 110 "$PYTHON" benchmarks/throughput.py --model "$MODEL" --device "$DEVICE" "${THROUGHPUT[@]}"
+KOSMOS_GPU_CHECK_MODEL=$MODEL step tests 90 "$PYTHON" -m pytest -q -rs -m gpu tests/test_gpu.py tests/test_slots.py -p no:cacheprovider
+step throughput 90 "$PYTHON" benchmarks/throughput.py --model "$MODEL" --device "$DEVICE" "${THROUGHPUT[@]}"
 step decode-sweep 60 "$PYTHON" benchmarks/throughput.py --model "$MODEL" --device "$DEVICE" --dtype bfloat16 \
     --decode-sweep "$SWEEP"
+step mix 50 "$PYTHON" benchmarks/throughput.py --model "$MODEL" --device "$DEVICE" "${MIX[@]}"
 step natural 60 "$PYTHON" benchmarks/throughput.py --model "$MODEL" --device "$DEVICE" --natural --skip-baseline \
     "${NATURAL[@]}"
 echo "summary: $SUMMARY"

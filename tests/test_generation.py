@@ -541,6 +541,24 @@ def test_bf16_on_cpu_differs_from_fp32_only_at_near_ties(runner: KosmosRunner, t
 
 
 @pytest.mark.parametrize(
+    ("kv_dtype", "stored"), [("bfloat16", torch.bfloat16), ("float8", torch.float8_e4m3fn)]
+)
+def test_a_smaller_kv_cache_differs_from_fp32_only_at_near_ties(
+    runner: KosmosRunner, tiny_checkpoint: Path, kv_dtype: str, stored: torch.dtype
+) -> None:
+    small = load(tiny_checkpoint, kv_dtype=kv_dtype, batch_size=3, detect_loops=False)
+    cache, _ = small._new_cache(1)
+    cache.at([cache.take()])
+    cache.update(torch.ones(1, 2, 3, 16), torch.ones(1, 2, 3, 16), 0)
+    assert cache.keys[0][0].dtype == stored  # type: ignore[attr-defined]
+    requests = pages(8)
+    got = generate(small, requests)
+    margins = [divergence_margin(runner, request, got[request.key].ids) for request in requests]
+    differing = [margin for margin in margins if margin is not None]
+    assert all(0 <= margin <= BF16_TOLERANCE for margin in differing), margins
+
+
+@pytest.mark.parametrize(
     ("native", "quantize", "expected"),
     [
         (True, None, torch.bfloat16),

@@ -18,6 +18,7 @@ from kosmos_cli.config import Settings
 from kosmos_cli.model import Request
 from kosmos_cli.model.batching import TASK_PROMPTS, KosmosRunner, greedy_config
 from kosmos_cli.model.loading import load_runner
+from kosmos_cli.model.slots import FixedSlots, triton_available
 from kosmos_cli.values import Finish
 
 pytestmark = [
@@ -47,15 +48,20 @@ def cuda_reference(runner: KosmosRunner, request: Request) -> list[int]:
 @pytest.mark.parametrize("batch_size", [1, 3])
 def test_cuda_float32_batches_match_one_page_at_a_time(tiny_checkpoint: Path, batch_size: int) -> None:
     runner = on_cuda(tiny_checkpoint, batch_size=batch_size)
+    if triton_available():
+        assert isinstance(runner._new_cache(batch_size)[0], FixedSlots), "Triton reads preallocated slots"
     requests = pages(7)
     got = generate(runner, requests)
     for request in requests:
         assert list(got[request.key].ids) == cuda_reference(runner, request), request.key
 
 
-def test_cuda_bf16_differs_from_float32_only_at_near_ties(tiny_checkpoint: Path) -> None:
+@pytest.mark.parametrize("kv_dtype", ["auto", "float8"])
+def test_cuda_bf16_differs_from_float32_only_at_near_ties(tiny_checkpoint: Path, kv_dtype: str) -> None:
+    if kv_dtype == "float8" and torch.cuda.get_device_capability() < (8, 9):
+        pytest.skip("float8 KV needs compute capability 8.9")
     exact = load(tiny_checkpoint, batch_size=2)  # CPU float32: the margins are measured there
-    fast = on_cuda(tiny_checkpoint, dtype="bfloat16", batch_size=4, detect_loops=False)
+    fast = on_cuda(tiny_checkpoint, dtype="bfloat16", kv_dtype=kv_dtype, batch_size=4, detect_loops=False)
     requests = pages(8)
     got = generate(fast, requests)
     margins = [divergence_margin(exact, request, got[request.key].ids) for request in requests]

@@ -151,7 +151,7 @@ def test_a_changed_file_a_new_stdin_document_and_new_settings_are_redone(
     assert "1 done, 0 skipped" in changed.stderr
     assert next(_page_marks(page, "md")) in (tmp_path / "out/page.png.md").read_text()
 
-    for args in (("--max-new-tokens", "9"), ("--dpi", "50"), ("--pages", "1")):
+    for args in (("--max-new-tokens", "9"), ("--kv-dtype", "bfloat16"), ("--dpi", "50"), ("--pages", "1")):
         redone = kosmos("md", str(page), "-o", out, *args)
         assert "1 done, 0 skipped" in redone.stderr, args
     (model_folder / "model.safetensors").write_bytes(b"new weights")

@@ -67,7 +67,14 @@ def test_growing_slots_attend_over_each_rows_own_tokens(
     torch.testing.assert_close(got.double(), expected, rtol=tolerance, atol=tolerance)
 
 
+ON_CUDA = pytest.param(
+    "cuda",
+    marks=[pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")],
+)
+
+
 @pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="Triton is not installed")
+@pytest.mark.parametrize("device", ["cpu", ON_CUDA])
 @pytest.mark.parametrize(("heads", "dim", "rows"), CASES)
 @pytest.mark.parametrize(("dtype", "tolerance"), TOLERANCES)
 def test_triton_kernel_reads_each_rows_own_tokens(
@@ -76,20 +83,21 @@ def test_triton_kernel_reads_each_rows_own_tokens(
     rows: list[tuple[int, int]],
     dtype: torch.dtype,
     tolerance: float,
+    device: str,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    # Triton's interpreter runs the kernel's own code on the CPU, so CI checks what CUDA runs.
-    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    if device == "cpu":  # Triton's interpreter runs the kernel's own code on the CPU: CI checks it
+        monkeypatch.setenv("TRITON_INTERPRET", "1")
     slots._decode_kernel.cache_clear()
-    cache = FixedSlots(5, layers=1, heads=heads, head_dim=dim, capacity=300, dtype=dtype, device="cpu")
+    cache = FixedSlots(5, layers=1, heads=heads, head_dim=dim, capacity=300, dtype=dtype, device=device)
     for layer in (*cache.keys, *cache.values):  # what lies past a row's length must not count
         layer.fill_(float("nan"))
     generator = torch.Generator().manual_seed(heads * dim)
     for slot, length in rows:
-        states = torch.randn(2, 1, heads, length, dim, generator=generator).to(dtype)
+        states = torch.randn(2, 1, heads, length, dim, generator=generator).to(dtype).to(device)
         cache.at([slot])
         cache.update(states[0], states[1], 0)
-    query = torch.randn(len(rows), heads, 1, dim).to(dtype)
+    query = torch.randn(len(rows), heads, 1, dim).to(dtype).to(device)
     cache.at([slot for slot, _ in rows], [length - 1 for _, length in rows])  # the step writing each last one
     cache.update(
         *(torch.stack([cache.keys[0][slot, :, length - 1 : length] for slot, length in rows]),) * 2, 0
@@ -104,7 +112,7 @@ def test_triton_kernel_reads_each_rows_own_tokens(
         [cache.keys[0][slot, :, :length] for slot, length in rows],
         [cache.values[0][slot, :, :length] for slot, length in rows],
     )
-    torch.testing.assert_close(got.double(), expected, rtol=tolerance, atol=tolerance)
+    torch.testing.assert_close(got.double().cpu(), expected.cpu(), rtol=tolerance, atol=tolerance)
 
 
 def test_slots_are_taken_and_given_back() -> None:
