@@ -220,7 +220,11 @@ MaxNewTokens = Annotated[
 ]
 Compile = Annotated[
     bool,
-    typer.Option("--compile", help="Static KV cache and torch.compile'd decoding, in fixed batches (GPU)."),
+    typer.Option(
+        "--compile",
+        help="On CUDA: the decode step captured once as a CUDA graph and replayed, pages still joining as"
+        " they come. Elsewhere: a static KV cache and torch.compile'd decoding, in fixed batches.",
+    ),
 ]
 Quantize = Annotated[
     Optional[Quantization],  # noqa: UP045

@@ -102,11 +102,6 @@ class Settings:
                 raise UsageError("--quantize int8 needs float32 weights", hint=hint)
             if self.compile:
                 raise UsageError("--quantize and --compile do not work together", hint="pick one")
-        if self.kv_dtype != "auto" and self.compile:
-            raise UsageError(
-                "--kv-dtype applies to kosmos's own KV cache, and --compile uses transformers' static one",
-                hint="drop one of them",
-            )
 
 
 @dataclass(frozen=True)

@@ -28,6 +28,12 @@ def pytest_configure(config: pytest.Config) -> None:
     os.environ.update(_OFFLINE_ENV, HF_HOME=str(_hf_home))
     for name in _CACHE_ENV:
         os.environ.pop(name, None)
+    # Without a GPU, Triton kernels (the CUDA decode attention) run in Triton's interpreter, on the CPU.
+    # Triton reads this once, when it is first imported.
+    import torch
+
+    if not torch.cuda.is_available():
+        os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 def pytest_unconfigure(config: pytest.Config) -> None:

@@ -110,13 +110,6 @@ HELP_MD = "hint: see `kosmos md --help`"
         (["md", "{png}", "--batch-size", "0"], ["error: --batch-size must be at least 1, not 0"]),
         (["md", "{png}", "--ray", "--workers", "0"], ["error: --workers must be at least 1, not 0"]),
         (
-            ["md", "{png}", "--kv-dtype", "float8", "--compile"],
-            [
-                "error: --kv-dtype applies to kosmos's own KV cache, and --compile uses transformers' static one",
-                "hint: drop one of them",
-            ],
-        ),
-        (
             ["md", "{png}", "--quantize", "int8", "--device", "cuda"],
             ["error: --quantize int8 runs on CPU only", "hint: drop --quantize, or use --device cpu"],
         ),

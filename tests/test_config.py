@@ -24,10 +24,6 @@ from kosmos_cli.values import Task
         ({"quantize": "int8", "dtype": "bfloat16"}, "--quantize int8 needs float32 weights"),
         ({"quantize": "int8", "compile": True}, "--quantize and --compile do not work together"),
         ({"kv_dtype": "int4"}, "--kv-dtype `int4` is not one of: auto, bfloat16, float16, float8"),
-        (
-            {"kv_dtype": "float8", "compile": True},
-            "--kv-dtype applies to kosmos's own KV cache, and --compile uses transformers' static one",
-        ),
     ],
 )
 def test_settings_refuse(options: dict[str, object], message: str) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 import os
 import random
@@ -19,7 +20,7 @@ from kosmos_cli.errors import GenerationError, UsageError
 from kosmos_cli.model import Request, batching, loading, patches
 from kosmos_cli.model.batching import TASK_PROMPTS, KosmosRunner, available_cores, greedy_config
 from kosmos_cli.model.loading import load_runner
-from kosmos_cli.model.slots import SLOT_ATTENTION, SlotCache
+from kosmos_cli.model.slots import SLOT_ATTENTION, FixedSlots, SlotCache
 from kosmos_cli.repetition import Loop, LoopKind, LoopRule
 from kosmos_cli.values import Finish, Generation, Status, Task
 
@@ -604,6 +605,50 @@ def test_int8_where_auto_picks_a_gpu_is_a_usage_error_before_loading(
         load(tiny_checkpoint, quantize="int8")
     assert caught.value.message == "--quantize int8 runs on CPU in float32, and --device auto chose cuda"
     assert caught.value.hint == "add --device cpu"
+
+
+def test_kv_dtype_where_compile_means_fixed_batches_is_a_usage_error_before_loading(
+    tiny_checkpoint: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(loading, "_load_parts", None)  # loading anything would fail otherwise
+    with pytest.raises(UsageError) as caught:
+        load(tiny_checkpoint, kv_dtype="float8", compile=True)
+    assert (
+        caught.value.message
+        == "--kv-dtype applies to kosmos's own KV cache; --compile on cpu uses a static one"
+    )
+
+
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="Triton is not installed")
+def test_the_decode_step_over_every_slot_matches_one_page_at_a_time(
+    tiny_checkpoint: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # --compile on CUDA: fixed slots read by the Triton kernel, every slot in every step, captured
+    # as a CUDA graph. Here the same step runs eagerly, the kernel in Triton's interpreter (conftest).
+    runner = load(tiny_checkpoint, batch_size=3)
+    runner.captures_steps = True
+    made: list[batching._CapturedStep] = []
+    captured = batching._CapturedStep
+
+    def fixed(model: object, *, slots: int, capacity: int, dtype: torch.dtype, device: str) -> FixedSlots:
+        text = runner.model.config.text_config
+        heads = text.attention_heads
+        return FixedSlots(
+            slots, layers=text.layers, heads=heads, head_dim=text.embed_dim // heads, capacity=capacity,
+            dtype=dtype, device=device,
+        )  # fmt: skip
+
+    def spy(*args: object) -> batching._CapturedStep:
+        made.append(captured(*args))  # type: ignore[arg-type]
+        return made[-1]
+
+    monkeypatch.setattr(SlotCache, "for_model", fixed)
+    monkeypatch.setattr(batching, "_CapturedStep", spy)
+    end_ocr_pages_early(runner)
+    requests = pages(6)
+    got = generate(runner, requests)
+    assert len(made) == 1
+    assert_matches_reference(runner, requests, got, variant=EARLY)
 
 
 def test_int8_quantizes_the_decoder_and_stays_near_fp32(runner: KosmosRunner, tiny_checkpoint: Path) -> None:

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 from kosmos_cli.config import DEFAULT_MAX_NEW_TOKENS, Settings
 from kosmos_cli.errors import GenerationError, first_line
 from kosmos_cli.model import Arrivals, Request
-from kosmos_cli.model.slots import SlotCache
+from kosmos_cli.model.slots import FixedSlots, SlotCache, triton_available
 from kosmos_cli.repetition import Decode, Loop, LoopDetector, LoopRule, find_loop
 from kosmos_cli.values import Finish, Generation, Task
 
@@ -77,13 +77,14 @@ class KosmosRunner:
         self.bbox_id = added.get("<bbox>")  # where an OCR line starts
         self.box_ids = frozenset(i for token, i in added.items() if _BOX_TOKEN.fullmatch(token))
         self.cache_argument = cache_argument(model)
+        self.captures_steps = settings.compile and captures_steps(device)
 
     def generate(self, requests: Iterable[Request]) -> Iterator[tuple[Request, Generation | GenerationError]]:
         """Yield each request with its generation (or error) as soon as its page is done."""
         workers = 1 if self.device == "cpu" else min(ENCODE_WORKERS, available_cores())
         pages = _Encoder(self, requests, depth=self.batch_size + 1, workers=workers)
         try:
-            if self.settings.compile:
+            if self.settings.compile and not self.captures_steps:
                 yield from self._generate_fixed(pages)
             else:
                 yield from self._generate_continuous(pages)
@@ -123,6 +124,8 @@ class KosmosRunner:
                 if joining and batch.cache is None:
                     try:
                         batch.cache, limit = self._new_cache(limit)
+                        if self.captures_steps and isinstance(batch.cache, FixedSlots):
+                            batch.step = _CapturedStep(self, batch.cache)
                     except PAGE_ERRORS as error:  # not even one slot: these pages cannot run
                         for request, _ in joining:
                             yield request, _page_error(error)
@@ -215,6 +218,8 @@ class KosmosRunner:
         import torch
 
         assert batch.tokens is not None and batch.cache is not None
+        if batch.step is not None:
+            return batch.step(batch)
         input_ids = batch.tokens[:, None]
         lengths = [row.cached for row in batch.rows]
         columns = torch.tensor(lengths, device=input_ids.device)[:, None]
@@ -278,7 +283,7 @@ class KosmosRunner:
         """
         restart = [(row.request, row.encoded) for row in batch.rows]
         batch.clear()
-        batch.cache = None
+        batch.cache, batch.step = None, None
         _release_memory()
         waiting.extendleft(reversed(restart))
         smaller = max(1, min(limit, len(restart)) // 2)
@@ -448,6 +453,7 @@ class _Batch:
     rows: list[_Row] = field(default_factory=list)
     cache: SlotCache | None = None  # allocated when the first page joins, freed after a failed step
     tokens: torch.Tensor | None = None  # [rows]: the token each row feeds next
+    step: _CapturedStep | None = None  # the decode step as a CUDA graph (--compile), made with `cache`
 
     def clear(self) -> None:
         """Forget every row, freeing their slots."""
@@ -478,6 +484,77 @@ class _Batch:
 
             self.tokens = self.tokens[torch.tensor(keep, device=self.tokens.device)]
         self.rows = [self.rows[i] for i in keep]
+
+
+class _CapturedStep:
+    """A decode step of every slot of a `FixedSlots` cache, its shapes fixed: captured once as a CUDA
+    graph and replayed at each step (`--compile` on CUDA), while pages join and leave as without it.
+
+    A free slot decodes a pad token at column 0 of its own slot; rows never mix (linears and norms
+    work row by row, the attention reads each row's own slot), so what it computes is ignored, and a
+    page that takes the slot prefills over that column. Each step copies the rows' last tokens and
+    lengths in by slot and reads every slot's next token and probability out. Made while every slot
+    is free (its warm-up steps write column 0 of each). Off CUDA it runs the same step eagerly, so
+    the tests check its logic on the CPU.
+    """
+
+    def __init__(self, runner: KosmosRunner, cache: FixedSlots) -> None:
+        import torch
+
+        self._runner, self._cache = runner, cache
+        capture = runner.device.startswith("cuda")
+        self._host = torch.zeros((2, cache.slots), dtype=torch.long, pin_memory=capture)  # filled each step
+        with torch.inference_mode():
+            self._inputs = torch.zeros((2, cache.slots), dtype=torch.long, device=runner.device)
+            cache.at_every_slot(self._inputs[1])
+            self._graph = None
+            if not capture:
+                return
+            warm_up = torch.cuda.Stream(device=runner.device)
+            warm_up.wait_stream(torch.cuda.current_stream(runner.device))
+            with torch.cuda.stream(warm_up):
+                for _ in range(2):  # cuBLAS and Triton set themselves up outside the capture
+                    self._forward()
+            torch.cuda.current_stream(runner.device).wait_stream(warm_up)
+            self._graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self._graph):
+                self._tokens, self._probs = self._forward()
+
+    def _forward(self) -> tuple[torch.Tensor, torch.Tensor]:
+        import torch
+
+        runner = self._runner
+        input_ids, columns = self._inputs[0][:, None], self._inputs[1][:, None]
+        position_ids = torch.where(input_ids == runner.pad_id, runner.pad_id, runner.pad_id + 1 + columns)
+        output = runner.model(
+            input_ids=input_ids,
+            **{runner.cache_argument: self._cache},
+            position_ids=position_ids,
+            use_cache=True,
+            slot_cache=self._cache,
+        )
+        return runner._pick(output.logits[:, -1, :])
+
+    def __call__(self, batch: _Batch) -> tuple[list[int], list[float]]:
+        """Run one step for the batch's rows; return each row's next token and its probability."""
+        import torch
+
+        self._host[0].fill_(self._runner.pad_id)
+        self._host[1].zero_()
+        for row in batch.rows:
+            self._host[0, row.slot] = row.ids[-1]  # the token it chose last (a running row never ends on EOS)
+            self._host[1, row.slot] = row.cached
+        with torch.inference_mode():
+            self._inputs.copy_(self._host, non_blocking=True)
+            if self._graph is not None:
+                self._graph.replay()
+            else:  # prefills pointed the cache elsewhere since; a graph keeps what it captured
+                self._cache.at_every_slot(self._inputs[1])
+                self._tokens, self._probs = self._forward()
+        tokens, probs = self._tokens.tolist(), self._probs.tolist()
+        for row in batch.rows:
+            row.cached += 1
+        return [tokens[row.slot] for row in batch.rows], [probs[row.slot] for row in batch.rows]
 
 
 class _Encoder:
@@ -640,6 +717,12 @@ def default_batch_size(device: str, kv_bytes_per_page: int) -> int:
         free_bytes = psutil.virtual_memory().available
         return max(1, min(CPU_BATCH_SIZE, int(free_bytes * CPU_MEMORY_SHARE // kv_bytes_per_page)))
     return 4
+
+
+def captures_steps(device: str) -> bool:
+    """Whether `--compile` captures the continuous loop's decode step as a CUDA graph here (CUDA with
+    Triton); elsewhere it means transformers' static cache and torch.compile, in fixed batches."""
+    return device.startswith("cuda") and triton_available()
 
 
 def default_refill_min(device: str, batch_size: int) -> int:

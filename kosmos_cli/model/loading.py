@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any
 
 from kosmos_cli.config import DEFAULT_MODEL, Settings
 from kosmos_cli.errors import ModelLoadError, UsageError, first_line
-from kosmos_cli.model.batching import KosmosRunner, available_cores
+from kosmos_cli.model.batching import KosmosRunner, available_cores, captures_steps
 from kosmos_cli.model.patches import (
     fit_positions,
     native_bf16_cpu,
@@ -223,13 +223,19 @@ def _load_parts(settings: Settings, dtype: Any, attn: str, *, local_only: bool) 
 
 
 def check_speed_settings(settings: Settings, device: str, dtype: Any) -> None:
-    """Reject --quantize where `auto` chose a device it cannot use (`Settings` checks the rest)."""
+    """Reject --quantize where `auto` chose a device it cannot use, and --kv-dtype where --compile
+    means fixed batches (`Settings` checks the rest)."""
     import torch
 
     if settings.quantize is not None and (device != "cpu" or dtype != torch.float32):
         raise UsageError(
             f"--quantize int8 runs on CPU in float32, and --device auto chose {device}",
             hint="add --device cpu",
+        )
+    if settings.kv_dtype != "auto" and settings.compile and not captures_steps(device):
+        raise UsageError(
+            f"--kv-dtype applies to kosmos's own KV cache; --compile on {device} uses a static one",
+            hint="drop one of them (on CUDA with Triton, --compile keeps kosmos's cache)",
         )
 
 
@@ -245,7 +251,7 @@ def prepare_for_speed(runner: KosmosRunner) -> None:
     fit_positions(runner.model, runner.prompt_length + runner.max_new_tokens)
     if runner.model.config.vision_config._attn_implementation != "eager":
         use_sdpa_in_vision(runner.model)
-    if not settings.compile:
+    if not settings.compile or runner.captures_steps:
         use_slot_attention(runner.model)
     changed = False
     if settings.quantize == "int8":

@@ -128,6 +128,15 @@ class FixedSlots(SlotCache):
         self._slot_index = torch.tensor(slots, device=self._device)
         self._column_index = None if columns is None else torch.tensor(columns, device=self._device)
 
+    def at_every_slot(self, columns: torch.Tensor) -> None:
+        """Say that the next forwards are decode steps of every slot, row i in slot i, writing at
+        `columns` [slots], a tensor the caller fills before each (a step captured as a CUDA graph)."""
+        import torch
+
+        SlotCache.at(self, list(range(self.slots)), [])
+        self._slot_index = torch.arange(self.slots, device=self._device)
+        self._column_index = columns
+
     def _write_prompts(self, layer: int, keys: torch.Tensor, values: torch.Tensor) -> None:
         length = keys.shape[2]
         self.keys[layer][self._slot_index, :, :length] = keys.to(self.keys[layer].dtype)
