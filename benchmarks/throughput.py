@@ -410,26 +410,41 @@ def decode_sweep(args: argparse.Namespace, batch_sizes: list[int], steps: int = 
 
     Every row holds the same prefilled page (2052 prompt tokens) in its own slot. A decode step must
     read the text model's weights once and each row's KV cache; the bound is those bytes over the
-    copy bandwidth measured here (or `--bandwidth`).
+    copy bandwidth measured here (or `--bandwidth`). With `--also-int8`, the same again with
+    `--quantize int8` (CPU), after `--dtype`'s.
     """
     import pymupdf
 
     from kosmos_cli.config import Settings
     from kosmos_cli.model import Request
-    from kosmos_cli.model.batching import _Batch, kv_bytes_per_token
     from kosmos_cli.model.loading import load_runner
 
-    runner = load_runner(
-        Settings(model=str(args.model), device=args.device, dtype=args.dtype, max_new_tokens=steps + 2)
-    )
     with pymupdf.open(make_pdf(Path(tempfile.mkdtemp()) / "one.pdf", 1)) as document:
         image = render(document[0])
-    request = Request(0, image, Task(args.task))
-    encoded = runner.encode(request)
     bandwidth = args.bandwidth * 1e9 if args.bandwidth else copy_bandwidth(args.device)
     print(f"memory bandwidth: {bandwidth / 1e9:.0f} GB/s ({'given' if args.bandwidth else 'measured copy'})")
+    variants = [(args.dtype, None)] + ([("float32", "int8")] if args.also_int8 else [])
+    for dtype, quantize in variants:
+        settings = Settings(
+            model=str(args.model),
+            device=args.device,
+            dtype=dtype,
+            quantize=quantize,
+            max_new_tokens=steps + 2,
+        )
+        print(f"-- {dtype}{' --quantize ' + quantize if quantize else ''}")
+        sweep(args, load_runner(settings), Request(0, image, Task(args.task)), batch_sizes, bandwidth, steps)
+
+
+def sweep(
+    args: argparse.Namespace, runner: Any, request: Any, batch_sizes: list[int], bandwidth: float, steps: int
+) -> None:
+    """Time one runner's decode steps at each batch size, every row holding `request`'s page."""
+    from kosmos_cli.model.batching import _Batch, kv_bytes_per_token
+
+    encoded = runner.encode(request)
     weight_bytes = decode_weight_bytes(runner.model.text_model)
-    token_bytes = kv_bytes_per_token(runner.model, runner.dtype)
+    token_bytes = kv_bytes_per_token(runner.model, runner.kv_dtype)
     for batch_size in (size or runner.batch_size for size in batch_sizes):  # 0: what kosmos would pick
         cache, batch_size = runner._new_cache(batch_size)
         rows = [runner._new_row(request, encoded, cache.take()) for _ in range(batch_size)]

@@ -48,9 +48,11 @@ def test_throughput_decode_sweep(
         "float32",
         "--bandwidth",
         "10",
+        "--also-int8",
     ]
     run_benchmark("throughput.py", argv, monkeypatch)
-    assert "batch 2" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert out.count("decode batch 2: ") == 2 and "-- float32 --quantize int8" in out
 
 
 def test_reading(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
@@ -104,3 +106,9 @@ def test_throughput_kv_waste(
     ratio = float(re.search(r"full-size prompt \(2052 tokens\): read ([\d.]+)x", out)[1])  # type: ignore[index]
     assert ratio <= 1 + GROW_COLUMNS / 2052
     assert "first page done after" in out and "prefills of joining pages" in out
+
+
+def test_attention(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    run_benchmark("attention.py", ["--tokens", "70", "--capacity", "200", "--repeats", "3"], monkeypatch)
+    out = capsys.readouterr().out
+    assert out.count("70 tokens, contiguous slot (GrowingSlots): ") == 2 and "SDPA" in out
