@@ -29,9 +29,7 @@ TASK_PROMPTS = {Task.MD: "<md>", Task.OCR: "<ocr>"}
 CPU_BATCH_SIZE = 4  # pages decoding together on CPU: a step of 4 costs 1.8x a step of 1 (BENCHMARKS.md)
 CPU_MEMORY_SHARE = 0.5  # of available RAM given to the KV cache
 CUDA_MEMORY_SHARE = 0.7  # of free GPU memory given to the KV cache (the rest: weights' activations, prefill)
-PREFILL_GROUP = (
-    16  # most pages prefilled in one forward: bounds its activations and the stall of running rows
-)
+PREFILL_GROUP = 16  # most pages in one prefill: bounds its activations and how long running rows wait
 ENCODE_WORKERS = 4  # processor threads on GPU machines (one on CPU, where cores are busy decoding)
 _BOX_TOKEN = re.compile(r"</?bbox>|<[xy]_\d+>")  # the tokens of a line's box, not of its text
 # What a page can make the model raise: out of memory (torch.OutOfMemoryError), a CUDA or shape error
@@ -110,9 +108,9 @@ class KosmosRunner:
         batch = _Batch()
         waiting: deque[tuple[Request, _Encoded]] = deque()  # pages to (re)start before new ones
         limit = self.batch_size
-        refill_min = default_refill_min(self.device, limit)
         while True:
             free = limit - len(batch.rows)
+            refill_min = default_refill_min(self.device, limit)
             if free > 0 and (not batch.rows or free >= refill_min or pages.exhausted):
                 joining = [waiting.popleft() for _ in range(min(free, len(waiting)))]
                 wait_for = 0 if batch.rows or joining else 1  # never stall running rows on rendering

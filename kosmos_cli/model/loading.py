@@ -11,6 +11,7 @@ from kosmos_cli.config import DEFAULT_MODEL, Settings
 from kosmos_cli.errors import ModelLoadError, UsageError, first_line
 from kosmos_cli.model.batching import KosmosRunner, available_cores, captures_steps
 from kosmos_cli.model.patches import (
+    cast_weights,
     fit_positions,
     native_bf16_cpu,
     own_weights,
@@ -172,18 +173,23 @@ def load_runner(settings: Settings) -> KosmosRunner:
         if not Path(source).exists():
             require_hub(source)
         logger.warning("model `%s` is not cached; fetching it from the hub (about 5.5 GB)", source)
+    # On CPU the checkpoint loads as stored, memory-mapped, and is cast tensor by tensor
+    # (`cast_weights`): transformers' own conversion keeps every page it read (bf16 peaked at 7.9 GiB).
+    load_dtype = "auto" if device == "cpu" else dtype
     try:
         try:
-            processor, model = _load_parts(settings, dtype, attn, local_only=cached)
+            processor, model = _load_parts(settings, load_dtype, attn, local_only=cached)
         except OSError:
             if not cached or Path(source).is_dir():
                 raise
-            processor, model = _load_parts(settings, dtype, attn, local_only=False)  # a partial cache
+            processor, model = _load_parts(settings, load_dtype, attn, local_only=False)  # a partial cache
     except ModelLoadError:
         raise
     except (OSError, ValueError, RuntimeError, EOFError, pickle.UnpicklingError, SafetensorError) as error:
         # A damaged folder raises whatever its reader raises: a truncated safetensors file, a bad pickle.
         raise _load_error(source, error) from error
+    if device == "cpu":
+        cast_weights(model, dtype)
     model.to(device).eval()
     logger.info("loaded %s on %s as %s with %s attention", source, device, dtype, attn)
     kv_dtype = resolve_kv_dtype(settings.kv_dtype, device, dtype)

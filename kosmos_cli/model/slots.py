@@ -158,10 +158,11 @@ class GrowingSlots(SlotCache):
     """Slots whose buffers grow with their page: per layer and slot one [heads, width, head_dim] tensor.
 
     The width is the page's tokens rounded up to `GROW_COLUMNS`, the spare columns zeros, so each
-    row's attention is two matmuls over one contiguous buffer: on CPU a matmul over the first columns
-    of a larger buffer copies them first (2.2 ms against 0.45 ms for one bf16 row of 2,100 tokens,
-    BENCHMARKS.md). The spare columns cost at most GROW_COLUMNS - 1 columns a row; growing copies a
-    slot once every GROW_COLUMNS tokens. Memory is taken as pages grow, not for the whole budget.
+    row's attention is two matmuls over one contiguous buffer: on CPU a bf16 matmul over the first
+    columns of a larger buffer copies them first, 2.0-2.3x the time for a row of 2,100 tokens
+    (`benchmarks/attention.py`, BENCHMARKS.md). The spare columns cost at most GROW_COLUMNS - 1
+    columns a row; growing copies a slot once every GROW_COLUMNS tokens. Memory is taken as pages
+    grow, not for the whole budget.
     """
 
     def __init__(
