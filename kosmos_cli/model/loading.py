@@ -16,6 +16,7 @@ from kosmos_cli.model.patches import (
     native_bf16_cpu,
     own_weights,
     quantize_int8,
+    trim_heap,
     use_onednn_linears,
     use_sdpa_in_vision,
 )
@@ -267,6 +268,8 @@ def prepare_for_speed(runner: KosmosRunner) -> None:
         changed = use_onednn_linears(runner.model) > 0 or changed  # what int8 left in float too
     if changed:
         own_weights(runner.model)
+    if runner.device == "cpu":
+        trim_heap()
     logger.info("batch size %d, %d CPU threads", runner.batch_size, torch.get_num_threads())
 
 

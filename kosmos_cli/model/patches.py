@@ -80,14 +80,21 @@ def use_onednn_linears(model: Any) -> int:
     dtypes = {torch.float32, torch.bfloat16} if native_bf16_cpu() else {torch.float32}
     layer_class = _onednn_linear_class()
     mapped = checkpoint_mappings()
-    swapped = 0
-    for parent in list(model.modules()):
-        for name, child in list(parent.named_children()):
-            if type(child) is torch.nn.Linear and child.weight.dtype in dtypes:
-                setattr(parent, name, layer_class(child))
-                release_file_pages(child.weight, mapped)
-                swapped += 1
-    return swapped
+    # By name, holding no module: each replaced layer's weight is freed as soon as it is packed (a list
+    # of the modules kept every original alive until the end: bf16 loading peaked at the weights twice).
+    names = [
+        name
+        for name, module in model.named_modules()
+        if type(module) is torch.nn.Linear and module.weight.dtype in dtypes
+    ]
+    for name in names:
+        parent_name, _, child_name = name.rpartition(".")
+        parent = model.get_submodule(parent_name)
+        weight = getattr(parent, child_name).weight
+        setattr(parent, child_name, layer_class(getattr(parent, child_name)))
+        release_file_pages(weight, mapped)
+        del weight
+    return len(names)
 
 
 @functools.cache
@@ -132,7 +139,7 @@ def own_weights(model: Any) -> None:
     mapped = checkpoint_mappings()
     with torch.no_grad():
         for tensor in itertools.chain(model.parameters(), model.buffers()):
-            if tensor.device.type == "cpu" and not tensor.is_mkldnn:
+            if tensor.device.type == "cpu" and not tensor.is_mkldnn and _in_mapping(tensor, mapped):
                 mapped_data = tensor.data
                 tensor.data = mapped_data.clone()
                 release_file_pages(mapped_data, mapped)
@@ -190,16 +197,33 @@ def release_file_pages(tensor: torch.Tensor, mapped: list[tuple[int, int]]) -> N
     import ctypes
     import mmap
 
-    if not mapped or tensor.device.type != "cpu" or tensor.is_mkldnn:
+    if tensor.device.type != "cpu" or tensor.is_mkldnn or not _in_mapping(tensor, mapped):
         return
     start = tensor.data_ptr()
     end = start + tensor.numel() * tensor.element_size()
-    if not any(low <= start and end <= high for low, high in mapped):
-        return
     page = mmap.PAGESIZE
     first, last = -(-start // page) * page, end // page * page
     if last > first:
         _libc().madvise(ctypes.c_void_p(first), ctypes.c_size_t(last - first), _MADV_DONTNEED)
+
+
+def _in_mapping(tensor: torch.Tensor, mapped: list[tuple[int, int]]) -> bool:
+    """Whether a CPU tensor's bytes lie inside one of the checkpoint file mappings `mapped`."""
+    start = tensor.data_ptr()
+    end = start + tensor.numel() * tensor.element_size()
+    return any(low <= start and end <= high for low, high in mapped)
+
+
+def trim_heap() -> None:
+    """Hand the C heap's free memory back to the system (glibc's `malloc_trim`; elsewhere nothing).
+
+    Casting and repacking free hundreds of weight-sized blocks; glibc keeps blocks under its mmap
+    threshold (raised to 32 MiB by the first large free) in the heap, so 1.5 GiB freed while loading
+    in bf16 stayed in RSS until trimmed (BENCHMARKS.md).
+    """
+    trim = getattr(_libc(), "malloc_trim", None)
+    if trim is not None:
+        trim(0)
 
 
 @functools.cache
