@@ -33,7 +33,7 @@ else
     export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 fi
 # The lines of each log that carry figures or outcomes, copied into the summary.
-FIGURES='machine:|model:|pages/s|ratio|prefill|bandwidth|decode batch|kv waste|timing:|token-identical|drift|same argmax|passed|failed|skipped|error|Error|GiB'
+FIGURES='machine:|triton|model:|pages/s|ratio|prefill|bandwidth|decode batch|kv waste|timing:|token-identical|drift|same argmax|passed|failed|skipped|error|Error|GiB'
 
 FAILED=()
 step() { # step NAME SECONDS COMMAND...: run it under a time limit; its figures and exit code to the summary
@@ -68,8 +68,9 @@ else
 fi
 step environment 20 "$PYTHON" -c "import platform, torch, transformers, pymupdf, kosmos_cli
 print('machine:', platform.node(), torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'no GPU')
+from kosmos_cli.model.slots import triton_available
 print('python', platform.python_version(), 'torch', torch.__version__, 'transformers', transformers.__version__,
-      'pymupdf', pymupdf.VersionBind, 'kosmos', kosmos_cli.__version__)"
+      'pymupdf', pymupdf.VersionBind, 'kosmos', kosmos_cli.__version__, 'triton (slot kernel)', triton_available())"
 KOSMOS_GPU_CHECK_MODEL=$MODEL step tests 90 "$PYTHON" -m pytest -q -rs -m gpu tests/test_gpu.py tests/test_slots.py -p no:cacheprovider
 step throughput 90 "$PYTHON" benchmarks/throughput.py --model "$MODEL" --device "$DEVICE" "${THROUGHPUT[@]}"
 step decode-sweep 60 "$PYTHON" benchmarks/throughput.py --model "$MODEL" --device "$DEVICE" --dtype bfloat16 \
