@@ -35,7 +35,6 @@ _BOX_TOKEN = re.compile(r"</?bbox>|<[xy]_\d+>")  # the tokens of a line's box, n
 # What a page can make the model raise: out of memory (torch.OutOfMemoryError), a CUDA or shape error
 # on that input (RuntimeError). Anything else is a bug in kosmos and ends the run with a traceback.
 PAGE_ERRORS = (RuntimeError, MemoryError)
-REFILL_SHARE = 8  # a batch of B refills once B / REFILL_SHARE rows are free (every row on CPU)
 
 
 def cache_argument(model: Any) -> str:
@@ -109,9 +108,8 @@ class KosmosRunner:
         waiting: deque[tuple[Request, _Encoded]] = deque()  # pages to (re)start before new ones
         limit = self.batch_size
         while True:
-            free = limit - len(batch.rows)
-            refill_min = default_refill_min(self.device, limit)
-            if free > 0 and (not batch.rows or free >= refill_min or pages.exhausted):
+            free = limit - len(batch.rows)  # a free slot is filled at once: joining costs only its prefill
+            if free > 0:
                 joining = [waiting.popleft() for _ in range(min(free, len(waiting)))]
                 wait_for = 0 if batch.rows or joining else 1  # never stall running rows on rendering
                 for request, encoded in pages.take(free - len(joining), wait_for=wait_for):
@@ -721,17 +719,6 @@ def captures_steps(device: str) -> bool:
     """Whether `--compile` captures the continuous loop's decode step as a CUDA graph here (CUDA with
     Triton); elsewhere it means transformers' static cache and torch.compile, in fixed batches."""
     return device.startswith("cuda") and triton_available()
-
-
-def default_refill_min(device: str, batch_size: int) -> int:
-    """How many rows must be free before new pages join a running batch.
-
-    Joining copies the running cache once (like one decode step); on GPU with large batches that
-    is worth batching up, on CPU a free row is worth filling at once.
-    """
-    if device == "cpu":
-        return 1
-    return max(1, batch_size // REFILL_SHARE)
 
 
 def available_cores() -> int:
