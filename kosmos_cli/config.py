@@ -67,7 +67,7 @@ class Settings:
     attn: str = "auto"  # one of ATTENTIONS
     batch_size: int | None = None  # None: chosen from the device and its free memory
     max_new_tokens: int | None = None  # None: DEFAULT_MAX_NEW_TOKENS
-    compile: bool = False  # static KV cache + torch.compile'd decode, in fixed batches (GPU)
+    compile: bool = False  # CUDA: the decode step as a CUDA graph; elsewhere static cache + torch.compile
     quantize: str | None = None  # one of QUANTIZATIONS: int8 linears in the text decoder (CPU only)
     kv_dtype: str = "auto"  # one of KV_DTYPES: what the KV cache stores (float8: e4m3, no scale)
     threads: int | None = None  # CPU threads; None: the cores this process may run on

@@ -621,6 +621,21 @@ def test_kv_dtype_where_compile_means_fixed_batches_is_a_usage_error_before_load
     )
 
 
+def test_a_float8_cache_on_a_gpu_before_ada_is_a_usage_error_before_loading(
+    tiny_checkpoint: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(loading, "resolve_device", lambda device: "cuda")  # as on an A100
+    monkeypatch.setattr(loading, "resolve_dtype", lambda *args, **kwargs: torch.bfloat16)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))
+    monkeypatch.setattr(loading, "_load_parts", None)  # loading anything would fail otherwise
+    with pytest.raises(UsageError) as caught:
+        load(tiny_checkpoint, kv_dtype="float8", device="auto", dtype="auto")
+    assert (
+        caught.value.message
+        == "--kv-dtype float8 needs a GPU of compute capability 8.9 or later (Ada, Hopper)"
+    )
+
+
 @pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="Triton is not installed")
 def test_the_decode_step_over_every_slot_matches_one_page_at_a_time(
     tiny_checkpoint: Path, monkeypatch: pytest.MonkeyPatch

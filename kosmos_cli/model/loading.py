@@ -160,6 +160,7 @@ def load_runner(settings: Settings) -> KosmosRunner:
     dtype = resolve_dtype(settings.dtype, device, quantize=settings.quantize)
     attn = resolve_attn(settings.attn, device, dtype)
     check_speed_settings(settings, device, dtype)
+    kv_dtype = resolve_kv_dtype(settings.kv_dtype, device, dtype)
     from safetensors import SafetensorError
 
     source = settings.model
@@ -193,7 +194,6 @@ def load_runner(settings: Settings) -> KosmosRunner:
         cast_weights(model, dtype)
     model.to(device).eval()
     logger.info("loaded %s on %s as %s with %s attention", source, device, dtype, attn)
-    kv_dtype = resolve_kv_dtype(settings.kv_dtype, device, dtype)
     runner = KosmosRunner(
         model=model, processor=processor, settings=settings, device=device, dtype=dtype, kv_dtype=kv_dtype
     )
