@@ -120,12 +120,11 @@ class KosmosRunner:
                 if joining and batch.cache is None:
                     try:
                         batch.cache, limit = self._new_cache(limit)
-                        if self.captures_steps and isinstance(batch.cache, FixedSlots):
-                            batch.step = _CapturedStep(self, batch.cache)
                     except PAGE_ERRORS as error:  # not even one slot: these pages cannot run
                         for request, _ in joining:
                             yield request, _page_error(error)
                         continue
+                    batch.step = self._captured_step(batch.cache)
                     waiting.extendleft(reversed(joining[limit:]))
                     joining = joining[:limit]
                 if joining:
@@ -165,6 +164,21 @@ class KosmosRunner:
                 slots //= 2
                 continue
             return cache, slots
+
+    def _captured_step(self, cache: SlotCache) -> _CapturedStep | None:
+        """Capture the decode step over a new cache's slots (`--compile` on CUDA); None if not asked, or
+        if capturing fails (then steps run as without --compile, and the run says so once)."""
+        if not (self.captures_steps and isinstance(cache, FixedSlots)):
+            return None
+        try:
+            return _CapturedStep(self, cache)
+        except PAGE_ERRORS as error:
+            logger.warning(
+                "could not capture the decode step as a CUDA graph (%s); running it eagerly",
+                first_line(error),
+            )
+            _release_memory()
+            return None
 
     def _join(
         self, batch: _Batch, joining: list[tuple[Request, _Encoded]]
