@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 from kosmos_cli.config import DEFAULT_MAX_NEW_TOKENS, Settings
 from kosmos_cli.errors import GenerationError, first_line
 from kosmos_cli.model import Arrivals, Request
-from kosmos_cli.model.slots import FixedSlots, SlotCache, triton_available
+from kosmos_cli.model.slots import FixedSlots, SlotCache, fixed_slots
 from kosmos_cli.repetition import Decode, Loop, LoopDetector, LoopRule, find_loop
 from kosmos_cli.values import Finish, Generation, Task
 
@@ -74,7 +74,7 @@ class KosmosRunner:
         self.bbox_id = added.get("<bbox>")  # where an OCR line starts
         self.box_ids = frozenset(i for token, i in added.items() if _BOX_TOKEN.fullmatch(token))
         self.cache_argument = cache_argument(model)
-        self.captures_steps = settings.compile and captures_steps(device)
+        self.captures_steps = settings.compile and fixed_slots(device)
 
     def generate(self, requests: Iterable[Request]) -> Iterator[tuple[Request, Generation | GenerationError]]:
         """Yield each request with its generation (or error) as soon as its page is done."""
@@ -727,12 +727,6 @@ def default_batch_size(device: str, kv_bytes_per_page: int) -> int:
         free_bytes = psutil.virtual_memory().available
         return max(1, min(CPU_BATCH_SIZE, int(free_bytes * CPU_MEMORY_SHARE // kv_bytes_per_page)))
     return 4
-
-
-def captures_steps(device: str) -> bool:
-    """Whether `--compile` captures the continuous loop's decode step as a CUDA graph here (CUDA with
-    Triton); elsewhere it means transformers' static cache and torch.compile, in fixed batches."""
-    return device.startswith("cuda") and triton_available()
 
 
 def available_cores() -> int:

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any
 
 from kosmos_cli.config import DEFAULT_MODEL, Settings
 from kosmos_cli.errors import ModelLoadError, UsageError, first_line
-from kosmos_cli.model.batching import KosmosRunner, available_cores, captures_steps
+from kosmos_cli.model.batching import KosmosRunner, available_cores
 from kosmos_cli.model.patches import (
     cast_weights,
     fit_positions,
@@ -20,7 +20,7 @@ from kosmos_cli.model.patches import (
     use_onednn_linears,
     use_sdpa_in_vision,
 )
-from kosmos_cli.model.slots import use_slot_attention
+from kosmos_cli.model.slots import fixed_slots, use_slot_attention
 
 if TYPE_CHECKING:
     import torch
@@ -239,7 +239,7 @@ def check_speed_settings(settings: Settings, device: str, dtype: Any) -> None:
             f"--quantize int8 runs on CPU in float32, and --device auto chose {device}",
             hint="add --device cpu",
         )
-    if settings.kv_dtype != "auto" and settings.compile and not captures_steps(device):
+    if settings.kv_dtype != "auto" and settings.compile and not fixed_slots(device):
         raise UsageError(
             f"--kv-dtype applies to kosmos's own KV cache; --compile on {device} uses a static one",
             hint="drop one of them (on CUDA with Triton, --compile keeps kosmos's cache)",

@@ -52,7 +52,7 @@ class SlotCache:
         text = model.config.text_config
         heads = text.attention_heads
         shape = {"layers": text.layers, "heads": heads, "head_dim": text.embed_dim // heads}
-        if device.startswith("cuda") and triton_available():
+        if fixed_slots(device):
             return FixedSlots(slots, capacity=capacity, dtype=dtype, device=device, **shape)
         return GrowingSlots(slots, dtype=dtype, device=device, **shape)
 
@@ -287,6 +287,15 @@ def _row_attention(
             weights = torch.nn.functional.pad(weights, (0, v.shape[1] - length))
         outputs.append(torch.matmul(weights, v))
     return torch.stack(outputs).transpose(1, 2)
+
+
+def fixed_slots(device: str) -> bool:
+    """Whether a cache on `device` is `FixedSlots`, read by the Triton kernel (CUDA with Triton).
+
+    Only there can a decode step keep its shapes as pages come and go, so only there does
+    `--compile` capture it as a CUDA graph (elsewhere it means a static cache in fixed batches).
+    """
+    return device.startswith("cuda") and triton_available()
 
 
 @functools.cache
