@@ -9,7 +9,7 @@ EXTRAS ?= dev,ray,ocrmypdf
 OLDEST_TRANSFORMERS ?= transformers==5.20.0
 OLDEST := .venv-oldest
 
-.PHONY: install debian-packages demo test test-ray test-oldest lint typecheck unit gpu-check gpu-check-dry-run gpu-wheels bench clean
+.PHONY: install debian-packages demo test test-ray test-oldest lint typecheck unit gpu-check gpu-rehearsal gpu-wheels bench clean
 
 install: $(VENV)/.installed
 
@@ -58,23 +58,38 @@ $(OLDEST)/.installed: pyproject.toml
 	$(OLDEST)/bin/python -m pip install --quiet -e ".[dev]" "$(OLDEST_TRANSFORMERS)"
 	touch $@
 
-# The GPU check (benchmarks/gpu_check.sh): on a machine with one NVIDIA GPU; `--dry-run` checks it on a CPU.
+# The GPU check (benchmarks/gpu_check.sh): on a machine with one NVIDIA GPU, after `make gpu-wheels`.
 gpu-check:
 	bash benchmarks/gpu_check.sh
 
-gpu-check-dry-run: install
-	PYTHON=$(BIN)/python OUT=$(or $(OUT),gpu-check) bash benchmarks/gpu_check.sh --dry-run
-
-# Wheels for the GPU machine (Python 3.12, no network, an older transformers and no PyMuPDF), into .whl/.
+# Wheels for the GPU machine (Python 3.12, no network, transformers 5.17 and no PyMuPDF), into .whl/:
+# the oldest transformers kosmos supports, whose huggingface-hub requirement (>= 1.31) the machine's
+# 1.33.0 meets (newer releases need hub 2.x, which would have to travel too), and PyMuPDF.
 GPU_PYTHON ?= 3.12
-GPU_WHEELS ?= transformers==$(shell $(BIN)/python -c "import transformers; print(transformers.__version__)") pymupdf==1.27.1
-gpu-wheels: install
-	$(BIN)/python -m pip download --quiet --no-deps --only-binary=:all: --python-version $(GPU_PYTHON) \
+GPU_WHEELS ?= $(OLDEST_TRANSFORMERS) pymupdf==1.27.1
+gpu-wheels:
+	$(PYTHON) -m pip download --quiet --no-deps --only-binary=:all: --python-version $(GPU_PYTHON) \
 		--implementation cp --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 \
 		--platform manylinux2014_x86_64 -d .whl $(GPU_WHEELS)
+
+# The GPU check rehearsed on this CPU in the GPU machine's software: Python 3.12 (pyenv's here), its
+# packages (benchmarks/gpu-machine.txt), the carried wheels installed over them as the check installs
+# them, then the check's dry run. CI runs it: a carry or an import that would fail there fails here.
+REHEARSAL := .venv-gpu
+GPU_PYTHON_BIN ?= $(shell for p in $$(ls -d $$HOME/.pyenv/versions/$(GPU_PYTHON).*/bin/python$(GPU_PYTHON) 2>/dev/null) \
+	$$(command -v python$(GPU_PYTHON)); do $$p --version >/dev/null 2>&1 && echo $$p && break; done)
+gpu-rehearsal: $(REHEARSAL)/.installed gpu-wheels
+	PYTHON=$(REHEARSAL)/bin/python OUT=$(or $(OUT),gpu-check) bash benchmarks/gpu_check.sh --dry-run
+
+$(REHEARSAL)/.installed: benchmarks/gpu-machine.txt
+	@test -n "$(GPU_PYTHON_BIN)" || { echo "error: no Python $(GPU_PYTHON) found (install it, or set GPU_PYTHON_BIN)"; exit 2; }
+	$(GPU_PYTHON_BIN) -m venv $(REHEARSAL)
+	$(REHEARSAL)/bin/python -m pip install --quiet --upgrade pip
+	$(REHEARSAL)/bin/python -m pip install --quiet -r benchmarks/gpu-machine.txt
+	touch $@
 
 bench: install
 	$(BIN)/python benchmarks/throughput.py --quick
 
 clean:
-	rm -rf $(VENV) $(OLDEST) build *.egg-info .pytest_cache .mypy_cache .ruff_cache gpu-check
+	rm -rf $(VENV) $(OLDEST) $(REHEARSAL) .whl build *.egg-info .pytest_cache .mypy_cache .ruff_cache gpu-check

@@ -55,6 +55,7 @@ sys.path.insert(0, str(REPO))
 from kosmos_cli.errors import KosmosError  # noqa: E402
 from kosmos_cli.tiling import MODEL_PIXELS  # noqa: E402
 from kosmos_cli.values import PageResult, Task  # noqa: E402
+from kosmos_cli.vocabulary import PROMPT_LENGTH  # noqa: E402
 
 RANDOM_MODEL_DIR = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "kosmos" / "benchmarks"
 QUICK = {"pages": 4, "tokens": 16}
@@ -319,6 +320,8 @@ def run_kosmos(
         batch_size=args.batch_size,
         max_new_tokens=args.tokens,
         compile=args.compile,
+        cuda_graph=args.cuda_graph,
+        kv_dtype=args.kv_dtype,
         quantize=quantize,
         ignore_eos=not args.natural,
         detect_loops=args.natural,
@@ -410,8 +413,10 @@ def decode_sweep(args: argparse.Namespace, batch_sizes: list[int], steps: int = 
 
     Every row holds the same prefilled page (2052 prompt tokens) in its own slot. A decode step must
     read the text model's weights once and each row's KV cache; the bound is those bytes over the
-    copy bandwidth measured here (or `--bandwidth`). With `--also-int8`, the same again with
-    `--quantize int8` (CPU), after `--dtype`'s.
+    copy bandwidth measured here (or `--bandwidth`). `max` is the batch kosmos picks for a run at the
+    default budget (4,000 new tokens a page), though the sweep's slots hold only its few steps. After
+    `--dtype`'s own loop: with `--cuda-graph`, the same with the step captured as a CUDA graph; with
+    `--kv-dtype float8` (or another), with that cache; with `--also-int8`, with `--quantize int8` (CPU).
     """
     import pymupdf
 
@@ -423,42 +428,54 @@ def decode_sweep(args: argparse.Namespace, batch_sizes: list[int], steps: int = 
         image = render(document[0])
     bandwidth = args.bandwidth * 1e9 if args.bandwidth else copy_bandwidth(args.device)
     print(f"memory bandwidth: {bandwidth / 1e9:.0f} GB/s ({'given' if args.bandwidth else 'measured copy'})")
-    variants = [(args.dtype, None)] + ([("float32", "int8")] if args.also_int8 else [])
-    for dtype, quantize in variants:
-        settings = Settings(
-            model=str(args.model),
-            device=args.device,
-            dtype=dtype,
-            quantize=quantize,
-            max_new_tokens=steps + 2,
-        )
-        print(f"-- {dtype}{' --quantize ' + quantize if quantize else ''}")
-        sweep(args, load_runner(settings), Request(0, image, Task(args.task)), batch_sizes, bandwidth, steps)
+    eager = {"dtype": args.dtype}
+    variants = [eager]
+    if args.cuda_graph:
+        variants.append({**eager, "cuda_graph": True})
+    if args.kv_dtype != "auto":
+        variants.append({**eager, "kv_dtype": args.kv_dtype})
+    if args.also_int8:
+        variants.append({"dtype": "float32", "quantize": "int8"})
+    for variant in variants:
+        settings = Settings(model=str(args.model), device=args.device, max_new_tokens=steps + 2, **variant)
+        print("-- " + ", ".join(f"{name} {value}" for name, value in variant.items()), flush=True)
+        runner = load_runner(settings)
+        sweep(args, runner, Request(0, image, Task(args.task)), batch_sizes, bandwidth, steps)
+        del runner
+        gc.collect()
+        release_device_memory(args.device)
 
 
 def sweep(
     args: argparse.Namespace, runner: Any, request: Any, batch_sizes: list[int], bandwidth: float, steps: int
 ) -> None:
     """Time one runner's decode steps at each batch size, every row holding `request`'s page."""
-    from kosmos_cli.model.batching import _Batch, kv_bytes_per_token
+    from kosmos_cli.config import DEFAULT_MAX_NEW_TOKENS
+    from kosmos_cli.model.continuous import Batch
+    from kosmos_cli.model.sizing import default_batch_size, kv_bytes_per_token
 
     encoded = runner.encode(request)
     weight_bytes = decode_weight_bytes(runner.model.text_model)
     token_bytes = kv_bytes_per_token(runner.model, runner.kv_dtype)
-    for batch_size in (size or runner.batch_size for size in batch_sizes):  # 0: what kosmos would pick
-        cache, batch_size = runner._new_cache(batch_size)
-        rows = [runner._new_row(request, encoded, cache.take()) for _ in range(batch_size)]
+    picked = default_batch_size(args.device, token_bytes * (runner.prompt_length + DEFAULT_MAX_NEW_TOKENS))
+    decoder = runner.decoder
+    for batch_size in (size or picked for size in batch_sizes):  # 0: what kosmos picks at its default budget
+        cache, batch_size = decoder.new_cache(batch_size)
+        step = decoder.capture_step(cache)  # --cuda-graph: made while every slot is free
+        rows = [decoder.new_row(request, encoded, cache.take()) for _ in range(batch_size)]
         started = time.perf_counter()
-        first, _ = runner._prefill(cache, rows[:1])
+        first, _ = decoder.prefill(cache, rows[:1])
         synchronize(args.device)
         prefill = time.perf_counter() - started
         fill_slots_like_the_first(cache, batch_size, rows[0].cached)
-        batch = _Batch(rows, cache, first.repeat(batch_size))
-        runner._decode_step(batch)  # warm-up
+        for row in rows:  # as if each had chosen its first token (the captured step feeds the last one)
+            row.ids.append(int(first[0]))
+        batch = Batch(rows, cache, first.repeat(batch_size), step)
+        decoder.decode_step(batch)  # warm-up
         synchronize(args.device)
         started = time.perf_counter()
         for _ in range(steps):
-            runner._decode_step(batch)
+            decoder.decode_step(batch)
         synchronize(args.device)
         step = (time.perf_counter() - started) / steps
         context = rows[0].cached - steps // 2  # the mean context over the timed steps
@@ -468,7 +485,7 @@ def sweep(
             f"bandwidth bound {bound:.4f} s/step ({step / bound:.2f}x the bound); "
             f"prefill of a joining page {prefill:.3f} s (a join copies nothing else)"
         )
-        del batch, cache, rows
+        del batch, cache, rows, step
         gc.collect()
         release_device_memory(args.device)
 
@@ -503,7 +520,8 @@ def kv_waste(args: argparse.Namespace, shortest: int, longest: int) -> None:
     pages = 6 * runner.batch_size  # enough for pages to keep joining a full batch, as on a long run
     rng = random.Random(0)
     budgets = [rng.randint(shortest, longest) for _ in range(pages)]
-    new_row, decode_step, prefill = runner._new_row, runner._decode_step, runner._prefill
+    decoder = runner.decoder
+    new_row, decode_step, prefill = decoder.new_row, decoder.decode_step, decoder.prefill
     layers = runner.model.config.text_config.layers
     prompt = 0
     counts = {"rows": 0, "generated": 0, "minimum": 0, "read": 0}
@@ -545,7 +563,7 @@ def kv_waste(args: argparse.Namespace, shortest: int, longest: int) -> None:
         prefill_times.append(time.perf_counter() - started)
         return result
 
-    runner._new_row, runner._decode_step, runner._prefill = row_with_its_budget, counting_step, timed_prefill  # type: ignore[method-assign]
+    decoder.new_row, decoder.decode_step, decoder.prefill = row_with_its_budget, counting_step, timed_prefill  # type: ignore[method-assign]
     slots._row_attention, slots._triton_attention = counting_row_kernel, counting_triton_kernel
     with pymupdf.open(make_pdf(Path(tempfile.mkdtemp()) / "mix.pdf", pages)) as document:
         requests = [Request(number, render(page), Task(args.task)) for number, page in enumerate(document)]
@@ -561,7 +579,7 @@ def kv_waste(args: argparse.Namespace, shortest: int, longest: int) -> None:
         f"{runner.batch_size}, {time.perf_counter() - started:.1f} s"
     )
     excess = (counts["read"] - counts["minimum"]) / layers  # columns read past a row's own, per layer
-    for label, length in (("this model's prompt", prompt), ("the full-size prompt", 2052)):
+    for label, length in (("this model's prompt", prompt), ("the full-size prompt", PROMPT_LENGTH)):
         minimum = counts["rows"] * (length + 1) + counts["generated"]
         print(
             f"kv waste with {label} ({length} tokens): read {(minimum + excess) / minimum:.3f}x "
@@ -656,7 +674,7 @@ def machine(device: str) -> str:
                 break
     except OSError:
         pass
-    from kosmos_cli.model.batching import available_cores
+    from kosmos_cli.model.sizing import available_cores
 
     return f"{name}, {available_cores()} cores available, {psutil.virtual_memory().total / 2**30:.0f} GiB RAM"
 
@@ -674,6 +692,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--baseline-dtype", help="the baseline's dtype, if not --dtype (e.g. its faster one)")
     parser.add_argument("--task", choices=("md", "ocr"), default="md")
     parser.add_argument("--compile", action="store_true", help="kosmos --compile")
+    parser.add_argument(
+        "--cuda-graph",
+        action="store_true",
+        help="kosmos --cuda-graph (with --decode-sweep: also the eager loop)",
+    )
+    parser.add_argument(
+        "--kv-dtype", default="auto", help="kosmos --kv-dtype (with --decode-sweep: also the --dtype cache)"
+    )
     parser.add_argument(
         "--also-int8", action="store_true", help="also run kosmos --quantize int8 and its drift"
     )

@@ -226,7 +226,8 @@ class Transcriber:
 
         Results come in input order, a document's selected pages in page order (`result.info.page_number`).
         A page that cannot be read or transcribed is a result with `status` FAILED and its `error`.
-        Raises InputError for a file that cannot be opened at all or lacks a page `pages` asks for.
+        Raises InputError for a file that cannot be opened at all; `pages` past a document's end
+        selects the pages it has, and UsageError when it leaves no page of any document.
         """
         from kosmos_cli.jobs import probe, read_pages
         from kosmos_cli.rasterize import PageError

@@ -184,17 +184,28 @@ class Assembly:
         self.summary.pages_failed += 1
         self._finish_if_complete(state)
 
+    def unselected(self, document: Document, message: str) -> None:
+        """Leave out a document --pages selects no page of, with a warning; nothing is written for it."""
+        if self._abandon(document):
+            self.reporter.warning(message)
+            self.summary.documents_unselected += 1
+
     def document_error(self, document: Document, error: KosmosError) -> None:
         """Report a document that cannot be read or written; nothing more is written for it."""
+        if self._abandon(document):
+            self.reporter.error(error)
+            self.summary.documents_failed += 1
+
+    def _abandon(self, document: Document) -> bool:
+        """Drop what is held of a document that will not be written; False if it was dropped or written."""
         state = self.states[document]
         if state.failed or state.finished:
-            return
-        self.reporter.error(error)
+            return False
         state.failed = True
         state.results.clear()
         state.source = None
         self.order.abandon(document)
-        self.summary.documents_failed += 1
+        return True
 
     def page_done(self, result: PageResult, pieces: dict[str, bytes] | None = None) -> bool:
         """Take one page's result and its page-scoped files by format; False if the page had a result."""
@@ -283,7 +294,7 @@ class Assembly:
             state.finished = True
             state.results = {}
             self.order.ready(state.document, results)
-            self.summary.documents_done += 1
+            self._count_finished(results)
             return
         try:
             rendered = [
@@ -310,7 +321,14 @@ class Assembly:
             return
         state.finished = True
         state.results, state.source = {}, None  # a long run holds only the documents in flight
-        self.summary.documents_done += 1
+        self._count_finished(results)
+
+    def _count_finished(self, results: list[PageResult]) -> None:
+        """Count a written document: done, or failed when not one of its pages could be read."""
+        if all(result.status is Status.FAILED for result in results):
+            self.summary.documents_failed += 1
+        else:
+            self.summary.documents_done += 1
 
     def _place_pages(self, document: Document, results: list[PageResult]) -> list[str]:
         """Move a finished document's staged page-scoped files into place; return their names."""

@@ -141,6 +141,7 @@ Inputs = Annotated[
     typer.Argument(
         help="Images, PDFs or folders (walked recursively); `-` reads one file from stdin.",
         show_default=False,
+        metavar="INPUT",
     ),
 ]
 Output = Annotated[
@@ -222,8 +223,16 @@ Compile = Annotated[
     bool,
     typer.Option(
         "--compile",
-        help="On CUDA: the decode step captured once as a CUDA graph and replayed, pages still joining as"
-        " they come. Elsewhere: a static KV cache and torch.compile'd decoding, in fixed batches.",
+        help="Decode in fixed batches through transformers' generate with a static KV cache,"
+        " torch.compile'd (any device). A batch ends with its longest page.",
+    ),
+]
+CudaGraph = Annotated[
+    bool,
+    typer.Option(
+        "--cuda-graph",
+        help="CUDA only: the decode step captured once as a CUDA graph and replayed, pages still joining"
+        " and leaving the running batch as they come.",
     ),
 ]
 Quantize = Annotated[
@@ -335,6 +344,7 @@ class RunOptions:
     batch_size: BatchSize = None
     max_new_tokens: MaxNewTokens = None
     compile: Compile = False
+    cuda_graph: CudaGraph = False
     quantize: Quantize = None
     kv_dtype: KvDTypeOpt = "auto"  # type: ignore[assignment]
     threads: Threads = None
@@ -356,6 +366,7 @@ class RunOptions:
             batch_size=self.batch_size,
             max_new_tokens=self.max_new_tokens,
             compile=self.compile,
+            cuda_graph=self.cuda_graph,
             quantize=self.quantize.value if self.quantize is not None else None,
             kv_dtype=self.kv_dtype.value,
             threads=self.threads,
@@ -443,6 +454,7 @@ def md(
             "-f",
             help=f"Output format, repeatable (with -o): {', '.join(formats_for(Task.MD))}.",
             show_default="md",
+            metavar="FORMAT",
         ),
     ] = None,
     *,
@@ -462,6 +474,7 @@ def ocr(
             "-f",
             help=f"Output format, repeatable (with -o): {', '.join(formats_for(Task.OCR))}.",
             show_default="txt",
+            metavar="FORMAT",
         ),
     ] = None,
     draw: Annotated[
@@ -489,7 +502,7 @@ def ocr(
 def convert(
     results: Annotated[
         list[Path],
-        typer.Argument(help="JSON files kosmos wrote (`-f json`).", show_default=False),
+        typer.Argument(help="JSON files kosmos wrote (`-f json`).", show_default=False, metavar="RESULT"),
     ],
     format: Annotated[
         list[ConvertFormat],
@@ -497,6 +510,7 @@ def convert(
             "--format",
             "-f",
             help="Format to write, repeatable: any `md` or `ocr` format that the file's task can hold.",
+            metavar="FORMAT",
         ),
     ],
     output: Annotated[
@@ -532,10 +546,15 @@ def download(
     model: Annotated[
         Optional[str],  # noqa: UP045
         typer.Argument(
-            help=f"Hub id to fetch [env {MODEL_ENV}; default {DEFAULT_MODEL}].", show_default=False
+            help=f"Hub id to fetch [env {MODEL_ENV}; default {DEFAULT_MODEL}].",
+            show_default=False,
+            metavar="MODEL",
         ),
     ] = None,
-    revision: Revision = None,
+    revision: Annotated[
+        Optional[str],  # noqa: UP045
+        typer.Option("--revision", help="Hub branch, tag or commit to fetch."),
+    ] = None,
     to: Annotated[
         Optional[Path],  # noqa: UP045
         typer.Option("--to", help="Copy the checkpoint into this folder instead of the Hugging Face cache."),
@@ -736,6 +755,8 @@ def _summary_line(summary: Summary) -> str:
         f"{summary.documents_skipped} skipped (done before)",
         f"{summary.documents_failed} failed",
     ]
+    if summary.documents_unselected:
+        parts.append(f"{summary.documents_unselected} without a selected page")
     pages = f"{summary.pages_done} pages in {elapsed:.1f}s"
     if summary.pages_done and elapsed > 0:
         pages += f" ({summary.pages_done / elapsed:.2f} pages/s)"

@@ -67,7 +67,8 @@ class Settings:
     attn: str = "auto"  # one of ATTENTIONS
     batch_size: int | None = None  # None: chosen from the device and its free memory
     max_new_tokens: int | None = None  # None: DEFAULT_MAX_NEW_TOKENS
-    compile: bool = False  # CUDA: the decode step as a CUDA graph; elsewhere static cache + torch.compile
+    compile: bool = False  # fixed batches through transformers' generate: a static cache, torch.compile'd
+    cuda_graph: bool = False  # CUDA with Triton: the continuous batch's decode step captured as a CUDA graph
     quantize: str | None = None  # one of QUANTIZATIONS: int8 linears in the text decoder (CPU only)
     kv_dtype: str = "auto"  # one of KV_DTYPES: what the KV cache stores (float8: e4m3, no scale)
     threads: int | None = None  # CPU threads; None: the cores this process may run on
@@ -102,6 +103,18 @@ class Settings:
                 raise UsageError("--quantize int8 needs float32 weights", hint=hint)
             if self.compile:
                 raise UsageError("--quantize and --compile do not work together", hint="pick one")
+        if self.compile and self.cuda_graph:
+            raise UsageError(
+                "--compile and --cuda-graph do not work together",
+                hint="--cuda-graph keeps pages joining a running batch; --compile decodes in fixed batches",
+            )
+        if self.compile and self.kv_dtype != "auto":
+            raise UsageError(
+                "--kv-dtype applies to kosmos's own KV cache; --compile uses transformers' static one",
+                hint="drop one of them (--cuda-graph keeps kosmos's cache)",
+            )
+        if self.cuda_graph and not self.device.startswith(("auto", "cuda")):
+            raise UsageError("--cuda-graph needs a CUDA GPU", hint="drop --cuda-graph, or use --device cuda")
 
 
 @dataclass(frozen=True)
@@ -133,6 +146,8 @@ class Job:
             raise UsageError(
                 f"--page-timeout must be a positive number of seconds, not {self.page_timeout:g}"
             )
+        if self.numbered and "draw" not in self.formats:
+            raise UsageError("--numbered numbers the boxes --draw draws", hint="add --draw")
 
     @property
     def reads_text_layer(self) -> bool:

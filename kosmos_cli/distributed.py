@@ -54,7 +54,7 @@ from kosmos_cli.assembly import Assembly, Outputs, job_writers
 from kosmos_cli.config import Job, RayOptions, Settings
 from kosmos_cli.discovery import input_filesystem
 from kosmos_cli.errors import InputError, KosmosError, ModelLoadError, UsageError
-from kosmos_cli.jobs import selected_pages
+from kosmos_cli.jobs import selected_pages, unselected_message
 from kosmos_cli.model import Runner
 from kosmos_cli.rasterize import PageError
 from kosmos_cli.reporting import Reporter, Summary
@@ -69,7 +69,7 @@ logger = logging.getLogger(__name__)
 
 INSTALL_HINT = "pip install 'kosmos-cli[ray]'"
 # Pages handed to a model actor per call (unless --batch-size is larger): the most that
-# `model.batching.default_batch_size` puts in one GPU batch, so a batch is never cut short by Ray Data.
+# `model.sizing.default_batch_size` puts in one GPU batch, so a batch is never cut short by Ray Data.
 WORKER_BATCH_PAGES = 64
 CPU_WORKER_CPUS = 1.0  # CPUs a model actor reserves on a cluster without GPUs
 CPU_SHARE_FOR_MODELS = 0.5  # on a cluster without GPUs, at most this share of its CPUs runs models
@@ -89,6 +89,7 @@ _PAGE_ITEM = "page_item"  # payload: Document
 _PAGE = "page"  # payload: Page
 _PAGE_ERROR = "page_error"  # payload: (message, hint, page_count)
 _ERROR = "error"  # payload: (message, hint)
+_UNSELECTED = "unselected"  # payload: the page count of a document --pages selects no page of
 _RESULT = "result"  # payload: (PageResult.to_dict(), page-scoped files by format)
 _LOAD_ERROR = "load_error"  # payload: (message, hint) of the ModelLoadError an actor met
 _COLUMNS = ("document", "kind", "page_index", "payload")
@@ -307,6 +308,8 @@ def _collect(
         elif kind == _ERROR:
             message, hint = payload
             assembly.document_error(document, InputError(message, hint=hint))
+        elif kind == _UNSELECTED:
+            assembly.unselected(document, unselected_message(assembly.job, document, payload))
         else:
             raise RuntimeError(f"unexpected row kind {kind!r} from the Ray pipeline")
 
@@ -386,7 +389,9 @@ def _list_pages(row: dict[str, Any], *, job: Job, cwd: str, sources: bool) -> li
         local = _localize(document, cwd=cwd)
         reader = _worker_reader(job.page_timeout)
         count = count_pages(local, password=job.password, sandbox=reader)
-        selected = list(selected_pages(job, document, count))
+        selected = list(selected_pages(job, count))
+        if not selected:
+            return [_row(number, _UNSELECTED, -1, count)]
         if sources:
             rows.append(_row(number, _SOURCE, -1, document_source(local, reader)))
     except InputError as error:

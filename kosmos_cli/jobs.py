@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 from kosmos_cli.assembly import Assembly, Outputs
 from kosmos_cli.config import Job, Settings
-from kosmos_cli.errors import InputError
+from kosmos_cli.errors import InputError, UsageError
 from kosmos_cli.manifest import Record, fingerprint, input_path, progress_name, staging_folder, unchanged
 from kosmos_cli.model import Runner
 from kosmos_cli.rasterize import PageError, count_pages, document_source, iter_pages
@@ -36,25 +36,43 @@ def probe(
     """Open and count every document and apply --pages, before any model loads.
 
     Returns each readable document's pages; the others are reported, counted as failed and left out.
+    A document --pages selects no page of is left out with a warning (`unselected`); a selection
+    that leaves no page of any readable document is a UsageError.
     """
     found: dict[Document, Pages] = {}
+    unselected = 0
     for document in documents:
         try:
             count = count_pages(document, password=job.password, sandbox=sandbox)
-            selected = selected_pages(job, document, count)
         except InputError as error:
             reporter.error(error)
             summary.documents_failed += 1
             continue
+        selected = selected_pages(job, count)
+        if not selected:
+            reporter.warning(unselected_message(job, document, count))
+            summary.documents_unselected += 1
+            unselected += 1
+            continue
         found[document] = Pages(count, selected)
+    if unselected and not found:
+        raise UsageError(
+            f"--pages {job.pages} selects no page of any input", hint="the first page is 1; see each warning"
+        )
     return found
 
 
-def selected_pages(job: Job, document: Document, count: int) -> tuple[int, ...]:
+def selected_pages(job: Job, count: int) -> tuple[int, ...]:
     """Return the 0-based indices --pages selects in a document of `count` pages (all without --pages)."""
     if job.pages is None:
         return tuple(range(count))
-    return tuple(job.pages.indices(count, source=f"`{document.display_name}`"))
+    return tuple(job.pages.indices(count))
+
+
+def unselected_message(job: Job, document: Document, count: int) -> str:
+    """Say that --pages selects no page of a document, which is skipped."""
+    pages = "page" if count == 1 else "pages"
+    return f"`{document.display_name}` has {count} {pages}: --pages {job.pages} selects none of them; skipped"
 
 
 def plan(

@@ -22,6 +22,7 @@ plugin or not: its option checks read Tesseract's options, and its Tesseract plu
 from __future__ import annotations
 
 import dataclasses
+import re
 from collections.abc import Set
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -45,6 +46,10 @@ if TYPE_CHECKING:
 
 NAMESPACE = "kosmos"  # options.kosmos.<field>, from --kosmos-<field>
 LANGUAGES = frozenset({"eng"})  # what Kosmos-2.5 was trained to read
+# The `kosmos` options the plugin offers as `--kosmos-NAME`, as messages from kosmos name them.
+_KOSMOS_OPTION = re.compile(
+    r"(?<![\w-])--(model|revision|device|dtype|batch-size|max-new-tokens|threads|kv-dtype)\b"
+)
 _services: dict[Settings, ModelService] = {}  # one per settings, for the life of this process
 
 
@@ -105,20 +110,31 @@ def check_options(options: OcrOptions) -> None:
     from kosmos_cli.serve import ModelService
 
     Image.init()  # PIL registers its formats lazily and not thread-safely; OCRmyPDF may OCR in threads
+    others = sorted(set(options.languages) - LANGUAGES)
+    if others:  # before OCRmyPDF's own check, which would say to install language data for them
+        raise BadArgsError(
+            f"Kosmos-2.5 was trained to read English only: `-l {'+'.join(options.languages)}` asks for "
+            f"{', '.join(others)}; drop -l, or pass -l eng"
+        )
     try:
         settings = options.kosmos.settings()
     except KosmosError as error:
-        raise BadArgsError(error.one_line().replace("--", "--kosmos-", 1)) from None
+        raise BadArgsError(plugin_words(error.one_line())) from None
     service = _services.get(settings)
     if service is None or service.process.poll() is not None:
         try:
             service = _services[settings] = ModelService.start(settings)
         except KosmosError as error:
-            raise ExitCodeException(error.one_line()) from None
+            raise ExitCodeException(plugin_words(error.one_line())) from None
     # Flat names, as argparse stores plugin options: they travel to the workers with the options.
     options.extra_attrs[f"{NAMESPACE}_service"] = service.address
     options.extra_attrs[f"{NAMESPACE}_service_key"] = service.authkey.hex()
     options.extra_attrs.pop(f"_plugin_cache_{NAMESPACE}", None)
+
+
+def plugin_words(message: str) -> str:
+    """Name kosmos's options as OCRmyPDF knows them: `--model` is `--kosmos-model` there."""
+    return _KOSMOS_OPTION.sub(r"--kosmos-\1", message)
 
 
 @hookimpl
@@ -218,9 +234,9 @@ def _transcribe(input_file: Path, options: OcrOptions) -> PageResult:
     try:
         result = transcribe_image(chosen.service, bytes.fromhex(chosen.service_key), str(input_file))
     except KosmosError as error:
-        raise ExitCodeException(error.one_line()) from None
+        raise ExitCodeException(plugin_words(error.one_line())) from None
     if result.status is Status.FAILED:
-        raise ExitCodeException(f"Kosmos-2.5 could not transcribe the page: {result.error}")
+        raise ExitCodeException(plugin_words(f"Kosmos-2.5 could not transcribe the page: {result.error}"))
     return result
 
 

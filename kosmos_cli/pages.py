@@ -8,7 +8,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from kosmos_cli.errors import InputError, UsageError
+from kosmos_cli.errors import UsageError
 
 
 def page_number(page_index: int) -> int:
@@ -33,19 +33,23 @@ class PageSelection:
 
     ranges: tuple[tuple[int, int | None], ...]
 
-    def indices(self, page_count: int, *, source: str = "the document") -> list[int]:
-        """Return the 0-based indices selected in a document of `page_count` pages, ascending, once each."""
+    def indices(self, page_count: int) -> list[int]:
+        """Return the 0-based indices selected in a document of `page_count` pages, ascending, once each.
+
+        A range past the document's end selects the pages it has: `--pages 1-3` over a folder reads
+        one-page images too. The selection may be empty (`--pages 2-` of a one-page image).
+        """
         chosen: set[int] = set()
         for first, last in self.ranges:
-            asked = f"{first}-" if last is None else str(last)
-            if first > page_count or (last is not None and last > page_count):
-                pages = "page" if page_count == 1 else "pages"
-                raise InputError(
-                    f"{source} has {page_count} {pages}; --pages asks for {asked}",
-                    hint="choose pages inside the document, or leave out --pages",
-                )
-            chosen.update(range(first - 1, page_count if last is None else last))
+            chosen.update(range(first - 1, page_count if last is None else min(last, page_count)))
         return sorted(chosen)
+
+    def __str__(self) -> str:
+        """The selection as --pages takes it: `1-3,7,10-`."""
+        return ",".join(
+            f"{first}-" if last is None else str(first) if last == first else f"{first}-{last}"
+            for first, last in self.ranges
+        )
 
 
 def parse_pages(spec: str) -> PageSelection:

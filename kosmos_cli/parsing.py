@@ -10,6 +10,7 @@ import re
 from collections.abc import Sequence
 
 from kosmos_cli.values import Line, Point
+from kosmos_cli.vocabulary import BOX_TOKEN
 
 CONFIDENCE_DIGITS = 4  # decimals a line's confidence is kept to, in every output alike
 # One line starts at `<bbox>`, or at a complete coordinate quad whose `<bbox>` went missing.
@@ -17,8 +18,6 @@ _LINE_START = re.compile(
     r"<bbox>(?:<x_(\d+)><y_(\d+)><x_(\d+)><y_(\d+)>(?:</bbox>)?)?"
     r"|<x_(\d+)><y_(\d+)><x_(\d+)><y_(\d+)></bbox>"
 )
-# Box tokens left over in a line's text (a partial box); they are never part of the text.
-_STRAY_TOKEN = re.compile(r"</?bbox>|<[xy]_\d+>")
 # A special token cut in half at the very end of the output (e.g. `<y_3`).
 _CUT_TOKEN = re.compile(r"<(?:/?b(?:b(?:o(?:x)?)?)?|/|[xy](?:_\d*)?)$")
 _BLANK_RUNS = re.compile(r"\n{2,}")
@@ -113,7 +112,8 @@ def _append(
     lines: list[Line], text: str, polygon: tuple[Point, Point, Point, Point] | None, probs: Sequence[float]
 ) -> None:
     """Add a line unless it has no text; whitespace runs, newlines included, become one space."""
-    words = _CONTROL.sub("", _STRAY_TOKEN.sub(" ", text)).split()
+    # Box tokens left over in a line's text (a partial box) are never part of the text.
+    words = _CONTROL.sub("", BOX_TOKEN.sub(" ", text)).split()
     if words:
         confidence = (
             (round(sum(probs) / len(probs), CONFIDENCE_DIGITS), round(min(probs), CONFIDENCE_DIGITS))

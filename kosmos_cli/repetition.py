@@ -24,7 +24,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from enum import Enum
 
-from kosmos_cli.testing import BBOX_START_ID
+from kosmos_cli.vocabulary import BBOX_START_ID
 
 DEFAULT_MAX_PERIOD = 128  # tokens; longer repeated blocks are not looked for
 DEFAULT_MIN_SPAN = 200  # tokens of repeated words before a loop is called

@@ -20,6 +20,7 @@ class Summary:
     documents_done: int = 0
     documents_skipped: int = 0
     documents_failed: int = 0  # inputs that do not exist or cannot be read or written included
+    documents_unselected: int = 0  # documents --pages selects no page of (`--pages 2-` of an image)
     pages_done: int = 0
     pages_resumed: int = 0
     pages_failed: int = 0

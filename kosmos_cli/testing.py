@@ -41,6 +41,15 @@ from kosmos_cli.errors import GenerationError
 from kosmos_cli.model import Request
 from kosmos_cli.tiling import MAX_PATCHES
 from kosmos_cli.values import Generation, Task
+from kosmos_cli.vocabulary import (
+    BASE_VOCAB_END,
+    BOS_ID,
+    EOS_ID,
+    NUM_COORDINATE_BINS,
+    NUM_IMAGE_TOKENS,
+    PAD_ID,
+    VOCAB_SIZE,
+)
 
 if TYPE_CHECKING:
     import torch
@@ -49,27 +58,6 @@ logger = logging.getLogger(__name__)
 
 CheckpointSize = Literal["tiny", "full"]
 
-# Token ids of the real checkpoint: fairseq specials, then cl100k_base (100,277 tokens), then the
-# Kosmos-2.5 symbols and 2 x 4096 coordinate tokens (microsoft/unilm kosmos-2.5/kosmos2_5/data/utils.py;
-# the ids of <ocr>, <image>, </image> and <md> are asserted by transformers' processor test).
-BOS_ID = 0  # <s>; also the image placeholder token inside <image> ... </image>
-PAD_ID = 1  # <pad>
-EOS_ID = 2  # </s>
-UNK_ID = 3  # <unk>
-BASE_VOCAB_END = 100281  # first id after the base vocabulary
-MASK_ID = 100281  # <mask>
-OCR_ID = 100282  # <ocr>
-IMAGE_START_ID = 100283  # <image>
-IMAGE_END_ID = 100284  # </image>
-CHUNK_END_ID = 100285  # </chunk>
-BBOX_START_ID = 100286  # <bbox>
-BBOX_END_ID = 100287  # </bbox>
-MD_ID = 100288  # <md>
-FIRST_COORDINATE_ID = 100289  # <x_0>; then <y_0>, <x_1>, <y_1>, ...
-NUM_COORDINATE_BINS = 4096  # <x_0> ... <x_4095>, same for y
-VOCAB_SIZE = FIRST_COORDINATE_ID + 2 * NUM_COORDINATE_BINS  # 108,481, the real text_config.vocab_size
-
-FULL_NUM_IMAGE_TOKENS = 2048  # latent_query_num of the real model
 TINY_NUM_IMAGE_TOKENS = 8  # latent_query_num of the tiny model (and the processor's num_image_tokens)
 FULL_MAX_PATCHES = MAX_PATCHES  # image processor max_patches of the real checkpoint
 TINY_MAX_PATCHES = 256  # image processor max_patches written for tiny (see _write_preprocessor_config)
@@ -123,22 +111,6 @@ class _TensorSpec:
         return 4 * math.prod(self.shape)  # float32
 
 
-def x_token_id(value: int) -> int:
-    """Return the id of `<x_value>`."""
-    return FIRST_COORDINATE_ID + 2 * _check_bin(value)
-
-
-def y_token_id(value: int) -> int:
-    """Return the id of `<y_value>`."""
-    return FIRST_COORDINATE_ID + 2 * _check_bin(value) + 1
-
-
-def _check_bin(value: int) -> int:
-    if not 0 <= value < NUM_COORDINATE_BINS:
-        raise ValueError(f"coordinate {value} is outside 0..{NUM_COORDINATE_BINS - 1}")
-    return value
-
-
 def save_random_checkpoint(dest: Path, *, size: CheckpointSize = "tiny", seed: int = 0) -> Path:
     """Write a random-weights Kosmos-2.5 checkpoint into `dest` (new or empty) and return `dest`."""
     if size not in ("tiny", "full"):
@@ -182,7 +154,7 @@ def _model_config(size: CheckpointSize) -> Any:
     # Text dropout is 0 in the hub config.json (the class default is 0.1); it only matters for training.
     text: dict[str, Any] = {"dropout": 0.0, "max_position_embeddings": MAX_POSITIONS}
     vision: dict[str, Any] = {}
-    latent_query_num = FULL_NUM_IMAGE_TOKENS
+    latent_query_num = NUM_IMAGE_TOKENS
     if size == "tiny":
         text.update(embed_dim=32, layers=2, ffn_dim=64, attention_heads=2)
         # max_num_patches sizes the row/column embedding tables, indexed by 1-based patch row/column ids.

@@ -134,7 +134,9 @@ def layer_result(page: Page, job: Job) -> PageResult | None:
         if job.text_layer == "auto":
             return None
         error = InputError(
-            "no text layer of its own (--text-layer only)",
+            "no text layer of its own (--text-layer only)"
+            if page.info.pixel_to_pdf is not None
+            else "an image has no text layer: only PDF pages do (--text-layer only)",
             hint="use --text-layer auto to transcribe such pages with the model",
         )
         return failed_result(page.info, job.task, error)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import pytest
@@ -37,6 +38,16 @@ def test_transcriber_keeps_input_order_and_sizes(tiny_checkpoint: Path, tmp_path
         alone.transcribe([images[0]], task=Task.OCR)[0].raw == results[0].raw
     )  # batching keeps greedy output
     assert transcriber.runner.batch_size == 2  # type: ignore[attr-defined]  # a call changes nothing shared
+
+
+def test_loading_through_the_api_draws_no_progress_bar_unless_asked(
+    tiny_checkpoint: Path, capfd: pytest.CaptureFixture[str], caplog: pytest.LogCaptureFixture
+) -> None:
+    Transcriber.load(model=str(tiny_checkpoint), device="cpu", max_new_tokens=5)
+    assert capfd.readouterr().err == "", "a library call prints nothing into its caller's terminal"
+    with caplog.at_level(logging.INFO, logger="kosmos_cli"):
+        Transcriber.load(model=str(tiny_checkpoint), device="cpu", max_new_tokens=5)
+    assert "Loading weights" in capfd.readouterr().err, "asked for kosmos's progress, it shows"
 
 
 def test_transcriber_reads_every_selected_page_of_a_pdf(tmp_path: Path) -> None:

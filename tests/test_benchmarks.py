@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.metadata
 import re
 import runpy
 import sys
@@ -48,11 +49,14 @@ def test_throughput_decode_sweep(
         "float32",
         "--bandwidth",
         "10",
+        "--kv-dtype",
+        "bfloat16",
         "--also-int8",
     ]
     run_benchmark("throughput.py", argv, monkeypatch)
     out = capsys.readouterr().out
-    assert out.count("decode batch 2: ") == 2 and "-- float32 --quantize int8" in out
+    assert out.count("decode batch 2: ") == 3
+    assert "-- dtype float32, kv_dtype bfloat16" in out and "-- dtype float32, quantize int8" in out
 
 
 def test_reading(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
@@ -112,3 +116,25 @@ def test_attention(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixtur
     run_benchmark("attention.py", ["--tokens", "70", "--capacity", "200", "--repeats", "3"], monkeypatch)
     out = capsys.readouterr().out
     assert out.count("70 tokens, contiguous slot (GrowingSlots): ") == 2 and "SDPA" in out
+
+
+def test_gpu_preflight_passes_here_and_names_a_mismatched_carry(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    import gpu_preflight
+
+    assert gpu_preflight.main([]) == 0
+    assert capsys.readouterr().out.startswith("preflight: ok: python ")
+    # The GPU machine's huggingface-hub under a transformers that needs a newer one: one line, exit 1.
+    real = importlib.metadata.version
+    monkeypatch.setattr(
+        gpu_preflight.importlib.metadata,
+        "version",
+        lambda name: "0.1.0" if name == "huggingface-hub" else real(name),
+    )
+    assert gpu_preflight.main([]) == 1
+    line = capsys.readouterr().out
+    assert re.fullmatch(
+        r"preflight: transformers \S+ needs huggingface-hub\S+, found 0\.1\.0( \(and \d+ more\))?\n", line
+    )

@@ -337,6 +337,21 @@ def test_the_hub_is_probed_once_unless_a_proxy_decides(
         assert attempts == []
 
 
+def test_download_without_a_hub_says_where_the_weights_can_come_from(tmp_path: Path) -> None:
+    result = _kosmos(["download", "--to", str(tmp_path / "w")], endpoint=f"http://127.0.0.1:{_closed_port()}")
+    assert result.returncode == 3, result.stderr
+    assert "error: cannot download `microsoft/kosmos-2.5`: the hub could not be reached" in result.stderr
+    assert (
+        "hint: run `kosmos download --to DIR` where the hub can be reached, copy DIR here and pass --model DIR"
+        in result.stderr
+    )
+
+
+def test_download_help_names_only_its_own_options() -> None:
+    result = CliRunner().invoke(app, ["download", "--help"], env={"COLUMNS": "200"})
+    assert "--to" in result.output and "--model" not in result.output
+
+
 def test_download_reports_an_unknown_id(fake_hub: str) -> None:
     result = _kosmos(["download", "nobody/no-such-model"], endpoint=fake_hub)
     assert result.returncode == 3

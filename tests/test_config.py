@@ -24,6 +24,13 @@ from kosmos_cli.values import Task
         ({"quantize": "int8", "dtype": "bfloat16"}, "--quantize int8 needs float32 weights"),
         ({"quantize": "int8", "compile": True}, "--quantize and --compile do not work together"),
         ({"kv_dtype": "int4"}, "--kv-dtype `int4` is not one of: auto, bfloat16, float16, float8"),
+        (
+            {"kv_dtype": "float8", "compile": True},
+            "--kv-dtype applies to kosmos's own KV cache; --compile uses transformers' static one",
+        ),
+        ({"compile": True, "cuda_graph": True}, "--compile and --cuda-graph do not work together"),
+        ({"cuda_graph": True, "device": "cpu"}, "--cuda-graph needs a CUDA GPU"),
+        ({"cuda_graph": True, "device": "mps"}, "--cuda-graph needs a CUDA GPU"),
     ],
 )
 def test_settings_refuse(options: dict[str, object], message: str) -> None:
@@ -47,6 +54,7 @@ def test_settings_take_every_device_name(device: str) -> None:
         ({"dpi": float("nan")}, "--dpi must be at least 10, not nan"),
         ({"dpi": float("inf")}, "--dpi must be at least 10, not inf"),
         ({"page_timeout": 0.0}, "--page-timeout must be a positive number of seconds, not 0"),
+        ({"numbered": True}, "--numbered numbers the boxes --draw draws"),
     ],
 )
 def test_jobs_refuse(options: dict[str, object], message: str) -> None:

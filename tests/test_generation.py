@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-import importlib.util
+import concurrent.futures
+import contextlib
 import logging
 import os
 import random
@@ -14,15 +15,20 @@ from pathlib import Path
 import pytest
 import torch
 from PIL import Image, ImageDraw
+from test_slots import NEEDS_TRITON
 
 from kosmos_cli.config import DEFAULT_MAX_NEW_TOKENS, Settings
 from kosmos_cli.errors import GenerationError, UsageError
-from kosmos_cli.model import Request, batching, loading, patches
-from kosmos_cli.model.batching import TASK_PROMPTS, KosmosRunner, available_cores, greedy_config
+from kosmos_cli.model import Request, continuous, encoding, graph, loading, patches
+from kosmos_cli.model.continuous import ContinuousDecoder
+from kosmos_cli.model.fixed import greedy_config
 from kosmos_cli.model.loading import load_runner
-from kosmos_cli.model.slots import SLOT_ATTENTION, FixedSlots, SlotCache
+from kosmos_cli.model.runner import KosmosRunner
+from kosmos_cli.model.sizing import available_cores
+from kosmos_cli.model.slots import GROW_COLUMNS, SLOT_ATTENTION, FixedSlots, SlotCache
 from kosmos_cli.repetition import Loop, LoopKind, LoopRule
 from kosmos_cli.values import Finish, Generation, Status, Task
+from kosmos_cli.vocabulary import TASK_PROMPTS
 
 BUDGET = 16  # new tokens per page: long enough for rows to leave and join mid-run, short enough to be quick
 EOS = 2
@@ -56,7 +62,9 @@ def pages(count: int, *, seed: int = 0) -> list[Request]:
 _references: dict[tuple[str, object], list[int]] = {}
 
 
-def reference(runner: KosmosRunner, request: Request, *, variant: str = "") -> list[int]:
+def reference(
+    runner: KosmosRunner, request: Request, *, variant: str = "", budget: int = BUDGET
+) -> list[int]:
     """The model card's loop: this page alone through `model.generate`, greedy; new ids up to EOS.
 
     Pages from `pages()` with the same model `variant` give the same ids, so they are computed once.
@@ -66,7 +74,7 @@ def reference(runner: KosmosRunner, request: Request, *, variant: str = "") -> l
     inputs = runner.processor(text=[TASK_PROMPTS[request.task]], images=[request.image], return_tensors="pt")
     inputs.pop("width"), inputs.pop("height")
     with torch.inference_mode():
-        output = runner.model.generate(**inputs, generation_config=greedy_config(runner.model, BUDGET))
+        output = runner.model.generate(**inputs, generation_config=greedy_config(runner.model, budget))
     ids: list[int] = output[0, inputs["input_ids"].shape[1] :].tolist()
     ids = ids[: ids.index(EOS)] if EOS in ids else ids
     if variant:
@@ -251,13 +259,13 @@ def test_pages_join_free_slots_while_others_decode(
 ) -> None:
     end_ocr_pages_early(runner)
     steps: list[list[tuple[int, int]]] = []  # each decode step's (slot, length) per row
-    step = type(runner)._decode_step
+    step = ContinuousDecoder.decode_step
 
-    def spy(self: KosmosRunner, batch: batching._Batch) -> tuple[list[int], list[float]]:
+    def spy(self: ContinuousDecoder, batch: continuous.Batch) -> tuple[list[int], list[float]]:
         steps.append([(row.slot, row.cached) for row in batch.rows])
         return step(self, batch)
 
-    monkeypatch.setattr(KosmosRunner, "_decode_step", spy)
+    monkeypatch.setattr(ContinuousDecoder, "decode_step", spy)
     requests = pages(6)
     got = generate(runner, requests)
     assert any(len({length for _, length in rows}) > 1 for rows in steps), "no page joined a running one"
@@ -271,11 +279,11 @@ def test_a_failed_prefill_of_joining_pages_retries_them_in_halves(
 ) -> None:
     runner = load(tiny_checkpoint, batch_size=3)
     end_ocr_pages_early(runner)
-    prefill = type(runner)._prefill
+    prefill = ContinuousDecoder.prefill
     failures: list[int] = []
     free_after: list[int] = []
 
-    def no_room_once(self: KosmosRunner, cache: SlotCache, rows: list) -> object:  # type: ignore[type-arg]
+    def no_room_once(self: ContinuousDecoder, cache: SlotCache, rows: list) -> object:  # type: ignore[type-arg]
         if len(rows) > 1 and not failures:
             failures.append(len(rows))
             raise RuntimeError("CUDA out of memory (scripted)")
@@ -285,10 +293,10 @@ def test_a_failed_prefill_of_joining_pages_retries_them_in_halves(
         self.free.append(slot)
         free_after.append(len(self.free))
 
-    monkeypatch.setattr(KosmosRunner, "_prefill", no_room_once)
+    monkeypatch.setattr(ContinuousDecoder, "prefill", no_room_once)
     monkeypatch.setattr(SlotCache, "release", release)
     requests = pages(7)
-    with caplog.at_level(logging.WARNING, logger="kosmos_cli.model.batching"):
+    with caplog.at_level(logging.WARNING, logger="kosmos_cli.model.continuous"):
         got = generate(runner, requests)
     assert failures and "retrying in halves" in caplog.text
     assert free_after[-1] == 3, "every slot is free again at the end"
@@ -312,7 +320,7 @@ def test_no_room_for_the_cache_slots_halves_them(
 
     monkeypatch.setattr(SlotCache, "for_model", scarce)
     requests = pages(3)
-    with caplog.at_level(logging.WARNING, logger="kosmos_cli.model.batching"):
+    with caplog.at_level(logging.WARNING, logger="kosmos_cli.model.continuous"):
         outcomes = dict((request.key, outcome) for request, outcome in runner.generate(requests))
     assert asked[:3] == [4, 2, 1] and "no room for 4 cache slots" in caplog.text
     if room:
@@ -424,18 +432,18 @@ def test_a_failed_step_restarts_its_pages_in_smaller_batches(
     runner: KosmosRunner, caplog: pytest.LogCaptureFixture
 ) -> None:
     end_ocr_pages_early(runner)
-    step = type(runner)._decode_step
+    step = ContinuousDecoder.decode_step
     failures = []
 
-    def flaky(self: KosmosRunner, batch):  # type: ignore[no-untyped-def]
+    def flaky(self: ContinuousDecoder, batch):  # type: ignore[no-untyped-def]
         if len(batch.rows) > 1 and not failures:
             failures.append(len(batch.rows))
             raise RuntimeError("CUDA out of memory (scripted)")
         return step(self, batch)
 
-    runner._decode_step = flaky.__get__(runner)  # type: ignore[method-assign]
+    runner.decoder.decode_step = flaky.__get__(runner.decoder)  # type: ignore[method-assign]
     requests = pages(4)
-    with caplog.at_level(logging.WARNING, logger="kosmos_cli.model.batching"):
+    with caplog.at_level(logging.WARNING, logger="kosmos_cli.model.continuous"):
         got = generate(runner, requests)
     assert failures and "restarting them" in caplog.text
     assert_matches_reference(runner, requests, got, variant=EARLY)
@@ -444,10 +452,10 @@ def test_a_failed_step_restarts_its_pages_in_smaller_batches(
 def test_a_page_failing_alone_is_an_error(runner: KosmosRunner) -> None:
     runner.batch_size = 1
 
-    def broken(self: KosmosRunner, batch):  # type: ignore[no-untyped-def]
+    def broken(self: ContinuousDecoder, batch):  # type: ignore[no-untyped-def]
         raise RuntimeError("boom")
 
-    runner._decode_step = broken.__get__(runner)  # type: ignore[method-assign]
+    runner.decoder.decode_step = broken.__get__(runner.decoder)  # type: ignore[method-assign]
     outcomes = list(runner.generate(pages(2)))
     assert [type(outcome) for _, outcome in outcomes] == [GenerationError, GenerationError]
     assert outcomes[0][1].message == "generation failed: boom"
@@ -550,7 +558,7 @@ def test_a_smaller_kv_cache_differs_from_fp32_only_at_near_ties(
     runner: KosmosRunner, tiny_checkpoint: Path, kv_dtype: str, stored: torch.dtype
 ) -> None:
     small = load(tiny_checkpoint, kv_dtype=kv_dtype, batch_size=3, detect_loops=False)
-    cache, _ = small._new_cache(1)
+    cache, _ = small.decoder.new_cache(1)
     cache.at([cache.take()])
     cache.update(torch.ones(1, 2, 3, 16), torch.ones(1, 2, 3, 16), 0)
     assert cache.keys[0][0].dtype == stored  # type: ignore[attr-defined]
@@ -609,16 +617,14 @@ def test_int8_where_auto_picks_a_gpu_is_a_usage_error_before_loading(
     assert caught.value.hint == "add --device cpu"
 
 
-def test_kv_dtype_where_compile_means_fixed_batches_is_a_usage_error_before_loading(
+def test_cuda_graph_where_auto_picks_the_cpu_is_a_usage_error_before_loading(
     tiny_checkpoint: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    monkeypatch.setattr(loading, "resolve_device", lambda device: "cpu")  # as on a machine without a GPU
     monkeypatch.setattr(loading, "_load_parts", None)  # loading anything would fail otherwise
     with pytest.raises(UsageError) as caught:
-        load(tiny_checkpoint, kv_dtype="float8", compile=True)
-    assert (
-        caught.value.message
-        == "--kv-dtype applies to kosmos's own KV cache; --compile on cpu uses a static one"
-    )
+        load(tiny_checkpoint, cuda_graph=True, device="auto")
+    assert caught.value.message == "--cuda-graph needs a CUDA GPU with Triton, and --device auto chose cpu"
 
 
 def test_a_float8_cache_on_a_gpu_before_ada_is_a_usage_error_before_loading(
@@ -636,17 +642,19 @@ def test_a_float8_cache_on_a_gpu_before_ada_is_a_usage_error_before_loading(
     )
 
 
-@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="Triton is not installed")
+@NEEDS_TRITON
 @pytest.mark.parametrize("captures", [True, False])
 def test_the_decode_step_over_every_slot_matches_one_page_at_a_time(
     tiny_checkpoint: Path, captures: bool, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
-    # --compile on CUDA: fixed slots read by the Triton kernel, every slot in every step, captured
-    # as a CUDA graph. Here the same step runs eagerly, the kernel in Triton's interpreter (conftest).
+    # --cuda-graph: fixed slots read by the Triton kernel, every slot in every step, captured as a
+    # CUDA graph. Here the same step runs eagerly, the kernel in Triton's interpreter (conftest).
     runner = load(tiny_checkpoint, batch_size=3)
     runner.captures_steps = True
-    made: list[batching._CapturedStep] = []
-    captured = batching._CapturedStep
+    made: list[graph.CapturedStep] = []
+    read: list[tuple[torch.Tensor | None, torch.Tensor | None]] = []  # what each step's attention read
+    guarded: list[str] = []
+    captured, attend = graph.CapturedStep, FixedSlots.attend
 
     def fixed(model: object, *, slots: int, capacity: int, dtype: torch.dtype, device: str) -> FixedSlots:
         text = runner.model.config.text_config
@@ -656,21 +664,86 @@ def test_the_decode_step_over_every_slot_matches_one_page_at_a_time(
             dtype=dtype, device=device,
         )  # fmt: skip
 
-    def spy(*args: object) -> batching._CapturedStep:
+    def spy(*args: object) -> graph.CapturedStep:
         if not captures:  # as where CUDA cannot capture some op: the run goes on without the graph
             raise RuntimeError("operation not permitted when stream is capturing (scripted)")
         made.append(captured(*args))  # type: ignore[arg-type]
         return made[-1]
 
+    def reading(self: FixedSlots, query: torch.Tensor, layer: int, scaling: float | None) -> torch.Tensor:
+        read.append((self._slot_index, self._column_index))
+        return attend(self, query, layer, scaling)
+
+    def guard(device: str) -> contextlib.nullcontext[None]:
+        guarded.append(device)
+        return contextlib.nullcontext()
+
     monkeypatch.setattr(SlotCache, "for_model", fixed)
-    monkeypatch.setattr(batching, "_CapturedStep", spy)
+    monkeypatch.setattr(continuous, "CapturedStep", spy)
+    monkeypatch.setattr(FixedSlots, "attend", reading)
+    monkeypatch.setattr(graph, "device_guard", guard)
     end_ocr_pages_early(runner)
     requests = pages(6)
-    with caplog.at_level(logging.WARNING, logger="kosmos_cli.model.batching"):
+    with caplog.at_level(logging.WARNING, logger="kosmos_cli.model.continuous"):
         got = generate(runner, requests)
     assert len(made) == (1 if captures else 0)
     assert ("could not capture the decode step" in caplog.text) is not captures
     assert_matches_reference(runner, requests, got, variant=EARLY)
+    if captures:
+        # A graph replays the addresses it captured: every step reads the tensors the step made and
+        # keeps, never ones a prefill made since (prefills point the cache at tensors of their own).
+        step = made[0]
+        assert read and all(slots is step.slots and columns is step.columns for slots, columns in read)
+        assert guarded == ["cpu"] * (1 + len(read) // runner.model.config.text_config.layers)
+
+
+class Synchronous(concurrent.futures.Executor):
+    """An executor that runs each call at once: every page is ready as soon as it is asked for."""
+
+    def __init__(self, **kwargs: object) -> None:
+        pass
+
+    def submit(self, fn, /, *args, **kwargs):  # type: ignore[no-untyped-def]
+        future: concurrent.futures.Future[object] = concurrent.futures.Future()
+        future.set_result(fn(*args, **kwargs))
+        return future
+
+
+def test_pages_finishing_in_the_same_step_each_free_their_own_slot(
+    tiny_checkpoint: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    runner = load(tiny_checkpoint, batch_size=3)
+    set_eos_row(runner, torch.zeros_like(runner.model.text_model.model.embed_tokens.weight[EOS]))
+    # Every page ready at once: three join in one prefill and, with no EOS, finish in one step.
+    monkeypatch.setattr(encoding, "ThreadPoolExecutor", Synchronous)
+    together: list[int] = []
+    advance = ContinuousDecoder.advance
+
+    def checked(
+        self: ContinuousDecoder, batch: continuous.Batch, *args: object, **kwargs: object
+    ) -> Iterator[object]:
+        finished = list(advance(self, batch, *args, **kwargs))  # type: ignore[arg-type]
+        together.append(len(finished))
+        assert batch.cache is not None
+        running = [row.slot for row in batch.rows]
+        assert sorted(batch.cache.free + running) == list(range(3)), "each slot free or running, once"
+        yield from finished
+
+    monkeypatch.setattr(ContinuousDecoder, "advance", checked)
+    requests = pages(6)
+    got = generate(runner, requests)
+    assert together.count(3) == 2, together
+    assert_matches_reference(runner, requests, got, variant="no eos")
+
+
+def test_pages_longer_than_a_cpu_slots_first_blocks_match_one_page_at_a_time(tiny_checkpoint: Path) -> None:
+    budget = 2 * GROW_COLUMNS + 20  # the tiny prompt's 12 tokens and this: a slot grows twice
+    runner = load(tiny_checkpoint, batch_size=2, max_new_tokens=budget, detect_loops=False)
+    set_eos_row(runner, torch.zeros_like(runner.model.text_model.model.embed_tokens.weight[EOS]))
+    requests = pages(3)
+    got = generate(runner, requests)
+    for request in requests:
+        assert list(got[request.key].ids) == reference(runner, request, budget=budget), request.key
 
 
 def test_int8_quantizes_the_decoder_and_stays_near_fp32(runner: KosmosRunner, tiny_checkpoint: Path) -> None:

@@ -1,4 +1,4 @@
-"""kosmos on a CUDA GPU: exactness in float32 and bf16, --compile, out-of-memory halving, flash-attention.
+"""kosmos on a CUDA GPU: exactness in float32 and bf16, --cuda-graph, out-of-memory halving, flash-attention.
 
 Skipped without CUDA; `make gpu-check` (benchmarks/gpu_check.sh) runs them on a lent GPU. The full-size
 test reads the random full-size checkpoint named by KOSMOS_GPU_CHECK_MODEL (gpu_check.sh builds it).
@@ -7,6 +7,7 @@ test reads the random full-size checkpoint named by KOSMOS_GPU_CHECK_MODEL (gpu_
 from __future__ import annotations
 
 import importlib.util
+import logging
 import os
 from pathlib import Path
 
@@ -16,10 +17,12 @@ from test_generation import BF16_TOLERANCE, BUDGET, EOS, divergence_margin, gene
 
 from kosmos_cli.config import Settings
 from kosmos_cli.model import Request
-from kosmos_cli.model.batching import TASK_PROMPTS, KosmosRunner, greedy_config
+from kosmos_cli.model.fixed import greedy_config
 from kosmos_cli.model.loading import load_runner
+from kosmos_cli.model.runner import KosmosRunner
 from kosmos_cli.model.slots import FixedSlots, triton_available
 from kosmos_cli.values import Finish
+from kosmos_cli.vocabulary import TASK_PROMPTS
 
 pytestmark = [
     pytest.mark.gpu,
@@ -49,7 +52,9 @@ def cuda_reference(runner: KosmosRunner, request: Request) -> list[int]:
 def test_cuda_float32_batches_match_one_page_at_a_time(tiny_checkpoint: Path, batch_size: int) -> None:
     runner = on_cuda(tiny_checkpoint, batch_size=batch_size)
     if triton_available():
-        assert isinstance(runner._new_cache(batch_size)[0], FixedSlots), "Triton reads preallocated slots"
+        assert isinstance(runner.decoder.new_cache(batch_size)[0], FixedSlots), (
+            "Triton reads preallocated slots"
+        )
     requests = pages(7)
     got = generate(runner, requests)
     for request in requests:
@@ -68,10 +73,11 @@ def test_cuda_bf16_differs_from_float32_only_at_near_ties(tiny_checkpoint: Path,
     assert all(0 <= margin <= BF16_TOLERANCE for margin in margins if margin is not None), margins
 
 
-def test_cuda_compile_matches_eager(tiny_checkpoint: Path) -> None:
+def test_cuda_graph_matches_eager(tiny_checkpoint: Path) -> None:
+    # (--compile's torch.compile'd fixed batches are checked on the CPU: tests/test_generation.py)
     eager = on_cuda(tiny_checkpoint, batch_size=2)
-    compiled = on_cuda(tiny_checkpoint, batch_size=2, compile=True, ignore_eos=True, detect_loops=False)
-    requests = pages(4)
+    compiled = on_cuda(tiny_checkpoint, batch_size=2, ignore_eos=True, detect_loops=False, cuda_graph=True)
+    requests = pages(6)  # more pages than slots: pages join the captured step's slots as others leave
     expected = {key: g.ids for key, g in generate(eager, requests).items()}
     got = generate(compiled, requests)
     assert {(g.token_count, g.finish) for g in got.values()} == {(BUDGET, Finish.LENGTH)}
@@ -93,7 +99,7 @@ def test_flash_attention_stays_near_float32(tiny_checkpoint: Path) -> None:
 @pytest.mark.skipif(
     not os.environ.get(FULL_MODEL_ENV), reason=f"set {FULL_MODEL_ENV} to a full-size checkpoint"
 )
-def test_out_of_memory_halves_the_batch_and_every_page_finishes() -> None:
+def test_out_of_memory_halves_the_batch_and_every_page_finishes(caplog: pytest.LogCaptureFixture) -> None:
     """With the GPU capped a little above the weights, 16 full-size pages have no room for their cache
     slots (4.9 GB) nor for prefilling together."""
     runner = load_runner(
@@ -106,8 +112,13 @@ def test_out_of_memory_halves_the_batch_and_every_page_finishes() -> None:
     cap = (torch.cuda.memory_allocated() + (3 << 30)) / total  # the weights and 3 GiB: a few pages' prefill
     torch.cuda.set_per_process_memory_fraction(cap)
     try:
-        got = generate(runner, pages(16))
+        with caplog.at_level(logging.WARNING, logger="kosmos_cli.model.continuous"):
+            got = generate(runner, pages(16))
     finally:
         torch.cuda.set_per_process_memory_fraction(1.0)
         torch.cuda.empty_cache()
     assert {(g.token_count, g.finish) for g in got.values()} == {(8, Finish.LENGTH)}
+    halved = [
+        r.getMessage() for r in caplog.records if "trying" in r.getMessage() or "halves" in r.getMessage()
+    ]
+    assert halved, "16 pages did not fit: the slots or the prefill must have been halved"

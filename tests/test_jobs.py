@@ -119,15 +119,32 @@ def test_pages_select_per_document(kosmos: Kosmos, tmp_path: Path) -> None:
     assert [p["page_number"] for p in pages] == [2, 5, 6]  # type: ignore[union-attr]
 
 
-def test_pages_out_of_range_fail_that_document_only(kosmos: Kosmos, tmp_path: Path) -> None:
+def test_pages_past_a_document_s_end_skip_it_with_a_warning(kosmos: Kosmos, tmp_path: Path) -> None:
     short = make_pdf(tmp_path / "short.pdf", pages=MIXED_PAGES[:2])
     long = make_pdf(tmp_path / "long.pdf", pages=MIXED_PAGES[:4])
     out = tmp_path / "out"
-    result = kosmos("md", str(short), str(long), "-o", str(out), "--pages", "4")
-    assert result.exit_code == 1
-    assert "error: `" in result.stderr and "short.pdf` has 2 pages; --pages asks for 4" in result.stderr
-    assert not (out / "short.pdf.md").exists()
-    assert (out / "long.pdf.md").exists()
+    result = kosmos("md", str(short), str(long), "-o", str(out), "--pages", "2-4")
+    assert result.exit_code == 0, result.stderr
+    assert [p["page_number"] for p in _json_of(kosmos, short, long, tmp_path)] == [2]
+    result = kosmos("md", str(short), str(long), "-o", str(out / "4"), "--pages", "4")
+    assert result.exit_code == 0, result.stderr
+    assert (
+        "warning: `" in result.stderr
+        and "short.pdf` has 2 pages: --pages 4 selects none of them; skipped" in result.stderr
+    )
+    assert "1 without a selected page" in result.stderr
+    assert not (out / "4" / "short.pdf.md").exists()
+    assert (out / "4" / "long.pdf.md").exists()
+    result = kosmos("md", str(short), str(long), "-o", str(out / "9"), "--pages", "9")
+    assert result.exit_code == 2
+    assert "error: --pages 9 selects no page of any input" in result.stderr
+
+
+def _json_of(kosmos: Kosmos, short: Path, long: Path, tmp_path: Path) -> list[dict[str, object]]:
+    """The pages `kosmos ocr --pages 2-4 -f json` wrote for `short` (two pages: 2 only)."""
+    out = tmp_path / "json"
+    assert kosmos("ocr", str(short), str(long), "-o", str(out), "-f", "json", "--pages", "2-4").exit_code == 0
+    return _json(out / "short.pdf.json")["pages"]  # type: ignore[return-value]
 
 
 def test_encrypted_pdf_needs_the_password(kosmos: Kosmos, tmp_path: Path) -> None:

@@ -305,10 +305,11 @@ def test_every_input_is_checked_before_the_model_loads(
         "-o",
         str(tmp_path / "o"),
     )
-    assert result.exit_code == 1
+    assert result.exit_code == 2  # no page of any readable input is selected: a usage error
     assert (
         "bad.png` cannot be decoded" in result.stderr
-        and "short.pdf` has 1 page; --pages asks for 2" in result.stderr
+        and "short.pdf` has 1 page: --pages 2 selects none of them; skipped" in result.stderr
+        and "error: --pages 2 selects no page of any input" in result.stderr
     )
     assert scripted == [], "nothing was left to transcribe, so no model was loaded"
 

@@ -200,6 +200,8 @@ def test_rotate_pages_turns_a_sideways_scan_with_tesseract_s_reading(
         (["--kosmos-batch-size", "0"], "--kosmos-batch-size must be at least 1, not 0"),
         (["--kosmos-device", "gpu"], "`gpu` is not a device"),
         (["--kosmos-model", "/no/such/model"], "/no/such/model"),
+        (["--kosmos-model", "/no/such/model"], "pass a local folder with --kosmos-model"),
+        (["-l", "eng+deu"], "Kosmos-2.5 was trained to read English only: `-l eng+deu` asks for deu"),
     ],
 )
 def test_bad_kosmos_options_stop_ocrmypdf_with_why(
@@ -215,6 +217,25 @@ def test_bad_kosmos_options_stop_ocrmypdf_with_why(
     assert message in done.stderr
     assert "Traceback" not in done.stderr
     assert not services(run_id)
+
+
+@pytest.mark.parametrize(
+    ("message", "expected"),
+    [
+        ("--batch-size must be at least 1, not 0", "--kosmos-batch-size must be at least 1, not 0"),
+        (
+            "hint: try --dtype bfloat16 or --device cpu",
+            "hint: try --kosmos-dtype bfloat16 or --kosmos-device cpu",
+        ),
+        ("use --kv-dtype auto", "use --kosmos-kv-dtype auto"),
+        ("run `kosmos download --to DIR`", "run `kosmos download --to DIR`"),  # not an option of the plugin
+        ("--kosmos-model is named already", "--kosmos-model is named already"),
+    ],
+)
+def test_kosmos_messages_name_the_plugin_s_options(message: str, expected: str) -> None:
+    from kosmos_cli.ocrmypdf import plugin_words
+
+    assert plugin_words(message) == expected
 
 
 def test_the_python_api_takes_the_plugin_and_its_options(tmp_path: Path, tiny_checkpoint: Path) -> None:

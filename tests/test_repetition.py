@@ -17,7 +17,7 @@ from kosmos_cli.repetition import (
     classify,
     find_loop,
 )
-from kosmos_cli.testing import BBOX_END_ID, BBOX_START_ID, FIRST_COORDINATE_ID, x_token_id, y_token_id
+from kosmos_cli.vocabulary import BBOX_END_ID, BBOX_START_ID, FIRST_COORDINATE_ID, x_token_id, y_token_id
 
 RULE = LoopRule()
 NEWLINE = 198  # "\n" in cl100k_base

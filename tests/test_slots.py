@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 from pathlib import Path
 
@@ -19,6 +20,24 @@ CASES = [
     (16, 96, [(1, 64), (3, 63), (0, 128), (2, 129)]),
 ]
 TOLERANCES = [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)]
+
+
+def _triton_runs_the_kernel() -> bool:
+    """Whether Triton can run the slot kernel here: compiled on a GPU, or in its interpreter from 3.9
+    (3.6's interpreter, the GPU machine's, cannot take a loop bound loaded from memory)."""
+    if importlib.util.find_spec("triton") is None:
+        return False
+    if torch.cuda.is_available():
+        return True
+    import triton
+    from packaging.version import Version
+
+    return Version(triton.__version__) >= Version("3.9")
+
+
+NEEDS_TRITON = pytest.mark.skipif(
+    not _triton_runs_the_kernel(), reason="needs Triton on a GPU, or Triton >= 3.9's interpreter"
+)
 
 
 def reference(query: torch.Tensor, keys: list[torch.Tensor], values: list[torch.Tensor]) -> torch.Tensor:
@@ -73,7 +92,7 @@ ON_CUDA = pytest.param(
 )
 
 
-@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="Triton is not installed")
+@NEEDS_TRITON
 @pytest.mark.parametrize("device", ["cpu", ON_CUDA])
 @pytest.mark.parametrize(("heads", "dim", "rows"), CASES)
 @pytest.mark.parametrize(("dtype", "tolerance"), TOLERANCES)
@@ -107,6 +126,54 @@ def test_triton_kernel_reads_each_rows_own_tokens(
         [cache.values[0][slot, :, :length] for slot, length in rows],
     )
     torch.testing.assert_close(got.double().cpu(), expected.cpu(), rtol=tolerance, atol=tolerance)
+
+
+@NEEDS_TRITON
+def test_the_triton_kernel_launches_on_its_tensors_device(monkeypatch: pytest.MonkeyPatch) -> None:
+    guarded: list[torch.device] = []
+
+    def guard(device: torch.device) -> contextlib.nullcontext[None]:
+        guarded.append(device)
+        return contextlib.nullcontext()
+
+    monkeypatch.setattr(slots, "device_guard", guard)
+    cache = FixedSlots(2, layers=1, heads=1, head_dim=16, capacity=8, dtype=torch.float32, device="cpu")
+    cache.at([1])
+    cache.update(torch.ones(1, 1, 3, 16), torch.ones(1, 1, 3, 16), 0)
+    cache.at([1], [3])
+    query = torch.ones(1, 1, 1, 16)
+    cache.update(query, query, 0)
+    cache.attend(query, 0, 0.25)
+    assert guarded == [query.device]
+
+
+@pytest.mark.parametrize(("device", "index"), [("cuda:1", 1), (torch.device("cuda", 2), 2)])
+def test_the_device_guard_makes_a_cuda_device_current(device: str | torch.device, index: int) -> None:
+    guard = slots.device_guard(device)  # made without a GPU: nothing runs until it is entered
+    assert isinstance(guard, torch.cuda.device) and guard.idx == index
+
+
+def test_the_device_guard_does_nothing_off_cuda() -> None:
+    assert isinstance(slots.device_guard("cpu"), contextlib.nullcontext)
+
+
+def test_a_growing_slot_keeps_every_key_and_value_written_past_its_first_blocks() -> None:
+    cache = GrowingSlots(3, layers=2, heads=2, head_dim=4, dtype=torch.float32, device="cpu")
+    generator = torch.Generator().manual_seed(7)
+    prompt = torch.randn(2, 1, 2, 10, 4, generator=generator)
+    cache.at([1])
+    cache.update(prompt[0], prompt[1], 1)
+    written = [prompt[0, 0], prompt[1, 0]]  # [heads, columns, head_dim]: what was written, kept here
+    length = 3 * GROW_COLUMNS + 5  # grows three times
+    for column in range(10, length):
+        step = torch.randn(2, 1, 2, 1, 4, generator=generator)
+        cache.at([1], [column])
+        cache.update(step[0], step[1], 1)
+        written = [torch.cat([written[0], step[0, 0]], dim=1), torch.cat([written[1], step[1, 0]], dim=1)]
+    assert cache.lengths[1] == length
+    assert torch.equal(cache.keys[1][1][:, :length], written[0])
+    assert torch.equal(cache.values[1][1][:, :length], written[1])
+    assert not cache.keys[1][1][:, length:].any(), "the spare columns stay zeros"
 
 
 def test_slots_are_taken_and_given_back() -> None:
@@ -158,7 +225,7 @@ def test_the_cpu_runner_decodes_through_slots(tiny_checkpoint: Path) -> None:
         Settings(model=str(tiny_checkpoint), device="cpu", dtype="float32", max_new_tokens=4)
     )
     assert runner.model.config.text_config._attn_implementation == f"{slots.SLOT_ATTENTION}:sdpa"
-    assert isinstance(runner._new_cache(2)[0], GrowingSlots)
+    assert isinstance(runner.decoder.new_cache(2)[0], GrowingSlots)
     compiled = load_runner(
         Settings(model=str(tiny_checkpoint), device="cpu", dtype="float32", max_new_tokens=4, compile=True)
     )

@@ -38,7 +38,7 @@ from kosmos_cli import discovery, rasterize
 from kosmos_cli.config import Job
 from kosmos_cli.discovery import discover
 from kosmos_cli.errors import InputError, UsageError
-from kosmos_cli.jobs import probe
+from kosmos_cli.jobs import Pages, probe
 from kosmos_cli.pages import parse_pages
 from kosmos_cli.rasterize import (
     MAX_PAGE_PIXELS,
@@ -149,29 +149,43 @@ def test_parse_pages_rejects_bad_specs_with_a_hint(spec: str, problem: str) -> N
 
 
 @pytest.mark.parametrize(
-    ("spec", "count", "message"),
+    ("spec", "count", "expected"),
     [
-        ("7", 5, "`scan.pdf` has 5 pages; --pages asks for 7"),
-        ("3-9", 5, "`scan.pdf` has 5 pages; --pages asks for 9"),
-        ("10-", 5, "`scan.pdf` has 5 pages; --pages asks for 10-"),
-        ("2", 1, "`scan.pdf` has 1 page; --pages asks for 2"),
+        ("7", 5, []),
+        ("3-9", 5, [2, 3, 4]),  # a range past the end selects what exists
+        ("10-", 5, []),
+        ("2-", 1, []),
+        ("1-3", 1, [0]),
+        ("1,4-,9", 5, [0, 3, 4]),
     ],
 )
-def test_pages_beyond_the_document_are_an_input_error(spec: str, count: int, message: str) -> None:
-    with pytest.raises(InputError) as caught:
-        parse_pages(spec).indices(count, source="`scan.pdf`")
-    assert caught.value.message == message
+def test_pages_beyond_a_document_select_what_it_has(spec: str, count: int, expected: list[int]) -> None:
+    assert parse_pages(spec).indices(count) == expected
 
 
-def test_pages_beyond_a_real_document_name_it(tmp_path: Path) -> None:
-    pdf = make_pdf(tmp_path / "two.pdf", pages=[PdfPage(), PdfPage()])
-    job = Job(task=Task.MD, formats=("md",), pages=parse_pages("3"))
+@pytest.mark.parametrize("spec", ["1", "1-3,7", "10-", "2-5,9-"])
+def test_a_selection_reads_back_as_it_was_written(spec: str) -> None:
+    assert str(parse_pages(spec)) == spec
+
+
+def test_a_document_with_no_selected_page_is_skipped_with_a_warning(tmp_path: Path) -> None:
+    two = make_pdf(tmp_path / "two.pdf", pages=[PdfPage(), PdfPage()])
+    four = make_pdf(tmp_path / "four.pdf", pages=[PdfPage()] * 4)
+    job = Job(task=Task.MD, formats=("md",), pages=parse_pages("3-"))
     recorder, summary = Recorder(), Summary()
     with Sandbox() as sandbox:
-        assert probe([_doc(pdf)], job, recorder, summary, sandbox=sandbox) == {}
-    hint = "choose pages inside the document, or leave out --pages"
-    assert recorder.errors == [f"`{pdf}` has 2 pages; --pages asks for 3\nhint: {hint}"]
-    assert summary.documents_failed == 1
+        found = probe([_doc(two), _doc(four)], job, recorder, summary, sandbox=sandbox)
+    assert list(found.values()) == [Pages(4, (2, 3))]
+    assert recorder.warnings == [f"`{two}` has 2 pages: --pages 3- selects none of them; skipped"]
+    assert (summary.documents_failed, summary.documents_unselected) == (0, 1)
+
+
+def test_a_selection_that_leaves_no_page_of_any_input_is_a_usage_error(tmp_path: Path) -> None:
+    two = make_pdf(tmp_path / "two.pdf", pages=[PdfPage(), PdfPage()])
+    job = Job(task=Task.MD, formats=("md",), pages=parse_pages("3"))
+    with Sandbox() as sandbox, pytest.raises(UsageError) as caught:
+        probe([_doc(two)], job, Recorder(), Summary(), sandbox=sandbox)
+    assert caught.value.message == "--pages 3 selects no page of any input"
 
 
 def test_a_document_with_fewer_pages_than_counted_is_an_input_error(tmp_path: Path) -> None:

@@ -9,7 +9,8 @@ from typing import Any
 import pytest
 
 from kosmos_cli import testing as checkpoint
-from kosmos_cli.testing import save_random_checkpoint, x_token_id, y_token_id
+from kosmos_cli.testing import save_random_checkpoint
+from kosmos_cli.vocabulary import EOS_ID, VOCAB_SIZE, x_token_id, y_token_id
 
 TINY_PROMPT_LEN = 1 + 1 + checkpoint.TINY_NUM_IMAGE_TOKENS + 1 + 1  # <s> <image> <s>*n </image> <task>
 
@@ -63,7 +64,7 @@ def test_processor_and_tokenizer_classes(processor: Any) -> None:
     assert (tokenizer.boi_token, tokenizer.eoi_token, tokenizer.image_token) == ("<image>", "</image>", "<s>")
     assert (tokenizer.bos_token_id, tokenizer.pad_token_id, tokenizer.eos_token_id) == (0, 1, 2)
     assert (tokenizer.unk_token_id, tokenizer.mask_token_id) == (3, 100281)
-    assert len(tokenizer) == checkpoint.VOCAB_SIZE == 108481
+    assert len(tokenizer) == VOCAB_SIZE == 108481
 
 
 @pytest.mark.parametrize(
@@ -180,7 +181,7 @@ def test_model_loads_with_no_missing_or_unexpected_weights(tiny_checkpoint: Path
         "mismatched_keys": [],
         "error_msgs": [],
     }
-    assert model.config.text_config.vocab_size == checkpoint.VOCAB_SIZE
+    assert model.config.text_config.vocab_size == VOCAB_SIZE
     assert model.config.latent_query_num == checkpoint.TINY_NUM_IMAGE_TOKENS
     assert model.generation_config.do_sample is False
     assert (model.generation_config.bos_token_id, model.generation_config.eos_token_id) == (0, 2)
@@ -199,8 +200,8 @@ def test_generate_returns_new_tokens(processor: Any, model: Any, max_patches: in
         output = model.generate(**inputs, max_new_tokens=5, do_sample=False)
     new_ids = output[0, TINY_PROMPT_LEN:].tolist()
     assert output[0, :TINY_PROMPT_LEN].tolist() == inputs.input_ids[0].tolist()
-    assert len(new_ids) == 5 or (0 < len(new_ids) < 5 and new_ids[-1] == checkpoint.EOS_ID)
-    assert all(0 <= i < checkpoint.VOCAB_SIZE for i in new_ids)
+    assert len(new_ids) == 5 or (0 < len(new_ids) < 5 and new_ids[-1] == EOS_ID)
+    assert all(0 <= i < VOCAB_SIZE for i in new_ids)
     assert isinstance(processor.decode(new_ids, skip_special_tokens=True), str)
 
 

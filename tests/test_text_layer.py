@@ -211,7 +211,7 @@ LAYERS = {
     ],
 )
 def test_the_mode_decides_where_a_page_result_comes_from(mode: str, layer: str, expected: str | None) -> None:
-    info = PageInfo(Document("d.pdf", "d.pdf"), 2, 5, 10, 10)
+    info = PageInfo(Document("d.pdf", "d.pdf"), 2, 5, 10, 10, pixel_to_pdf=(1, 0, 0, 1, 0, 0))
     page = Page(info, pymupdf.Pixmap(pymupdf.csRGB, (0, 0, 10, 10)).pil_image(), LAYERS[layer])
     result = layer_result(page, Job(task=Task.OCR, formats=("txt",), text_layer=mode))
     if expected is None:
@@ -224,6 +224,24 @@ def test_the_mode_decides_where_a_page_result_comes_from(mode: str, layer: str, 
         assert result is not None and result.status is Status.OK
         assert result.text == expected and result.text_source is TextSource.PDF_TEXT
         assert result.lines == LAYERS[layer].lines
+
+
+def test_a_document_whose_every_page_failed_counts_as_failed(tmp_path: Path) -> None:
+    png = tmp_path / "scan.png"
+    pymupdf.Pixmap(pymupdf.csRGB, (0, 0, 10, 10)).save(png)
+    summary = transcribe_files(
+        [str(png)], task="ocr", formats=["json"], output=str(tmp_path / "out"), text_layer="only",
+        runner=ScriptedRunner(),
+    )  # fmt: skip
+    assert (summary.documents_done, summary.documents_failed, summary.pages_failed) == (0, 1, 1)
+
+
+def test_only_says_that_an_image_has_no_text_layer() -> None:
+    info = PageInfo(Document("scan.png", "scan.png"), 0, 1, 10, 10)  # no pixel-to-PDF map: not a PDF page
+    page = Page(info, pymupdf.Pixmap(pymupdf.csRGB, (0, 0, 10, 10)).pil_image(), None)
+    result = layer_result(page, Job(task=Task.OCR, formats=("txt",), text_layer="only"))
+    assert result is not None and result.status is Status.FAILED
+    assert result.error == "an image has no text layer: only PDF pages do (--text-layer only)"
 
 
 def test_markdown_always_runs_the_model() -> None:

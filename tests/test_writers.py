@@ -898,7 +898,14 @@ def test_alto_is_valid_and_reads_back_pages_lines_and_words(alto_schema: etree.X
         [("Ünïcödé 漢字", "5", "60", "185", "30", None)],
     ]
     assert len(pages[0].findall(f".//{ALTO}SP")) == 1
-    assert pages[1].find(f"{ALTO}PrintSpace") is None  # the failed page: empty, with a comment
+    spaces = [page.find(f"{ALTO}PrintSpace") for page in pages]
+    assert [
+        (s.get("HPOS"), s.get("VPOS"), s.get("WIDTH"), s.get("HEIGHT")) for s in spaces if s is not None
+    ] == [
+        ("0", "0", "200", "100"),
+        ("0", "0", "300", "400"),
+    ]  # the whole page, in the page's pixels
+    assert spaces[1] is None  # the failed page: empty, with a comment
     comments = [node.text for node in root.iter(etree.Comment)]
     assert comments == [" kosmos: page 2 failed: broken - - page ", " kosmos: page 3 truncated "]
 

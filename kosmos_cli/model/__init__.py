@@ -1,7 +1,13 @@
 """The model behind a small protocol: `Runner` turns `Request`s into `Generation`s.
 
 - `loading`: device, dtype and attention choices, the hub and its cache, `load_runner`, `download_model`;
-- `batching`: `KosmosRunner`, greedy decoding of many pages at once, with pages joining a running batch;
+- `runner`: `KosmosRunner`, a loaded model and processor: requests in, generations out;
+- `encoding`: the processor run on upcoming pages in threads while the model decodes;
+- `continuous`: the running batch, pages joining and leaving their KV-cache slots (the default);
+- `slots`: the KV cache of page slots and its decode attention (a Triton kernel on CUDA);
+- `graph`: `--cuda-graph`, the continuous batch's decode step captured as a CUDA graph;
+- `fixed`: `--compile`, fixed batches through transformers' `generate` with a static cache;
+- `sizing`: pages per batch from free memory, the cores to use; `failures`: what a page can raise;
 - `patches`: what kosmos changes in a loaded model for speed: attention kernels, oneDNN linears, int8.
 
 Only this package imports torch and transformers, inside functions, so `kosmos --help` stays fast.

@@ -9,7 +9,6 @@ from typing import TYPE_CHECKING, Any
 
 from kosmos_cli.config import DEFAULT_MODEL, Settings
 from kosmos_cli.errors import ModelLoadError, UsageError, first_line
-from kosmos_cli.model.batching import KosmosRunner, available_cores
 from kosmos_cli.model.patches import (
     cast_weights,
     fit_positions,
@@ -20,6 +19,8 @@ from kosmos_cli.model.patches import (
     use_onednn_linears,
     use_sdpa_in_vision,
 )
+from kosmos_cli.model.runner import KosmosRunner
+from kosmos_cli.model.sizing import available_cores
 from kosmos_cli.model.slots import fixed_slots, use_slot_attention
 
 if TYPE_CHECKING:
@@ -29,6 +30,10 @@ logger = logging.getLogger(__name__)
 MODEL_TYPE = "kosmos-2.5"  # config.json model_type of every Kosmos-2.5 checkpoint
 HUB_CONNECT_TIMEOUT = 5.0  # seconds to open a connection to the hub before calling it unreachable
 LOAD_HINT = "download it once with `kosmos download` (needs network), or pass a local folder with --model"
+# `kosmos download` itself needs the hub: where there is none, the weights come from another machine.
+DOWNLOAD_HINT = (
+    "run `kosmos download --to DIR` where the hub can be reached, copy DIR here and pass --model DIR"
+)
 
 
 def output_settings(settings: Settings, *, resolve: bool = True) -> dict[str, Any]:
@@ -52,6 +57,7 @@ def output_settings(settings: Settings, *, resolve: bool = True) -> dict[str, An
         "kv_dtype": settings.kv_dtype,
         "max_new_tokens": settings.max_new_tokens,
         "compile": settings.compile,
+        "cuda_graph": settings.cuda_graph,
         "detect_loops": settings.detect_loops,
     }
 
@@ -216,6 +222,11 @@ def _load_parts(settings: Settings, dtype: Any, attn: str, *, local_only: bool) 
     processor = AutoProcessor.from_pretrained(source, revision=revision, local_files_only=local_only)
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()  # the load report lists nothing actionable for a complete checkpoint
+    # transformers draws a "Loading weights" bar into the caller's terminal: a library stays quiet
+    # unless its caller asked kosmos for its progress (INFO on the `kosmos_cli` logger, as -v does).
+    progress = hf_logging.is_progress_bar_enabled()
+    if not logger.isEnabledFor(logging.INFO):
+        hf_logging.disable_progress_bar()
     try:
         model = Kosmos2_5ForConditionalGeneration.from_pretrained(
             source,
@@ -226,12 +237,14 @@ def _load_parts(settings: Settings, dtype: Any, attn: str, *, local_only: bool) 
         )
     finally:
         hf_logging.set_verbosity(verbosity)
+        if progress:
+            hf_logging.enable_progress_bar()
     return processor, model
 
 
 def check_speed_settings(settings: Settings, device: str, dtype: Any) -> None:
-    """Reject --quantize where `auto` chose a device it cannot use, and --kv-dtype where --compile
-    means fixed batches (`Settings` checks the rest)."""
+    """Reject --quantize and --cuda-graph where `auto` chose a device they cannot use (`Settings`
+    checks the rest)."""
     import torch
 
     if settings.quantize is not None and (device != "cpu" or dtype != torch.float32):
@@ -239,11 +252,9 @@ def check_speed_settings(settings: Settings, device: str, dtype: Any) -> None:
             f"--quantize int8 runs on CPU in float32, and --device auto chose {device}",
             hint="add --device cpu",
         )
-    if settings.kv_dtype != "auto" and settings.compile and not fixed_slots(device):
-        raise UsageError(
-            f"--kv-dtype applies to kosmos's own KV cache; --compile on {device} uses a static one",
-            hint="drop one of them (on CUDA with Triton, --compile keeps kosmos's cache)",
-        )
+    if settings.cuda_graph and not fixed_slots(device):
+        reason = "Triton is not installed" if device.startswith("cuda") else f"--device auto chose {device}"
+        raise UsageError(f"--cuda-graph needs a CUDA GPU with Triton, and {reason}", hint="drop --cuda-graph")
 
 
 def prepare_for_speed(runner: KosmosRunner) -> None:
@@ -258,7 +269,7 @@ def prepare_for_speed(runner: KosmosRunner) -> None:
     fit_positions(runner.model, runner.prompt_length + runner.max_new_tokens)
     if runner.model.config.vision_config._attn_implementation != "eager":
         use_sdpa_in_vision(runner.model)
-    if not settings.compile or runner.captures_steps:
+    if not settings.compile:
         use_slot_attention(runner.model)
     changed = False
     if settings.quantize == "int8":
@@ -319,7 +330,7 @@ def download_model(model: str, *, revision: str | None = None, to: Path | None =
     from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
 
     if not hub_offline():
-        require_hub(model)
+        require_hub(model, downloading=True)
     try:
         path = snapshot_download(model, revision=revision, local_dir=to)
     except (HfHubHTTPError, LocalEntryNotFoundError, OSError, ValueError) as error:
@@ -327,7 +338,7 @@ def download_model(model: str, *, revision: str | None = None, to: Path | None =
     return Path(path)
 
 
-def require_hub(model: str) -> None:
+def require_hub(model: str, *, downloading: bool = False) -> None:
     """Fail at once when the hub cannot be reached, not after huggingface_hub's 23 s of retries.
 
     One TCP connection to the hub's endpoint, unless a proxy is configured (then the proxy decides,
@@ -346,9 +357,13 @@ def require_hub(model: str) -> None:
     try:
         socket.create_connection((url.hostname or "", port), timeout=HUB_CONNECT_TIMEOUT).close()
     except OSError as error:
+        where = f"({constants.ENDPOINT}: {first_line(error)})"
+        if downloading:
+            raise ModelLoadError(
+                f"cannot download `{model}`: the hub could not be reached {where}", hint=DOWNLOAD_HINT
+            ) from error
         raise ModelLoadError(
-            f"model `{model}` is not in the Hugging Face cache and the hub could not be reached"
-            f" ({constants.ENDPOINT}: {first_line(error)})",
+            f"model `{model}` is not in the Hugging Face cache and the hub could not be reached {where}",
             hint=LOAD_HINT,
         ) from error
 

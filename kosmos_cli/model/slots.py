@@ -18,7 +18,9 @@ Two kinds of slot, one per kernel:
 
 from __future__ import annotations
 
+import contextlib
 import functools
+from contextlib import AbstractContextManager
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -128,14 +130,12 @@ class FixedSlots(SlotCache):
         self._slot_index = torch.tensor(slots, device=self._device)
         self._column_index = None if columns is None else torch.tensor(columns, device=self._device)
 
-    def at_every_slot(self, columns: torch.Tensor) -> None:
-        """Say that the next forwards are decode steps of every slot, row i in slot i, writing at
-        `columns` [slots], a tensor the caller fills before each (a step captured as a CUDA graph)."""
-        import torch
-
+    def at_every_slot(self, slots: torch.Tensor, columns: torch.Tensor) -> None:
+        """Say that the next forwards are decode steps of every slot, row i in slot `slots[i]`, writing
+        at `columns[i]`: tensors the caller owns and fills before each (a step captured as a CUDA
+        graph), read as they are, never copied."""
         SlotCache.at(self, list(range(self.slots)), [])
-        self._slot_index = torch.arange(self.slots, device=self._device)
-        self._column_index = columns
+        self._slot_index, self._column_index = slots, columns
 
     def _write_prompts(self, layer: int, keys: torch.Tensor, values: torch.Tensor) -> None:
         length = keys.shape[2]
@@ -292,10 +292,24 @@ def _row_attention(
 def fixed_slots(device: str) -> bool:
     """Whether a cache on `device` is `FixedSlots`, read by the Triton kernel (CUDA with Triton).
 
-    Only there can a decode step keep its shapes as pages come and go, so only there does
-    `--compile` capture it as a CUDA graph (elsewhere it means a static cache in fixed batches).
+    Only there can a decode step keep its shapes as pages come and go, so only there can
+    `--cuda-graph` capture it.
     """
     return device.startswith("cuda") and triton_available()
+
+
+def device_guard(device: str | torch.device) -> AbstractContextManager[Any]:
+    """Make `device` the current CUDA device inside the block (a no-op elsewhere).
+
+    Kernel launches, streams and graph captures use the current device, not their tensors': without
+    this, `--device cuda:1` would launch on device 0.
+    """
+    import torch
+
+    device = torch.device(device)
+    if device.type != "cuda":
+        return contextlib.nullcontext()
+    return torch.cuda.device(device)
 
 
 @functools.cache
@@ -324,13 +338,14 @@ def _triton_attention(
     rows, heads, _, head_dim = query.shape
     out = torch.empty((rows, heads, head_dim), dtype=query.dtype, device=query.device)
     q = query[:, :, 0]
-    _decode_kernel()[(rows, heads)](
-        q, keys, values, out, slots, lengths,
-        q.stride(0), q.stride(1), keys.stride(0), keys.stride(1), keys.stride(2),
-        out.stride(0), out.stride(1),
-        1.0 if scaling is None else float(scaling), head_dim,
-        BLOCK_N=64, BLOCK_D=triton.next_power_of_2(head_dim),
-    )  # fmt: skip
+    with device_guard(query.device):  # Triton launches on the current device's stream, not the tensors'
+        _decode_kernel()[(rows, heads)](
+            q, keys, values, out, slots, lengths,
+            q.stride(0), q.stride(1), keys.stride(0), keys.stride(1), keys.stride(2),
+            out.stride(0), out.stride(1),
+            1.0 if scaling is None else float(scaling), head_dim,
+            BLOCK_N=64, BLOCK_D=triton.next_power_of_2(head_dim),
+        )  # fmt: skip
     return out[:, None]
 
 

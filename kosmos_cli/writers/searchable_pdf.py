@@ -83,11 +83,10 @@ class PdfWriter(DocumentWriter):
             targets = [(result, out[number]) for number, result in enumerate(pages)]
         else:
             out = pymupdf.open()
-            targets = [
-                (result, page)
-                for result in pages
-                if (page := self._image_page(out, result, source)) is not None
-            ]
+            placed = [result for result in pages if self._image_page(out, result, source)]
+            # Pages are fetched once every page exists: MuPDF drops a Page object made before the
+            # next new_page (a multi-page TIFF crashed here, issue 23).
+            targets = [(result, out[number]) for number, result in enumerate(placed)]
             if not targets:
                 raise InputError(
                     f"no page of `{document.display_name}` could be placed in the searchable PDF"
@@ -104,8 +103,8 @@ class PdfWriter(DocumentWriter):
         encryption = pymupdf.mupdf.PDF_ENCRYPT_KEEP
         return out.tobytes(garbage=3, deflate=True, no_new_id=True, encryption=encryption)
 
-    def _image_page(self, out: pymupdf.Document, result: PageResult, source: bytes) -> pymupdf.Page | None:
-        """Place a page's image on a new page sized by its DPI; None for a failed, unreadable page."""
+    def _image_page(self, out: pymupdf.Document, result: PageResult, source: bytes) -> bool:
+        """Place a page's image on a new page sized by its DPI; False for a failed, unreadable page."""
         try:
             image = page_pixels(result.info, source, password=self.options.password)
         except KosmosError as error:
@@ -114,12 +113,12 @@ class PdfWriter(DocumentWriter):
             logger.warning(
                 "page %d left out of the searchable PDF: %s", result.info.page_number, error.message
             )
-            return None
+            return False
         dpi_x, dpi_y = _page_dpi(image, result.info.dpi)
         width, height = image.size
         page = out.new_page(width=width * 72 / dpi_x, height=height * 72 / dpi_y)
         page.insert_image(page.rect, stream=_encode_image(image, result.info.document.path))
-        return page
+        return True
 
 
 def _select(pdf: pymupdf.Document, page_indices: list[int]) -> None:
