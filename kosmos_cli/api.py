@@ -13,7 +13,7 @@ import os
 import sys
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import replace
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING, BinaryIO
 
 from kosmos_cli.config import (
@@ -47,6 +47,7 @@ def transcribe_files(
     formats: Sequence[str] | None = None,
     output: str | os.PathLike[str] | None = None,
     from_list: str | None = None,
+    root: str | os.PathLike[str] | None = None,
     pages: str | PageSelection | None = None,
     dpi: float | None = None,
     password: str | None = None,
@@ -67,6 +68,7 @@ def transcribe_files(
       adds a PNG per page with the boxes drawn (`numbered`: with line numbers).
     - `output`: a folder or an object-store URI; None prints the one format to `stdout` (default:
       this process's), documents in input order. A rerun into the same folder skips what is done.
+      Outputs are named by each input's path (`discovery.discover`); `root`: below this folder.
     - `pages`: 1-based, e.g. `"1-3,7,10-"`; `dpi`, `password`: how PDFs are rendered and opened;
       `page_timeout`: seconds one page may take to open or render.
     - `text_layer` (ocr): `auto` takes a PDF page's lines from its own text where it has real text,
@@ -109,7 +111,13 @@ def transcribe_files(
     summary = Summary()
     with Outputs(job, stdout or sys.stdout.buffer, model=settings.model) as outputs:
         remove_stale_spools()
-        discovery = discover(locations, from_list=from_list, exclude=outputs.files(), uris=ray is not None)
+        discovery = discover(
+            locations,
+            from_list=from_list,
+            exclude=outputs.files(),
+            uris=ray is not None,
+            root=os.fspath(root) if root is not None else None,
+        )
         if job.output_dir is not None and (clash := name_clashes(discovery.documents)) is not None:
             raise clash
         _report_discovery(discovery, reporter, summary)
@@ -167,7 +175,11 @@ def _run_on_ray(
     reporter: Reporter,
     summary: Summary,
 ) -> None:
-    """Plan here, then run on Ray: the workers count and read the documents, the model loads there."""
+    """Plan here, then run on Ray: the workers count and read the documents, the model loads there.
+
+    This plan refuses what must not be written before Ray starts; `run_on_ray` plans the rest again
+    with the settings as its workers resolve them.
+    """
     from kosmos_cli.distributed import run_on_ray
     from kosmos_cli.jobs import job_fingerprint, plan
 
@@ -274,8 +286,9 @@ class Transcriber:
                             yield payload, len(slots) - 1
                     elif event.kind == "page_error":
                         assert isinstance(payload, PageError)
-                        info = PageInfo(item, payload.page_index, payload.page_count, 0, 0)
-                        slots.append(failed_result(info, task, payload))
+                        for page_index in payload.page_indices:
+                            info = PageInfo(item, page_index, payload.page_count, 0, 0)
+                            slots.append(failed_result(info, task, payload))
                     elif event.kind == "error":
                         assert isinstance(payload, InputError)
                         raise payload
@@ -320,28 +333,36 @@ def convert_files(
     page_timeout: float = DEFAULT_PAGE_TIMEOUT,
     reporter: Reporter | None = None,
 ) -> Summary:
-    """Write other formats from kosmos's own JSON output (`--format json`), without the model.
+    """Write other formats from kosmos's own JSON or JSON lines output, without the model.
 
-    Each `NAME.json` gives `NAME` plus each format's suffix, in `output` (default: beside it). The
-    searchable PDF reads the input again, from the path the JSON records or `source` (one JSON
-    only), and parses it in a reader process, `page_timeout` seconds a page, as a run does;
+    `results` are files (`-f json` or `-f jsonl`), folders (walked for them, recursively) and quoted
+    globs. Each `NAME.json` (`NAME.md.json` for md) gives `NAME` plus each format's suffix, in
+    `output` named as a run names its inputs (below a folder given: its path there; a file: its
+    path from the current folder, or its file name if outside), or beside it without `output`. The
+    searchable PDF reads the input again, from the absolute path the JSON records or `source` (one
+    JSON only), and parses it in a reader process, `page_timeout` seconds a page, as a run does;
     page-scoped formats that need pixels (`--draw`) cannot be made. An existing file is refused
     unless `overwrite`. A file that cannot be read or written is reported and counted.
     """
+    from kosmos_cli.discovery import find_results, name_clashes
     from kosmos_cli.sandbox import Sandbox
 
     reporter = reporter or LogReporter()
     if not results:
         raise UsageError("no JSON files given", hint="name the .json files `kosmos ... -f json` wrote")
-    if source is not None and len(results) > 1:
-        raise UsageError("--source names the input of one JSON file", hint="convert one file at a time")
     if not formats:
         raise UsageError("no formats given", hint="add -f FORMAT, e.g. -f alto -f page")
+    found = find_results([os.fspath(result) for result in results])
+    if source is not None and len(found.documents) > 1:
+        raise UsageError("--source names the input of one JSON file", hint="convert one file at a time")
+    if output is not None and (clash := name_clashes(found.documents)) is not None:
+        raise clash
     summary = Summary()
+    _report_discovery(found, reporter, summary)
     with Sandbox(timeout=page_timeout) as sandbox:  # starts only if a format parses the input
-        for result_path in map(Path, results):
+        for result in found.documents:
             try:
-                pages = _convert_one(result_path, formats, output, source, password, overwrite, sandbox)
+                pages = _convert_one(result, formats, output, source, password, overwrite, sandbox)
             except InputError as error:
                 reporter.error(error)
                 summary.documents_failed += 1
@@ -352,7 +373,7 @@ def convert_files(
 
 
 def _convert_one(
-    result_path: Path,
+    result: Document,
     formats: Sequence[str],
     output: str | os.PathLike[str] | None,
     source: str | os.PathLike[str] | None,
@@ -364,21 +385,25 @@ def _convert_one(
     from kosmos_cli.assembly import render_document
     from kosmos_cli.stores import atomic_write
     from kosmos_cli.writers import DocumentWriter, PageWriter, WriterOptions, get_writer
-    from kosmos_cli.writers.data import read_json
+    from kosmos_cli.writers.data import read_results
 
+    result_path = Path(result.path)
+    if output is None:  # beside the JSON file: its own stem
+        folder, name = result_path.parent, PurePosixPath(result.name).name
+    else:
+        folder, name = Path(output), result.name
     try:
-        pages, model = read_json(result_path.read_bytes(), result_path.name.removesuffix(".json"))
+        pages, model = read_results(result_path.read_bytes(), name)
     except OSError as error:
-        raise InputError(f"cannot read `{result_path}`: {error.strerror or error}") from None
+        raise InputError(f"cannot read `{result.display_name}`: {error.strerror or error}") from None
     except (ValueError, KeyError, TypeError) as error:
-        raise InputError(f"`{result_path}` is not a JSON file kosmos wrote: {error}") from None
-    options = WriterOptions(password=password, model=model)
-    folder = Path(output) if output is not None else result_path.parent
+        raise InputError(f"`{result.display_name}` is not a result kosmos wrote ({error})") from None
+    options = WriterOptions(password=password, model=model, task=pages[0].task)
     document = pages[0].info.document
     input_path = Path(source) if source is not None else Path(document.path)
     written: dict[Path, bytes] = {}
-    for name in formats:
-        writer = get_writer(name, task=pages[0].task, options=options)
+    for format_name in formats:
+        writer = get_writer(format_name, task=pages[0].task, options=options)
         if isinstance(writer, DocumentWriter):
             data = _read_source(input_path) if writer.needs_source else None
             written[folder / writer.file_name(document)] = render_document(
@@ -395,6 +420,7 @@ def _convert_one(
         if path.exists() and not overwrite:
             raise InputError(f"`{path}` exists", hint="pass --overwrite to replace it")
     for path, data in written.items():
+        path.parent.mkdir(parents=True, exist_ok=True)
         atomic_write(path, data)
     return len(pages)
 

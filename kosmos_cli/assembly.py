@@ -21,7 +21,7 @@ from kosmos_cli.rasterize import PageError
 from kosmos_cli.reporting import Reporter, Summary
 from kosmos_cli.sandbox import ReaderStopped, Sandbox
 from kosmos_cli.stores import LocalStore, location_identity, output_store
-from kosmos_cli.values import Document, PageInfo, PageResult, Status, failed_result
+from kosmos_cli.values import Document, PageInfo, PageResult, Status, Task, failed_result
 from kosmos_cli.writers import DocumentWriter, PageWriter, WriterOptions, check_destination, get_writer
 
 # Per-page results of unfinished documents (`PageResult.to_dict`), in `manifest.PROGRESS_FOLDER`.
@@ -103,7 +103,7 @@ class Outputs:
 
 def job_writers(job: Job, *, model: str = "") -> list[DocumentWriter | PageWriter]:
     """Return the writer of each of the job's formats, with the job's options and the model's name."""
-    options = WriterOptions(password=job.password, numbered=job.numbered, model=model)
+    options = WriterOptions(password=job.password, numbered=job.numbered, model=model, task=job.task)
     return [get_writer(name, task=job.task, options=options) for name in job.formats]
 
 
@@ -135,11 +135,11 @@ class Assembly:
         self.states: dict[Document, _DocumentState] = {}
         self.store = outputs.store
         if self.store is not None and not self.job.overwrite:
-            self.store.expect_logs([progress_name(document) for document in documents])
+            self.store.expect_logs([progress_name(document, self.job.task) for document in documents])
 
     def start(self, document: Document) -> set[int]:
         """Begin a document: note what its input is now, load the pages an earlier run finished."""
-        progress = progress_name(document) if self.store is not None else None
+        progress = progress_name(document, self.job.task) if self.store is not None else None
         state = self.states[document] = _DocumentState(document, progress)
         if self.store is None or progress is None:
             return set()
@@ -150,7 +150,8 @@ class Assembly:
             return set()
         state.results, state.progress_started = self._load_progress(state)
         if self.page_writers and not state.results:
-            self.store.remove_folder(staging_folder(document))  # pages a killed run staged, unlogged
+            # pages a killed run staged, unlogged
+            self.store.remove_folder(staging_folder(document, self.job.task))
         for result in state.results.values():
             self.summary.pages_resumed += 1
             self.reporter.page_done(result)
@@ -175,13 +176,17 @@ class Assembly:
         self._finish_if_complete(state)
 
     def page_error(self, document: Document, error: PageError) -> None:
-        """Report a page that could not be read and mark it failed in place."""
+        """Report a page that could not be read (and the pages `also` failing with it, in the same line)
+        and mark each failed in place."""
         state = self.states[document]
-        if error.page_index in state.results or state.failed or state.finished:
+        pages = [index for index in error.page_indices if index not in state.results]
+        if not pages or state.failed or state.finished:
             return
         self.reporter.error(error)
-        self._record(state, failed_result(_failed_info(document, error), self.job.task, error))
-        self.summary.pages_failed += 1
+        for page_index in pages:
+            info = PageInfo(document, page_index, error.page_count, 0, 0)
+            self._record(state, failed_result(info, self.job.task, error))
+            self.summary.pages_failed += 1
         self._finish_if_complete(state)
 
     def unselected(self, document: Document, message: str) -> None:
@@ -215,7 +220,8 @@ class Assembly:
         if pieces and self.store is not None and not state.failed:
             try:
                 for format_name, data in pieces.items():
-                    self.store.write(_staged(state.document, result.info.page_index, format_name), data)
+                    staged = _staged(state.document, self.job.task, result.info.page_index, format_name)
+                    self.store.write(staged, data)
             except KosmosError as error:
                 self.document_error(state.document, error)
                 return False
@@ -256,7 +262,7 @@ class Assembly:
         """
         assert self.store is not None and state.progress is not None
         if self.job.overwrite:
-            self.store.remove_folder(staging_folder(state.document))
+            self.store.remove_folder(staging_folder(state.document, self.job.task))
             self.store.remove_log(state.progress)
             return {}, False
         lines = self.store.read_log(state.progress)
@@ -271,7 +277,7 @@ class Assembly:
                 f"discarding the saved pages of `{state.document.display_name}`: "
                 "they were made from other settings or another version of the input"
             )
-            self.store.remove_folder(staging_folder(state.document))
+            self.store.remove_folder(staging_folder(state.document, self.job.task))
             self.store.remove_log(state.progress)
             return {}, False
         results: dict[int, PageResult] = {}
@@ -313,7 +319,7 @@ class Assembly:
                 )
                 manifest.add(record)
             if self.page_writers:
-                self.store.remove_folder(staging_folder(state.document))
+                self.store.remove_folder(staging_folder(state.document, self.job.task))
             if state.progress is not None and state.progress_started:
                 self.store.remove_log(state.progress)
         except KosmosError as error:
@@ -341,7 +347,7 @@ class Assembly:
                 clash = self.outputs.clash([name])
                 if clash is not None:
                     raise clash
-                if self.store.move(_staged(document, info.page_index, writer.format), name):
+                if self.store.move(_staged(document, self.job.task, info.page_index, writer.format), name):
                     placed.append(name)
         return placed
 
@@ -392,12 +398,8 @@ def _count_result(result: PageResult, summary: Summary, reporter: Reporter) -> N
     reporter.page_done(result)
 
 
-def _failed_info(document: Document, error: PageError) -> PageInfo:
-    return PageInfo(document, error.page_index, error.page_count, 0, 0)
-
-
-def _staged(document: Document, page_index: int, format_name: str) -> str:
-    return f"{staging_folder(document)}/{page_index}.{format_name}"
+def _staged(document: Document, task: Task, page_index: int, format_name: str) -> str:
+    return f"{staging_folder(document, task)}/{page_index}.{format_name}"
 
 
 class _StdoutOrder:

@@ -150,13 +150,24 @@ Output = Annotated[
         "--output",
         "-o",
         help="Write one file per input and format here (a folder or an s3://, gs:// URI); default: stdout. "
-        "Names mirror the inputs: see below.",
+        "Names follow the inputs' paths: see below.",
     ),
 ]
 FromList = Annotated[
     Optional[str],  # noqa: UP045
     typer.Option(
         "--from-list", help="Read input paths, one per line, from this file (`-`: stdin).", show_default=False
+    ),
+]
+Root = Annotated[
+    Optional[str],  # noqa: UP045
+    typer.Option(
+        "--root",
+        help="Name every input's outputs by its path below this folder (default: a folder given is"
+        " mirrored below itself, a file by its path from the current folder, or its name if it lies"
+        " outside).",
+        show_default=False,
+        metavar="DIR",
     ),
 ]
 Pages = Annotated[
@@ -313,8 +324,10 @@ def _main(
 
 
 RUN_EPILOG = (
-    "Outputs (-o DIR): one file per input and format, named by the input's path below the common "
-    "folder of all inputs, suffix kept: scans/2024/a.pdf -> DIR/2024/a.pdf.md. A run records each "
+    "Outputs (-o DIR): one file per input and format, named by the input's path, suffix kept, never "
+    "by the run's other inputs: below a folder given (kosmos md scans: scans/2024/a.pdf -> "
+    "DIR/2024/a.pdf.md), a file by its path from the current folder (DIR/scans/2024/a.pdf.md) or its "
+    "name if it lies outside, everything below --root DIR if given. A run records each "
     "finished document in DIR/.kosmos/manifest.jsonl; a rerun skips a document only when its outputs "
     "exist and were recorded from the same, unchanged input with the same settings, redoes the rest, "
     "and never replaces a file it did not write from that input (--overwrite does). "
@@ -331,6 +344,7 @@ class RunOptions:
     inputs: Inputs = None
     output: Output = None
     from_list: FromList = None
+    root: Root = None
     pages: Pages = None
     dpi: Dpi = None
     password: Password = None
@@ -430,6 +444,7 @@ def _transcribe(
             formats=[choice.value for choice in formats or []],
             output=options.output,
             from_list=options.from_list,
+            root=options.root,
             pages=options.pages,
             dpi=options.dpi,
             password=options.password,
@@ -501,8 +516,12 @@ def ocr(
 @app.command()
 def convert(
     results: Annotated[
-        list[Path],
-        typer.Argument(help="JSON files kosmos wrote (`-f json`).", show_default=False, metavar="RESULT"),
+        list[str],
+        typer.Argument(
+            help="JSON or JSON lines files kosmos wrote (`-f json`, `-f jsonl`), folders of them, globs.",
+            show_default=False,
+            metavar="RESULT",
+        ),
     ],
     format: Annotated[
         list[ConvertFormat],
@@ -515,7 +534,12 @@ def convert(
     ],
     output: Annotated[
         Optional[Path],  # noqa: UP045
-        typer.Option("--output", "-o", help="Folder to write to; default: beside each JSON file."),
+        typer.Option(
+            "--output",
+            "-o",
+            help="Folder to write to, named as a run names its inputs (a folder given is mirrored below"
+            " itself); default: beside each JSON file.",
+        ),
     ] = None,
     source: Annotated[
         Optional[Path],  # noqa: UP045

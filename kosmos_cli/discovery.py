@@ -1,6 +1,6 @@
 """Inputs named on the command line to documents: walk folders, spool stdin and pipes, name outputs.
 
-Output names (`Document.name`) mirror the input tree; see `discover` and `mirror_names`.
+Output names (`Document.name`) are fixed by each input's path and how it was given; see `discover`.
 """
 
 from __future__ import annotations
@@ -11,7 +11,6 @@ import contextlib
 import glob
 import logging
 import os
-import posixpath
 import select
 import stat
 import sys
@@ -25,6 +24,7 @@ from kosmos_cli.errors import InputError, UsageError
 from kosmos_cli.rasterize import file_error, looks_supported
 from kosmos_cli.stores import RECORD_FOLDER, is_uri, public_location
 from kosmos_cli.values import Document, safe_text
+from kosmos_cli.writers.data import result_stem
 from kosmos_cli.writers.drawing import DRAWING_SUFFIX
 
 if TYPE_CHECKING:
@@ -52,7 +52,12 @@ class Discovery:
 
 
 def discover(
-    inputs: Sequence[str], *, from_list: str | None = None, exclude: Sequence[str] = (), uris: bool = False
+    inputs: Sequence[str],
+    *,
+    from_list: str | None = None,
+    exclude: Sequence[str] = (),
+    uris: bool = False,
+    root: str | None = None,
 ) -> Discovery:
     """Expand files, folders, quoted globs, `-` (stdin) and a --from-list file into documents.
 
@@ -64,8 +69,11 @@ def discover(
     starting with `#` are ignored, and relative paths are taken from the current folder. Stdin and
     other pipes are spooled to a temporary file removed at exit.
 
-    Output names are given by `mirror_names`: each document's path below the common root of all
-    inputs, suffix kept. With `uris`, inputs may instead all be object-store URIs (`discover_uris`).
+    Output names are fixed by each document's path and how it was given (`_Finder.name_of`), never
+    by the run's other inputs: below a folder given, the path below it; a file inside the current
+    folder, its path from there; a file elsewhere, its file name; with `root`, every path below
+    `root` (a document outside it is an error). With `uris`, inputs may instead all be object-store
+    URIs (`discover_uris`).
     """
     named = [location for location in inputs if is_uri(location)]
     if named:
@@ -79,8 +87,17 @@ def discover(
                 "inputs must be all local paths or all URIs, and URIs cannot come from --from-list",
                 hint="run local and object-store inputs as two commands",
             )
+        if root is not None:
+            raise UsageError(
+                "--root names local inputs; object-store inputs are named below the prefix given",
+                hint="drop --root",
+            )
         return discover_uris(named)
-    finder = _Finder(exclude)
+    if root is not None and not os.path.isdir(root):
+        raise UsageError(
+            f"--root `{safe_text(root)}` is not a folder", hint="name the folder the inputs are below"
+        )
+    finder = _Finder(exclude, root=root)
     for argument in inputs:
         finder.add(argument, stdin_allowed=True)
     if from_list is not None:
@@ -88,10 +105,7 @@ def discover(
             raise UsageError("stdin cannot carry both a document (`-`) and --from-list -")
         for entry in _read_list(from_list):
             finder.add(entry, stdin_allowed=False)
-    names = mirror_names(finder.found)
-    documents = [
-        Document(item.path, name, item.label) for item, name in zip(finder.found, names, strict=True)
-    ]
+    documents = [Document(item.path, item.name, item.label) for item in finder.found]
     if not documents and not finder.errors and not finder.empty:
         finder.empty.extend(inputs if from_list is None else [f"--from-list {from_list}"])
     return Discovery(documents, finder.unsupported, finder.errors, finder.empty)
@@ -99,32 +113,25 @@ def discover(
 
 @dataclass(frozen=True)
 class Found:
-    """A document found by discovery, before its output name is settled."""
+    """A document found by discovery, with its output name."""
 
     path: str  # what is opened: a path, a spooled copy, or a URI
-    location: PurePosixPath  # where it is, absolute (a URI's path below its scheme), for naming
-    root: PurePosixPath | None  # the input it was found through: a folder, else the file's folder
+    name: str  # its output stem (`Document.name`)
     label: str | None = None  # what messages call it when `path` is not that
-    fixed_name: str | None = None  # the output name of stdin and pipes, which have no place
 
 
-def mirror_names(found: Sequence[Found]) -> list[str]:
-    """Name each document's outputs by its path below the common root of every input, suffix kept.
+def find_results(inputs: Sequence[str]) -> Discovery:
+    """Expand the files, folders and quoted globs `kosmos convert` is given into kosmos's results.
 
-    `kosmos md in/` names `in/a/b.pdf` `a/b.pdf` (outputs `a/b.pdf.md`, ...); `kosmos md x/y.png`
-    names it `y.png`; `kosmos md s/2024/a.pdf s/2025/a.pdf` names them `2024/a.pdf` and
-    `2025/a.pdf`. The name depends only on the document's path and the run's input roots, never on
-    which other files are in the run. Stdin is `stdin`; a pipe is named by its file name.
+    Folders are walked for `.json` and `.jsonl` files (output folders included); each result is a
+    `Document` named as `discover` names inputs, less its suffix (`result_stem`): the outputs'
+    stem in the folder converted into.
     """
-    roots = [str(item.root) for item in found if item.fixed_name is None and item.root is not None]
-    common = PurePosixPath(posixpath.commonpath(roots)) if roots else PurePosixPath("/")
-    names = []
-    for item in found:
-        if item.fixed_name is not None:
-            names.append(item.fixed_name)
-        else:
-            names.append(item.location.relative_to(common).as_posix())
-    return names
+    finder = _Finder((), results=True)
+    for argument in inputs:
+        finder.add(argument, stdin_allowed=False)
+    documents = [Document(item.path, item.name, item.label) for item in finder.found]
+    return Discovery(documents, [], finder.errors, finder.empty)
 
 
 def name_clashes(documents: Sequence[Document]) -> UsageError | None:
@@ -137,7 +144,8 @@ def name_clashes(documents: Sequence[Document]) -> UsageError | None:
             return UsageError(
                 f"`{other.display_name}` and `{document.display_name}` would both be written as "
                 f"`{document.name}`",
-                hint="output names ignore case; transcribe them in separate runs with different -o",
+                hint="output names ignore case; pass --root DIR to name every input by its path below DIR,"
+                " or transcribe them in separate runs with different -o",
             )
     return None
 
@@ -145,7 +153,7 @@ def name_clashes(documents: Sequence[Document]) -> UsageError | None:
 class _Finder:
     """Collect documents, unsupported files and errors from arguments, in order."""
 
-    def __init__(self, exclude: Sequence[str]) -> None:
+    def __init__(self, exclude: Sequence[str], *, root: str | None = None, results: bool = False) -> None:
         self.found: list[Found] = []
         self.unsupported: list[str] = []
         self.errors: list[InputError] = []
@@ -153,6 +161,31 @@ class _Finder:
         self.stdin_used = False
         self._seen: set[str] = set()
         self._exclude = {os.path.realpath(path) for path in exclude}
+        self._here = PurePosixPath(os.path.abspath(os.curdir))
+        self._root = (root, PurePosixPath(os.path.abspath(root))) if root is not None else None
+        self._results = results  # kosmos's JSON and JSON lines (`find_results`), not images and PDFs
+
+    def name_of(self, location: PurePosixPath, folder: PurePosixPath | None) -> str | None:
+        """Name a document at `location` (absolute), found in the `folder` given, or named itself (None).
+
+        With --root, its path below the root (None, and an error, outside it); else below the folder
+        it was found in; a file named itself: its path from the current folder if it is inside it,
+        else its file name.
+        """
+        if self._root is not None:
+            shown, root = self._root
+            if not location.is_relative_to(root):
+                where = safe_text(
+                    os.path.relpath(location) if location.is_relative_to(self._here) else str(location)
+                )
+                self.errors.append(InputError(f"`{where}` is not below --root `{safe_text(shown)}`"))
+                return None
+            return location.relative_to(root).as_posix()
+        if folder is not None:
+            return location.relative_to(folder).as_posix()
+        if location.is_relative_to(self._here):
+            return location.relative_to(self._here).as_posix()
+        return location.name
 
     def add(self, argument: str, *, stdin_allowed: bool) -> None:
         """Add what one argument names: stdin, a folder, a file, a pipe, or a quoted glob pattern."""
@@ -179,7 +212,7 @@ class _Finder:
             )
         self.stdin_used = True
         path = _spool(sys.stdin.buffer, STDIN_LABEL)
-        self.found.append(Found(path, PurePosixPath("/"), None, STDIN_LABEL, STDIN_NAME))
+        self.found.append(Found(path, STDIN_NAME, STDIN_LABEL))
 
     def _add_glob(self, pattern: str) -> None:
         matches = sorted(glob.glob(pattern, recursive=True))
@@ -200,7 +233,7 @@ class _Finder:
             self.errors.append(file_error(label, error))
             return
         if stat.S_ISREG(mode):
-            self._keep(path, location, location.parent)
+            self._keep(path, location, None)
             return
         if not stat.S_ISFIFO(mode):
             self.errors.append(InputError(f"{label} is a device, not a file"))
@@ -211,18 +244,27 @@ class _Finder:
         except InputError as error:
             self.errors.append(error)
             return
-        self.found.append(Found(spooled, location, None, path, location.name))
+        self.found.append(Found(spooled, location.name, path))
 
-    def _keep(self, path: str, location: PurePosixPath, root: PurePosixPath) -> None:
+    def _keep(self, path: str, location: PurePosixPath, folder: PurePosixPath | None) -> None:
         real = os.path.normcase(os.path.realpath(path))
         if real in self._seen:
             logger.debug("`%s` was already found; reading it once", safe_text(path))
             return
+        name = self.name_of(location, folder)
+        if name is None:
+            return
+        if self._results:
+            name = result_stem(name)
         self._seen.add(real)
-        self.found.append(Found(path, location, root))
+        self.found.append(Found(path, name))
 
     def _walk(self, root: str) -> None:
         # A folder named on the command line is walked even when it is the output folder too.
+        if self._root is not None and not PurePosixPath(os.path.abspath(root)).is_relative_to(self._root[1]):
+            shown = self._root[0]
+            self.errors.append(InputError(f"`{safe_text(root)}` is not below --root `{safe_text(shown)}`"))
+            return
         real = os.path.realpath(root)
         before = len(self.found)
         self._visit(root, PurePosixPath(os.path.abspath(root)), {real})
@@ -246,13 +288,17 @@ class _Finder:
                 continue
             if stat.S_ISDIR(mode):
                 real = os.path.realpath(entry.path)
-                if real in visited or real in self._exclude or _is_output_folder(entry.path):
+                outputs = not self._results and _is_output_folder(entry.path)
+                if real in visited or real in self._exclude or outputs:
                     logger.debug("skipping `%s`: walked already or kosmos outputs", safe_text(entry.path))
                     continue
                 visited.add(real)
                 self._visit(entry.path, root, visited)
             elif not stat.S_ISREG(mode):
                 logger.debug("skipping `%s`: not a regular file", safe_text(entry.path))
+            elif self._results:
+                if result_stem(entry.name) != entry.name:
+                    self._keep(entry.path, PurePosixPath(os.path.abspath(entry.path)), root)
             elif entry.name.endswith(DRAWING_SUFFIX) or os.path.realpath(entry.path) in self._exclude:
                 logger.debug("skipping `%s`: a kosmos output", safe_text(entry.path))
             elif looks_supported(entry.path):
@@ -359,8 +405,8 @@ def _is_output_folder(folder: str) -> bool:
 def discover_uris(uris: Sequence[str]) -> Discovery:
     """List the documents that object-store URIs name: files, or every file below a prefix, recursively.
 
-    Output names follow `mirror_names`: each file's path below the common prefix of every
-    URI given, suffix kept. Only the suffix
+    Output names follow `discover`'s rule: a file's path below the prefix given, or the file name of
+    an object named itself, suffix kept. Only the suffix
     tells whether a file is worth reading (content sniffing would fetch every object); hidden files
     and folders are skipped.
     """
@@ -404,16 +450,15 @@ def discover_uris(uris: Sequence[str]) -> Discovery:
                 unsupported.append(location)
             elif location not in seen:
                 seen.add(location)
-                found.append(Found(location, PurePosixPath("/", entry.path), PurePosixPath("/", base)))
-    names = mirror_names(found)
+                found.append(Found(location, relative.as_posix()))
     documents = [
         # Messages and outputs name a document without the credentials or query its URI may carry.
         Document(
             item.path,
-            name,
+            item.name,
             label=public_location(item.path) if public_location(item.path) != item.path else None,
         )
-        for item, name in zip(found, names, strict=True)
+        for item in found
     ]
     return Discovery(documents, [public_location(location) for location in unsupported], errors)
 

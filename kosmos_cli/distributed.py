@@ -67,7 +67,7 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-INSTALL_HINT = "pip install 'kosmos-cli[ray]'"
+INSTALL_HINT = "pip install 'kosmos-transcribe[ray]'"
 # Pages handed to a model actor per call (unless --batch-size is larger): the most that
 # `model.sizing.default_batch_size` puts in one GPU batch, so a batch is never cut short by Ray Data.
 WORKER_BATCH_PAGES = 64
@@ -160,12 +160,10 @@ def run_on_ray(
     require_ray()
     import ray
 
-    job = outputs.job
     todo = list(documents)
     if not todo:
         return
-    builder = Sandbox(timeout=job.page_timeout)  # builds the formats that parse the input's bytes again
-    assembly = Assembly(todo, outputs, reporter, summary, sandbox=builder)
+    builder = Sandbox(timeout=outputs.job.page_timeout)  # builds the formats that parse the input again
     quiet = not logger.isEnabledFor(logging.WARNING)
     started = _connect(options.address, quiet=quiet)
     try:
@@ -177,9 +175,15 @@ def run_on_ray(
             f"{plan.gpus:g}",
             plan.device,
         )
-        resumed = [assembly.start(document) for document in todo]
         model = os.path.abspath(settings.model) if os.path.exists(settings.model) else settings.model
         worker_settings = replace(settings, device=plan.device, model=model)
+        if outputs.store is not None:
+            todo = _plan_as_workers_resolve(todo, outputs, settings, worker_settings, plan, reporter, summary)
+            if not todo:
+                return
+        job = outputs.job
+        assembly = Assembly(todo, outputs, reporter, summary, sandbox=builder)
+        resumed = [assembly.start(document) for document in todo]
         dataset = _pipeline(todo, resumed, job, worker_settings, plan, sources=outputs.needs_source)
         _collect(_rows(dataset), todo, assembly, reporter)
         assembly.close()
@@ -187,6 +191,44 @@ def run_on_ray(
         builder.close()
         if started:
             ray.shutdown()
+
+
+def _plan_as_workers_resolve(
+    documents: list[Document],
+    outputs: Outputs,
+    settings: Settings,
+    worker_settings: Settings,
+    plan: WorkerPlan,
+    reporter: Reporter,
+    summary: Summary,
+) -> list[Document]:
+    """Record the settings as a model worker resolves them (`--dtype auto`, `--attn auto` on its
+    hardware), and skip what a run on one machine finished with the same ones.
+
+    The driver planned with the settings as asked (its own hardware may differ from the workers');
+    a worker on the actors' resources tells what `auto` means there, so a run here and a run on Ray
+    into one folder record one fingerprint and skip each other's finished documents.
+    """
+    import ray
+
+    from kosmos_cli.jobs import job_fingerprint
+    from kosmos_cli.jobs import plan as plan_documents
+
+    resolve = ray.remote(_resolved_speed_settings).options(num_gpus=plan.gpus, num_cpus=plan.cpus or 1)
+    dtype, attn = ray.get(resolve.remote(worker_settings))
+    if (dtype, attn) == (settings.dtype, settings.attn):
+        return documents
+    resolved = replace(settings, dtype=dtype, attn=attn)
+    outputs.job = replace(outputs.job, fingerprint=job_fingerprint(outputs.job, resolved, resolve=False))
+    return plan_documents(documents, outputs, reporter, summary)
+
+
+def _resolved_speed_settings(settings: Settings) -> tuple[str, str]:
+    """On a model worker: the dtype and attention `auto` picks on its device (`loading.output_settings`)."""
+    from kosmos_cli.model.loading import output_settings
+
+    resolved = output_settings(settings, resolve=True)
+    return str(resolved["dtype"]), str(resolved["attn"])
 
 
 def _connect(address: str | None, *, quiet: bool = False) -> bool:

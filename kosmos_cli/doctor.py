@@ -19,7 +19,7 @@ from kosmos_cli.model.loading import (
 )
 
 PACKAGES = (
-    "kosmos-cli",
+    "kosmos-transcribe",
     "torch",
     "transformers",
     "tokenizers",

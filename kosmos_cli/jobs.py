@@ -136,11 +136,11 @@ def plan(
             skipped.append(document)
         else:
             todo.append(document)
-    store.expect_logs([progress_name(document) for document in skipped])
+    store.expect_logs([progress_name(document, job.task) for document in skipped])
     for document in skipped:  # what a run saved before it was killed after writing the outputs
-        if store.read_log(progress_name(document)):
-            store.remove_folder(staging_folder(document))
-            store.remove_log(progress_name(document))
+        if store.read_log(progress_name(document, job.task)):
+            store.remove_folder(staging_folder(document, job.task))
+            store.remove_log(progress_name(document, job.task))
     return todo
 
 

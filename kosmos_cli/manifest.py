@@ -23,7 +23,7 @@ from typing import Any
 
 from kosmos_cli.discovery import STDIN_LABEL
 from kosmos_cli.stores import RECORD_FOLDER, OutputStore, is_uri, public_location
-from kosmos_cli.values import Document
+from kosmos_cli.values import Document, Task
 
 logger = logging.getLogger(__name__)
 
@@ -164,15 +164,17 @@ def fingerprint(settings: dict[str, Any]) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:32]
 
 
-def progress_name(document: Document) -> str:
-    """Return the progress log's name of a document: one file per output name, hashed."""
-    return f"{PROGRESS_FOLDER}/{_key(document)}.jsonl"
+def progress_name(document: Document, task: Task) -> str:
+    """Return the progress log's name of a document in a task: one file per output name, hashed."""
+    return f"{PROGRESS_FOLDER}/{_key(document, task)}.jsonl"
 
 
-def staging_folder(document: Document) -> str:
+def staging_folder(document: Document, task: Task) -> str:
     """Return where an unfinished document's drawings wait: they become outputs when it is written."""
-    return f"{STAGING_FOLDER}/{_key(document)}"
+    return f"{STAGING_FOLDER}/{_key(document, task)}"
 
 
-def _key(document: Document) -> str:
-    return hashlib.sha256(document.name.encode("utf-8", "surrogateescape")).hexdigest()[:32]
+def _key(document: Document, task: Task) -> str:
+    # md and ocr runs into one folder keep their half-done documents apart (ocr's key is as it was).
+    name = document.name if task is Task.OCR else f"{document.name}\0{task.value}"
+    return hashlib.sha256(name.encode("utf-8", "surrogateescape")).hexdigest()[:32]

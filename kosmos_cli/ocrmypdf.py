@@ -81,7 +81,7 @@ def register_options() -> dict[str, type[BaseModel]]:
 
 @hookimpl
 def add_options(parser: Any) -> None:
-    group = parser.add_argument_group("Kosmos-2.5", "OCR with Kosmos-2.5 (kosmos-cli's plugin)")
+    group = parser.add_argument_group("Kosmos-2.5", "OCR with Kosmos-2.5 (kosmos-transcribe's plugin)")
     group.add_argument(
         "--kosmos-model", dest="kosmos_model", metavar="ID_OR_FOLDER", help="Hub id or checkpoint folder."
     )
@@ -151,10 +151,10 @@ class KosmosEngine(OcrEngine):
 
     @staticmethod
     def creator_tag(options: OcrOptions) -> str:
-        return f"kosmos-cli {__version__} ({options.kosmos.model or default_model()})"
+        return f"kosmos-transcribe {__version__} ({options.kosmos.model or default_model()})"
 
     def __str__(self) -> str:
-        return f"Kosmos-2.5 (kosmos-cli {__version__})"
+        return f"Kosmos-2.5 (kosmos-transcribe {__version__})"
 
     @staticmethod
     def languages(options: OcrOptions) -> Set[str]:

@@ -31,7 +31,7 @@ from PIL import Image, ImageOps
 
 from kosmos_cli.errors import InputError
 from kosmos_cli.pages import page_number
-from kosmos_cli.sandbox import ReaderStopped, Sandbox
+from kosmos_cli.sandbox import ReaderStopped, ReaderTimedOut, Sandbox
 from kosmos_cli.tiling import MODEL_PIXELS, plan_tiles
 from kosmos_cli.values import Document, Matrix, Page, PageInfo, TextLayer
 
@@ -43,6 +43,9 @@ logger = logging.getLogger(__name__)
 MAX_PAGE_PIXELS = 2 * 89_478_485  # largest page read, in pixels: PIL's decompression-bomb error limit
 MAX_SOURCE_BYTES = 2 << 30  # largest document the searchable PDF copies, read whole into memory (2 GiB)
 WORK_PIXELS_PER_TILE = 4 * MODEL_PIXELS  # larger pages are shrunk before the model's processor sees them
+# Pages of one document in a row that may hit --page-timeout before its other pages are failed unread:
+# a document whose every page spins would otherwise hold an unattended run for pages x timeout.
+TIMEOUTS_BEFORE_GIVING_UP = 3
 SUPPORTED_FORMATS = "PDF, PNG, JPEG, WebP, TIFF, BMP, GIF, XPS, EPUB, CBZ"
 
 
@@ -109,12 +112,25 @@ class PageError(InputError):
     """One page of a multi-page document cannot be read; the document's other pages can."""
 
     def __init__(
-        self, message: str, *, document: Document, page_index: int, page_count: int, hint: str | None = None
+        self,
+        message: str,
+        *,
+        document: Document,
+        page_index: int,
+        page_count: int,
+        hint: str | None = None,
+        also: tuple[int, ...] = (),
     ) -> None:
         super().__init__(message, hint=hint)
         self.document = document
         self.page_index = page_index
         self.page_count = page_count
+        self.also = also  # other pages that fail with it, unread (a document given up on): one line for all
+
+    @property
+    def page_indices(self) -> tuple[int, ...]:
+        """Every page this error fails."""
+        return (self.page_index, *self.also)
 
 
 # --- reading pages ----------------------------------------------------------------------------------
@@ -152,14 +168,17 @@ def iter_pages(
     label = f"`{document.display_name}`"
     count = _probe(document, password, sandbox)
     try:
-        selected = range(count) if page_indices is None else page_indices
+        selected = list(range(count) if page_indices is None else page_indices)
         if any(index >= count for index in selected):
             raise InputError(f"{label} has {count} pages now; it changed since it was counted")
-        for page_index in selected:
+        timeouts = 0  # pages in a row that hit the page timeout
+        for position, page_index in enumerate(selected):
             rendered: _Rendered | PageError
             try:
                 rendered = _run(sandbox, render_page, document, page_index, dpi, password, text_layer)
+                timeouts = 0
             except ReaderStopped as error:
+                timeouts = timeouts + 1 if isinstance(error, ReaderTimedOut) else 0
                 where = _where(label, page_index, count)
                 rendered = PageError(
                     f"{where} {error.message}", document=document, page_index=page_index,
@@ -171,6 +190,16 @@ def iter_pages(
                 if count == 1:
                     raise rendered
                 yield rendered
+                rest = selected[position + 1 :]
+                if timeouts == TIMEOUTS_BEFORE_GIVING_UP and rest and sandbox is not None:
+                    pages = "page is" if len(rest) == 1 else "pages are"
+                    yield PageError(
+                        f"{label}: {timeouts} pages in a row took longer than {sandbox.timeout:g} s;"
+                        f" its other {len(rest)} selected {pages} not read",
+                        document=document, page_index=rest[0], page_count=count, also=tuple(rest[1:]),
+                        hint="raise --page-timeout if the document is sound",
+                    )  # fmt: skip
+                    return
                 continue
             width, height = rendered.size
             info = PageInfo(

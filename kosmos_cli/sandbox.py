@@ -39,6 +39,10 @@ class ReaderStopped(InputError):
     """A sandboxed call ran out of time or memory, or its process died; the process was replaced."""
 
 
+class ReaderTimedOut(ReaderStopped):
+    """A sandboxed call ran out of time (`--page-timeout`); the process was replaced."""
+
+
 class Sandbox:
     """A child process that runs one call at a time under a time limit; thread-safe."""
 
@@ -53,23 +57,32 @@ class Sandbox:
         """Return `function(*args)` run in the child; its KosmosErrors are raised here as they were."""
         limit = self.timeout if timeout is None else timeout
         with self._lock:
-            connection = self._start()
-            connection.send((function, args))
-            if not connection.poll(limit):
-                self._stop()
-                raise ReaderStopped(
-                    f"took longer than {limit:g} s", hint="raise --page-timeout if it is sound"
-                )
             try:
-                kind, value = connection.recv()
-            except (EOFError, OSError):
-                code = self._stop()
-                raise ReaderStopped(f"crashed the reader ({_describe_exit(code)})") from None
+                kind, value = self._exchange(function, args, limit)
+            except BaseException:
+                # Whatever stopped the exchange (a timeout, a crash, Ctrl-C between sending a call and
+                # reading its answer), the child's next message is no answer to the next call: stop it.
+                self._stop()
+                raise
         if kind == "ok":
             return value
         if kind == "error":
             raise value
         raise RuntimeError(f"a sandboxed {function.__name__} failed:\n{value}")
+
+    def _exchange(
+        self, function: Callable[..., object], args: tuple[Any, ...], limit: float
+    ) -> tuple[str, Any]:
+        connection = self._start()
+        connection.send((function, args))
+        if not connection.poll(limit):
+            raise ReaderTimedOut(f"took longer than {limit:g} s", hint="raise --page-timeout if it is sound")
+        try:
+            kind, value = connection.recv()
+        except (EOFError, OSError):
+            code = self._stop()
+            raise ReaderStopped(f"crashed the reader ({_describe_exit(code)})") from None
+        return kind, value
 
     def release(self, function: Callable[[], object]) -> None:
         """Run a clean-up call in the child if it is running; never starts one, never raises for a gone one.
@@ -119,9 +132,6 @@ class Sandbox:
         except (EOFError, OSError):
             code = self._stop()
             raise ReaderStopped(f"the reader process did not start ({_describe_exit(code)})") from None
-        except ReaderStopped:
-            self._stop()
-            raise
         return parent
 
     def _stop(self) -> int | None:

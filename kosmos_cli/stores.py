@@ -93,7 +93,7 @@ def output_store(location: str | os.PathLike[str]) -> OutputStore:
     except ImportError:
         raise UsageError(
             f"-o `{public_location(text)}` needs pyarrow, which is not installed",
-            hint="pip install 'kosmos-cli[ray]' (or just pyarrow)",
+            hint="pip install 'kosmos-transcribe[ray]' (or just pyarrow)",
         ) from None
     try:
         filesystem, root = _open_uri(text)

@@ -94,7 +94,7 @@ def ocrmypdf_tools() -> None:
     try:
         import ocrmypdf  # noqa: F401
     except ImportError:
-        missing.append("the ocrmypdf extra (pip install 'kosmos-cli[ocrmypdf]')")
+        missing.append("the ocrmypdf extra (pip install 'kosmos-transcribe[ocrmypdf]')")
     if missing:
         message = f"needs {', '.join(missing)}"
         if os.environ.get("CI"):

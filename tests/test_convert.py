@@ -108,8 +108,8 @@ def test_a_json_of_the_first_schema_still_converts(transcribed: Path) -> None:
 @pytest.mark.parametrize(
     ("content", "message"),
     [
-        (b"not json", "is not a JSON file kosmos wrote"),
-        (b'{"pages": [], "schema_version": 99}', "is not a JSON file kosmos wrote"),
+        (b"not json", "is not a result kosmos wrote (neither JSON nor JSON lines)"),
+        (b'{"pages": [], "schema_version": 99}', "is not a result kosmos wrote (not a result kosmos wrote"),
     ],
 )
 def test_convert_reports_a_file_it_cannot_read_and_goes_on(
@@ -134,12 +134,100 @@ def test_markdown_converts_too(scripted: list[object], model_folder: Path, tmp_p
     )
     assert run.exit_code == 0, run.stderr
     result = CliRunner().invoke(
-        app, ["convert", str(direct / "two.pdf.json"), "-f", "md", "-o", str(tmp_path / "converted")]
+        app, ["convert", str(direct / "two.pdf.md.json"), "-f", "md", "-o", str(tmp_path / "converted")]
     )
     assert result.exit_code == 0, result.stderr
     assert (tmp_path / "converted" / "two.pdf.md").read_bytes() == (direct / "two.pdf.md").read_bytes()
     wrong = CliRunner().invoke(
-        app, ["convert", str(direct / "two.pdf.json"), "-f", "alto", "-o", str(tmp_path / "x")]
+        app, ["convert", str(direct / "two.pdf.md.json"), "-f", "alto", "-o", str(tmp_path / "x")]
     )
     assert wrong.exit_code == 2
     assert wrong.stderr.splitlines()[0] == "error: format `alto` cannot hold `md` results"
+
+
+def test_convert_takes_folders_and_globs_and_mirrors_them(
+    scripted: list[object], model_folder: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    for name in ("scans/2024/page.png", "scans/2025/page.png"):
+        make_image(tmp_path / name)
+    run = CliRunner().invoke(
+        app, ["ocr", "scans", "-o", "out", "-f", "json", "-f", "txt", "--model", str(model_folder)]
+    )
+    assert run.exit_code == 0, run.stderr
+    # Two page.png.json in different folders: each keeps its place, none overwrites the other.
+    result = CliRunner().invoke(app, ["convert", "out", "-f", "alto", "-o", "archive"])
+    assert result.exit_code == 0, result.stderr
+    assert sorted(
+        str(p.relative_to(tmp_path / "archive")) for p in (tmp_path / "archive").rglob("*.xml")
+    ) == [
+        "2024/page.png.alto.xml",
+        "2025/page.png.alto.xml",
+    ]
+    globbed = CliRunner().invoke(app, ["convert", "out/*/page.png.json", "-f", "txt", "-o", "again"])
+    assert globbed.exit_code == 0, globbed.stderr
+    assert (tmp_path / "again/out/2024/page.png.txt").read_bytes() == (
+        tmp_path / "out/2024/page.png.txt"
+    ).read_bytes()
+
+
+def test_convert_reads_json_lines(scripted: list[object], model_folder: Path, tmp_path: Path) -> None:
+    pdf = make_pdf(tmp_path / "in" / "two.pdf", pages=MIXED_PAGES[:2])
+    direct = tmp_path / "direct"
+    args = [
+        "ocr",
+        str(pdf),
+        "-o",
+        str(direct),
+        "-f",
+        "jsonl",
+        "-f",
+        "txt",
+        "-f",
+        "alto",
+        "--model",
+        str(model_folder),
+    ]
+    assert CliRunner().invoke(app, args).exit_code == 0
+    result = CliRunner().invoke(
+        app, ["convert", str(direct / "two.pdf.jsonl"), "-f", "txt", "-f", "alto", "-o", str(tmp_path / "c")]
+    )
+    assert result.exit_code == 0, result.stderr
+    for name in ("two.pdf.txt", "two.pdf.alto.xml"):
+        assert (tmp_path / "c" / name).read_bytes() == (direct / name).read_bytes()
+
+
+def test_convert_finds_the_input_from_any_folder(
+    scripted: list[object], model_folder: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    (tmp_path / "elsewhere").mkdir()
+    make_pdf(tmp_path / "in" / "two.pdf", pages=MIXED_PAGES[:2])
+    monkeypatch.chdir(tmp_path / "in")
+    run = CliRunner().invoke(
+        app, ["ocr", "two.pdf", "-o", "../out", "-f", "json", "-f", "pdf", "--model", str(model_folder)]
+    )
+    assert run.exit_code == 0, run.stderr
+    assert json.loads((tmp_path / "out/two.pdf.json").read_text())["path"] == str(tmp_path / "in/two.pdf")
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    make_pdf(tmp_path / "elsewhere" / "two.pdf", pages=MIXED_PAGES[2:4])  # a file of the same name here
+    result = CliRunner().invoke(app, ["convert", "../out/two.pdf.json", "-f", "pdf", "-o", "pdf"])
+    assert result.exit_code == 0, result.stderr
+    assert (tmp_path / "elsewhere/pdf/two.pdf.pdf").read_bytes() == (
+        tmp_path / "out/two.pdf.pdf"
+    ).read_bytes()
+
+
+def test_md_and_ocr_results_share_a_folder(
+    scripted: list[object], model_folder: Path, tmp_path: Path
+) -> None:
+    pdf = make_pdf(tmp_path / "two.pdf", pages=MIXED_PAGES[:2])
+    out = tmp_path / "out"
+    for task in ("md", "ocr", "md", "ocr"):
+        result = CliRunner().invoke(
+            app, [task, str(pdf), "-o", str(out), "-f", "json", "--model", str(model_folder)]
+        )
+        assert result.exit_code == 0, result.stderr
+    assert sorted(p.name for p in out.iterdir() if p.is_file()) == ["two.pdf.json", "two.pdf.md.json"]
+    assert json.loads((out / "two.pdf.md.json").read_text())["task"] == "md"
+    assert json.loads((out / "two.pdf.json").read_text())["task"] == "ocr"
+    assert "1 skipped" in result.stderr, "the second ocr run found its own results done"

@@ -36,7 +36,7 @@ from kosmos_cli.assembly import Assembly
 from kosmos_cli.cli import app
 from kosmos_cli.manifest import progress_name
 from kosmos_cli.testing import ScriptedRunner
-from kosmos_cli.values import Document
+from kosmos_cli.values import Document, Task
 
 SCRIPTED_KOSMOS = Path(__file__).with_name("scripted_kosmos.py")
 
@@ -284,7 +284,7 @@ def test_a_torn_progress_line_is_redone(kosmos: Kosmos, tmp_path: Path) -> None:
     assert kosmos("md", str(pdf), "-o", str(clean)).exit_code == 0
     out = tmp_path / "out"
     out.mkdir()
-    progress = out / progress_name(Document(str(pdf), "doc.pdf"))
+    progress = out / progress_name(Document(str(pdf), "doc.pdf"), Task.MD)
     progress.parent.mkdir(parents=True)
     progress.write_text('{"kosmos_progress": 1, "fingerprint": "x"}\n{"document": {"pa')
     result = kosmos("md", str(pdf), "-o", str(out))
@@ -300,7 +300,7 @@ def test_killed_process_resumes_to_identical_outputs(model_folder: Path, tmp_pat
     subprocess.run([*command, "-o", str(clean)], check=True, capture_output=True, timeout=300)
 
     out = tmp_path / "out"
-    progress = out / progress_name(Document(str(pdf), "many.pdf"))
+    progress = out / progress_name(Document(str(pdf), "many.pdf"), Task.MD)
     process = subprocess.Popen([*command, "-o", str(out)], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     deadline = time.monotonic() + 240
     while time.monotonic() < deadline:
@@ -349,7 +349,7 @@ def test_a_page_the_model_fails_on_is_marked_in_place_and_its_hint_reaches_the_u
         < markdown.index("<!-- kosmos: page 2")
         < markdown.index("page 3 failed")
     )
-    pages = _json(out / "doc.pdf.json")["pages"]
+    pages = _json(out / "doc.pdf.md.json")["pages"]
     assert [p["status"] for p in pages] == ["truncated", "truncated", "failed"]  # type: ignore[index]
     assert pages[2]["error"] == "out of memory even alone"  # type: ignore[index]
     assert "kosmos: 1 done, 0 skipped (done before), 0 failed; 3 pages in " in result.stderr

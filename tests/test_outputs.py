@@ -390,7 +390,7 @@ def test_job_on_s3_resumes_a_half_done_document(
         patch.setattr(Assembly, "page_done", stop_inside_b)
         with pytest.raises(KeyboardInterrupt):
             run(scans, s3.uri(bucket, "out"))
-    progress = progress_name(Document(str(scans / "sub/b.pdf"), "sub/b.pdf")).removesuffix(".jsonl")
+    progress = progress_name(Document(str(scans / "sub/b.pdf"), "sub/b.pdf"), Task.OCR).removesuffix(".jsonl")
     assert set(_outputs(s3.tree(bucket, "out"))) == {
         "a.png.txt",
         "a.png.json",

@@ -49,7 +49,7 @@ def test_without_ray_says_how_to_install(monkeypatch: pytest.MonkeyPatch) -> Non
     with pytest.raises(UsageError) as caught:
         require_ray()
     assert caught.value.message == "--ray needs Ray, which is not installed"
-    assert caught.value.hint == INSTALL_HINT == "pip install 'kosmos-cli[ray]'"
+    assert caught.value.hint == INSTALL_HINT == "pip install 'kosmos-transcribe[ray]'"
     assert caught.value.exit_code == 2
 
 
@@ -163,7 +163,7 @@ def test_driver_writes_the_searchable_pdf_when_the_document_bytes_come_last(tmp_
     from kosmos_cli.distributed import _LISTED, _RESULT, _SOURCE, _collect, _row
 
     pdf = make_pdf(tmp_path / "in/a.pdf", pages=[PdfPage(text="Hello")])
-    (document,) = discover([str(pdf)]).documents
+    (document,) = discover([str(tmp_path / "in")]).documents  # named `a.pdf`, below the folder
     info = PageInfo(document, 0, 1, 612, 792, 72.0, (1.0, 0.0, 0.0, -1.0, 0.0, 792.0))
     line = Line("Hello", ((72, 80), (200, 80), (200, 110), (72, 110)))
     result = PageResult(info, Task.OCR, "Hello", lines=(line,))
@@ -196,6 +196,7 @@ def test_outputs_over_inputs_are_refused_before_ray_starts(
     monkeypatch.setattr(kosmos_cli.distributed, "_connect", no_ray)
     folder = tmp_path / "in"
     folder.mkdir()
+    monkeypatch.chdir(folder)  # the files below are named by their paths from here: their file names
     make_image(folder / "scan.png")  # its searchable PDF would be scan.png.pdf, another input
     make_pdf(folder / "scan.png.pdf")
     (folder / "scan.png.pdf.txt").write_text("notes\n")  # the other input's txt, not kosmos's: refused too
@@ -291,9 +292,8 @@ def beside_corpus(corpus: Path) -> Iterator[None]:
 
 @pytest.fixture(scope="module")
 def settings(tiny_checkpoint: Path) -> Settings:
-    # One page per generate call on both paths, so batching cannot change a float and a token. The
-    # dtype and attention are named: a Ray driver does not resolve `auto` (its workers may differ), so
-    # only then do both paths record the same settings and skip each other's finished documents.
+    # One page per generate call on both paths, so batching cannot change a float and a token; float32
+    # so that the bytes compare. (A Ray run records `auto` as its workers resolve it: below.)
     return Settings(
         model=str(tiny_checkpoint), device="cpu", dtype="float32", attn="sdpa", batch_size=1, max_new_tokens=6
     )
@@ -391,16 +391,28 @@ class TestOnRay:
         folder.mkdir()
         _laughs_pdf(folder / "laughs.pdf")
         make_image(folder / "fine.png")
-        options = {**job_options(Task.MD, tmp_path / "out"), "page_timeout": 3.0}
+        options = {**job_options(Task.MD, tmp_path / "out"), "page_timeout": 10.0}  # spins for ever, so any
 
         ray_run = run([str(folder)], options, settings, ray=RayOptions(workers=1))
 
         summary, recorder = ray_run.summary, ray_run.recorder
         assert [error.split("\n")[0] for error in recorder.errors] == [
-            f"`{folder}/laughs.pdf` took longer than 3 s"
+            f"`{folder}/laughs.pdf` took longer than 10 s"
         ]
         assert counts(summary) == (1, 0, 1, 1, 0, 0)
         assert (tmp_path / "out" / "fine.png.md").exists()
+
+    def test_a_run_here_and_a_run_on_ray_skip_each_other_s_documents_with_auto_settings(
+        self, tiny_checkpoint: Path, corpus: Path, tmp_path: Path
+    ) -> None:
+        auto = Settings(
+            model=str(tiny_checkpoint), device="cpu", batch_size=1, max_new_tokens=6
+        )  # dtype, attn
+        options = job_options(Task.MD, tmp_path, formats=("md",))
+        assert run_single(corpus, options, auto).summary.documents_done == 3
+        on_ray = run_ray(corpus, options, auto)  # its workers resolve `auto` as this machine did
+        assert (on_ray.summary.documents_done, on_ray.summary.documents_skipped) == (0, 3)
+        assert run_single(corpus, options, auto).summary.documents_skipped == 3
 
     def test_rerun_skips_finished_documents_and_resumes_pages(
         self, references: References, settings: Settings, corpus: Path, tmp_path: Path
@@ -427,7 +439,7 @@ class TestOnRay:
             interrupted.start(document)
             interrupted.expect(document, [0, 1])
             interrupted.page_done(first_page)
-        assert (tmp_path / progress_name(document)).exists()
+        assert (tmp_path / progress_name(document, Task.OCR)).exists()
 
         ray_run = run_ray(corpus, options, settings)
 
@@ -472,10 +484,11 @@ class TestOnRay:
         # The same objects as the local files, naming their sources by URI where a format names them.
         # (hOCR names a URI input's image only when the URI carries no credentials: left out here.)
         formats = tuple(name for name in FORMATS[task] if name != "hocr")
-        # (JSON records no path for an input whose URI carries credentials: it would leak them.)
+        # (JSON records no path for an input whose URI carries credentials: it would leak them; the
+        # local run recorded each input's absolute path.)
         expected = {
             name: re.sub(
-                rb'"path": "s3://[^"]*"', b'"path": null', data.replace(corpus.name.encode(), source.encode())
+                rb'"path": "[^"]*"', b'"path": null', data.replace(corpus.name.encode(), source.encode())
             )
             for name, data in tree(reference.output_dir).items()
             if not name.endswith(".hocr")

@@ -239,12 +239,14 @@ def test_discover_walks_folders_sorted_skipping_hidden_and_listing_unsupported(t
         # Same file name in two folders given as files: the path below their common folder.
         (["x/a.pdf", "y/a.pdf"], ["x/a.pdf", "y/a.pdf"], ["x/a.pdf", "y/a.pdf"]),
         (["x/a.pdf", "y/a.png"], ["x/a.pdf", "y/a.png"], ["x/a.pdf", "y/a.png"]),
-        # Two folders with the same tree: the folder names come in.
-        (["one/s/p.png", "two/s/p.png"], ["one", "two"], ["one/s/p.png", "two/s/p.png"]),
+        # Two folders with the same tree: each mirrored below itself, so they share names, which
+        # `name_clashes` refuses where outputs are written (--root names them apart).
+        (["one/s/p.png", "two/s/p.png"], ["one", "two"], ["s/p.png", "s/p.png"]),
         # Names differing only in case are kept; `name_clashes` refuses them where outputs are written.
         (["in/A.png", "in/a.png"], ["in"], ["A.png", "a.png"]),
-        # A folder and a file beside it: mirrored below their common folder.
-        (["in/a/b.pdf", "c.png"], ["in", "c.png"], ["in/a/b.pdf", "c.png"]),
+        # A folder and a file beside it: the folder's files below it, the file by its path.
+        (["in/a/b.pdf", "c.png"], ["in", "c.png"], ["a/b.pdf", "c.png"]),
+        (["in/a/b.pdf", "in/c.png"], ["in/a/b.pdf", "in/c.png"], ["in/a/b.pdf", "in/c.png"]),
     ],
 )
 def test_discover_names_are_unique(
@@ -317,7 +319,7 @@ def test_discover_reads_a_list_file(tmp_path: Path, monkeypatch: pytest.MonkeyPa
     listing = "\ufeff# scans to do\n\na.png\n  docs  \r\n# done: old.png\nmissing.png\n-\n"
     (tmp_path / "list.txt").write_text(listing, encoding="utf-8")
     found = discover([], from_list="list.txt")
-    assert _names(found) == ["a.png", "docs/b.pdf"]
+    assert _names(found) == ["a.png", "b.pdf"]  # a folder listed is mirrored below itself
     assert [error.message for error in found.errors] == ["`missing.png` does not exist", "`-` does not exist"]
 
 

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import ClassVar
 
 from kosmos_cli.errors import UsageError
@@ -34,6 +34,7 @@ class WriterOptions:
     password: str | None = None  # opens encrypted PDF inputs, for formats that copy their pages
     numbered: bool = False  # --numbered: number the boxes drawn by --draw
     model: str = ""  # the model that transcribed, for formats that record it (ALTO)
+    task: Task = Task.OCR  # the task whose results are written, for formats of both tasks (their names)
 
 
 class Writer(ABC):
@@ -133,7 +134,7 @@ def get_writer(name: str, *, task: Task, options: WriterOptions | None = None) -
             f"format `{name}` cannot hold `{task.value}` results",
             hint=f"for `kosmos {task.value}` use one of: {', '.join(formats_for(task))}",
         )
-    return cls(options)
+    return cls(replace(options or WriterOptions(), task=task))
 
 
 def formats_for(task: Task) -> list[str]:

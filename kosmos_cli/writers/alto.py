@@ -47,7 +47,7 @@ class AltoWriter(DocumentWriter):
             "   <processingCategory>contentGeneration</processingCategory>",
             f"   <processingStepSettings>model: {xml_text(model)}</processingStepSettings>",
             "   <processingSoftware>",
-            "    <softwareCreator>kosmos-cli</softwareCreator>",
+            "    <softwareCreator>kosmos-transcribe</softwareCreator>",
             "    <softwareName>kosmos</softwareName>",
             f"    <softwareVersion>{__version__}</softwareVersion>",
             "    <applicationDescription>Kosmos-2.5 transcription, kosmos ocr</applicationDescription>",

@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Sequence
 from typing import Any
 
@@ -27,7 +28,7 @@ from kosmos_cli.values import (
 )
 from kosmos_cli.writers import DocumentWriter, register
 
-SCHEMA_VERSION = 3  # `result.schema.json`'s `schema_version`
+SCHEMA_VERSION = 4  # `result.schema.json`'s `schema_version`
 
 
 def page_object(result: PageResult) -> dict[str, Any]:
@@ -71,33 +72,65 @@ def _json_bytes(value: dict[str, Any], *, indent: int | None) -> bytes:
 
 def _document_fields(info: PageInfo, task: Task, model: str) -> dict[str, Any]:
     document = info.document
-    return {
+    path = recorded_path(document)
+    fields: dict[str, Any] = {
         "schema_version": SCHEMA_VERSION,
         "source": document.display_name,
-        "path": document.display_name if document.label is None else None,
-        "model": model or None,
-        "page_count": info.page_count,
-        "task": task.value,
+        "path": path if path is None or _is_text(path) else None,
     }
+    if path is not None and fields["path"] is None:  # bytes that are not UTF-8: kept exactly, as hex
+        fields["path_bytes"] = os.fsencode(path).hex()
+    fields |= {"model": model or None, "page_count": info.page_count, "task": task.value}
+    return fields
 
 
-def read_json(data: bytes, name: str) -> tuple[list[PageResult], str]:
-    """Read back the pages of a document `JsonWriter` wrote (any schema version) and the model named.
+def recorded_path(document: Document) -> str | None:
+    """Where a document's input is, for `kosmos convert` from any folder: its absolute path (or URI), as
+    the file system names it; None for stdin, pipes and URIs that carry credentials."""
+    if document.label is not None:
+        return None
+    if "://" in document.path:
+        return document.path
+    return os.path.abspath(document.path)
 
-    The document is named `name` (its outputs' stem).
 
-    What version 1 lacked reads as unknown: no raw output, confidences or words, no pixel-to-PDF map;
-    pages of versions before 3 came from the model.
-    Raises ValueError, KeyError or TypeError for a file that is not kosmos's JSON.
+def _is_text(path: str) -> bool:
+    """Whether a path is Unicode text (no byte that was not UTF-8, `surrogateescape`d)."""
+    try:
+        path.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def read_results(data: bytes, name: str) -> tuple[list[PageResult], str]:
+    """Read back the pages of a document `JsonWriter` or `JsonlWriter` wrote (any schema version) and
+    the model named.
+
+    The document is named `name` (its outputs' stem). What version 1 lacked reads as unknown: no raw
+    output, confidences or words, no pixel-to-PDF map; pages of versions before 3 came from the model;
+    paths of versions before 4 may be relative to the folder the run started in.
+    Raises ValueError, KeyError or TypeError for a file that is not kosmos's JSON or JSON lines.
     """
-    value = json.loads(data)
-    if (
-        not isinstance(value, dict)
-        or not value.get("pages")
-        or value.get("schema_version", 1) > SCHEMA_VERSION
-    ):
-        raise ValueError("not a JSON file kosmos wrote (or one of a newer kosmos)")
+    try:
+        value = json.loads(data)
+    except json.JSONDecodeError:
+        try:
+            lines = [json.loads(line) for line in data.splitlines() if line.strip()]
+        except json.JSONDecodeError:
+            lines = []
+        if not lines or not all(isinstance(line, dict) and "page_number" in line for line in lines):
+            raise ValueError("neither JSON nor JSON lines") from None
+        value = {**lines[0], "pages": sorted(lines, key=lambda page: page["page_number"])}
+    else:
+        if isinstance(value, dict) and "page_number" in value:  # JSON lines of a one-page document
+            value = {**value, "pages": [value]}
+    newer = isinstance(value, dict) and value.get("schema_version", 1) > SCHEMA_VERSION
+    if not isinstance(value, dict) or not value.get("pages") or newer:
+        raise ValueError("not a result kosmos wrote (or one of a newer kosmos)")
     path = value.get("path")
+    if path is None and value.get("path_bytes") is not None:
+        path = os.fsdecode(bytes.fromhex(value["path_bytes"]))
     document = Document(path or value["source"], name, label=None if path else value["source"])
     task = Task(value["task"])
     pages = [_page_from_object(page, document, value["page_count"], task) for page in value["pages"]]
@@ -138,13 +171,34 @@ def _page_from_object(page: dict[str, Any], document: Document, page_count: int,
     )
 
 
+MD_MARK = ".md"  # before .json and .jsonl in md results' names: md and ocr results share a folder
+
+
+class _TaskNamed(DocumentWriter):
+    """A format of both tasks: md results are `NAME.md.json`, ocr results `NAME.json` (as ever), so a
+    folder holds both and a rerun of one never takes the other's file for its own."""
+
+    tasks = frozenset({Task.MD, Task.OCR})
+
+    def file_name(self, document: Document) -> str:
+        mark = MD_MARK if self.options.task is Task.MD else ""
+        return document.name + mark + self.extension
+
+
+def result_stem(file_name: str) -> str:
+    """Return the name a JSON or JSON lines file of kosmos's is named after (`NAME.md.json`: NAME)."""
+    for extension in (".json", ".jsonl"):
+        if file_name.endswith(extension):
+            return file_name.removesuffix(extension).removesuffix(MD_MARK)
+    return file_name
+
+
 @register
-class JsonWriter(DocumentWriter):
+class JsonWriter(_TaskNamed):
     """One JSON object per document."""
 
     format = "json"
     extension = ".json"
-    tasks = frozenset({Task.MD, Task.OCR})
 
     def render(self, results: Sequence[PageResult], source: bytes | None = None) -> bytes:
         """Render the document object, pages in order."""
@@ -156,13 +210,12 @@ class JsonWriter(DocumentWriter):
 
 
 @register
-class JsonlWriter(DocumentWriter):
+class JsonlWriter(_TaskNamed):
     """One JSON object per page, each on its own line, for pipelines."""
 
     format = "jsonl"
     extension = ".jsonl"
     streams = True
-    tasks = frozenset({Task.MD, Task.OCR})
 
     def render(self, results: Sequence[PageResult], source: bytes | None = None) -> bytes:
         """Render every page as one line, pages in order."""

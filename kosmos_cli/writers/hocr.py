@@ -51,7 +51,7 @@ class HocrWriter(DocumentWriter):
             " <head>",
             f"  <title>{xml_text(document.display_name)}</title>",
             '  <meta http-equiv="Content-Type" content="text/html;charset=utf-8"/>',
-            '  <meta name="ocr-system" content="kosmos-cli"/>',
+            '  <meta name="ocr-system" content="kosmos-transcribe"/>',
             '  <meta name="ocr-capabilities" content="ocr_page ocr_line ocrx_word ocrp_wconf"/>',
             f'  <meta name="ocr-number-of-pages" content="{pages[0].info.page_count}"/>',
             " </head>",
