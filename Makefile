@@ -62,11 +62,13 @@ $(OLDEST)/.installed: pyproject.toml
 gpu-check:
 	bash benchmarks/gpu_check.sh
 
-# Wheels for the GPU machine (Python 3.12, no network, transformers 5.17 and no PyMuPDF), into .whl/:
+# Wheels for the GPU machine (Python 3.12, no network, transformers 5.17, no PyMuPDF, no jsonschema), into .whl/:
 # the oldest transformers kosmos supports, whose huggingface-hub requirement (>= 1.31) the machine's
 # 1.33.0 meets (newer releases need hub 2.x, which would have to travel too), and PyMuPDF.
 GPU_PYTHON ?= 3.12
-GPU_WHEELS ?= $(OLDEST_TRANSFORMERS) pymupdf==1.27.1
+# jsonschema and what it needs that the machine lacks (kosmos convert checks JSON with it).
+GPU_WHEELS ?= $(OLDEST_TRANSFORMERS) pymupdf==1.27.1 jsonschema==4.26.0 jsonschema-specifications==2025.9.1 \
+	referencing==0.37.0 rpds-py==2026.9.1
 gpu-wheels:
 	$(PYTHON) -m pip download --quiet --no-deps --only-binary=:all: --python-version $(GPU_PYTHON) \
 		--implementation cp --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 \

@@ -9,12 +9,13 @@ same job on a Ray cluster:
 
 from __future__ import annotations
 
+import hashlib
 import os
 import sys
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import replace
 from pathlib import Path, PurePosixPath
-from typing import TYPE_CHECKING, BinaryIO
+from typing import TYPE_CHECKING, Any, BinaryIO
 
 from kosmos_cli.config import (
     DEFAULT_FORMATS,
@@ -25,11 +26,13 @@ from kosmos_cli.config import (
     Settings,
     default_model,
 )
-from kosmos_cli.errors import InputError, KosmosError, UsageError
+from kosmos_cli.errors import InputError, KosmosError, UsageError, first_line
 from kosmos_cli.model import Runner
 from kosmos_cli.pages import PageSelection, parse_pages
 from kosmos_cli.reporting import LogReporter, Reporter, Summary
 from kosmos_cli.values import Document, Page, PageInfo, PageResult, Task, failed_result
+
+MAX_RESULT_BYTES = 1 << 30  # largest JSON or JSON lines file `kosmos convert` reads (1 GiB)
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -383,6 +386,7 @@ def _convert_one(
 ) -> int:
     """Write the formats of one JSON file and return its page count; raise InputError if it cannot."""
     from kosmos_cli.assembly import render_document
+    from kosmos_cli.rasterize import read_regular_file
     from kosmos_cli.stores import atomic_write
     from kosmos_cli.writers import DocumentWriter, PageWriter, WriterOptions, get_writer
     from kosmos_cli.writers.data import read_results
@@ -392,22 +396,23 @@ def _convert_one(
         folder, name = result_path.parent, PurePosixPath(result.name).name
     else:
         folder, name = Path(output), result.name
+    label = f"`{result.display_name}`"
+    data = read_regular_file(result.path, label, limit=MAX_RESULT_BYTES)
     try:
-        pages, model = read_results(result_path.read_bytes(), name)
-    except OSError as error:
-        raise InputError(f"cannot read `{result.display_name}`: {error.strerror or error}") from None
-    except (ValueError, KeyError, TypeError) as error:
-        raise InputError(f"`{result.display_name}` is not a result kosmos wrote ({error})") from None
-    options = WriterOptions(password=password, model=model, task=pages[0].task)
+        read = read_results(data, name)
+    except ValueError as error:
+        raise InputError(f"{label} is not a result kosmos wrote ({first_line(error)})") from None
+    pages = read.pages
+    options = WriterOptions(password=password, model=read.model, task=pages[0].task)
     document = pages[0].info.document
-    input_path = Path(source) if source is not None else Path(document.path)
+    input_document = Document(os.fspath(source), document.name) if source is not None else document
     written: dict[Path, bytes] = {}
     for format_name in formats:
         writer = get_writer(format_name, task=pages[0].task, options=options)
         if isinstance(writer, DocumentWriter):
-            data = _read_source(input_path) if writer.needs_source else None
+            bytes_read = _read_input(input_document, read.input, sandbox) if writer.needs_source else None
             written[folder / writer.file_name(document)] = render_document(
-                writer, pages, data, sandbox=sandbox, page_timeout=sandbox.timeout
+                writer, pages, bytes_read, sandbox=sandbox, page_timeout=sandbox.timeout
             )
         elif isinstance(writer, PageWriter) and not writer.needs_pixels:
             for page in pages:
@@ -417,19 +422,35 @@ def _convert_one(
         else:
             raise UsageError(f"{writer.asked_as()} draws the page's pixels, which a JSON file does not hold")
     for path in written:
+        for kept, what in ((input_document.path, "the input"), (result.path, "the result it is made from")):
+            if path.exists() and os.path.exists(kept) and os.path.samefile(path, kept):
+                raise InputError(f"`{path}` would overwrite {what} `{kept}`", hint="choose another -o")
         if path.exists() and not overwrite:
             raise InputError(f"`{path}` exists", hint="pass --overwrite to replace it")
-    for path, data in written.items():
+    for path, bytes_written in written.items():
         path.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write(path, data)
+        atomic_write(path, bytes_written)
     return len(pages)
 
 
-def _read_source(path: Path) -> bytes:
+def _read_input(document: Document, recorded: dict[str, Any] | None, sandbox: Sandbox) -> bytes:
+    """Read the input again for the formats built from its bytes, in the reader process (a regular
+    file, within its size and time limits), and only if it is still the file the result recorded."""
+    from kosmos_cli.rasterize import document_source
+
     try:
-        return path.read_bytes()
-    except OSError as error:
+        data = document_source(document, sandbox)
+    except InputError as error:
         raise InputError(
-            f"cannot read the input `{path}` for the searchable PDF: {error.strerror or error}",
-            hint="pass its new place with --source",
+            f"cannot read the input for the searchable PDF: {error.message}",
+            hint="pass its place with --source",
         ) from None
+    if recorded is not None and (
+        len(data) != recorded["size"]
+        or (recorded["sha256"] is not None and hashlib.sha256(data).hexdigest() != recorded["sha256"])
+    ):
+        raise InputError(
+            f"`{document.display_name}` is not the input this result was made from (size or bytes differ)",
+            hint="pass the input it was made from with --source",
+        )
+    return data

@@ -16,12 +16,12 @@ from typing import Any, BinaryIO
 
 from kosmos_cli.config import Job
 from kosmos_cli.errors import InputError, KosmosError
-from kosmos_cli.manifest import InputIdentity, Manifest, Record, identify, progress_name, staging_folder
+from kosmos_cli.manifest import Manifest, Record, identify, progress_name, staging_folder
 from kosmos_cli.rasterize import PageError
 from kosmos_cli.reporting import Reporter, Summary
 from kosmos_cli.sandbox import ReaderStopped, Sandbox
 from kosmos_cli.stores import LocalStore, location_identity, output_store
-from kosmos_cli.values import Document, PageInfo, PageResult, Status, Task, failed_result
+from kosmos_cli.values import Document, InputIdentity, PageInfo, PageResult, Status, Task, failed_result
 from kosmos_cli.writers import DocumentWriter, PageWriter, WriterOptions, check_destination, get_writer
 
 # Per-page results of unfinished documents (`PageResult.to_dict`), in `manifest.PROGRESS_FOLDER`.
@@ -302,12 +302,15 @@ class Assembly:
             self.order.ready(state.document, results)
             self._count_finished(results)
             return
+        rendered: list[tuple[str, bytes]] = []
+        failed_formats: list[InputError] = []  # a format that cannot be built costs only itself
+        for writer in self.writers:
+            if isinstance(writer, DocumentWriter):
+                try:
+                    rendered.append((writer.file_name(state.document), self._render(writer, results, state)))
+                except InputError as error:
+                    failed_formats.append(error)
         try:
-            rendered = [
-                (writer.file_name(state.document), self._render(writer, results, state.source))
-                for writer in self.writers
-                if isinstance(writer, DocumentWriter)
-            ]
             for name, data in rendered:
                 self.store.write(name, data)
             placed = self._place_pages(state.document, results)
@@ -320,14 +323,19 @@ class Assembly:
                 manifest.add(record)
             if self.page_writers:
                 self.store.remove_folder(staging_folder(state.document, self.job.task))
-            if state.progress is not None and state.progress_started:
-                self.store.remove_log(state.progress)
+            if state.progress is not None and state.progress_started and not failed_formats:
+                self.store.remove_log(state.progress)  # kept otherwise: a rerun rebuilds without the model
         except KosmosError as error:
             self.document_error(state.document, error)
             return
         state.finished = True
         state.results, state.source = {}, None  # a long run holds only the documents in flight
-        self._count_finished(results)
+        for failure in failed_formats:
+            self.reporter.error(failure)
+        if failed_formats:
+            self.summary.documents_failed += 1
+        else:
+            self._count_finished(results)
 
     def _count_finished(self, results: list[PageResult]) -> None:
         """Count a written document: done, or failed when not one of its pages could be read."""
@@ -351,10 +359,11 @@ class Assembly:
                     placed.append(name)
         return placed
 
-    def _render(self, writer: DocumentWriter, results: list[PageResult], source: bytes | None) -> bytes:
+    def _render(self, writer: DocumentWriter, results: list[PageResult], state: _DocumentState) -> bytes:
         return render_document(
-            writer, results, source, sandbox=self.sandbox, page_timeout=self.job.page_timeout
-        )
+            writer, results, state.source, identity=state.identity, sandbox=self.sandbox,
+            page_timeout=self.job.page_timeout,
+        )  # fmt: skip
 
 
 def render_document(
@@ -362,19 +371,20 @@ def render_document(
     results: Sequence[PageResult],
     source: bytes | None,
     *,
+    identity: InputIdentity | None = None,
     sandbox: Sandbox | None,
     page_timeout: float,
 ) -> bytes:
     """Render one document in one format; formats built from its bytes run in `sandbox`, time-limited."""
     if not writer.needs_source:
-        return writer.render(results)
+        return writer.render(results, identity=identity)
     if source is None:
         document = results[0].info.document
         raise InputError(f"`{document.display_name}` was not read whole for the {writer.format} output")
     if sandbox is None:
-        return writer.render(results, source)
+        return writer.render(results, source, identity)
     try:
-        return sandbox.call(writer.render, results, source, timeout=page_timeout * len(results))
+        return sandbox.call(writer.render, results, source, identity, timeout=page_timeout * len(results))
     except ReaderStopped as error:
         document = results[0].info.document
         raise InputError(

@@ -832,6 +832,9 @@ def main() -> None:
     try:
         app()
     except SystemExit as done:
+        # The run is over and its exit code decided: a Ctrl-C from here on (exit handlers, teardown)
+        # changes nothing, and must not print a traceback or end the process by SIGINT instead.
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
         if done.code not in (EXIT_INTERRUPTED, EXIT_TERMINATED, EXIT_BROKEN_PIPE, EXIT_CRASH):
             raise
         # Stopped early, torch's and the tokenizer's native threads may still run, and tearing the

@@ -235,6 +235,9 @@ class _Finder:
         if stat.S_ISREG(mode):
             self._keep(path, location, None)
             return
+        if self._results:  # kosmos's results are files it wrote: anything else is refused at once
+            self.errors.append(InputError(f"{label} is not a regular file"))
+            return
         if not stat.S_ISFIFO(mode):
             self.errors.append(InputError(f"{label} is a device, not a file"))
             return

@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
@@ -20,6 +21,8 @@ from kosmos_cli.text_layer import layer_result
 from kosmos_cli.transcribe import prefetch, transcribe_pages
 from kosmos_cli.values import Document, Page, Task, safe_text
 from kosmos_cli.writers import render_pages
+
+NAME_BYTES = 255  # longest file or folder name most file systems take (NAME_MAX)
 
 
 @dataclass(frozen=True)
@@ -98,9 +101,20 @@ def plan(
     names_of = {}
     for document in documents:
         found = pages.get(document) if pages else None
-        names_of[document] = outputs.names(
-            document, found.count if found else None, found.selected if found else ()
-        )
+        names = outputs.names(document, found.count if found else None, found.selected if found else ())
+        too_long = next((name for name in names if _too_long(name)), None)
+        if too_long is not None:
+            reporter.error(
+                InputError(
+                    f"`{document.display_name}` would be written as `{too_long[:60]}...`, a name longer than"
+                    f" file systems allow ({NAME_BYTES} bytes a part)",
+                    hint="rename the input, or pass --root to drop folders from its name",
+                )
+            )
+            summary.documents_failed += 1
+            continue
+        names_of[document] = names
+    documents = list(names_of)
     present = store.existing(name for names in names_of.values() for name in names)
     todo: list[Document] = []
     skipped: list[Document] = []
@@ -142,6 +156,11 @@ def plan(
             store.remove_folder(staging_folder(document, job.task))
             store.remove_log(progress_name(document, job.task))
     return todo
+
+
+def _too_long(name: str) -> bool:
+    """Whether a part of an output's name is longer than file systems allow."""
+    return any(len(os.fsencode(part)) > NAME_BYTES for part in name.split("/"))
 
 
 def _is_done(

@@ -18,12 +18,12 @@ import hashlib
 import json
 import logging
 import os
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Any
 
 from kosmos_cli.discovery import STDIN_LABEL
 from kosmos_cli.stores import RECORD_FOLDER, OutputStore, is_uri, public_location
-from kosmos_cli.values import Document, Task
+from kosmos_cli.values import Document, InputIdentity, Task
 
 logger = logging.getLogger(__name__)
 
@@ -32,29 +32,6 @@ MANIFEST_NAME = f"{RECORD_FOLDER}/manifest.jsonl"
 PROGRESS_FOLDER = f"{RECORD_FOLDER}/progress"
 STAGING_FOLDER = f"{RECORD_FOLDER}/staging"  # --draw pictures of unfinished documents, moved out at the end
 HASH_CHUNK = 1 << 20  # bytes read at a time while hashing an input
-
-
-@dataclass(frozen=True)
-class InputIdentity:
-    """What an input was when it was read: where, how big, when last changed, and its bytes' hash."""
-
-    path: str  # absolute path, public URI, or `<stdin>`
-    size: int
-    mtime_ns: int | None  # None for stdin and object stores without one
-    sha256: str | None  # None for object-store inputs, which the driver does not fetch
-
-    def to_dict(self) -> dict[str, Any]:
-        """Return the JSON object of this identity."""
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> InputIdentity:
-        """Read an identity back from `to_dict`'s object."""
-        return cls(str(data["path"]), int(data["size"]), data.get("mtime_ns"), data.get("sha256"))
-
-    def same_file(self, other: InputIdentity) -> bool:
-        """Whether two identities name the same input, changed or not."""
-        return self.path == other.path
 
 
 def input_path(document: Document) -> str:

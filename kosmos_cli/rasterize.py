@@ -19,6 +19,7 @@ import logging
 import math
 import os
 import re
+import stat
 import struct
 import threading
 import zlib
@@ -33,7 +34,7 @@ from kosmos_cli.errors import InputError
 from kosmos_cli.pages import page_number
 from kosmos_cli.sandbox import ReaderStopped, ReaderTimedOut, Sandbox
 from kosmos_cli.tiling import MODEL_PIXELS, plan_tiles
-from kosmos_cli.values import Document, Matrix, Page, PageInfo, TextLayer
+from kosmos_cli.values import Document, Matrix, Page, PageInfo, TextLayer, is_utf8
 
 if TYPE_CHECKING:
     import pymupdf
@@ -226,18 +227,28 @@ def document_source(document: Document, sandbox: Sandbox | None = None) -> bytes
 
 def read_source(document: Document) -> bytes:
     """Return a document's bytes, for the formats that copy its pages (run it in the reader process)."""
-    label = f"`{document.display_name}`"
+    return read_regular_file(document.path, f"`{document.display_name}`", limit=MAX_SOURCE_BYTES)
+
+
+def read_regular_file(path: str, label: str, *, limit: int) -> bytes:
+    """Return a regular file's bytes, at most `limit` of them; a device, a pipe or a folder is refused
+    without waiting on it (a FIFO nobody writes would block a plain open; /dev/zero never ends)."""
     try:
-        with open(document.path, "rb") as stream:
-            size = os.fstat(stream.fileno()).st_size
-            if size > MAX_SOURCE_BYTES:
-                raise InputError(
-                    f"{label} is {size:,} bytes, more than the searchable PDF copies ({MAX_SOURCE_BYTES:,})",
-                    hint="leave out --format pdf for this file",
-                )
-            return stream.read()
-    except OSError as error:
+        descriptor = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_BINARY", 0))
+    except (OSError, ValueError) as error:  # ValueError: a NUL in the path
+        if isinstance(error, ValueError):
+            raise InputError(f"{label} is not a path a file can have") from None
         raise file_error(label, error) from None
+    with os.fdopen(descriptor, "rb") as stream:
+        status = os.fstat(descriptor)
+        if not stat.S_ISREG(status.st_mode):
+            raise InputError(f"{label} is not a regular file")
+        if status.st_size > limit:
+            raise InputError(f"{label} is {status.st_size:,} bytes, more than kosmos reads ({limit:,})")
+        try:
+            return stream.read(limit + 1)[:limit]
+        except OSError as error:
+            raise file_error(label, error) from None
 
 
 def page_pixels(info: PageInfo, data: bytes, *, password: str | None = None) -> Image.Image:
@@ -544,6 +555,8 @@ def _open_pymupdf(
 ) -> Iterator[_PyMuPDFSource]:
     import pymupdf
 
+    if data is None and not is_utf8(document.path):  # MuPDF takes file names as UTF-8 text only
+        data = read_regular_file(document.path, label, limit=MAX_SOURCE_BYTES)
     with PYMUPDF_LOCK:
         try:
             if data is not None:

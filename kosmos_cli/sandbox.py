@@ -164,7 +164,8 @@ def _serve(connection: Connection, memory_limit: int) -> None:
     """The child's loop: take (function, args), send back ("ok", value), ("error", e) or ("bug", text)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     _limit_memory(memory_limit)
-    connection.send("ready")
+    with contextlib.suppress(OSError):  # the parent is gone already
+        connection.send("ready")
     while True:
         try:
             function, args = connection.recv()
@@ -179,7 +180,10 @@ def _serve(connection: Connection, memory_limit: int) -> None:
             reply = ("error", ReaderStopped(f"needs more than the reader's {limit} of memory"))
         except Exception:  # a bug: its traceback goes to the parent, which raises it
             reply = ("bug", traceback.format_exc())
-        connection.send(reply)
+        try:
+            connection.send(reply)
+        except OSError:  # the parent is gone (killed mid-call): nobody to answer, nothing to print
+            return
 
 
 def _limit_memory(limit: int) -> None:

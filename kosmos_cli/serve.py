@@ -21,9 +21,13 @@ import atexit
 import dataclasses
 import json
 import os
+import pickle
 import queue
 import secrets
 import shutil
+import signal
+import socket
+import struct
 import subprocess
 import sys
 import tempfile
@@ -31,16 +35,20 @@ import threading
 import traceback
 from dataclasses import dataclass
 from multiprocessing import AuthenticationError
-from multiprocessing.connection import Client, Connection, Listener
+from multiprocessing.connection import Client, Connection, Listener, answer_challenge, deliver_challenge
+from pathlib import Path
 from typing import Any
 
 from kosmos_cli.config import Settings
-from kosmos_cli.errors import KosmosError, ModelLoadError
+from kosmos_cli.errors import InputError, KosmosError, ModelLoadError
 from kosmos_cli.values import Document, Page, PageResult, Task
 
 READY = b"listening\n"  # what the service prints once its socket takes connections
 CRASH_HINT = "please report it with the traceback the service printed"
 STOP_SECONDS = 30.0  # how long a service may take to end once told to, before it is killed
+CLIENT_SECONDS = 10.0  # how long a client may take over each read or write of its handshake, request, answer
+FOLDER_PREFIX = "kosmos-serve-"  # the private folder of a service's socket, in the temporary folder
+OWNER_FILE = "owner"  # in that folder: the pids of the process that started the service and of the service
 
 
 class Inbox:
@@ -77,12 +85,14 @@ class ModelService:
 
         Raises ModelLoadError if the service ends before it listens.
         """
-        folder = tempfile.mkdtemp(prefix="kosmos-serve-")  # private: mode 0700
+        remove_stale_folders()
+        folder = tempfile.mkdtemp(prefix=FOLDER_PREFIX)  # private: mode 0700
         address = os.path.join(folder, "socket")
         authkey = secrets.token_bytes(32)
         process = subprocess.Popen(
             [sys.executable, "-m", "kosmos_cli.serve"], stdin=subprocess.PIPE, stdout=subprocess.PIPE
         )
+        Path(folder, OWNER_FILE).write_text(f"{os.getpid()} {process.pid}\n")
         assert process.stdin is not None and process.stdout is not None
         order = {"address": address, "authkey": authkey.hex(), "settings": dataclasses.asdict(settings)}
         process.stdin.write(json.dumps(order).encode() + b"\n")
@@ -110,6 +120,31 @@ class ModelService:
         shutil.rmtree(self.folder, ignore_errors=True)
 
 
+def remove_stale_folders() -> None:
+    """Remove the socket folders of services whose starter and service processes are both gone.
+
+    A service removes its own folder when its starter ends, however it ends; a service killed outright
+    (SIGKILL) cannot, and its folder is removed here, when the next service starts.
+    """
+    for folder in Path(tempfile.gettempdir()).glob(f"{FOLDER_PREFIX}*"):
+        try:
+            pids = [int(pid) for pid in (folder / OWNER_FILE).read_text().split()]
+        except (OSError, ValueError):
+            continue  # not one of ours, being made right now, or not ours to read
+        if pids and not any(_alive(pid) for pid in pids):
+            shutil.rmtree(folder, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # someone else's process
+    return True
+
+
 def transcribe_image(address: str, authkey: bytes, image: str) -> PageResult:
     """Ask the service at `address` to transcribe an image file (OCR); raises KosmosError if it cannot."""
     try:
@@ -131,9 +166,15 @@ def serve(address: str, authkey: bytes, settings: Settings) -> None:
     from kosmos_cli.transcribe import transcribe_pages
 
     inbox = Inbox()
-    listener = Listener(address, family="AF_UNIX", authkey=authkey)
-    threading.Thread(target=_accept, args=(listener, inbox), name="kosmos-accept", daemon=True).start()
-    threading.Thread(target=_until_stdin_closes, name="kosmos-stdin", daemon=True).start()
+    # No handshake in accept: the accepting thread never reads from a client, so a client that is slow,
+    # silent or hostile costs only its own thread, which gives up after CLIENT_SECONDS a read.
+    listener = Listener(address, family="AF_UNIX")
+    threading.Thread(
+        target=_accept, args=(listener, authkey, inbox), name="kosmos-accept", daemon=True
+    ).start()
+    folder = os.path.dirname(address)
+    threading.Thread(target=_until_stdin_closes, args=(folder,), name="kosmos-stdin", daemon=True).start()
+    signal.signal(signal.SIGTERM, lambda *_: _end(folder, 128 + signal.SIGTERM))
     sys.stdout.buffer.write(READY)
     sys.stdout.buffer.flush()
     try:
@@ -146,24 +187,30 @@ def serve(address: str, authkey: bytes, settings: Settings) -> None:
         answer.put(result)
 
 
-def _accept(listener: Listener, inbox: Inbox) -> None:
+def _accept(listener: Listener, authkey: bytes, inbox: Inbox) -> None:
     while True:
         try:
             connection = listener.accept()
-        except (OSError, EOFError):  # a client that failed the handshake, or the listener closed
+        except OSError:  # the client went away while being accepted
             continue
-        threading.Thread(target=_answer, args=(connection, inbox), daemon=True).start()
+        threading.Thread(target=_answer, args=(connection, authkey, inbox), daemon=True).start()
 
 
-def _answer(connection: Connection, inbox: Inbox) -> None:
-    """Read one page request, queue the page, and send back its result or why it has none."""
+def _answer(connection: Connection, authkey: bytes, inbox: Inbox) -> None:
+    """Check a client's key, read one page request, queue the page, and send back its result or why
+    it has none. Every read and write has CLIENT_SECONDS: a client that stalls is dropped."""
     with connection:
         try:
+            _limit_each_read_and_write(connection, CLIENT_SECONDS)
+            deliver_challenge(connection, authkey)
+            answer_challenge(connection, authkey)
             request = connection.recv()
-        except (OSError, EOFError):
-            return  # the worker is gone
+        except (OSError, EOFError, AuthenticationError, pickle.UnpicklingError, ValueError):
+            return  # gone, silent, slow, wrong key or garbage: this client only
         outcome: PageResult | KosmosError
         try:
+            if not isinstance(request, dict) or not isinstance(request.get("image"), str):
+                raise InputError("a malformed request: it names no image", hint="send {'image': PATH}")
             answer: queue.Queue[PageResult | KosmosError] = queue.Queue(maxsize=1)
             inbox.put(_read_image(request["image"]), answer)
             outcome = answer.get()
@@ -191,9 +238,23 @@ def _read_image(path: str) -> Page:
     return first
 
 
-def _until_stdin_closes() -> None:
+def _limit_each_read_and_write(connection: Connection, seconds: float) -> None:
+    """Make each read and write of `connection` fail (OSError) after `seconds` without progress."""
+    timeout = struct.pack("ll", int(seconds), int(seconds % 1 * 1e6))
+    with socket.socket(fileno=os.dup(connection.fileno())) as view:  # the same socket, through its own fd
+        view.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, timeout)
+        view.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, timeout)
+
+
+def _until_stdin_closes(folder: str) -> None:
     sys.stdin.buffer.read()
-    os._exit(0)  # the parent is done or gone: no page can still be wanted
+    _end(folder, 0)  # the parent is done or gone: no page can still be wanted
+
+
+def _end(folder: str, code: int) -> None:
+    """End the service at once, removing its socket's folder (SIGTERM, or the parent gone)."""
+    shutil.rmtree(folder, ignore_errors=True)
+    os._exit(code)
 
 
 def _document(image: str) -> Document:

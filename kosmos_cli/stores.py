@@ -25,7 +25,7 @@ import shutil
 import uuid
 from abc import ABC, abstractmethod
 from collections.abc import Collection, Iterable, Iterator
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
 from urllib.request import url2pathname
@@ -263,7 +263,21 @@ class LocalStore(OutputStore):
     def write(self, relative: str, data: bytes) -> None:
         """Write through a temporary file, fsync'd, then renamed over the output."""
         temporary = self.root / RECORD_FOLDER / "tmp"
-        atomic_write(self.root / relative, data, temporary_folder=temporary if temporary.is_dir() else None)
+        path = self._inside(relative)
+        atomic_write(path, data, temporary_folder=temporary if temporary.is_dir() else None)
+
+    def _inside(self, relative: str) -> Path:
+        """Return an output's path, refusing one whose folders below the output folder include a link:
+        a link planted there would send the output outside the folder."""
+        folder = self.root
+        for part in PurePosixPath(relative).parts[:-1]:
+            folder = folder / part
+            if folder.is_symlink():
+                raise KosmosError(
+                    f"`{self.describe(relative)}` would be written through the link `{folder}`",
+                    hint="kosmos never writes through links inside -o: remove the link",
+                )
+        return self.root / relative
 
     def read(self, relative: str) -> bytes | None:
         """Return the file's bytes, or None if it does not exist."""
@@ -289,7 +303,7 @@ class LocalStore(OutputStore):
 
     def append_log(self, relative: str, line: str) -> None:
         """Append a line to the log file, first ending a line a killed run left torn."""
-        path = self.root / relative
+        path = self._inside(relative)
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
             # Never through a link: a planted one would send the log outside the output folder.
@@ -309,7 +323,7 @@ class LocalStore(OutputStore):
 
     def move(self, source: str, target: str) -> bool:
         """Rename a file into place (one atomic step on one file system)."""
-        path = self.root / target
+        path = self._inside(target)
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
             os.replace(self.root / source, path)

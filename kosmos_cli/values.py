@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterable
-from dataclasses import KW_ONLY, dataclass
+from dataclasses import KW_ONLY, asdict, dataclass
 from enum import Enum
 from typing import TYPE_CHECKING, Any
 
@@ -80,6 +80,29 @@ class Document:
     def from_dict(cls, data: dict[str, Any]) -> Document:
         """Read back what `to_dict` returned."""
         return cls(data["path"], data["name"], data["label"])
+
+
+@dataclass(frozen=True)
+class InputIdentity:
+    """What an input was when it was read: where, how big, when last changed, and its bytes' hash."""
+
+    path: str  # absolute path, public URI, or `<stdin>`
+    size: int
+    mtime_ns: int | None  # None for stdin and object stores without one
+    sha256: str | None  # None for object-store inputs, which the driver does not fetch
+
+    def to_dict(self) -> dict[str, Any]:
+        """Return the JSON object of this identity."""
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> InputIdentity:
+        """Read an identity back from `to_dict`'s object."""
+        return cls(str(data["path"]), int(data["size"]), data.get("mtime_ns"), data.get("sha256"))
+
+    def same_file(self, other: InputIdentity) -> bool:
+        """Whether two identities name the same input, changed or not."""
+        return self.path == other.path
 
 
 @dataclass(frozen=True)
@@ -305,3 +328,12 @@ def safe_text(text: str) -> str:
     except UnicodeEncodeError:  # a surrogate that stands for no byte
         raw = text.encode("utf-8", "backslashreplace").decode("utf-8")
     return "".join(char if char.isprintable() else char.encode("unicode_escape").decode() for char in raw)
+
+
+def is_utf8(text: str) -> bool:
+    """Whether a string is UTF-8 text: a file name with bytes that are not decodes to lone surrogates."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True

@@ -6,7 +6,9 @@ each page takes `KOSMOS_TEST_SECONDS_PER_PAGE` seconds (default 0.1), so there i
 
 from __future__ import annotations
 
+import atexit
 import os
+import signal
 import time
 from collections.abc import Iterable, Iterator
 
@@ -17,6 +19,7 @@ from kosmos_cli.testing import ScriptedRunner
 from kosmos_cli.values import Generation
 
 SECONDS_PER_PAGE_ENV = "KOSMOS_TEST_SECONDS_PER_PAGE"
+SIGINT_AT_EXIT_ENV = "KOSMOS_TEST_SIGINT_AT_EXIT"
 
 
 class SlowRunner(ScriptedRunner):
@@ -32,4 +35,6 @@ class SlowRunner(ScriptedRunner):
 loading.load_runner = lambda settings: SlowRunner()  # type: ignore[assignment]
 
 if __name__ == "__main__":
+    if os.environ.get(SIGINT_AT_EXIT_ENV):  # a Ctrl-C that lands while the run's exit handlers run
+        atexit.register(lambda: (os.kill(os.getpid(), signal.SIGINT), time.sleep(0.5)))
     main()

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -70,10 +72,10 @@ def test_convert_finds_a_moved_input_and_refuses_to_overwrite(transcribed: Path)
     lost = CliRunner().invoke(app, args)
     assert lost.exit_code == 1
     assert (
-        f"error: cannot read the input `{transcribed / 'in' / 'two.pdf'}` for the searchable PDF"
+        f"error: cannot read the input for the searchable PDF: `{transcribed / 'in' / 'two.pdf'}` does not exist"
         in lost.stderr
     )
-    assert "hint: pass its new place with --source" in lost.stderr
+    assert "hint: pass its place with --source" in lost.stderr
     found = CliRunner().invoke(app, [*args, "--source", str(transcribed / "moved.pdf")])
     assert found.exit_code == 0, found.stderr
     assert (transcribed / "again" / "two.pdf.pdf").read_bytes() == (direct / "two.pdf.pdf").read_bytes()
@@ -231,3 +233,132 @@ def test_md_and_ocr_results_share_a_folder(
     assert json.loads((out / "two.pdf.md.json").read_text())["task"] == "md"
     assert json.loads((out / "two.pdf.json").read_text())["task"] == "ocr"
     assert "1 skipped" in result.stderr, "the second ocr run found its own results done"
+
+
+HOSTILE = [
+    # (what is done to scan.png.json's object, the one line convert answers with)
+    ("pages as an object", lambda d: d.update(pages={"0": d["pages"][0]}), "pages: "),
+    (
+        "a string coordinate",
+        lambda d: d["pages"][0]["lines"][0].update(bbox=["1", 2, 3, 4]),
+        "pages/0/lines/0/bbox/0: ",
+    ),
+    (
+        "a 5-number matrix",
+        lambda d: d["pages"][0].update(pixel_to_pdf=[1, 0, 0, 1, 0]),
+        "pages/0/pixel_to_pdf: ",
+    ),
+    ("a number as the path", lambda d: d.update(path=7), "path: 7 is not of type"),
+    (
+        "a negative coordinate",
+        lambda d: d["pages"][0]["lines"][0].update(bbox=[-5, 0, 10, 10]),
+        "pages/0/lines/0/bbox/0: -5 is less than",
+    ),
+    (
+        "a box outside its page",
+        lambda d: d["pages"][0]["lines"][0].update(bbox=[0, 0, 10**12, 10]),
+        "page 1 has a box outside its",
+    ),
+    ("a page twice", lambda d: d.update(pages=d["pages"] * 2), "its page numbers [1, 1] repeat"),
+    ("a page past the end", lambda d: d["pages"][0].update(page_number=9), "repeat or pass its 1 pages"),
+    ("a lone surrogate", lambda d: d["pages"][0].update(text="\ud800"), "not Unicode (a lone surrogate)"),
+]
+
+
+@pytest.mark.parametrize(
+    ("change", "message"), [(c, m) for _, c, m in HOSTILE], ids=[name for name, _, _ in HOSTILE]
+)
+def test_hostile_json_gets_one_clear_line_and_the_run_goes_on(
+    transcribed: Path, change: Callable[[dict[str, object]], None], message: str
+) -> None:
+    good = transcribed / "direct" / "scan.png.json"
+    data = json.loads(good.read_text())
+    change(data)
+    bad = transcribed / "bad.json"
+    bad.write_text(json.dumps(data))
+    result = CliRunner().invoke(
+        app, ["convert", str(bad), str(good), "-f", "alto", "-f", "page", "-o", str(transcribed / "out")]
+    )
+    assert result.exit_code == 1, result.stderr
+    (line,) = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    assert line.startswith(f"error: `{bad}` is not a result kosmos wrote (") and message in line, line
+    assert "Traceback" not in result.stderr
+    assert (transcribed / "out" / "scan.png.alto.xml").exists(), "the good file is converted"
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        (b"[" * 200_000 + b"]" * 200_000, "nested too deeply"),
+        (b'{"pages": [{"width": NaN}]}', "`NaN` is not a number JSON allows"),
+        (b'{"pages": [{"width": 1e999}]}', "a number too large"),
+    ],
+    ids=["200,000 deep", "NaN", "infinity"],
+)
+def test_json_that_python_reads_badly_is_refused(transcribed: Path, content: bytes, message: str) -> None:
+    bad = transcribed / "bad.json"
+    bad.write_bytes(content)
+    result = CliRunner().invoke(app, ["convert", str(bad), "-f", "txt"])
+    assert result.exit_code == 1 and message in result.stderr and "Traceback" not in result.stderr
+
+
+def test_convert_reads_only_regular_files(transcribed: Path) -> None:
+    fifo = transcribed / "pipe.json"
+    os.mkfifo(fifo)  # nobody writes to it: a plain open would wait for ever
+    result = CliRunner().invoke(app, ["convert", str(fifo), "/dev/zero", "-f", "txt"])
+    assert result.exit_code == 1
+    assert f"error: `{fifo}` is not a regular file" in result.stderr
+    assert "error: `/dev/zero` is not a regular file" in result.stderr
+
+
+def test_convert_refuses_a_source_that_is_not_the_input(
+    transcribed: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    direct = transcribed / "direct"
+    other = make_pdf(transcribed / "other" / "two.pdf", pages=MIXED_PAGES[2:4])  # same name, other bytes
+    for arguments in ([], ["--source", str(other)]):
+        shutil.move(transcribed / "in" / "two.pdf", transcribed / "kept.pdf") if not arguments else None
+        args = [
+            "convert",
+            str(direct / "two.pdf.json"),
+            "-f",
+            "pdf",
+            "-o",
+            str(transcribed / "again"),
+            *arguments,
+        ]
+        result = CliRunner().invoke(app, args)
+        assert result.exit_code == 1
+    assert "is not the input this result was made from (size or bytes differ)" in result.stderr
+    assert not (transcribed / "again" / "two.pdf.pdf").exists()
+    shutil.move(transcribed / "kept.pdf", transcribed / "moved.pdf")
+    right = CliRunner().invoke(app, [*args[:-1], str(transcribed / "moved.pdf")])
+    assert right.exit_code == 0, right.stderr
+
+
+def test_convert_never_overwrites_its_input_or_its_result(transcribed: Path) -> None:
+    direct = transcribed / "direct"
+    renamed = transcribed / "in" / "two.json"  # a result renamed so that its PDF would be in/two.pdf
+    shutil.copy(direct / "two.pdf.json", renamed)
+    result = CliRunner().invoke(app, ["convert", str(renamed), "-f", "pdf", "--overwrite"])
+    assert result.exit_code == 1
+    assert f"would overwrite the input `{transcribed / 'in' / 'two.pdf'}`" in result.stderr
+    assert (transcribed / "in" / "two.pdf").read_bytes()[:5] == b"%PDF-"
+
+
+def test_a_path_that_is_not_utf8_round_trips(
+    scripted: list[object], model_folder: Path, tmp_path: Path
+) -> None:
+    name = os.fsdecode(b"caf\xe9 scan.pdf")  # Latin-1 bytes: not UTF-8
+    pdf = tmp_path / name
+    make_pdf(tmp_path / "plain.pdf", pages=MIXED_PAGES[:1]).rename(pdf)
+    out = tmp_path / "out"
+    run = CliRunner().invoke(
+        app, ["ocr", str(pdf), "-o", str(out), "-f", "json", "--model", str(model_folder)]
+    )
+    assert run.exit_code == 0, run.stderr
+    (result,) = out.glob("*.json")
+    data = json.loads(result.read_text())
+    assert data["path"] is None and bytes.fromhex(data["path_bytes"]) == os.fsencode(str(pdf))
+    converted = CliRunner().invoke(app, ["convert", str(result), "-f", "pdf", "-o", str(tmp_path / "c")])
+    assert converted.exit_code == 0, converted.stderr

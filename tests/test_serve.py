@@ -2,9 +2,20 @@
 
 from __future__ import annotations
 
+import atexit
+import os
 import queue
+import signal
+import socket
+import struct
+import subprocess
+import sys
 import threading
+import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from functools import partial
+from multiprocessing.connection import Client
 from pathlib import Path
 
 import pytest
@@ -14,7 +25,7 @@ from kosmos_cli.api import Transcriber
 from kosmos_cli.config import Settings
 from kosmos_cli.errors import InputError, KosmosError, ModelLoadError
 from kosmos_cli.model.loading import load_runner
-from kosmos_cli.serve import Inbox, ModelService, transcribe_image
+from kosmos_cli.serve import OWNER_FILE, Inbox, ModelService, transcribe_image
 from kosmos_cli.transcribe import transcribe_pages
 from kosmos_cli.values import Document, Page, PageInfo, PageResult, Task
 
@@ -129,3 +140,108 @@ def test_inbox_is_ready_only_with_a_page_waiting() -> None:
     assert inbox.ready()
     assert next(inbox)[0] is page
     assert not inbox.ready()
+
+
+def _raw_client(address: str) -> socket.socket:
+    client = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    client.connect(address)
+    return client
+
+
+def _answered(call: Callable[[], object]) -> object:
+    """Run `call` in a thread; return what it returned, failing if it is still waiting after a minute."""
+    outcome: list[object] = []
+    thread = threading.Thread(target=lambda: outcome.append(call()), daemon=True)
+    thread.start()
+    thread.join(timeout=60)  # a bound for a deaf service only: a sound one answers in seconds
+    assert outcome, "the service did not answer a good client"
+    return outcome[0]
+
+
+def test_bad_clients_cost_only_themselves(tiny_checkpoint: Path, images: list[Path]) -> None:
+    settings = Settings(model=str(tiny_checkpoint), dtype="float32", max_new_tokens=TOKENS)
+    service = ModelService.start(settings)
+    good = partial(transcribe_image, service.address, service.authkey, str(images[0]))
+    held = []
+    try:
+        with pytest.raises(ModelLoadError, match="wrong key"):  # once killed the accepting thread for good
+            transcribe_image(service.address, b"not the key", str(images[0]))
+        assert isinstance(_answered(good), PageResult)
+        held.append(_raw_client(service.address))  # connects and never speaks: once blocked every client
+        assert isinstance(_answered(good), PageResult)
+        garbage = _raw_client(service.address)
+        garbage.sendall(b"\xff" * 64)
+        held.append(garbage)
+        half = _raw_client(service.address)
+        half.recv(1024)  # the service's challenge
+        half.sendall(struct.pack("!i", 200) + b"only part of it")
+        held.append(half)
+        assert isinstance(_answered(good), PageResult)
+        with Client(service.address, family="AF_UNIX", authkey=service.authkey) as client:
+            client.send({"no": "image"})  # the right key, a malformed request: an error answer
+            reply = client.recv()
+        assert reply["error"].message == "a malformed request: it names no image"
+        assert isinstance(_answered(good), PageResult)
+    finally:
+        for client in held:
+            client.close()
+        service.stop()
+    assert service.process.returncode == 0
+
+
+def test_a_killed_starter_leaves_no_socket_folder_behind(tiny_checkpoint: Path, tmp_path: Path) -> None:
+    starter = subprocess.Popen(
+        [sys.executable, "-c", STARTER, str(tiny_checkpoint)], stdout=subprocess.PIPE, text=True
+    )
+    assert starter.stdout is not None
+    folder, service_pid = starter.stdout.readline().split()
+    assert Path(folder).is_dir()
+    starter.send_signal(signal.SIGKILL)  # as OCRmyPDF killed: the service sees its stdin close
+    starter.wait()
+    _gone(int(service_pid))
+    assert not Path(folder).exists()
+
+
+def test_a_killed_service_s_folder_is_removed_when_the_next_one_starts(tiny_checkpoint: Path) -> None:
+    first = ModelService.start(Settings(model=str(tiny_checkpoint)))
+    first.process.kill()  # SIGKILL: it cannot clean up
+    first.process.wait()
+    atexit.unregister(first.stop)
+    # Stale once its starter is gone too: as if started by a process that ended (this one lives on).
+    (Path(first.folder) / OWNER_FILE).write_text(f"{first.process.pid}\n")
+    second = ModelService.start(Settings(model=str(tiny_checkpoint)))
+    try:
+        assert not Path(first.folder).exists()
+        assert Path(second.folder).is_dir()
+    finally:
+        second.stop()
+
+
+def test_sigterm_ends_the_service_and_removes_its_folder(tiny_checkpoint: Path) -> None:
+    service = ModelService.start(Settings(model=str(tiny_checkpoint)))
+    service.process.send_signal(signal.SIGTERM)
+    assert service.process.wait(timeout=60) == 128 + signal.SIGTERM
+    assert not Path(service.folder).exists()
+    service.stop()
+
+
+STARTER = """
+import sys
+from kosmos_cli.config import Settings
+from kosmos_cli.serve import ModelService
+service = ModelService.start(Settings(model=sys.argv[1]))
+print(service.folder, service.process.pid, flush=True)
+__import__("time").sleep(600)
+"""
+
+
+def _gone(pid: int) -> None:
+    """Wait until process `pid` has ended (a bound of a minute, for a service that never would)."""
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"process {pid} is still running")

@@ -24,7 +24,7 @@ from typing import ClassVar
 
 from kosmos_cli.errors import UsageError
 from kosmos_cli.pages import page_number
-from kosmos_cli.values import Document, Page, PageResult, Task
+from kosmos_cli.values import Document, InputIdentity, Page, PageResult, Task
 
 
 @dataclass(frozen=True)
@@ -86,10 +86,16 @@ class DocumentWriter(Writer):
         return b""
 
     @abstractmethod
-    def render(self, results: Sequence[PageResult], source: bytes | None = None) -> bytes:
+    def render(
+        self,
+        results: Sequence[PageResult],
+        source: bytes | None = None,
+        identity: InputIdentity | None = None,
+    ) -> bytes:
         """Render the results of one document, in any order, as this format's bytes.
 
-        `source` is the document's bytes, for the formats that `needs_source`; the others ignore it.
+        `source` is the document's bytes, for the formats that `needs_source`; `identity`, what the
+        input was when it was read, for the formats that record it (JSON); the others ignore them.
         """
 
     def stream_page(self, result: PageResult) -> bytes:

@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from kosmos_cli import __version__
-from kosmos_cli.values import BBox, Line, PageResult, Status, Task, enclosing
+from kosmos_cli.values import BBox, InputIdentity, Line, PageResult, Status, Task, enclosing
 from kosmos_cli.writers import DocumentWriter, register
 from kosmos_cli.writers.hocr import xml_attribute, xml_text
 from kosmos_cli.writers.text import comment_safe, page_note
@@ -28,7 +28,12 @@ class AltoWriter(DocumentWriter):
     extension = ".alto.xml"
     tasks = frozenset({Task.OCR})
 
-    def render(self, results: Sequence[PageResult], source: bytes | None = None) -> bytes:
+    def render(
+        self,
+        results: Sequence[PageResult],
+        source: bytes | None = None,
+        identity: InputIdentity | None = None,
+    ) -> bytes:
         """Render an ALTO document with one `Page` per page, in page order."""
         pages = self.check(results)
         document = pages[0].info.document

@@ -8,15 +8,20 @@
 
 from __future__ import annotations
 
+import functools
+import importlib.resources
 import json
+import math
 import os
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from kosmos_cli.pages import page_index
 from kosmos_cli.values import (
     BBox,
     Document,
+    InputIdentity,
     Line,
     Matrix,
     PageInfo,
@@ -25,6 +30,7 @@ from kosmos_cli.values import (
     Task,
     TextSource,
     Word,
+    is_utf8,
 )
 from kosmos_cli.writers import DocumentWriter, register
 
@@ -70,16 +76,20 @@ def _json_bytes(value: dict[str, Any], *, indent: int | None) -> bytes:
     return (json.dumps(value, ensure_ascii=False, indent=indent) + "\n").encode("utf-8")
 
 
-def _document_fields(info: PageInfo, task: Task, model: str) -> dict[str, Any]:
+def _document_fields(
+    info: PageInfo, task: Task, model: str, identity: InputIdentity | None = None
+) -> dict[str, Any]:
     document = info.document
     path = recorded_path(document)
     fields: dict[str, Any] = {
         "schema_version": SCHEMA_VERSION,
         "source": document.display_name,
-        "path": path if path is None or _is_text(path) else None,
+        "path": path if path is None or is_utf8(path) else None,
     }
     if path is not None and fields["path"] is None:  # bytes that are not UTF-8: kept exactly, as hex
         fields["path_bytes"] = os.fsencode(path).hex()
+    if identity is not None:  # `kosmos convert` reads the input again only if it is still this file
+        fields["input"] = {"size": identity.size, "sha256": identity.sha256}
     fields |= {"model": model or None, "page_count": info.page_count, "task": task.value}
     return fields
 
@@ -94,47 +104,138 @@ def recorded_path(document: Document) -> str | None:
     return os.path.abspath(document.path)
 
 
-def _is_text(path: str) -> bool:
-    """Whether a path is Unicode text (no byte that was not UTF-8, `surrogateescape`d)."""
-    try:
-        path.encode("utf-8")
-    except UnicodeEncodeError:
-        return False
-    return True
+@dataclass(frozen=True)
+class Results:
+    """A document's pages read back from kosmos's JSON or JSON lines (`read_results`)."""
+
+    pages: list[PageResult]
+    model: str  # the model named, or ""
+    input: dict[str, Any] | None  # the input's size and sha256 when it was read, where recorded
 
 
-def read_results(data: bytes, name: str) -> tuple[list[PageResult], str]:
-    """Read back the pages of a document `JsonWriter` or `JsonlWriter` wrote (any schema version) and
-    the model named.
+def read_results(data: bytes, name: str) -> Results:
+    """Read back, and check, the pages of a document `JsonWriter` or `JsonlWriter` wrote (any schema
+    version): against `result.schema.json`, and for values no writer gives (a box outside its page,
+    a page twice or past the document's end, numbers that are not finite, text that is not Unicode).
 
     The document is named `name` (its outputs' stem). What version 1 lacked reads as unknown: no raw
     output, confidences or words, no pixel-to-PDF map; pages of versions before 3 came from the model;
     paths of versions before 4 may be relative to the folder the run started in.
-    Raises ValueError, KeyError or TypeError for a file that is not kosmos's JSON or JSON lines.
+    Raises ValueError, with one line saying what is wrong, for anything else.
     """
     try:
-        value = json.loads(data)
+        value = _load(data)
     except json.JSONDecodeError:
         try:
-            lines = [json.loads(line) for line in data.splitlines() if line.strip()]
+            lines = [_load(line) for line in data.splitlines() if line.strip()]
         except json.JSONDecodeError:
             lines = []
         if not lines or not all(isinstance(line, dict) and "page_number" in line for line in lines):
             raise ValueError("neither JSON nor JSON lines") from None
-        value = {**lines[0], "pages": sorted(lines, key=lambda page: page["page_number"])}
+        value = _document_of_lines(lines)
     else:
         if isinstance(value, dict) and "page_number" in value:  # JSON lines of a one-page document
-            value = {**value, "pages": [value]}
-    newer = isinstance(value, dict) and value.get("schema_version", 1) > SCHEMA_VERSION
-    if not isinstance(value, dict) or not value.get("pages") or newer:
+            value = _document_of_lines([value])
+    if not isinstance(value, dict) or value.get("schema_version", 1) > SCHEMA_VERSION:
         raise ValueError("not a result kosmos wrote (or one of a newer kosmos)")
-    path = value.get("path")
-    if path is None and value.get("path_bytes") is not None:
-        path = os.fsdecode(bytes.fromhex(value["path_bytes"]))
-    document = Document(path or value["source"], name, label=None if path else value["source"])
-    task = Task(value["task"])
-    pages = [_page_from_object(page, document, value["page_count"], task) for page in value["pages"]]
-    return pages, value.get("model") or ""
+    try:
+        document_object = _as_current(value)
+    except (TypeError, KeyError, AttributeError):
+        raise ValueError("its document or pages are not objects kosmos writes") from None
+    _check(document_object)
+    path = document_object["path"]
+    if path is None and document_object.get("path_bytes") is not None:
+        path = os.fsdecode(bytes.fromhex(document_object["path_bytes"]))
+    source = document_object["source"]
+    document = Document(path or source, name, label=None if path else source)
+    task = Task(document_object["task"])
+    count = document_object["page_count"]
+    pages = [_page_from_object(page, document, count, task) for page in document_object["pages"]]
+    return Results(pages, document_object["model"] or "", document_object.get("input"))
+
+
+def _load(data: bytes) -> Any:
+    """Parse JSON, refusing NaN and infinite numbers (ALTO and PAGE cannot hold them)."""
+
+    def finite(text: str) -> float:
+        number = float(text)
+        if not math.isfinite(number):
+            raise ValueError(f"a number too large: {text[:20]}")
+        return number
+
+    def constant(text: str) -> None:
+        raise ValueError(f"`{text}` is not a number JSON allows")
+
+    try:
+        return json.loads(data, parse_float=finite, parse_constant=constant)
+    except RecursionError:
+        raise ValueError("nested too deeply") from None
+
+
+def _document_of_lines(lines: list[Any]) -> dict[str, Any]:
+    """The document object of JSON lines: the first line's document fields and every line's page."""
+    document_keys = ("schema_version", "source", "path", "path_bytes", "input", "model", "page_count", "task")
+    document = {key: lines[0][key] for key in document_keys if key in lines[0]}
+    document["pages"] = [{k: v for k, v in line.items() if k not in document_keys} for line in lines]
+    return document
+
+
+def _as_current(value: dict[str, Any]) -> dict[str, Any]:
+    """An older version's document object with what later versions added, as the reader takes it."""
+    if value.get("schema_version") == SCHEMA_VERSION:
+        return value
+    page_defaults: dict[str, Any] = {
+        "pixel_to_pdf": None,
+        "truncation": None,
+        "raw": "",
+        "text_source": TextSource.MODEL.value,
+    }
+    line_defaults: dict[str, Any] = {"confidence": None, "min_confidence": None, "words": []}
+    pages = [
+        {**page_defaults, **page, "lines": [{**line_defaults, **line} for line in page["lines"]]}
+        for page in value["pages"]
+    ]
+    return {"path": None, "model": None, **value, "schema_version": SCHEMA_VERSION, "pages": pages}
+
+
+@functools.cache
+def _validator() -> Any:
+    import jsonschema
+
+    schema = json.loads(importlib.resources.files("kosmos_cli").joinpath("result.schema.json").read_text())
+    return jsonschema.Draft202012Validator(schema)
+
+
+def _check(document: dict[str, Any]) -> None:
+    """Raise ValueError for a document object that is not one a writer gives, with where and why."""
+    import jsonschema
+
+    error = jsonschema.exceptions.best_match(_validator().iter_errors(document))
+    if error is not None:
+        where = "/".join(str(part) for part in error.absolute_path) or "the document"
+        raise ValueError(f"{where}: {error.message[:200]}")
+    try:
+        json.dumps(document, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:
+        raise ValueError("it holds text that is not Unicode (a lone surrogate)") from None
+    if not document["pages"]:
+        raise ValueError("it has no pages")
+    numbers = [page["page_number"] for page in document["pages"]]
+    if len(set(numbers)) < len(numbers) or max(numbers) > document["page_count"]:
+        raise ValueError(f"its page numbers {numbers[:10]} repeat or pass its {document['page_count']} pages")
+    for page in document["pages"]:
+        width, height = page["width"], page["height"]
+        for line in page["lines"]:
+            boxes = [line["bbox"], *(word["bbox"] for word in line["words"])]
+            points = [*(line["polygon"] or []), *(point for box in boxes if box for point in _corners(box))]
+            if any(x > width or y > height for x, y in points):
+                raise ValueError(
+                    f"page {page['page_number']} has a box outside its {width} x {height} pixels"
+                )
+
+
+def _corners(box: list[int]) -> list[tuple[int, int]]:
+    return [(box[0], box[1]), (box[2], box[3])]
 
 
 def _page_from_object(page: dict[str, Any], document: Document, page_count: int, task: Task) -> PageResult:
@@ -200,11 +301,16 @@ class JsonWriter(_TaskNamed):
     format = "json"
     extension = ".json"
 
-    def render(self, results: Sequence[PageResult], source: bytes | None = None) -> bytes:
-        """Render the document object, pages in order."""
+    def render(
+        self,
+        results: Sequence[PageResult],
+        source: bytes | None = None,
+        identity: InputIdentity | None = None,
+    ) -> bytes:
+        """Render the document object, pages in order, recording the input's `identity` where known."""
         pages = self.check(results)
         first = pages[0]
-        document = _document_fields(first.info, first.task, self.options.model)
+        document = _document_fields(first.info, first.task, self.options.model, identity)
         document["pages"] = [page_object(result) for result in pages]
         return _json_bytes(document, indent=2)
 
@@ -217,17 +323,23 @@ class JsonlWriter(_TaskNamed):
     extension = ".jsonl"
     streams = True
 
-    def render(self, results: Sequence[PageResult], source: bytes | None = None) -> bytes:
-        """Render every page as one line, pages in order."""
-        return b"".join(self.stream_page(result) for result in self.check(results))
+    def render(
+        self,
+        results: Sequence[PageResult],
+        source: bytes | None = None,
+        identity: InputIdentity | None = None,
+    ) -> bytes:
+        """Render every page as one line, in page order, each with the input's `identity` where known."""
+        return b"".join(self._line(result, identity) for result in self.check(results))
 
     def stream_page(self, result: PageResult) -> bytes:
         """Render one page as one line, for printing pages as they finish."""
         self.check([result])
-        return _json_bytes(
-            {**_document_fields(result.info, result.task, self.options.model), **page_object(result)},
-            indent=None,
-        )
+        return self._line(result, None)
+
+    def _line(self, result: PageResult, identity: InputIdentity | None) -> bytes:
+        fields = _document_fields(result.info, result.task, self.options.model, identity)
+        return _json_bytes({**fields, **page_object(result)}, indent=None)
 
 
 def pixel_bbox_to_pdf(bbox: BBox, matrix: Matrix) -> tuple[float, float, float, float]:

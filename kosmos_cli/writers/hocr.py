@@ -11,7 +11,7 @@ import re
 from collections.abc import Sequence
 from xml.sax.saxutils import escape, quoteattr
 
-from kosmos_cli.values import BBox, PageResult, Status, Task, safe_text
+from kosmos_cli.values import BBox, InputIdentity, PageResult, Status, Task, safe_text
 from kosmos_cli.writers import DocumentWriter, register
 from kosmos_cli.writers.text import comment_safe, page_note
 
@@ -39,7 +39,12 @@ class HocrWriter(DocumentWriter):
     extension = ".hocr"
     tasks = frozenset({Task.OCR})
 
-    def render(self, results: Sequence[PageResult], source: bytes | None = None) -> bytes:
+    def render(
+        self,
+        results: Sequence[PageResult],
+        source: bytes | None = None,
+        identity: InputIdentity | None = None,
+    ) -> bytes:
         """Render an XHTML document with one `ocr_page` per page."""
         pages = self.check(results)
         document = pages[0].info.document

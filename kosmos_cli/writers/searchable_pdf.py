@@ -22,7 +22,17 @@ from typing import TYPE_CHECKING
 
 from kosmos_cli.errors import InputError, KosmosError
 from kosmos_cli.rasterize import page_pixels
-from kosmos_cli.values import BBox, Document, Line, PageInfo, PageResult, Status, Task, TextSource
+from kosmos_cli.values import (
+    BBox,
+    Document,
+    InputIdentity,
+    Line,
+    PageInfo,
+    PageResult,
+    Status,
+    Task,
+    TextSource,
+)
 from kosmos_cli.writers import DocumentWriter, register
 
 if TYPE_CHECKING:
@@ -50,7 +60,12 @@ class PdfWriter(DocumentWriter):
     needs_folder = "a PDF file"
     needs_source = True
 
-    def render(self, results: Sequence[PageResult], source: bytes | None = None) -> bytes:
+    def render(
+        self,
+        results: Sequence[PageResult],
+        source: bytes | None = None,
+        identity: InputIdentity | None = None,
+    ) -> bytes:
         """Build the PDF from the document's bytes as they were read (`source`), opened with the password.
 
         MuPDF errors on a damaged input (a broken outline, a bad page tree) fail this document only.
@@ -95,7 +110,13 @@ class PdfWriter(DocumentWriter):
         written = [_write_text_layer(layer, page, result) for result, page in targets]
         layer.subset_fonts()
         for number, ((result, page), has_text) in enumerate(zip(targets, written, strict=True)):
-            if _from_model(result) and result.info.pixel_to_pdf is not None:
+            # A page the reader could not render is copied as it is: reading its content again (to
+            # find old invisible text) would spin where the render did.
+            if (
+                _from_model(result)
+                and result.info.pixel_to_pdf is not None
+                and result.status is not Status.FAILED
+            ):
                 _remove_invisible_text(page)
             if has_text:
                 _overlay(page, layer, number)
@@ -133,19 +154,32 @@ def _select(pdf: pymupdf.Document, page_indices: list[int]) -> None:
 
 
 def _remove_scripts(pdf: pymupdf.Document) -> None:
-    """Drop the JavaScript and automatic actions the input carries: the output shows text, runs nothing."""
+    """Drop the JavaScript and automatic actions the input carries: the output shows text, runs nothing.
+
+    An object MuPDF cannot find (a broken cross-reference entry: `cannot find object in xref`) holds
+    no action MuPDF could run either, and is left as it is; `PyMuPDF`'s own save copes with it.
+    """
+    import pymupdf
+
     catalog = pdf.pdf_catalog()
     for key in ("OpenAction", "AA", "Names/JavaScript"):
         if pdf.xref_get_key(catalog, key)[0] != "null":
             pdf.xref_set_key(catalog, key, "null")
     for xref in range(1, pdf.xref_length()):
-        if not pdf.xref_is_stream(xref) and pdf.xref_object(xref, compressed=True).startswith("<<"):
-            if pdf.xref_get_key(xref, "AA")[0] != "null":
-                pdf.xref_set_key(xref, "AA", "null")
-            if pdf.xref_get_key(xref, "A/S")[1] == "/JavaScript":
-                pdf.xref_set_key(xref, "A", "null")
-            if pdf.xref_get_key(xref, "S")[1] == "/JavaScript":
-                pdf.xref_set_key(xref, "JS", "()")
+        try:
+            _remove_object_scripts(pdf, xref)
+        except (RuntimeError, pymupdf.mupdf.FzErrorBase) as error:
+            logger.debug("object %d of the input skipped: %s", xref, error)
+
+
+def _remove_object_scripts(pdf: pymupdf.Document, xref: int) -> None:
+    if not pdf.xref_is_stream(xref) and pdf.xref_object(xref, compressed=True).startswith("<<"):
+        if pdf.xref_get_key(xref, "AA")[0] != "null":
+            pdf.xref_set_key(xref, "AA", "null")
+        if pdf.xref_get_key(xref, "A/S")[1] == "/JavaScript":
+            pdf.xref_set_key(xref, "A", "null")
+        if pdf.xref_get_key(xref, "S")[1] == "/JavaScript":
+            pdf.xref_set_key(xref, "JS", "()")
 
 
 def _open_source_pdf(source: bytes, document: Document, password: str | None) -> pymupdf.Document:

@@ -16,7 +16,7 @@ from __future__ import annotations
 import re
 from collections.abc import Callable, Iterable, Sequence
 
-from kosmos_cli.values import Document, Line, PageResult, Status, Task
+from kosmos_cli.values import Document, InputIdentity, Line, PageResult, Status, Task
 from kosmos_cli.writers import DocumentWriter, register
 
 
@@ -70,7 +70,12 @@ class MarkdownWriter(DocumentWriter):
         """Return a comment naming the document."""
         return f"<!-- kosmos: document {comment_safe(document.display_name)} -->\n\n".encode()
 
-    def render(self, results: Sequence[PageResult], source: bytes | None = None) -> bytes:
+    def render(
+        self,
+        results: Sequence[PageResult],
+        source: bytes | None = None,
+        identity: InputIdentity | None = None,
+    ) -> bytes:
         """Render the pages' markdown with page markers where due."""
         return _marked_pages(
             self.check(results),
@@ -92,7 +97,12 @@ class TextWriter(DocumentWriter):
         """Return a marker line naming the document."""
         return f"# kosmos: document {one_line(document.display_name)}\n".encode()
 
-    def render(self, results: Sequence[PageResult], source: bytes | None = None) -> bytes:
+    def render(
+        self,
+        results: Sequence[PageResult],
+        source: bytes | None = None,
+        identity: InputIdentity | None = None,
+    ) -> bytes:
         """Render the pages' lines with page markers where due."""
         return _marked_pages(
             self.check(results),
