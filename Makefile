@@ -9,7 +9,7 @@ EXTRAS ?= dev,ray,ocrmypdf
 OLDEST_TRANSFORMERS ?= transformers==5.20.0
 OLDEST := .venv-oldest
 
-.PHONY: install debian-packages demo test test-ray test-oldest lint typecheck unit gpu-check gpu-rehearsal gpu-wheels bench clean
+.PHONY: install debian-packages demo test test-ray test-benchmarks test-oldest lint typecheck unit gpu-check gpu-rehearsal gpu-wheels bench clean
 
 install: $(VENV)/.installed
 
@@ -37,9 +37,13 @@ lint: install
 typecheck: install
 	$(BIN)/mypy
 
-# Every test but the Ray ones, on all cores (pytest-xdist).
+# Every test but the Ray ones and the benchmark scripts', on all cores (pytest-xdist).
 unit: install
-	$(BIN)/python -m pytest -n auto -m "not ray"
+	$(BIN)/python -m pytest -n auto -m "not ray and not benchmarks"
+
+# The benchmark scripts, end to end on the tiny model (CI runs them too).
+test-benchmarks: install
+	$(BIN)/python -m pytest -n auto -m benchmarks tests/test_benchmarks.py
 
 test: lint typecheck unit
 

@@ -20,6 +20,8 @@ from dataclasses import dataclass, field
 from pathlib import PurePath, PurePosixPath
 from typing import TYPE_CHECKING, Protocol
 
+import psutil
+
 from kosmos_cli.errors import InputError, UsageError
 from kosmos_cli.rasterize import file_error, looks_supported
 from kosmos_cli.stores import RECORD_FOLDER, is_uri, public_location
@@ -381,18 +383,8 @@ def remove_stale_spools() -> None:
     """Remove spooled stdin copies left in the temporary folder by runs that were killed."""
     for path in glob.glob(os.path.join(tempfile.gettempdir(), f"{SPOOL_PREFIX}*")):
         pid = PurePath(path).name[len(SPOOL_PREFIX) :].partition("-")[0]
-        if pid.isdigit() and not _alive(int(pid)):
+        if pid.isdigit() and not psutil.pid_exists(int(pid)):
             _remove(path)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def _remove(path: str) -> None:

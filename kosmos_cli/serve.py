@@ -39,6 +39,8 @@ from multiprocessing.connection import Client, Connection, Listener, answer_chal
 from pathlib import Path
 from typing import Any
 
+import psutil
+
 from kosmos_cli.config import Settings
 from kosmos_cli.errors import InputError, KosmosError, ModelLoadError
 from kosmos_cli.values import Document, Page, PageResult, Task
@@ -131,18 +133,8 @@ def remove_stale_folders() -> None:
             pids = [int(pid) for pid in (folder / OWNER_FILE).read_text().split()]
         except (OSError, ValueError):
             continue  # not one of ours, being made right now, or not ours to read
-        if pids and not any(_alive(pid) for pid in pids):
+        if pids and not any(psutil.pid_exists(pid) for pid in pids):
             shutil.rmtree(folder, ignore_errors=True)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True  # someone else's process
-    return True
 
 
 def transcribe_image(address: str, authkey: bytes, image: str) -> PageResult:

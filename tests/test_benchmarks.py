@@ -1,4 +1,8 @@
-"""The benchmarks still run: each one end to end on the tiny model, in a second or two."""
+"""The benchmarks still run: each one end to end on the tiny model.
+
+The `benchmarks` marker keeps the heavier ones (several model loads each) out of `make test`;
+`make test-benchmarks` runs them, and CI does.
+"""
 
 from __future__ import annotations
 
@@ -24,6 +28,7 @@ def run_benchmark(name: str, argv: list[str], monkeypatch: pytest.MonkeyPatch) -
     runpy.run_path(str(BENCHMARKS / name), run_name="__main__")
 
 
+@pytest.mark.benchmarks
 def test_throughput_compares_both_sides_and_int8(
     tiny_checkpoint: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], tmp_path: Path
 ) -> None:
@@ -37,6 +42,7 @@ def test_throughput_compares_both_sides_and_int8(
     assert figures.is_file()
 
 
+@pytest.mark.benchmarks
 def test_throughput_decode_sweep(
     tiny_checkpoint: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -65,6 +71,7 @@ def test_reading(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[
     assert "a.pdf" in capsys.readouterr().out
 
 
+@pytest.mark.benchmarks
 def test_pdf_inputs(
     tiny_checkpoint: Path,
     monkeypatch: pytest.MonkeyPatch,
@@ -78,6 +85,7 @@ def test_pdf_inputs(
     assert "plugin/direct time: " in out
 
 
+@pytest.mark.benchmarks
 def test_loading(
     tiny_checkpoint: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -86,6 +94,7 @@ def test_loading(
     assert "model card from_pretrained" in out and "float32 int8" in out
 
 
+@pytest.mark.benchmarks
 def test_throughput_kv_waste(
     tiny_checkpoint: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -11,7 +11,7 @@ from pathlib import Path
 import pymupdf
 import pytest
 from inputs import PdfPage, make_image, make_pdf
-from test_nothing_lost import _laughs_pdf, _scripted
+from test_nothing_lost import _scripted, _spinning_pdf
 
 from kosmos_cli.values import Document, PageInfo, PageResult, Task
 from kosmos_cli.writers.searchable_pdf import PdfWriter
@@ -129,11 +129,7 @@ def test_a_link_planted_in_the_output_folder_is_not_followed(
 def test_the_searchable_pdf_copies_a_page_the_reader_could_not_render(
     model_folder: Path, tmp_path: Path
 ) -> None:
-    _laughs_pdf(tmp_path / "laughs.pdf")
-    make_pdf(tmp_path / "spins.pdf", pages=[PdfPage(text="fine")])
-    with pymupdf.open(tmp_path / "spins.pdf") as document, pymupdf.open(tmp_path / "laughs.pdf") as bad:
-        document.insert_pdf(bad)
-        document.saveIncr()
+    _spinning_pdf(tmp_path / "spins.pdf", spinning=1)
     command = _scripted(
         model_folder, "ocr", str(tmp_path / "spins.pdf"), "-o", str(tmp_path / "out"), "-f", "pdf"
     )

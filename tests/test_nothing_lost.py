@@ -542,26 +542,32 @@ def test_a_page_that_makes_mupdf_spin_fails_alone_within_the_page_timeout(
         good.insert_pdf(bad)
         good.saveIncr()
     make_image(folder / "after.png")
-    # The spinning pages never finish, so any budget fails them; 10 s lets a sound page through on a
-    # machine busy enough to slow it 1,000-fold.
-    result = kosmos("md", str(folder), "-o", str(tmp_path / "out"), "--page-timeout", "10")
+    # The spinning pages never finish, so any budget fails them; 6 s lets a sound page (a few ms)
+    # through on a machine busy enough to slow it 1,000-fold.
+    result = kosmos("md", str(folder), "-o", str(tmp_path / "out"), "--page-timeout", "6")
     assert result.exit_code == 1
-    assert "laughs.pdf` took longer than 10 s" in result.stderr
-    assert "spins-on-page-2.pdf` page 2 took longer than 10 s" in result.stderr
+    assert "laughs.pdf` took longer than 6 s" in result.stderr
+    assert "spins-on-page-2.pdf` page 2 took longer than 6 s" in result.stderr
     assert (tmp_path / "out/after.png.md").exists()
     two = (tmp_path / "out/spins-on-page-2.pdf.md").read_text()
     assert "<!-- kosmos: page 2 failed: " in two and "# page " in two
 
 
+def _spinning_pdf(path: Path, *, spinning: int) -> Path:
+    """A PDF of one sound page and then `spinning` pages that make MuPDF spin for ever."""
+    _laughs_pdf(path.with_name(f"laughs-for-{path.name}"))
+    make_pdf(path, pages=[PdfPage(text="fine")])
+    with pymupdf.open(path) as document, pymupdf.open(path.with_name(f"laughs-for-{path.name}")) as bad:
+        for _ in range(spinning):
+            document.insert_pdf(bad)
+        document.saveIncr()
+    return path
+
+
 def test_a_document_whose_pages_keep_spinning_is_given_up_with_one_line(
     kosmos: Kosmos, tmp_path: Path
 ) -> None:
-    _laughs_pdf(tmp_path / "laughs.pdf")
-    make_pdf(tmp_path / "spins.pdf", pages=[PdfPage(text="fine")])
-    with pymupdf.open(tmp_path / "spins.pdf") as document, pymupdf.open(tmp_path / "laughs.pdf") as bad:
-        for _ in range(6):
-            document.insert_pdf(bad)
-        document.saveIncr()  # page 1 sound, pages 2-7 spin
+    _spinning_pdf(tmp_path / "spins.pdf", spinning=6)  # page 1 sound, pages 2-7 spin
     result = kosmos("md", str(tmp_path / "spins.pdf"), "-o", str(tmp_path / "out"), "--page-timeout", "2")
     assert result.exit_code == 1
     assert result.stderr.count("took longer than 2 s") == 4, result.stderr  # pages 2-4, then one line

@@ -26,6 +26,8 @@ from kosmos_cli.errors import UsageError
 from kosmos_cli.pages import page_number
 from kosmos_cli.values import Document, InputIdentity, Page, PageResult, Task
 
+Identity = InputIdentity | None  # what an input was when it was read, where known (`render`)
+
 
 @dataclass(frozen=True)
 class WriterOptions:
@@ -87,10 +89,7 @@ class DocumentWriter(Writer):
 
     @abstractmethod
     def render(
-        self,
-        results: Sequence[PageResult],
-        source: bytes | None = None,
-        identity: InputIdentity | None = None,
+        self, results: Sequence[PageResult], source: bytes | None = None, identity: Identity = None
     ) -> bytes:
         """Render the results of one document, in any order, as this format's bytes.
 

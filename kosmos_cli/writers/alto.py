@@ -11,8 +11,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from kosmos_cli import __version__
-from kosmos_cli.values import BBox, InputIdentity, Line, PageResult, Status, Task, enclosing
-from kosmos_cli.writers import DocumentWriter, register
+from kosmos_cli.values import BBox, Line, PageResult, Status, Task, enclosing
+from kosmos_cli.writers import DocumentWriter, Identity, register
 from kosmos_cli.writers.hocr import xml_attribute, xml_text
 from kosmos_cli.writers.text import comment_safe, page_note
 
@@ -29,10 +29,7 @@ class AltoWriter(DocumentWriter):
     tasks = frozenset({Task.OCR})
 
     def render(
-        self,
-        results: Sequence[PageResult],
-        source: bytes | None = None,
-        identity: InputIdentity | None = None,
+        self, results: Sequence[PageResult], source: bytes | None = None, identity: Identity = None
     ) -> bytes:
         """Render an ALTO document with one `Page` per page, in page order."""
         pages = self.check(results)

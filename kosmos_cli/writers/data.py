@@ -32,7 +32,7 @@ from kosmos_cli.values import (
     Word,
     is_utf8,
 )
-from kosmos_cli.writers import DocumentWriter, register
+from kosmos_cli.writers import DocumentWriter, Identity, register
 
 SCHEMA_VERSION = 4  # `result.schema.json`'s `schema_version`
 
@@ -302,10 +302,7 @@ class JsonWriter(_TaskNamed):
     extension = ".json"
 
     def render(
-        self,
-        results: Sequence[PageResult],
-        source: bytes | None = None,
-        identity: InputIdentity | None = None,
+        self, results: Sequence[PageResult], source: bytes | None = None, identity: Identity = None
     ) -> bytes:
         """Render the document object, pages in order, recording the input's `identity` where known."""
         pages = self.check(results)
@@ -324,10 +321,7 @@ class JsonlWriter(_TaskNamed):
     streams = True
 
     def render(
-        self,
-        results: Sequence[PageResult],
-        source: bytes | None = None,
-        identity: InputIdentity | None = None,
+        self, results: Sequence[PageResult], source: bytes | None = None, identity: Identity = None
     ) -> bytes:
         """Render every page as one line, in page order, each with the input's `identity` where known."""
         return b"".join(self._line(result, identity) for result in self.check(results))

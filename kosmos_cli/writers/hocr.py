@@ -11,8 +11,8 @@ import re
 from collections.abc import Sequence
 from xml.sax.saxutils import escape, quoteattr
 
-from kosmos_cli.values import BBox, InputIdentity, PageResult, Status, Task, safe_text
-from kosmos_cli.writers import DocumentWriter, register
+from kosmos_cli.values import BBox, PageResult, Status, Task, safe_text
+from kosmos_cli.writers import DocumentWriter, Identity, register
 from kosmos_cli.writers.text import comment_safe, page_note
 
 # Characters XML 1.0 does not allow, even escaped.
@@ -40,10 +40,7 @@ class HocrWriter(DocumentWriter):
     tasks = frozenset({Task.OCR})
 
     def render(
-        self,
-        results: Sequence[PageResult],
-        source: bytes | None = None,
-        identity: InputIdentity | None = None,
+        self, results: Sequence[PageResult], source: bytes | None = None, identity: Identity = None
     ) -> bytes:
         """Render an XHTML document with one `ocr_page` per page."""
         pages = self.check(results)

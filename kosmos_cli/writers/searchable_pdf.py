@@ -25,7 +25,6 @@ from kosmos_cli.rasterize import page_pixels
 from kosmos_cli.values import (
     BBox,
     Document,
-    InputIdentity,
     Line,
     PageInfo,
     PageResult,
@@ -33,7 +32,7 @@ from kosmos_cli.values import (
     Task,
     TextSource,
 )
-from kosmos_cli.writers import DocumentWriter, register
+from kosmos_cli.writers import DocumentWriter, Identity, register
 
 if TYPE_CHECKING:
     import pymupdf
@@ -61,10 +60,7 @@ class PdfWriter(DocumentWriter):
     needs_source = True
 
     def render(
-        self,
-        results: Sequence[PageResult],
-        source: bytes | None = None,
-        identity: InputIdentity | None = None,
+        self, results: Sequence[PageResult], source: bytes | None = None, identity: Identity = None
     ) -> bytes:
         """Build the PDF from the document's bytes as they were read (`source`), opened with the password.
 

@@ -16,8 +16,8 @@ from __future__ import annotations
 import re
 from collections.abc import Callable, Iterable, Sequence
 
-from kosmos_cli.values import Document, InputIdentity, Line, PageResult, Status, Task
-from kosmos_cli.writers import DocumentWriter, register
+from kosmos_cli.values import Document, Line, PageResult, Status, Task
+from kosmos_cli.writers import DocumentWriter, Identity, register
 
 
 def one_line(message: str | None) -> str:
@@ -71,10 +71,7 @@ class MarkdownWriter(DocumentWriter):
         return f"<!-- kosmos: document {comment_safe(document.display_name)} -->\n\n".encode()
 
     def render(
-        self,
-        results: Sequence[PageResult],
-        source: bytes | None = None,
-        identity: InputIdentity | None = None,
+        self, results: Sequence[PageResult], source: bytes | None = None, identity: Identity = None
     ) -> bytes:
         """Render the pages' markdown with page markers where due."""
         return _marked_pages(
@@ -98,10 +95,7 @@ class TextWriter(DocumentWriter):
         return f"# kosmos: document {one_line(document.display_name)}\n".encode()
 
     def render(
-        self,
-        results: Sequence[PageResult],
-        source: bytes | None = None,
-        identity: InputIdentity | None = None,
+        self, results: Sequence[PageResult], source: bytes | None = None, identity: Identity = None
     ) -> bytes:
         """Render the pages' lines with page markers where due."""
         return _marked_pages(
