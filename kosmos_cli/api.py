@@ -344,8 +344,10 @@ def convert_files(
     path from the current folder, or its file name if outside), or beside it without `output`. The
     searchable PDF reads the input again, from the absolute path the JSON records or `source` (one
     JSON only), and parses it in a reader process, `page_timeout` seconds a page, as a run does;
-    page-scoped formats that need pixels (`--draw`) cannot be made. An existing file is refused
-    unless `overwrite`. A file that cannot be read or written is reported and counted.
+    page-scoped formats that need pixels (`--draw`) cannot be made. Each file is checked before use
+    (`writers.data.read_results`), and the input must still be the file the JSON recorded. An
+    existing file is refused unless `overwrite`; an input or a result is never written over. A file
+    that cannot be read or written is reported and counted.
     """
     from kosmos_cli.discovery import find_results, name_clashes
     from kosmos_cli.sandbox import Sandbox
@@ -403,7 +405,7 @@ def _convert_one(
     except ValueError as error:
         raise InputError(f"{label} is not a result kosmos wrote ({first_line(error)})") from None
     pages = read.pages
-    options = WriterOptions(password=password, model=read.model, task=pages[0].task)
+    options = WriterOptions(password=password, model=read.model)
     document = pages[0].info.document
     input_document = Document(os.fspath(source), document.name) if source is not None else document
     written: dict[Path, bytes] = {}

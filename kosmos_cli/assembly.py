@@ -103,7 +103,7 @@ class Outputs:
 
 def job_writers(job: Job, *, model: str = "") -> list[DocumentWriter | PageWriter]:
     """Return the writer of each of the job's formats, with the job's options and the model's name."""
-    options = WriterOptions(password=job.password, numbered=job.numbered, model=model, task=job.task)
+    options = WriterOptions(password=job.password, numbered=job.numbered, model=model)
     return [get_writer(name, task=job.task, options=options) for name in job.formats]
 
 

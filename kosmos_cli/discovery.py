@@ -107,19 +107,10 @@ def discover(
             raise UsageError("stdin cannot carry both a document (`-`) and --from-list -")
         for entry in _read_list(from_list):
             finder.add(entry, stdin_allowed=False)
-    documents = [Document(item.path, item.name, item.label) for item in finder.found]
+    documents = finder.found
     if not documents and not finder.errors and not finder.empty:
         finder.empty.extend(inputs if from_list is None else [f"--from-list {from_list}"])
     return Discovery(documents, finder.unsupported, finder.errors, finder.empty)
-
-
-@dataclass(frozen=True)
-class Found:
-    """A document found by discovery, with its output name."""
-
-    path: str  # what is opened: a path, a spooled copy, or a URI
-    name: str  # its output stem (`Document.name`)
-    label: str | None = None  # what messages call it when `path` is not that
 
 
 def find_results(inputs: Sequence[str]) -> Discovery:
@@ -132,8 +123,7 @@ def find_results(inputs: Sequence[str]) -> Discovery:
     finder = _Finder((), results=True)
     for argument in inputs:
         finder.add(argument, stdin_allowed=False)
-    documents = [Document(item.path, item.name, item.label) for item in finder.found]
-    return Discovery(documents, [], finder.errors, finder.empty)
+    return Discovery(finder.found, [], finder.errors, finder.empty)
 
 
 def name_clashes(documents: Sequence[Document]) -> UsageError | None:
@@ -156,7 +146,7 @@ class _Finder:
     """Collect documents, unsupported files and errors from arguments, in order."""
 
     def __init__(self, exclude: Sequence[str], *, root: str | None = None, results: bool = False) -> None:
-        self.found: list[Found] = []
+        self.found: list[Document] = []
         self.unsupported: list[str] = []
         self.errors: list[InputError] = []
         self.empty: list[str] = []  # inputs that named nothing to read
@@ -214,7 +204,7 @@ class _Finder:
             )
         self.stdin_used = True
         path = _spool(sys.stdin.buffer, STDIN_LABEL)
-        self.found.append(Found(path, STDIN_NAME, STDIN_LABEL))
+        self.found.append(Document(path, STDIN_NAME, STDIN_LABEL))
 
     def _add_glob(self, pattern: str) -> None:
         matches = sorted(glob.glob(pattern, recursive=True))
@@ -249,7 +239,7 @@ class _Finder:
         except InputError as error:
             self.errors.append(error)
             return
-        self.found.append(Found(spooled, location.name, path))
+        self.found.append(Document(spooled, location.name, path))
 
     def _keep(self, path: str, location: PurePosixPath, folder: PurePosixPath | None) -> None:
         real = os.path.normcase(os.path.realpath(path))
@@ -262,7 +252,7 @@ class _Finder:
         if self._results:
             name = result_stem(name)
         self._seen.add(real)
-        self.found.append(Found(path, name))
+        self.found.append(Document(path, name))
 
     def _walk(self, root: str) -> None:
         # A folder named on the command line is walked even when it is the output folder too.
@@ -409,7 +399,7 @@ def discover_uris(uris: Sequence[str]) -> Discovery:
 
     from kosmos_cli.rasterize import SUFFIX_FORMATS
 
-    found: list[Found] = []
+    found: list[Document] = []
     unsupported: list[str] = []
     errors: list[InputError] = []
     seen: set[str] = set()
@@ -445,17 +435,10 @@ def discover_uris(uris: Sequence[str]) -> Discovery:
                 unsupported.append(location)
             elif location not in seen:
                 seen.add(location)
-                found.append(Found(location, relative.as_posix()))
-    documents = [
-        # Messages and outputs name a document without the credentials or query its URI may carry.
-        Document(
-            item.path,
-            item.name,
-            label=public_location(item.path) if public_location(item.path) != item.path else None,
-        )
-        for item in found
-    ]
-    return Discovery(documents, [public_location(location) for location in unsupported], errors)
+                # Messages and outputs name a document without the credentials or query its URI may carry.
+                public = public_location(location)
+                found.append(Document(location, relative.as_posix(), public if public != location else None))
+    return Discovery(found, [public_location(location) for location in unsupported], errors)
 
 
 def input_filesystem(uri: str) -> tuple[pyarrow.fs.FileSystem, str]:

@@ -6,13 +6,18 @@ Each ```python block is executed in a folder holding the files it names (`scans/
 
 from __future__ import annotations
 
+import os
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 from inputs import PdfPage, make_image, make_pdf
 
 from kosmos_cli.model import runner
+
+SCRIPTED_KOSMOS = Path(__file__).resolve().parent / "scripted_kosmos.py"
 
 README = Path(__file__).resolve().parent.parent / "README.md"
 BLOCKS = re.findall(r"```python\n(.*?)```", README.read_text(encoding="utf-8"), flags=re.DOTALL)
@@ -43,3 +48,40 @@ def test_a_readme_python_example_runs(
     if "transcribe_files(" in code:
         assert printed.split()[:3] == ["2", "4", "False"]  # a.png's one page and b.pdf's pages 1-3
         assert (tmp_path / "out" / "2024" / "a.png.txt").is_file()
+
+
+CONSOLE = re.findall(r"```console\n(.*?)```", README.read_text(encoding="utf-8"), flags=re.DOTALL)
+# Commands that need what a test machine has not: a cluster, object stores, the network, root.
+ELSEWHERE = ("--ray", "s3://", "gs://", "pip install", "sudo ", "ocrmypdf ", "make ", "ray start", "download")
+COMMANDS = [
+    (number, [line[2:].split("  #")[0].strip() for line in block.splitlines() if line.startswith("$ ")])
+    for number, block in enumerate(CONSOLE)
+]
+RUNNABLE = [
+    (number, lines)
+    for number, lines in COMMANDS
+    if lines and not any(w in " ".join(lines) for w in ELSEWHERE)
+]
+
+
+@pytest.mark.parametrize(("number", "lines"), RUNNABLE, ids=[f"console block {n + 1}" for n, _ in RUNNABLE])
+def test_a_readme_console_example_runs(
+    number: int, lines: list[str], model_folder: Path, tmp_path: Path
+) -> None:
+    """The README's shell examples, each block in a folder of its own, with the model scripted."""
+    make_image(tmp_path / "page.png")
+    make_pdf(tmp_path / "scan.pdf", pages=[PdfPage(text="one"), PdfPage(text="two")])
+    make_pdf(tmp_path / "scans" / "2024" / "a.pdf", pages=[PdfPage(text="March")])
+    make_pdf(tmp_path / "scans" / "b.pdf", pages=[PdfPage(text="b")])
+    make_pdf(tmp_path / "reports" / "r.pdf", pages=[PdfPage(text="born digital")])
+    shim = tmp_path / "bin" / "kosmos"
+    shim.parent.mkdir()
+    shim.write_text(f'#!/bin/sh\nexec "{sys.executable}" "{SCRIPTED_KOSMOS}" "$@"\n')
+    shim.chmod(0o755)
+    env = {**os.environ, "PATH": f"{shim.parent}:{os.environ['PATH']}", "KOSMOS_MODEL": str(model_folder)}
+    env["KOSMOS_TEST_SECONDS_PER_PAGE"] = "0"
+    for line in lines:
+        done = subprocess.run(["bash", "-c", line], cwd=tmp_path, env=env, capture_output=True, timeout=300)
+        assert done.returncode == 0, (line, done.stderr.decode())
+    for claimed in re.findall(r"(?:out|archive)/[\w./-]+\.(?:txt|png|xml|md|json)", CONSOLE[number]):
+        assert (tmp_path / claimed).exists(), claimed  # what the comment beside the command says it writes

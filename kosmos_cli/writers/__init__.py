@@ -36,7 +36,7 @@ class WriterOptions:
     password: str | None = None  # opens encrypted PDF inputs, for formats that copy their pages
     numbered: bool = False  # --numbered: number the boxes drawn by --draw
     model: str = ""  # the model that transcribed, for formats that record it (ALTO)
-    task: Task = Task.OCR  # the task whose results are written, for formats of both tasks (their names)
+    task: Task = Task.OCR  # the task whose results are written (`get_writer` sets it): JSON names by it
 
 
 class Writer(ABC):
