@@ -227,10 +227,11 @@ def document_source(document: Document, sandbox: Sandbox | None = None) -> bytes
 
 def read_source(document: Document) -> bytes:
     """Return a document's bytes, for the formats that copy its pages (run it in the reader process)."""
-    return read_regular_file(document.path, f"`{document.display_name}`", limit=MAX_SOURCE_BYTES)
+    hint = "leave out --format pdf for it"
+    return read_regular_file(document.path, f"`{document.display_name}`", limit=MAX_SOURCE_BYTES, hint=hint)
 
 
-def read_regular_file(path: str, label: str, *, limit: int) -> bytes:
+def read_regular_file(path: str, label: str, *, limit: int, hint: str | None = None) -> bytes:
     """Return a regular file's bytes, at most `limit` of them; a device, a pipe or a folder is refused
     without waiting on it (a FIFO nobody writes would block a plain open; /dev/zero never ends)."""
     try:
@@ -244,7 +245,8 @@ def read_regular_file(path: str, label: str, *, limit: int) -> bytes:
         if not stat.S_ISREG(status.st_mode):
             raise InputError(f"{label} is not a regular file")
         if status.st_size > limit:
-            raise InputError(f"{label} is {status.st_size:,} bytes, more than kosmos reads ({limit:,})")
+            size = f"{status.st_size:,} bytes, more than kosmos reads ({limit:,})"
+            raise InputError(f"{label} is {size}", hint=hint)
         try:
             return stream.read(limit + 1)[:limit]
         except OSError as error:
