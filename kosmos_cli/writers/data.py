@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from kosmos_cli.pages import page_index
+from kosmos_cli.stores import is_uri
 from kosmos_cli.values import (
     BBox,
     Document,
@@ -99,7 +100,7 @@ def recorded_path(document: Document) -> str | None:
     the file system names it; None for stdin, pipes and URIs that carry credentials."""
     if document.label is not None:
         return None
-    if "://" in document.path:
+    if is_uri(document.path):
         return document.path
     return os.path.abspath(document.path)
 
