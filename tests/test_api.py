@@ -43,6 +43,22 @@ def test_transcriber_keeps_input_order_and_sizes(tiny_checkpoint: Path, tmp_path
 def test_loading_through_the_api_draws_no_progress_bar_unless_asked(
     tiny_checkpoint: Path, capfd: pytest.CaptureFixture[str], caplog: pytest.LogCaptureFixture
 ) -> None:
+    from transformers.utils import logging as hf_logging
+
+    # transformers' default, which an in-process CLI test on this worker may have turned off
+    enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.enable_progress_bar()
+    try:
+        _load_quietly_unless_asked(tiny_checkpoint, capfd, caplog)
+        assert hf_logging.is_progress_bar_enabled(), "loading leaves transformers' setting as it was"
+    finally:
+        if not enabled:
+            hf_logging.disable_progress_bar()
+
+
+def _load_quietly_unless_asked(
+    tiny_checkpoint: Path, capfd: pytest.CaptureFixture[str], caplog: pytest.LogCaptureFixture
+) -> None:
     Transcriber.load(model=str(tiny_checkpoint), device="cpu", max_new_tokens=5)
     assert capfd.readouterr().err == "", "a library call prints nothing into its caller's terminal"
     with caplog.at_level(logging.INFO, logger="kosmos_cli"):
