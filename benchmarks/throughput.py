@@ -464,7 +464,7 @@ def sweep(
         step = decoder.capture_step(cache)  # --cuda-graph: made while every slot is free
         rows = [decoder.new_row(request, encoded, cache.take()) for _ in range(batch_size)]
         started = time.perf_counter()
-        first, _ = decoder.prefill(cache, rows[:1])
+        first, _, _ = decoder.prefill(cache, rows[:1])
         synchronize(args.device)
         prefill = time.perf_counter() - started
         fill_slots_like_the_first(cache, batch_size, rows[0].cached)
@@ -535,9 +535,9 @@ def kv_waste(args: argparse.Namespace, shortest: int, longest: int) -> None:
         row.budget, prompt = budgets[request.key], row.cached
         return row
 
-    def counting_row_kernel(query: Any, keys: Any, values: Any, lengths: Any, scaling: Any) -> Any:
+    def counting_row_kernel(query: Any, keys: Any, values: Any, lengths: Any, *rest: Any) -> Any:
         counts["read"] += sum(buffer.shape[1] for buffer in keys)  # it multiplies whole buffers
-        return row_kernel(query, keys, values, lengths, scaling)
+        return row_kernel(query, keys, values, lengths, *rest)
 
     def counting_triton_kernel(
         query: Any, keys: Any, values: Any, slots: Any, lengths: Any, scaling: Any

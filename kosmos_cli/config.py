@@ -72,6 +72,7 @@ class Settings:
     quantize: str | None = None  # one of QUANTIZATIONS: int8 linears in the text decoder (CPU only)
     kv_dtype: str = "auto"  # one of KV_DTYPES: what the KV cache stores (float8: e4m3, no scale)
     threads: int | None = None  # CPU threads; None: the cores this process may run on
+    attention: bool = False  # keep where each token looked on the page (decode loop only)
     detect_loops: bool = True  # stop a page whose output repeats itself (no CLI option)
     ignore_eos: bool = False  # benchmarks only: always generate max_new_tokens (no CLI option)
 
@@ -113,6 +114,12 @@ class Settings:
                 "--kv-dtype applies to kosmos's own KV cache; --compile uses transformers' static one",
                 hint="drop one of them (--cuda-graph keeps kosmos's cache)",
             )
+        for flag, on in (("--compile", self.compile), ("--cuda-graph", self.cuda_graph)):
+            if self.attention and on:
+                raise UsageError(
+                    f"--attention and {flag} do not work together",
+                    hint=f"drop {flag}: --attention keeps rows the decode loop computes step by step",
+                )
         if self.cuda_graph and not self.device.startswith(("auto", "cuda")):
             raise UsageError("--cuda-graph needs a CUDA GPU", hint="drop --cuda-graph, or use --device cuda")
 

@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import re
 from collections.abc import Sequence
+from dataclasses import replace
 
-from kosmos_cli.values import Line, Point
+from kosmos_cli.attention import inside
+from kosmos_cli.values import Heat, Line, Point
 from kosmos_cli.vocabulary import BOX_TOKEN
 
 CONFIDENCE_DIGITS = 4  # decimals a line's confidence is kept to, in every output alike
@@ -64,12 +66,15 @@ def parse_ocr(
     resized_size: tuple[int, int],
     original_size: tuple[int, int],
     segments: Sequence[Sequence[float]] = (),
+    heats: Sequence[Heat] = (),
 ) -> list[Line]:
     """Parse `<bbox><x_N><y_N><x_N><y_N></bbox>text` output into lines in original-image pixels.
 
     `segments` are the probabilities of each line's text tokens (`Generation.segments`); a line
     gets their mean and minimum as its confidence. They are used only when they split the output
-    as its `<bbox>` markers do (one per line start, and one before the first).
+    as its `<bbox>` markers do (one per line start, and one before the first). `heats` (`--attention`),
+    where each of those groups looked in the image's pixels, give each line its `heat` and the share
+    of it inside its own box (`attention_agreement`), on the same condition.
     """
     resized_w, resized_h = resized_size
     original_w, original_h = original_size
@@ -90,8 +95,11 @@ def parse_ocr(
     starts = list(_LINE_START.finditer(raw))
     matched = len(segments) == len(starts) + 1 and all(start[0].startswith("<bbox>") for start in starts)
     probabilities = list(segments) if matched else [()] * (len(starts) + 1)
+    looked: list[Heat | None] = [None] * len(probabilities)
+    if matched and len(heats) == len(segments):
+        looked = list(heats)
     lead_end = starts[0].start() if starts else len(raw)
-    _append(lines, raw[:lead_end], None, probabilities[0])
+    _append(lines, raw[:lead_end], None, probabilities[0], looked[0])
     for index, start in enumerate(starts):
         text_end = starts[index + 1].start() if index + 1 < len(starts) else len(raw)
         text = raw[start.end() : text_end]
@@ -104,12 +112,16 @@ def parse_ocr(
             # A box that collapses after clipping or rounding is just as unusable.
             if x0 < x1 and y0 < y1:
                 polygon = ((x0, y0), (x1, y0), (x1, y1), (x0, y1))
-        _append(lines, text, polygon, probabilities[index + 1])
+        _append(lines, text, polygon, probabilities[index + 1], looked[index + 1])
     return lines
 
 
 def _append(
-    lines: list[Line], text: str, polygon: tuple[Point, Point, Point, Point] | None, probs: Sequence[float]
+    lines: list[Line],
+    text: str,
+    polygon: tuple[Point, Point, Point, Point] | None,
+    probs: Sequence[float],
+    heat: Heat | None = None,
 ) -> None:
     """Add a line unless it has no text; whitespace runs, newlines included, become one space."""
     # Box tokens left over in a line's text (a partial box) are never part of the text.
@@ -120,7 +132,11 @@ def _append(
             if probs
             else (None, None)
         )
-        lines.append(Line(" ".join(words), polygon, *confidence))
+        mean, lowest = confidence
+        line = Line(" ".join(words), polygon, mean, lowest, heat=heat)
+        if heat is not None and line.bbox is not None:
+            line = replace(line, attention_agreement=inside(heat, line.bbox))
+        lines.append(line)
 
 
 def tidy_markdown(raw: str) -> str:

@@ -10,6 +10,8 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field, replace
 from typing import Generic, TypeVar
 
+from kosmos_cli.attention import markdown_line_tokens, ocr_segments, region
+from kosmos_cli.blocks import markdown_blocks
 from kosmos_cli.errors import GenerationError
 from kosmos_cli.model import Arrivals, Request, Runner
 from kosmos_cli.parsing import end_cleanly, parse_ocr, tidy_markdown
@@ -18,11 +20,15 @@ from kosmos_cli.values import (
     BBox,
     Finish,
     Generation,
+    Heat,
     Line,
     Page,
+    PageAttention,
     PageResult,
+    Region,
     Status,
     Task,
+    TokenAttention,
     failed_result,
 )
 from kosmos_cli.words import split_words
@@ -143,15 +149,29 @@ def build_result(page: Page, task: Task, tiles: dict[BBox, Generation], max_new_
         loops = [g.loop.describe() for g in generations if g.loop is not None]
         truncation = loops[0] if loops else f"hit --max-new-tokens {max_new_tokens}"
     lines: tuple[Line, ...] = ()
+    regions: tuple[Region | None, ...] = ()
+    attention = None
     if task is Task.MD:
         text = tidy_markdown(generations[0].text)
         if truncation is not None:
             text = end_cleanly(text)
+        if (looked := generations[0].attention) is not None:
+            box = next(iter(tiles))
+            heats = _block_heats(text, looked, box)
+            regions = tuple(None if heat is None else region(heat) for heat in heats)
+            attention = PageAttention(heats, (looked.heat(range(len(looked.looks)), box),))
     else:
         lines = tuple(
             replace(line, words=split_words(page.image, line, scale=page.scale)) for line in _ocr_lines(tiles)
         )
         text = "\n".join(line.text for line in lines)
+        wholes = [
+            g.attention.heat(range(len(g.attention.looks)), box)
+            for box, g in sorted(tiles.items(), key=lambda tile: (tile[0][1], tile[0][0]))
+            if g.attention is not None
+        ]
+        if wholes:
+            attention = PageAttention(tuple(line.heat for line in lines), tuple(wholes))
     return PageResult(
         page.info,
         task,
@@ -161,24 +181,40 @@ def build_result(page: Page, task: Task, tiles: dict[BBox, Generation], max_new_
         status=Status.OK if truncation is None else Status.TRUNCATED,
         token_count=sum(g.token_count for g in generations),
         truncation=truncation,
+        regions=regions,
+        attention=attention,
     )
+
+
+def _block_heats(text: str, looked: TokenAttention, box: BBox) -> tuple[Heat | None, ...]:
+    """Where each markdown block's tokens looked; None for a block whose lines were not found."""
+    lines = markdown_line_tokens(looked.pieces)
+    heats: list[Heat | None] = []
+    for block in markdown_blocks(text):
+        if block.lines.stop > len(lines):
+            heats.append(None)
+            continue
+        heats.append(looked.heat(sorted({token for k in block.lines for token in lines[k]}), box))
+    return tuple(heats)
 
 
 def _ocr_lines(tiles: dict[BBox, Generation]) -> list[Line]:
     per_tile = []
     for box, generation in tiles.items():
         tile_size = (box[2] - box[0], box[3] - box[1])
-        per_tile.append(
-            (
-                box,
-                parse_ocr(
-                    generation.text,
-                    resized_size=generation.resized_size,
-                    original_size=tile_size,
-                    segments=generation.segments,
-                ),
-            )
+        heats: tuple[Heat, ...] = ()
+        if (looked := generation.attention) is not None:  # in the tile's pixels, as its lines are
+            heats = tuple(looked.heat(tokens, (0, 0, *tile_size)) for tokens in ocr_segments(looked.pieces))
+        lines = parse_ocr(
+            generation.text,
+            resized_size=generation.resized_size,
+            original_size=tile_size,
+            segments=generation.segments,
+            heats=heats,
         )
+        # each line's map moves with the line into the page's pixels
+        placed = [line if not line.heat else replace(line, heat=Heat(line.heat.grid, box)) for line in lines]
+        per_tile.append((box, placed))
     if len(per_tile) == 1:
         return per_tile[0][1]
     return merge_tile_lines(per_tile)

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 from collections.abc import Iterable
-from dataclasses import KW_ONLY, asdict, dataclass
+from dataclasses import KW_ONLY, asdict, dataclass, field
 from enum import Enum
 from typing import TYPE_CHECKING, Any
 
 from kosmos_cli.pages import page_number
 
 if TYPE_CHECKING:
+    import numpy as np
     from PIL import Image
 
     from kosmos_cli.errors import KosmosError
@@ -195,6 +196,10 @@ class Line:
     confidence: float | None = None
     min_confidence: float | None = None
     words: tuple[Word, ...] = ()  # the line's words on the ink (`words.split_words`); () without a box
+    # --attention: the share of the line's attention on the page that falls inside its own box
+    # (`attention.inside`); None without a box or without --attention
+    attention_agreement: float | None = None
+    heat: Heat | None = field(default=None, compare=False, repr=False)  # --attention: where it looked
 
     def to_dict(self) -> dict[str, Any]:
         """Return the line as JSON-ready values (`from_dict` reads them back)."""
@@ -204,6 +209,7 @@ class Line:
             "confidence": self.confidence,
             "min_confidence": self.min_confidence,
             "words": [word.to_dict() for word in self.words],
+            "attention_agreement": self.attention_agreement,
         }
 
     @classmethod
@@ -214,7 +220,10 @@ class Line:
         if points is not None and len(points) != 4:
             raise ValueError(f"a line's polygon has 4 points, not {len(points)}")
         words = tuple(Word.from_dict(word) for word in data["words"])
-        return cls(data["text"], points, data["confidence"], data["min_confidence"], words)
+        return cls(
+            data["text"], points, data["confidence"], data["min_confidence"], words,
+            data.get("attention_agreement"),
+        )  # fmt: skip
 
     @property
     def bbox(self) -> BBox | None:
@@ -234,6 +243,85 @@ class TextLayer:
     lines: tuple[Line, ...] = ()
 
 
+@dataclass(frozen=True, eq=False)
+class Heat:
+    """Where some of a page's tokens looked (`--attention`): their attention mass on each patch of the
+    grid the model read `box` in, averaged over the tokens.
+
+    Its sum is the share of their attention that reached the page (`spatial`); the rest went to the
+    prompt's other tokens, the model's learned image queries and the padding patches.
+    """
+
+    grid: np.ndarray  # float32 [rows, cols], row-major as the processor cut the image
+    box: BBox  # the page pixels the grid covers: the page, or the tile the tokens were read in
+
+    @property
+    def spatial(self) -> float:
+        """The share of the attention on the page."""
+        return float(self.grid.sum())
+
+    def on_page(self, width: int, height: int) -> np.ndarray:
+        """The map in the page's pixels, float32 [height, width]: each patch's mass spread evenly over the
+        pixels whose centres fall in it, so the map sums to `spatial` (zeros outside `box`)."""
+        import numpy as np
+
+        rows, cols = self.grid.shape
+        x0, y0, x1, y1 = self.box
+        page = np.zeros((height, width), dtype=np.float32)
+        xs = ((np.arange(x0, x1) - x0 + 0.5) * cols / (x1 - x0)).astype(np.int64)
+        ys = ((np.arange(y0, y1) - y0 + 0.5) * rows / (y1 - y0)).astype(np.int64)
+        per_pixel = self.grid / np.outer(np.bincount(ys, minlength=rows), np.bincount(xs, minlength=cols))
+        page[y0:y1, x0:x1] = per_pixel[ys[:, None], xs[None, :]]
+        return page
+
+
+@dataclass(frozen=True)
+class Region:
+    """Where on the page a markdown block's attention went: the box holding most of its mass."""
+
+    box: BBox  # page pixels
+    share: float  # the share of the block's attention on the page that falls inside `box`
+    spatial: float  # the share of the block's attention that reached the page at all (`Heat.spatial`)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Return the region as JSON-ready values (`from_dict` reads them back)."""
+        return {"bbox": list(self.box), "share": self.share, "spatial": self.spatial}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Region:
+        """Read back what `to_dict` returned."""
+        x0, y0, x1, y1 = (int(value) for value in data["bbox"])
+        return cls((x0, y0, x1, y1), data["share"], data["spatial"])
+
+
+@dataclass(frozen=True, eq=False)
+class TokenAttention:
+    """Where each generated token of one image looked (`--attention`, `model.attention`)."""
+
+    looks: np.ndarray  # float32 [tokens, image tokens]: each token's attention over the image slots
+    projection: np.ndarray  # float32 [image tokens, rows * cols]: each slot's over the real patches
+    grid: tuple[int, int]  # (rows, cols) of the patch grid
+    pieces: tuple[str, ...] = ()  # each token's own text, as decoded alone
+
+    def heat(self, tokens: Iterable[int], box: BBox) -> Heat:
+        """The mean map of `tokens` (indices into the generated ids) over the image read as `box`."""
+        import numpy as np
+
+        chosen = list(tokens)
+        if not chosen:
+            return Heat(np.zeros(self.grid, dtype=np.float32), box)
+        mean = self.looks[chosen].mean(axis=0) @ self.projection
+        return Heat(mean.reshape(self.grid).astype(np.float32), box)
+
+
+@dataclass(frozen=True, eq=False)
+class PageAttention:
+    """A page's maps (`--attention`), for the Python API and the pictures; never written to JSON."""
+
+    items: tuple[Heat | None, ...]  # one per markdown block (`blocks.markdown_blocks`) or OCR line
+    tiles: tuple[Heat, ...]  # every token of each tile the page was read in (one: the whole page)
+
+
 @dataclass(frozen=True)
 class Generation:
     """What the model produced for one image."""
@@ -247,6 +335,7 @@ class Generation:
     segments: tuple[tuple[float, ...], ...] = ()
     finish: Finish = Finish.EOS
     loop: Loop | None = None  # what was cut when finish is LOOP
+    attention: TokenAttention | None = None  # where each of `ids` looked (`--attention`)
 
     @property
     def token_count(self) -> int:
@@ -269,6 +358,10 @@ class PageResult:
     token_count: int = 0
     truncation: str | None = None  # why the page is truncated: the budget, or the loop that was cut
     text_source: TextSource = TextSource.MODEL
+    # md with --attention: each markdown block's region (`blocks.markdown_blocks(text)`), None where
+    # its tokens were not found; () without --attention
+    regions: tuple[Region | None, ...] = ()
+    attention: PageAttention | None = field(default=None, compare=False, repr=False)
 
     def to_dict(self) -> dict[str, Any]:
         """Return the result as JSON-ready values, its document left out (`from_dict` reads it back)."""
@@ -284,6 +377,7 @@ class PageResult:
             "token_count": self.token_count,
             "truncation": self.truncation,
             "text_source": self.text_source.value,
+            "regions": [None if region is None else region.to_dict() for region in self.regions],
         }
 
     @classmethod
@@ -301,6 +395,7 @@ class PageResult:
             token_count=data["token_count"],
             truncation=data["truncation"],
             text_source=TextSource(data["text_source"]),
+            regions=tuple(None if region is None else Region.from_dict(region) for region in data["regions"]),
         )
 
 

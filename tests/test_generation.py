@@ -11,6 +11,7 @@ import shutil
 import sys
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -261,7 +262,7 @@ def test_pages_join_free_slots_while_others_decode(
     steps: list[list[tuple[int, int]]] = []  # each decode step's (slot, length) per row
     step = ContinuousDecoder.decode_step
 
-    def spy(self: ContinuousDecoder, batch: continuous.Batch) -> tuple[list[int], list[float]]:
+    def spy(self: ContinuousDecoder, batch: continuous.Batch) -> tuple[list[int], list[float], Any]:
         steps.append([(row.slot, row.cached) for row in batch.rows])
         return step(self, batch)
 

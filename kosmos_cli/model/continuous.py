@@ -11,12 +11,14 @@ from typing import TYPE_CHECKING
 
 from kosmos_cli.errors import GenerationError, first_line
 from kosmos_cli.model import Request
+from kosmos_cli.model.attention import Recorder, recording
 from kosmos_cli.model.encoding import Encoded, Encoder
 from kosmos_cli.model.failures import PAGE_ERRORS, is_out_of_memory, page_error, release_memory
 from kosmos_cli.model.graph import CapturedStep
 from kosmos_cli.model.slots import FixedSlots, SlotCache
 from kosmos_cli.repetition import Loop, LoopDetector
-from kosmos_cli.values import Finish, Generation
+from kosmos_cli.tiling import PATCH_SIZE
+from kosmos_cli.values import Finish, Generation, TokenAttention
 
 if TYPE_CHECKING:
     import torch
@@ -69,7 +71,7 @@ class ContinuousDecoder:
                     return
                 continue
             try:
-                tokens, probs = self.decode_step(batch)
+                tokens, probs, looks = self.decode_step(batch)
             except PAGE_ERRORS as error:  # a failing step: retried smaller, then per-page errors
                 if len(batch.rows) == 1:
                     row = batch.rows[0]
@@ -78,7 +80,7 @@ class ContinuousDecoder:
                     continue
                 limit = self._restart(batch, waiting, error, limit)
                 continue
-            yield from self.advance(batch, tokens, probs)
+            yield from self.advance(batch, tokens, probs, looks)
 
     def new_cache(self, slots: int) -> tuple[SlotCache, int]:
         """Allocate a run's KV cache slots, halving their number while there is no room; return it and
@@ -123,7 +125,7 @@ class ContinuousDecoder:
         assert batch.cache is not None
         rows = [self.new_row(request, encoded, batch.cache.take()) for request, encoded in joining]
         try:
-            first, first_probs = self.prefill(batch.cache, rows)
+            first, first_probs, looks = self.prefill(batch.cache, rows)
         except PAGE_ERRORS as error:  # a failing prefill: retried in halves, then per-page errors
             for row in rows:
                 batch.cache.release(row.slot)
@@ -140,13 +142,16 @@ class ContinuousDecoder:
             return
         batch.add(rows, first)
         yield from self.advance(
-            batch, first.tolist(), first_probs.tolist(), rows_from=len(batch.rows) - len(rows)
+            batch, first.tolist(), first_probs.tolist(), looks, rows_from=len(batch.rows) - len(rows)
         )
 
-    def prefill(self, cache: SlotCache, rows: Sequence[Row]) -> tuple[torch.Tensor, torch.Tensor]:
+    def prefill(
+        self, cache: SlotCache, rows: Sequence[Row]
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """Run the vision encoder and the prompt of new pages into their slots; return their first tokens.
 
-        The first tokens come with their probabilities (`KosmosRunner.pick`).
+        The first tokens come with their probabilities (`KosmosRunner.pick`) and, with `--attention`,
+        where each looked (the rows give each their projection weights over their real patches).
         """
         import torch
 
@@ -156,19 +161,22 @@ class ContinuousDecoder:
             key: torch.cat([e.inputs[key] for e in encoded]).to(runner.device) for key in encoded[0].inputs
         }
         cache.at([row.slot for row in rows])
-        with torch.inference_mode():
+        with torch.inference_mode(), recording(runner) as looking:
             output = runner.model(
                 **inputs, **{runner.cache_argument: cache}, use_cache=True, logits_to_keep=1
             )
-        return runner.pick(output.logits[:, -1, :])
+        if looking is not None:
+            _give_projections(rows, looking)
+        return *runner.pick(output.logits[:, -1, :]), _looks(looking)
 
-    def decode_step(self, batch: Batch) -> tuple[list[int], list[float]]:
-        """Feed every row its last token; return the next token of each row and its probability."""
+    def decode_step(self, batch: Batch) -> tuple[list[int], list[float], torch.Tensor | None]:
+        """Feed every row its last token; return the next token of each row, its probability and, with
+        `--attention`, where each row looked for it."""
         import torch
 
         assert batch.tokens is not None and batch.cache is not None
         if batch.step is not None:
-            return batch.step(batch)
+            return *batch.step(batch), None
         runner = self.runner
         input_ids = batch.tokens[:, None]
         lengths = [row.cached for row in batch.rows]
@@ -177,7 +185,7 @@ class ContinuousDecoder:
         # transformers computes them for a page alone (a pad token keeps the padding position).
         position_ids = torch.where(input_ids == runner.pad_id, runner.pad_id, runner.pad_id + 1 + columns)
         batch.cache.at([row.slot for row in batch.rows], lengths)
-        with torch.inference_mode():
+        with torch.inference_mode(), recording(runner) as looking:
             output = runner.model(
                 input_ids=input_ids,
                 **{runner.cache_argument: batch.cache},
@@ -188,17 +196,23 @@ class ContinuousDecoder:
         for row in batch.rows:
             row.cached += 1
         batch.tokens, probs = runner.pick(output.logits[:, -1, :])
-        return batch.tokens.tolist(), probs.tolist()
+        return batch.tokens.tolist(), probs.tolist(), _looks(looking)
 
     def advance(
-        self, batch: Batch, tokens: list[int], probs: list[float], rows_from: int = 0
+        self,
+        batch: Batch,
+        tokens: list[int],
+        probs: list[float],
+        looks: torch.Tensor | None = None,
+        rows_from: int = 0,
     ) -> Iterator[tuple[Request, Generation | GenerationError]]:
-        """Record each row's new token and its probability; yield and drop the rows that finished."""
+        """Record each row's new token, its probability and where it looked (`--attention`); yield and
+        drop the rows that finished."""
         runner = self.runner
         finished = [
             i
             for i, (token, prob) in enumerate(zip(tokens, probs, strict=True), start=rows_from)
-            if batch.rows[i].add(token, prob, runner.eos_id)
+            if batch.rows[i].add(token, prob, runner.eos_id, None if looks is None else looks[i - rows_from])
         ]
         if not finished:
             return
@@ -207,7 +221,9 @@ class ContinuousDecoder:
         for row in done:
             yield (
                 row.request,
-                runner.to_generation(row.ids, row.probs, row.resized_size, row.finish, row.loop),
+                runner.to_generation(
+                    row.ids, row.probs, row.resized_size, row.finish, row.loop, row.looking()
+                ),
             )
 
     def new_row(self, request: Request, encoded: Encoded, slot: int) -> Row:
@@ -253,24 +269,54 @@ class Row:
     probs: list[float] = field(default_factory=list)  # the probability of each of `ids`
     finish: Finish = Finish.LENGTH
     loop: Loop | None = None  # the loop that stopped the page, if one did
+    # --attention: the projection's weights over the page's real patches, [image tokens, patches], and
+    # each of `ids`' attention over the image tokens
+    projection: torch.Tensor | None = None
+    looks: list[torch.Tensor] = field(default_factory=list)
 
     @property
     def resized_size(self) -> tuple[int, int]:
         """The (width, height) the model saw."""
         return self.encoded.resized_size
 
-    def add(self, token: int, prob: float, eos_id: int) -> bool:
-        """Record the next token and its probability; return True when the page is finished."""
+    def add(self, token: int, prob: float, eos_id: int, look: torch.Tensor | None = None) -> bool:
+        """Record the next token, its probability and where it looked; return True when the page is
+        finished."""
         if token == eos_id:
             self.finish = Finish.EOS
             return True
         self.ids.append(token)
         self.probs.append(prob)
+        if look is not None:
+            self.looks.append(look)
         if self.detector is not None and (loop := self.detector.push(token)) is not None:
-            del self.ids[loop.keep :], self.probs[loop.keep :]
+            del self.ids[loop.keep :], self.probs[loop.keep :], self.looks[loop.keep :]
             self.finish, self.loop = Finish.LOOP, loop
             return True
         return len(self.ids) >= self.budget
+
+    def looking(self) -> TokenAttention | None:
+        """Where the page's tokens looked, for its `Generation` (None without `--attention`)."""
+        if self.projection is None:
+            return None
+        import torch
+
+        columns, rows = (side // PATCH_SIZE for side in self.resized_size)
+        empty = self.projection.new_zeros((0, self.projection.shape[0]))
+        looks = torch.stack(self.looks) if self.looks else empty
+        return TokenAttention(looks.cpu().numpy(), self.projection.cpu().numpy(), (rows, columns))
+
+
+def _looks(looking: Recorder | None) -> torch.Tensor | None:
+    return None if looking is None else looking.rows()
+
+
+def _give_projections(rows: Sequence[Row], looking: Recorder) -> None:
+    """Keep each new page's projection weights over its own real patches (padding patches follow them)."""
+    assert looking.projection is not None, "the prefill ran the image-to-text projection"
+    for index, row in enumerate(rows):
+        columns, grid_rows = (side // PATCH_SIZE for side in row.resized_size)
+        row.projection = looking.projection[index, :, : grid_rows * columns]
 
 
 @dataclass

@@ -59,6 +59,7 @@ def output_settings(settings: Settings, *, resolve: bool = True) -> dict[str, An
         "compile": settings.compile,
         "cuda_graph": settings.cuda_graph,
         "detect_loops": settings.detect_loops,
+        **({"attention": True} if settings.attention else {}),  # runs made without it keep their name
     }
 
 

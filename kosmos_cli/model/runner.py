@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Iterable, Iterator
+from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
 from kosmos_cli.config import DEFAULT_MAX_NEW_TOKENS, Settings
@@ -19,7 +20,7 @@ from kosmos_cli.model.encoding import ENCODE_WORKERS, Encoded, Encoder
 from kosmos_cli.model.fixed import generate_fixed, generate_static
 from kosmos_cli.model.sizing import available_cores, default_batch_size, kv_bytes_per_token
 from kosmos_cli.repetition import Loop, LoopRule
-from kosmos_cli.values import Finish, Generation
+from kosmos_cli.values import Finish, Generation, TokenAttention
 from kosmos_cli.vocabulary import BOX_TOKEN, TASK_PROMPTS, prompt_length
 
 if TYPE_CHECKING:
@@ -100,9 +101,14 @@ class KosmosRunner:
         resized_size: tuple[int, int],
         finish: Finish,
         loop: Loop | None = None,
+        attention: TokenAttention | None = None,
     ) -> Generation:
-        """Turn a finished page's ids and probabilities into its `Generation`."""
-        text = self.processor.tokenizer.decode(ids, skip_special_tokens=True)
+        """Turn a finished page's ids and probabilities (and where they looked) into its `Generation`."""
+        tokenizer = self.processor.tokenizer
+        text = tokenizer.decode(ids, skip_special_tokens=True)
+        if attention is not None:  # each token's own text, to tell which tokens make which line
+            pieces = tokenizer.batch_decode([[token] for token in ids], skip_special_tokens=True)
+            attention = replace(attention, pieces=tuple(pieces))
         return Generation(
             text=text,
             resized_size=resized_size,
@@ -111,6 +117,7 @@ class KosmosRunner:
             segments=self._segments(ids, probs),
             finish=finish,
             loop=loop,
+            attention=attention,
         )
 
     def _segments(self, ids: list[int], probs: list[float]) -> tuple[tuple[float, ...], ...]:

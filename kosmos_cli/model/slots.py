@@ -23,8 +23,12 @@ import functools
 from contextlib import AbstractContextManager
 from typing import TYPE_CHECKING, Any
 
+from kosmos_cli.model.attention import recorder
+
 if TYPE_CHECKING:
     import torch
+
+    from kosmos_cli.model.attention import Recorder
 
 SLOT_ATTENTION = "kosmos_slots"  # the prefix of the names registered with transformers' AttentionInterface
 GROW_COLUMNS = 64  # a GrowingSlots buffer grows this many columns at a time
@@ -80,8 +84,13 @@ class SlotCache:
             self._write_step(layer_idx, key_states[:, :, 0], value_states[:, :, 0])
         return key_states, value_states
 
-    def attend(self, query: torch.Tensor, layer: int, scaling: float | None) -> torch.Tensor:
-        """A decode step's attention: each row's one query over its own slot, [rows, 1, heads, head_dim]."""
+    def attend(
+        self, query: torch.Tensor, layer: int, scaling: float | None, looking: Recorder | None = None
+    ) -> torch.Tensor:
+        """A decode step's attention: each row's one query over its own slot, [rows, 1, heads, head_dim].
+
+        With `looking` (`--attention`), each row's softmax weights over the image slots go to it too.
+        """
         raise NotImplementedError
 
     def _write_prompts(self, layer: int, keys: torch.Tensor, values: torch.Tensor) -> None:
@@ -146,12 +155,31 @@ class FixedSlots(SlotCache):
         self.keys[layer][self._slot_index, :, self._column_index] = keys.to(self.keys[layer].dtype)
         self.values[layer][self._slot_index, :, self._column_index] = values.to(self.values[layer].dtype)
 
-    def attend(self, query: torch.Tensor, layer: int, scaling: float | None) -> torch.Tensor:
+    def attend(
+        self, query: torch.Tensor, layer: int, scaling: float | None, looking: Recorder | None = None
+    ) -> torch.Tensor:
         assert self._slot_index is not None and self._column_index is not None
         lengths = (self._column_index + 1).int()
+        if looking is not None and looking.wants(layer):
+            looking.keep(layer, self._weights(query, layer, lengths, scaling))
         return _triton_attention(
             query, self.keys[layer], self.values[layer], self._slot_index, lengths, scaling
         )
+
+    def _weights(
+        self, query: torch.Tensor, layer: int, lengths: torch.Tensor, scaling: float | None
+    ) -> torch.Tensor:
+        """Each row's softmax weights over its own columns, [rows, heads, columns] in float32 (the
+        kernel keeps none): the columns past a row's length get none."""
+        import torch
+
+        width = int(lengths.max())
+        keys = self.keys[layer][self._slot_index, :, :width].float()
+        scores = torch.matmul(query.float(), keys.transpose(-1, -2))[:, :, 0]
+        if scaling is not None:
+            scores *= scaling
+        past = torch.arange(width, device=scores.device)[None, None, :] >= lengths[:, None, None]
+        return scores.masked_fill(past, float("-inf")).softmax(dim=-1)
 
 
 class GrowingSlots(SlotCache):
@@ -206,14 +234,23 @@ class GrowingSlots(SlotCache):
         width = -(-length // GROW_COLUMNS) * GROW_COLUMNS
         return torch.zeros((self._shape[0], width, self._shape[1]), dtype=self._dtype, device=self._device)
 
-    def attend(self, query: torch.Tensor, layer: int, scaling: float | None) -> torch.Tensor:
-        return _row_attention(
+    def attend(
+        self, query: torch.Tensor, layer: int, scaling: float | None, looking: Recorder | None = None
+    ) -> torch.Tensor:
+        kept: list[torch.Tensor] | None = [] if looking is not None and looking.wants(layer) else None
+        output = _row_attention(
             query,
             [self.keys[layer][slot] for slot in self.rows],
             [self.values[layer][slot] for slot in self.rows],
             [self.lengths[slot] for slot in self.rows],
             scaling,
+            kept,
         )
+        if looking is not None and kept is not None:
+            import torch
+
+            looking.keep(layer, torch.stack(kept))
+        return output
 
 
 def use_slot_attention(model: Any) -> str:
@@ -254,9 +291,13 @@ def _attention(
     slot_cache: SlotCache | None = None,
     **kwargs: Any,
 ) -> tuple[torch.Tensor, None]:
+    looking = recorder()
     if slot_cache is None:
-        return base(module, query, key, value, attention_mask, **kwargs)
-    return slot_cache.attend(query, module.layer_idx, kwargs.get("scaling")), None
+        output = base(module, query, key, value, attention_mask, **kwargs)
+        if looking is not None:  # a prompt: the projection's weights, each page's last prompt row
+            looking.see(module.layer_idx, query, key, kwargs.get("scaling"))
+        return output
+    return slot_cache.attend(query, module.layer_idx, kwargs.get("scaling"), looking), None
 
 
 def _row_attention(
@@ -265,9 +306,13 @@ def _row_attention(
     values: list[torch.Tensor],
     lengths: list[int],
     scaling: float | None,
+    kept: list[torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """Each row's query over its own whole [heads, width, head_dim] buffers, the first `length` columns
     filled and the rest zeros: two matmuls, the softmax in float32 over the filled columns.
+
+    With `kept`, each row's float32 weights over the prompt's columns, [heads, prompt], are appended
+    to it (`--attention`: what the row loop computed anyway).
 
     `query` is [rows, heads, 1, head_dim]; the result [rows, 1, heads, head_dim]. Scores are rounded
     to the weights' dtype before the softmax, as transformers' eager attention does.
@@ -282,7 +327,10 @@ def _row_attention(
         scores = torch.matmul(q, k.transpose(-1, -2))[..., :length].float()
         if scaling is not None:
             scores *= scaling
-        weights = scores.softmax(dim=-1).to(v.dtype)
+        weights = scores.softmax(dim=-1)
+        if kept is not None:
+            kept.append(weights[:, 0, : min(lengths)])
+        weights = weights.to(v.dtype)
         if v.shape[1] > length:  # the spare columns are zeros and get no weight
             weights = torch.nn.functional.pad(weights, (0, v.shape[1] - length))
         outputs.append(torch.matmul(weights, v))
