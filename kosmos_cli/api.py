@@ -77,7 +77,8 @@ def transcribe_files(
     - `text_layer` (ocr): `auto` takes a PDF page's lines from its own text where it has real text,
       `ignore` always runs the model, `only` never does (`text_layer` module).
     - `settings`: the model and how it generates (default: the default model, device auto);
-      `runner`: a model already loaded, used instead of loading one from `settings`.
+      `runner`: a model already loaded, used instead of loading one from `settings`. With
+      `settings.attention`, an `output` folder also gets the attention pictures (`writers.looking`).
     - `ray`: run on a Ray cluster; inputs may then be object-store URIs.
     - `reporter`: told of progress, warnings and every failed input or page (default: logging).
 
@@ -91,7 +92,9 @@ def transcribe_files(
     task = Task(task)
     reporter = reporter or LogReporter()
     settings = settings or Settings(model=default_model())
-    names = (*(formats or (DEFAULT_FORMATS[task],)), *(("draw",) if draw else ()))
+    looked = ("attention", "heat") if settings.attention and output is not None else ()
+    pictures = (*(("draw",) if draw else ()), *looked)
+    names = (*(formats or (DEFAULT_FORMATS[task],)), *pictures)
     job = Job(
         task=task,
         formats=tuple(dict.fromkeys(names)),  # each once, in the order asked

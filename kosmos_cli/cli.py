@@ -246,6 +246,15 @@ CudaGraph = Annotated[
         " and leaving the running batch as they come.",
     ),
 ]
+AttentionOpt = Annotated[
+    bool,
+    typer.Option(
+        "--attention",
+        help="Keep where each token looked on the page: regions of markdown blocks and each OCR line's"
+        " attention_agreement in JSON and chunks, and with -o a PNG per page of outlines and one of heat"
+        " maps (NAME.attention.png, NAME.heat.png).",
+    ),
+]
 Quantize = Annotated[
     Optional[Quantization],  # noqa: UP045
     typer.Option(
@@ -362,6 +371,7 @@ class RunOptions:
     quantize: Quantize = None
     kv_dtype: KvDTypeOpt = "auto"  # type: ignore[assignment]
     threads: Threads = None
+    attention: AttentionOpt = False
     ray: Ray = False
     ray_address: RayAddress = None
     workers: Workers = None
@@ -384,6 +394,7 @@ class RunOptions:
             quantize=self.quantize.value if self.quantize is not None else None,
             kv_dtype=self.kv_dtype.value,
             threads=self.threads,
+            attention=self.attention,
         )
 
     def ray_options(self) -> RayOptions | None:

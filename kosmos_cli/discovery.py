@@ -28,6 +28,9 @@ from kosmos_cli.stores import RECORD_FOLDER, is_uri, public_location
 from kosmos_cli.values import Document, safe_text
 from kosmos_cli.writers.data import result_stem
 from kosmos_cli.writers.drawing import DRAWING_SUFFIX
+from kosmos_cli.writers.looking import HEAT_SUFFIX, OVERVIEW_SUFFIX
+
+PICTURE_SUFFIXES = (DRAWING_SUFFIX, OVERVIEW_SUFFIX, HEAT_SUFFIX)  # kosmos's page pictures, never inputs
 
 if TYPE_CHECKING:
     import pyarrow.fs
@@ -65,7 +68,8 @@ def discover(
 
     Folders are walked recursively in sorted order, skipping hidden files and folders, kosmos's
     own outputs (the folders and files in `exclude`, any folder below holding a `.kosmos` run
-    record, and `*.boxes.png` drawings), FIFOs, devices and links that loop; files in them that are neither
+    record, `*.boxes.png` drawings and `*.attention.png`, `*.heat.png` pictures), FIFOs, devices
+    and links that loop; files in them that are neither
     named nor sniffed as a supported format are listed as unsupported. A file reached twice is read
     once. `from_list` names a file of paths, one a line (`-`: stdin); blank lines and lines
     starting with `#` are ignored, and relative paths are taken from the current folder. Stdin and
@@ -294,7 +298,7 @@ class _Finder:
             elif self._results:
                 if result_stem(entry.name) != entry.name:
                     self._keep(entry.path, PurePosixPath(os.path.abspath(entry.path)), root)
-            elif entry.name.endswith(DRAWING_SUFFIX) or os.path.realpath(entry.path) in self._exclude:
+            elif entry.name.endswith(PICTURE_SUFFIXES) or os.path.realpath(entry.path) in self._exclude:
                 logger.debug("skipping `%s`: a kosmos output", safe_text(entry.path))
             elif looks_supported(entry.path):
                 self._keep(entry.path, PurePosixPath(os.path.abspath(entry.path)), root)

@@ -469,3 +469,50 @@ class ScriptedRunner:
 def image_hash(image_bytes: bytes) -> str:
     """Return the hash `ScriptedRunner` writes for an image's raw RGB bytes."""
     return hashlib.sha256(image_bytes).hexdigest()[:12]
+
+
+def save_planted_checkpoint(dest: Path, source: Path) -> Path:
+    """Save `source` (a tiny checkpoint) with its attention planted (`plant_attention`) to `dest`."""
+    import torch
+    from transformers import AutoProcessor, Kosmos2_5ForConditionalGeneration
+
+    model = Kosmos2_5ForConditionalGeneration.from_pretrained(source, dtype=torch.float32)
+    plant_attention(model)
+    model.save_pretrained(dest)
+    AutoProcessor.from_pretrained(source).save_pretrained(dest)
+    return dest
+
+
+def plant_attention(model: Any) -> None:
+    """Make every image slot attend to the bright patches alone, whatever the decoder does.
+
+    The vision encoder's layers pass their input through (zero output weights), the patch projection
+    sums a patch's normalised pixels into two features (one per head of the projection), and every
+    latent query asks for that feature strongly: bright patches score high, dark ones low, padding
+    patches and the latents themselves zero.
+    """
+    import torch
+
+    with torch.no_grad():
+        embeddings = model.vision_model.embeddings
+        embeddings.patch_projection.weight.zero_()
+        embeddings.patch_projection.bias.zero_()
+        embeddings.row_embedder.weight.zero_()
+        embeddings.column_embedder.weight.zero_()
+        width = embeddings.patch_projection.weight.shape[0]
+        head_dim = width // model.config.text_config.attention_heads
+        features = list(range(0, width, head_dim))  # one feature in each head's dimensions
+        embeddings.patch_projection.weight[features] = 1.0
+        for layer in model.vision_model.encoder.layer:
+            layer.attention.output.weight.zero_()
+            layer.mlp.wo.weight.zero_()
+        projection = model.image_to_text_projection
+        projection.dense.weight.copy_(torch.eye(width))
+        projection.dense.bias.zero_()
+        projection.latent_query.zero_()
+        attention = projection.x_attn
+        attention.k_proj.weight.copy_(torch.eye(width))
+        attention.k_proj.bias.zero_()
+        attention.q_proj.weight.zero_()
+        attention.q_proj.bias.zero_()
+        attention.q_proj.bias[features] = 400.0

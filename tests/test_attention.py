@@ -3,13 +3,16 @@ map peaks where it was planted, through resizing, padding and tiling."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image, ImageDraw
 
+import kosmos_cli
 from kosmos_cli.attention import inside, markdown_line_tokens, ocr_segments, region
 from kosmos_cli.blocks import BlockKind, markdown_blocks
 from kosmos_cli.config import Settings
@@ -19,8 +22,9 @@ from kosmos_cli.model.attention import IMAGE_START, Recorder
 from kosmos_cli.model.loading import load_runner
 from kosmos_cli.model.runner import KosmosRunner
 from kosmos_cli.model.slots import FixedSlots, GrowingSlots
+from kosmos_cli.testing import save_planted_checkpoint
 from kosmos_cli.tiling import PATCH_SIZE
-from kosmos_cli.values import Generation, Heat, PageInfo, Document, Task
+from kosmos_cli.values import Document, Generation, Heat, PageInfo, Task
 from kosmos_cli.vocabulary import TASK_PROMPTS
 
 BUDGET = 12
@@ -115,48 +119,9 @@ def test_attention_refuses_the_loops_that_keep_no_rows(flag: str) -> None:
 
 @pytest.fixture(scope="module")
 def planted(tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The tiny checkpoint with `plant`'s weights, saved as a checkpoint of its own."""
-    from transformers import AutoProcessor, Kosmos2_5ForConditionalGeneration
-
+    """The tiny checkpoint planted to look at bright patches (`testing.plant_attention`)."""
     folder = tmp_path_factory.mktemp("planted")
-    model = Kosmos2_5ForConditionalGeneration.from_pretrained(tiny_checkpoint, dtype=torch.float32)
-    plant(model)
-    model.save_pretrained(folder)
-    AutoProcessor.from_pretrained(tiny_checkpoint).save_pretrained(folder)
-    return folder
-
-
-def plant(model: torch.nn.Module) -> None:
-    """Make every image slot attend to the bright patches alone, whatever the decoder does.
-
-    The vision encoder's layers pass their input through (zero output weights), the patch projection
-    sums a patch's normalised pixels into two features (one per head of the projection), and every
-    latent query asks for that feature strongly: bright patches score high, dark ones low, padding
-    patches and the latents themselves zero.
-    """
-    with torch.no_grad():
-        embeddings = model.vision_model.embeddings
-        embeddings.patch_projection.weight.zero_()
-        embeddings.patch_projection.bias.zero_()
-        embeddings.row_embedder.weight.zero_()
-        embeddings.column_embedder.weight.zero_()
-        width = embeddings.patch_projection.weight.shape[0]
-        head_dim = width // model.config.text_config.attention_heads
-        features = list(range(0, width, head_dim))  # one feature in each head's dimensions
-        embeddings.patch_projection.weight[features] = 1.0
-        for layer in model.vision_model.encoder.layer:
-            layer.attention.output.weight.zero_()
-            layer.mlp.wo.weight.zero_()
-        projection = model.image_to_text_projection
-        projection.dense.weight.copy_(torch.eye(width))
-        projection.dense.bias.zero_()
-        projection.latent_query.zero_()
-        attention = projection.x_attn
-        attention.k_proj.weight.copy_(torch.eye(width))
-        attention.k_proj.bias.zero_()
-        attention.q_proj.weight.zero_()
-        attention.q_proj.bias.zero_()
-        attention.q_proj.bias[features] = 400.0
+    return save_planted_checkpoint(folder, tiny_checkpoint)
 
 
 def bright_square(size: tuple[int, int], square: tuple[int, int, int, int]) -> Image.Image:
@@ -198,13 +163,17 @@ def test_a_planted_map_peaks_on_the_planted_patches(
     patch = max(size[0] / whole.grid.shape[1], size[1] / whole.grid.shape[0])
     page = whole.on_page(*size)
     y, x = np.unravel_index(np.argmax(page), page.shape)
-    assert near((x, y, x, y), (square[0], square[1], square[0], square[1]), slack=square[2] - square[0] + patch)
+    assert near(
+        (x, y, x, y), (square[0], square[1], square[0], square[1]), slack=square[2] - square[0] + patch
+    )
     assert inside(whole, grown(square, patch)) == pytest.approx(1.0, abs=1e-3)
     assert inside(whole, square) > 0.6
     found = region(whole)
     assert found is not None and found.share >= 0.5
     assert contains(grown(square, patch), found.box), (found.box, square)
-    assert result.regions and all(r is not None and contains(grown(square, patch), r.box) for r in result.regions)
+    assert result.regions and all(
+        r is not None and contains(grown(square, patch), r.box) for r in result.regions
+    )
 
 
 def test_a_planted_map_lands_in_the_right_tile_of_a_tall_page(planted: Path) -> None:
@@ -225,14 +194,20 @@ def test_a_planted_map_lands_in_the_right_tile_of_a_tall_page(planted: Path) -> 
         found = region(tile)
         assert found is not None and contains(grown(square, patch), found.box)
     dark = [tile for tile in tiles if tile.box[3] <= square[1] or square[3] <= tile.box[1]]
-    assert dark and all(tile.grid.max() <= 2 * tile.grid.min() for tile in dark), "no bright patch: spread evenly"
+    assert dark and all(tile.grid.max() <= 2 * tile.grid.min() for tile in dark), (
+        "no bright patch: spread evenly"
+    )
 
 
 def test_the_fixed_slots_weights_equal_the_row_loops() -> None:
     torch.manual_seed(0)
     heads, head_dim, layers = 2, 4, 1
-    fixed = FixedSlots(3, layers=layers, heads=heads, head_dim=head_dim, capacity=16, dtype=torch.float32, device="cpu")
-    growing = GrowingSlots(3, layers=layers, heads=heads, head_dim=head_dim, dtype=torch.float32, device="cpu")
+    fixed = FixedSlots(
+        3, layers=layers, heads=heads, head_dim=head_dim, capacity=16, dtype=torch.float32, device="cpu"
+    )
+    growing = GrowingSlots(
+        3, layers=layers, heads=heads, head_dim=head_dim, dtype=torch.float32, device="cpu"
+    )
     keys, values = torch.randn(2, heads, 10, head_dim), torch.randn(2, heads, 10, head_dim)
     for cache in (fixed, growing):
         cache.at([cache.take(), cache.take()])
@@ -324,3 +299,93 @@ def test_regions_travel_through_json(tmp_path: Path) -> None:
     info = PageInfo(Document("a.png", "a"), 0, 1, 100, 80)
     result = PageResult(info, Task.MD, "# T\n\ntext", regions=(Region((1, 2, 3, 4), 0.5, 0.25), None))
     assert PageResult.from_dict(result.to_dict(), info.document) == result
+
+
+MARKDOWN = "# Report\n\nFirst paragraph\n\n## Costs\n\n- one item\n- two item\n\n| a | b |\n|---|---|"
+
+
+@pytest.fixture
+def cli(planted: Path, monkeypatch: pytest.MonkeyPatch) -> Any:
+    """`kosmos` on the planted model, its tokens forced to spell `MARKDOWN` (md) or OCR lines."""
+    from forced import forcing
+    from typer.testing import CliRunner
+
+    from kosmos_cli.cli import app
+    from kosmos_cli.model import loading
+
+    def invoke(*args: str, raw: str = MARKDOWN, code: int = 0) -> Any:
+        monkeypatch.setattr(loading, "load_runner", forcing(load_runner, raw))
+        result = CliRunner().invoke(
+            app, [*args, "--model", str(planted), "--device", "cpu", "--dtype", "float32"]
+        )
+        assert result.exit_code == code, result.stderr
+        return result
+
+    return invoke
+
+
+def test_md_with_attention_writes_regions_chunks_and_pictures(cli: Any, tmp_path: Path) -> None:
+    import jsonschema
+
+    square = (320, 160, 416, 256)
+    bright_square((640, 480), square).save(tmp_path / "page.png")
+    out = tmp_path / "out"
+    cli("md", str(tmp_path / "page.png"), "--attention", "-o", str(out), "-f", "json", "-f", "chunks")
+    assert sorted(path.name for path in out.iterdir()) == [
+        ".kosmos", "page.png.attention.png", "page.png.chunks.jsonl", "page.png.heat.png", "page.png.md.json",
+    ]  # fmt: skip
+    document = json.loads((out / "page.png.md.json").read_text())
+    schema = json.loads((Path(kosmos_cli.__file__).parent / "result.schema.json").read_text())
+    jsonschema.Draft202012Validator(schema).validate(document)
+    (page,) = document["pages"]
+    blocks = markdown_blocks(page["text"])
+    assert len(page["regions"]) == len(blocks) == 6
+    chunks = [json.loads(line) for line in (out / "page.png.chunks.jsonl").read_text().splitlines()]
+    assert [(c["kind"], c["headings"]) for c in chunks] == [
+        ("heading", []),
+        ("paragraph", ["Report"]),
+        ("heading", ["Report"]),
+        ("list_item", ["Report", "Costs"]),
+        ("list_item", ["Report", "Costs"]),
+        ("table", ["Report", "Costs"]),
+    ]
+    for chunk in chunks:  # every token looked at the square
+        assert contains(grown(square, 16), tuple(chunk["bbox"])), chunk
+    for name in ("page.png.attention.png", "page.png.heat.png"):
+        with Image.open(out / name) as picture:
+            assert picture.format == "PNG"
+    # kosmos convert makes the same chunks from the JSON
+    from typer.testing import CliRunner
+
+    from kosmos_cli.cli import app
+
+    again = tmp_path / "again"
+    converted = CliRunner().invoke(
+        app, ["convert", str(out / "page.png.md.json"), "-f", "chunks", "-o", str(again)]
+    )
+    assert converted.exit_code == 0, converted.stderr
+    assert (again / "page.png.chunks.jsonl").read_bytes() == (out / "page.png.chunks.jsonl").read_bytes()
+
+
+def test_ocr_lines_agree_with_their_boxes_where_the_model_looked(cli: Any, tmp_path: Path) -> None:
+    # 640 x 480 is read at 1168 x 880: the first box is the square's (patches at its edges are partly
+    # outside it), the second a dark corner's
+    bright_square((640, 480), (320, 160, 416, 256)).save(tmp_path / "page.png")
+    raw = "<bbox><x_584><y_292><x_759><y_467></bbox>Inside<bbox><x_10><y_10><x_100><y_60></bbox>Outside"
+    result = cli("ocr", str(tmp_path / "page.png"), "--attention", "-f", "json", raw=raw)
+    lines = json.loads(result.stdout)["pages"][0]["lines"]
+    assert [line["text"] for line in lines] == ["Inside", "Outside"]
+    assert lines[0]["attention_agreement"] > 0.6 and lines[1]["attention_agreement"] < 0.01
+
+
+def test_chunks_of_a_pdf_carry_pdf_points(cli: Any, tmp_path: Path) -> None:
+    from inputs import PdfPage, make_pdf
+
+    pdf = make_pdf(tmp_path / "doc.pdf", pages=[PdfPage(text="one"), PdfPage(text="two")])
+    result = cli("md", str(pdf), "--attention", "-f", "chunks")
+    chunks = [json.loads(line) for line in result.stdout.splitlines()]
+    assert {chunk["page_number"] for chunk in chunks} == {1, 2}
+    for chunk in chunks:
+        x0, y0, x1, y1 = chunk["pdf_bbox"]
+        assert -1 <= x0 < x1 <= 613 and -1 <= y0 < y1 <= 793  # points on the page, to a rendered pixel
+    assert [chunk["headings"] for chunk in chunks if chunk["page_number"] == 2][-1] == ["Report", "Costs"]

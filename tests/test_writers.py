@@ -258,7 +258,7 @@ def test_json_document_exact() -> None:
     sure = Line("Total 50,000", box(10, 20, 110, 40), confidence=0.9123, min_confidence=0.5, words=words)
     results = [ocr(info(size=(200, 100)), [sure, LINES[1]])]
     assert json.loads(WRITERS["json"]().render(results)) == {
-        "schema_version": 4,
+        "schema_version": 5,
         "source": "/in/scan.png",
         "path": "/in/scan.png",
         "model": None,

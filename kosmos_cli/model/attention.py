@@ -93,10 +93,12 @@ class Recorder:
 
 
 def _softmax(query: torch.Tensor, key: torch.Tensor, scaling: float | None) -> torch.Tensor:
-    """softmax(q k^T * scaling) in float32: [rows, heads, queries, keys]."""
+    """softmax(q k^T * scaling): [rows, heads, queries, keys], the scores in the model's dtype and the
+    softmax in float32, as transformers' eager attention computes them (float32 scores made the
+    projection's weights cost 26% of a bf16 prefill on the CPU, BENCHMARKS.md)."""
     import torch
 
-    scores = torch.matmul(query.float(), key.float().transpose(-1, -2))
+    scores = torch.matmul(query, key.transpose(-1, -2)).float()
     if scaling is not None:
         scores *= scaling
     return scores.softmax(dim=-1)

@@ -12,7 +12,7 @@ Two kinds of writer, both in the one registry:
 
 Results may include failed and truncated pages; each format marks them in place (see its module):
 `text` (md, txt), `data` (json, jsonl), `hocr`, `alto`, `page_xml` (page), `searchable_pdf` (pdf),
-`drawing` (`--draw`).
+`chunks`, `drawing` (`--draw`), `looking` (`--attention`).
 """
 
 from __future__ import annotations
@@ -186,5 +186,7 @@ from kosmos_cli.writers import hocr  # noqa: E402, F401
 from kosmos_cli.writers import alto  # noqa: E402, F401
 from kosmos_cli.writers import page_xml  # noqa: E402, F401  (page)
 from kosmos_cli.writers import searchable_pdf  # noqa: E402, F401  (pdf)
+from kosmos_cli.writers import chunks  # noqa: E402, F401
 from kosmos_cli.writers import drawing  # noqa: E402, F401  (--draw)
+from kosmos_cli.writers import looking  # noqa: E402, F401  (--attention)
 # isort: on

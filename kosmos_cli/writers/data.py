@@ -27,6 +27,7 @@ from kosmos_cli.values import (
     Matrix,
     PageInfo,
     PageResult,
+    Region,
     Status,
     Task,
     TextSource,
@@ -35,14 +36,14 @@ from kosmos_cli.values import (
 )
 from kosmos_cli.writers import DocumentWriter, Identity, register
 
-SCHEMA_VERSION = 4  # `result.schema.json`'s `schema_version`
+SCHEMA_VERSION = 5  # `result.schema.json`'s `schema_version`
 
 
 def page_object(result: PageResult) -> dict[str, Any]:
     """Return the JSON object of one page, keys in schema order."""
     info = result.info
     failed = result.status is Status.FAILED
-    return {
+    page: dict[str, Any] = {
         "page_number": info.page_number,
         "width": info.width,
         "height": info.height,
@@ -56,6 +57,17 @@ def page_object(result: PageResult) -> dict[str, Any]:
         "raw": result.raw,
         "lines": [] if failed else [_line_object(line, info.pixel_to_pdf) for line in result.lines],
     }
+    if result.regions:  # md with --attention
+        matrix = info.pixel_to_pdf
+        page["regions"] = [None if r is None else _region_object(r, matrix) for r in result.regions]
+    return page
+
+
+def _region_object(region: Region, pixel_to_pdf: Matrix | None) -> dict[str, Any]:
+    data: dict[str, Any] = {"bbox": list(region.box)}
+    if pixel_to_pdf is not None:
+        data["pdf_bbox"] = list(pixel_bbox_to_pdf(region.box, pixel_to_pdf))
+    return data | {"share": region.share, "spatial": region.spatial}
 
 
 def _line_object(line: Line, pixel_to_pdf: Matrix | None) -> dict[str, Any]:
@@ -70,6 +82,8 @@ def _line_object(line: Line, pixel_to_pdf: Matrix | None) -> dict[str, Any]:
     data["confidence"] = line.confidence
     data["min_confidence"] = line.min_confidence
     data["words"] = [word.to_dict() for word in line.words]
+    if line.attention_agreement is not None:
+        data["attention_agreement"] = line.attention_agreement
     return data
 
 
@@ -257,6 +271,7 @@ def _page_from_object(page: dict[str, Any], document: Document, page_count: int,
             line.get("confidence"),
             line.get("min_confidence"),
             tuple(Word.from_dict(word) for word in line.get("words", ())),
+            line.get("attention_agreement"),
         )
         for line in page["lines"]
     )
@@ -270,6 +285,7 @@ def _page_from_object(page: dict[str, Any], document: Document, page_count: int,
         error=page["error"],
         truncation=page.get("truncation"),
         text_source=TextSource(page.get("text_source", TextSource.MODEL.value)),
+        regions=tuple(None if r is None else Region.from_dict(r) for r in page.get("regions", ())),
     )
 
 
