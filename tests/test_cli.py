@@ -116,7 +116,7 @@ HELP_MD = "hint: see `kosmos md --help`"
         (
             ["md", "{png}", "-f", "hocr"],
             [
-                "error: invalid value for '--format' / '-f': 'hocr' is not one of 'md', 'json', 'jsonl'.",
+                "error: invalid value for '--format' / '-f': 'hocr' is not one of 'md', 'json', 'jsonl', 'chunks'.",
                 HELP_MD,
             ],
         ),

@@ -671,9 +671,11 @@ def test_the_decode_step_over_every_slot_matches_one_page_at_a_time(
         made.append(captured(*args))  # type: ignore[arg-type]
         return made[-1]
 
-    def reading(self: FixedSlots, query: torch.Tensor, layer: int, scaling: float | None) -> torch.Tensor:
+    def reading(
+        self: FixedSlots, query: torch.Tensor, layer: int, scaling: float | None, *rest: Any
+    ) -> torch.Tensor:
         read.append((self._slot_index, self._column_index))
-        return attend(self, query, layer, scaling)
+        return attend(self, query, layer, scaling, *rest)
 
     def guard(device: str) -> contextlib.nullcontext[None]:
         guarded.append(device)

@@ -73,16 +73,22 @@ LINES = [
 
 
 def test_registry_names_match_formats() -> None:
-    assert list(WRITERS) == ["md", "txt", "json", "jsonl", "hocr", "alto", "page", "pdf", "draw"]
+    assert list(WRITERS) == [
+        "md", "txt", "json", "jsonl", "hocr", "alto", "page", "pdf", "chunks", "draw", "attention", "heat"
+    ]  # fmt: skip
+    extensions = {"alto": ".alto.xml", "chunks": ".chunks.jsonl"}
     for name, cls in WRITERS.items():
         assert cls.format == name
         if issubclass(cls, DocumentWriter):
-            assert cls.extension == (".alto.xml" if name == "alto" else f".{name}")
+            assert cls.extension == extensions.get(name, f".{name}")
 
 
 @pytest.mark.parametrize(
     ("task", "formats"),
-    [(Task.MD, ["md", "json", "jsonl"]), (Task.OCR, ["txt", "json", "jsonl", "hocr", "alto", "page", "pdf"])],
+    [
+        (Task.MD, ["md", "json", "jsonl", "chunks"]),
+        (Task.OCR, ["txt", "json", "jsonl", "hocr", "alto", "page", "pdf"]),
+    ],
 )
 def test_formats_for(task: Task, formats: list[str]) -> None:
     assert formats_for(task) == formats
@@ -96,13 +102,13 @@ def test_formats_for(task: Task, formats: list[str]) -> None:
             "txt",
             Task.MD,
             "format `txt` cannot hold `md` results",
-            "for `kosmos md` use one of: md, json, jsonl",
+            "for `kosmos md` use one of: md, json, jsonl, chunks",
         ),
         (
             "pdf",
             Task.MD,
             "format `pdf` cannot hold `md` results",
-            "for `kosmos md` use one of: md, json, jsonl",
+            "for `kosmos md` use one of: md, json, jsonl, chunks",
         ),
     ],
 )
