@@ -1,14 +1,14 @@
 """`--attention`: from where each token looked to where each line and block of a page looked.
 
-Pure functions over the rows `model.attention` keeps: which tokens make an OCR line or a markdown
-line, a line's agreement with its own box, and a block's region. The maps themselves are `Heat`s
-(`values.py`): mass per patch of the grid the model read, mapped to the page's pixels exactly (the
-processor resizes without cropping, and tiles are cut in the page's pixels).
+Pure functions over the rows `model.attention` keeps: which tokens make an OCR line (a markdown
+line's are `parsing.markdown_line_tokens`, beside the tidying whose lines they follow), a line's
+agreement with its own box, and a block's region. The maps themselves are `Heat`s (`values.py`):
+mass per patch of the grid the model read, mapped to the page's pixels exactly (the processor
+resizes without cropping, and tiles are cut in the page's pixels).
 """
 
 from __future__ import annotations
 
-import re
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
@@ -20,8 +20,6 @@ if TYPE_CHECKING:
 
 SHARE_DIGITS = 4  # decimals a share is kept to, in every output alike
 REGION_MASS = 0.5  # a block's region holds at least this share of its attention on the page
-_BREAK = re.compile(r"\n|<br>")  # what ends a markdown line (`parsing.tidy_markdown` splits at both)
-_CONTROL = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f]")
 
 
 def ocr_segments(pieces: Sequence[str]) -> list[list[int]]:
@@ -34,27 +32,6 @@ def ocr_segments(pieces: Sequence[str]) -> list[list[int]]:
         elif not BOX_TOKEN.fullmatch(piece):
             segments[-1].append(index)
     return segments
-
-
-def markdown_line_tokens(pieces: Sequence[str]) -> list[list[int]]:
-    """The tokens of each non-blank line of the markdown the pieces decode to, in order: the lines of
-    `parsing.tidy_markdown`'s text, which splits at newlines and `<br>` and drops blank lines.
-
-    Pieces are tokens decoded alone, so a character split over tokens may show as U+FFFD; newlines and
-    `<br>` are ASCII and never split that way.
-    """
-    text, owner = "", []
-    for index, piece in enumerate(pieces):
-        text += piece
-        owner += [index] * len(piece)
-    lines, start = [], 0
-    for match in [*_BREAK.finditer(text), None]:
-        end = len(text) if match is None else match.start()
-        if _CONTROL.sub("", text[start:end]).strip():
-            lines.append(sorted(set(owner[start:end])))
-        if match is not None:
-            start = match.end()
-    return lines
 
 
 def inside(heat: Heat, box: BBox) -> float | None:

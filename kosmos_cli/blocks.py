@@ -2,7 +2,7 @@
 
 The unit `--attention` gives a region and `-f chunks` writes as one retrieval chunk. Blocks are found
 in the tidy markdown (`parsing.tidy_markdown`) line by line; each knows which of the page's non-blank
-lines it holds, the lines `attention.markdown_line_tokens` maps to the model's tokens.
+lines it holds, the lines `parsing.markdown_line_tokens` maps to the model's tokens.
 """
 
 from __future__ import annotations

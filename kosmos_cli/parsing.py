@@ -23,6 +23,7 @@ _LINE_START = re.compile(
 # A special token cut in half at the very end of the output (e.g. `<y_3`).
 _CUT_TOKEN = re.compile(r"<(?:/?b(?:b(?:o(?:x)?)?)?|/|[xy](?:_\d*)?)$")
 _BLANK_RUNS = re.compile(r"\n{2,}")
+_BREAK = re.compile(r"\n|<br>")  # what ends a markdown line: `tidy_markdown` splits at both
 # Control characters other than tab and newline: ESC, NUL, BEL from the model must not reach a terminal.
 _CONTROL = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f]")
 _MARKER = re.compile(r"<!--\s*kosmos\s*:", re.IGNORECASE)  # what starts kosmos's page and document markers
@@ -147,6 +148,27 @@ def tidy_markdown(raw: str) -> str:
     # kosmos's own page markers cannot come from the model: `&lt;` shows as `<` all the same.
     text = _MARKER.sub(lambda match: "&lt;" + match[0][1:], text)
     return _BLANK_RUNS.sub("\n\n", text).strip()
+
+
+def markdown_line_tokens(pieces: Sequence[str]) -> list[list[int]]:
+    """The tokens of each non-blank line of the markdown the pieces decode to, in order: the lines of
+    `parsing.tidy_markdown`'s text, which splits at newlines and `<br>` and drops blank lines.
+
+    Pieces are tokens decoded alone, so a character split over tokens may show as U+FFFD; newlines and
+    `<br>` are ASCII and never split that way.
+    """
+    text, owner = "", []
+    for index, piece in enumerate(pieces):
+        text += piece
+        owner += [index] * len(piece)
+    lines, start = [], 0
+    for match in [*_BREAK.finditer(text), None]:
+        end = len(text) if match is None else match.start()
+        if _CONTROL.sub("", text[start:end]).strip():
+            lines.append(sorted(set(owner[start:end])))
+        if match is not None:
+            start = match.end()
+    return lines
 
 
 def end_cleanly(markdown: str) -> str:

@@ -10,11 +10,11 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field, replace
 from typing import Generic, TypeVar
 
-from kosmos_cli.attention import markdown_line_tokens, ocr_segments, region
+from kosmos_cli.attention import ocr_segments, region
 from kosmos_cli.blocks import markdown_blocks
 from kosmos_cli.errors import GenerationError
 from kosmos_cli.model import Arrivals, Request, Runner
-from kosmos_cli.parsing import end_cleanly, parse_ocr, tidy_markdown
+from kosmos_cli.parsing import end_cleanly, markdown_line_tokens, parse_ocr, tidy_markdown
 from kosmos_cli.tiling import merge_tile_lines, plan_tiles
 from kosmos_cli.values import (
     BBox,

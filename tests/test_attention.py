@@ -13,7 +13,7 @@ import torch
 from PIL import Image, ImageDraw
 
 import kosmos_cli
-from kosmos_cli.attention import inside, markdown_line_tokens, ocr_segments, region
+from kosmos_cli.attention import inside, ocr_segments, region
 from kosmos_cli.blocks import BlockKind, markdown_blocks
 from kosmos_cli.config import Settings
 from kosmos_cli.errors import UsageError
@@ -22,6 +22,7 @@ from kosmos_cli.model.attention import IMAGE_START, Recorder
 from kosmos_cli.model.loading import load_runner
 from kosmos_cli.model.runner import KosmosRunner
 from kosmos_cli.model.slots import FixedSlots, GrowingSlots
+from kosmos_cli.parsing import markdown_line_tokens
 from kosmos_cli.testing import save_planted_checkpoint
 from kosmos_cli.tiling import PATCH_SIZE
 from kosmos_cli.values import Document, Generation, Heat, PageInfo, Task

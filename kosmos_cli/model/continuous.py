@@ -279,6 +279,12 @@ class Row:
         """The (width, height) the model saw."""
         return self.encoded.resized_size
 
+    @property
+    def grid(self) -> tuple[int, int]:
+        """The (rows, columns) of real patches the model saw; padding patches follow them."""
+        width, height = self.resized_size
+        return height // PATCH_SIZE, width // PATCH_SIZE
+
     def add(self, token: int, prob: float, eos_id: int, look: torch.Tensor | None = None) -> bool:
         """Record the next token, its probability and where it looked; return True when the page is
         finished."""
@@ -301,10 +307,9 @@ class Row:
             return None
         import torch
 
-        columns, rows = (side // PATCH_SIZE for side in self.resized_size)
         empty = self.projection.new_zeros((0, self.projection.shape[0]))
         looks = torch.stack(self.looks) if self.looks else empty
-        return TokenAttention(looks.cpu().numpy(), self.projection.cpu().numpy(), (rows, columns))
+        return TokenAttention(looks.cpu().numpy(), self.projection.cpu().numpy(), self.grid)
 
 
 def _looks(looking: Recorder | None) -> torch.Tensor | None:
@@ -315,7 +320,7 @@ def _give_projections(rows: Sequence[Row], looking: Recorder) -> None:
     """Keep each new page's projection weights over its own real patches (padding patches follow them)."""
     assert looking.projection is not None, "the prefill ran the image-to-text projection"
     for index, row in enumerate(rows):
-        columns, grid_rows = (side // PATCH_SIZE for side in row.resized_size)
+        grid_rows, columns = row.grid
         row.projection = looking.projection[index, :, : grid_rows * columns]
 
 
