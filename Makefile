@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 # torch first: 2.13.0 is the release kosmos is tested with; `make install TORCH=torch` takes the newest instead.
 TORCH ?= torch==2.13.0
-EXTRAS ?= dev,ray,ocrmypdf
+EXTRAS ?= dev,ray,ocrmypdf,serve
 # The oldest transformers kosmos supports (5.20: the model became compile-ready), tested in its own venv.
 OLDEST_TRANSFORMERS ?= transformers==5.20.0
 OLDEST := .venv-oldest

@@ -41,10 +41,11 @@ if TYPE_CHECKING:
     from kosmos_cli.discovery import Discovery
     from kosmos_cli.jobs import Pages
     from kosmos_cli.sandbox import Sandbox
+    from kosmos_cli.writers.data import Results
 
 
 def transcribe_files(
-    inputs: Sequence[str | os.PathLike[str]],
+    inputs: Sequence[str | os.PathLike[str] | Document],
     *,
     task: Task | str,
     formats: Sequence[str] | None = None,
@@ -67,6 +68,9 @@ def transcribe_files(
 ) -> Summary:
     """Transcribe files, folders, globs and `-` (stdin) to output files, or to stdout; return the counts.
 
+    A `Document` among `inputs` is read as it is: its path, its name (the outputs' stem) and its label
+    (what messages and outputs call it; `kosmos serve` names uploads by the name the client gave).
+
     - `formats`: writer names (`writers.formats_for(task)`); default: md, or txt for ocr. `draw`
       adds a PNG per page with the boxes drawn (`numbered`: with line numbers).
     - `output`: a folder or an object-store URI; None prints the one format to `stdout` (default:
@@ -86,7 +90,7 @@ def transcribe_files(
     Raises UsageError for impossible requests and ModelLoadError when the model cannot be loaded.
     """
     from kosmos_cli.assembly import Outputs
-    from kosmos_cli.discovery import discover, name_clashes, remove_stale_spools
+    from kosmos_cli.discovery import Discovery, discover, name_clashes, remove_stale_spools
     from kosmos_cli.stores import output_location
 
     task = Task(task)
@@ -107,8 +111,9 @@ def transcribe_files(
         page_timeout=page_timeout,
         text_layer=text_layer,
     )
-    locations = [os.fspath(location) for location in inputs]
-    if not locations and from_list is None:
+    given = [location for location in inputs if isinstance(location, Document)]
+    locations = [os.fspath(location) for location in inputs if not isinstance(location, Document)]
+    if not locations and not given and from_list is None:
         raise UsageError("no inputs given", hint="name files or folders, `-` for stdin, or --from-list FILE")
     if ray is not None:
         from kosmos_cli.distributed import require_ray
@@ -117,13 +122,18 @@ def transcribe_files(
     summary = Summary()
     with Outputs(job, stdout or sys.stdout.buffer, model=settings.model) as outputs:
         remove_stale_spools()
-        discovery = discover(
-            locations,
-            from_list=from_list,
-            exclude=outputs.files(),
-            uris=ray is not None,
-            root=os.fspath(root) if root is not None else None,
+        discovery = (
+            discover(
+                locations,
+                from_list=from_list,
+                exclude=outputs.files(),
+                uris=ray is not None,
+                root=os.fspath(root) if root is not None else None,
+            )
+            if locations or from_list is not None
+            else Discovery([], [], [])
         )
+        discovery.documents[:0] = given
         if job.output_dir is not None and (clash := name_clashes(discovery.documents)) is not None:
             raise clash
         _report_discovery(discovery, reporter, summary)
@@ -390,10 +400,8 @@ def _convert_one(
     sandbox: Sandbox,
 ) -> int:
     """Write the formats of one JSON file and return its page count; raise InputError if it cannot."""
-    from kosmos_cli.assembly import render_document
     from kosmos_cli.rasterize import read_regular_file
     from kosmos_cli.stores import atomic_write
-    from kosmos_cli.writers import DocumentWriter, PageWriter, WriterOptions, get_writer
     from kosmos_cli.writers.data import read_results
 
     result_path = Path(result.path)
@@ -407,25 +415,10 @@ def _convert_one(
         read = read_results(data, name)
     except ValueError as error:
         raise InputError(f"{label} is not a result kosmos wrote ({first_line(error)})") from None
-    pages = read.pages
-    options = WriterOptions(password=password, model=read.model)
-    document = pages[0].info.document
+    document = read.pages[0].info.document
     input_document = Document(os.fspath(source), document.name) if source is not None else document
-    written: dict[Path, bytes] = {}
-    for format_name in formats:
-        writer = get_writer(format_name, task=pages[0].task, options=options)
-        if isinstance(writer, DocumentWriter):
-            bytes_read = _read_input(input_document, read.input, sandbox) if writer.needs_source else None
-            written[folder / writer.file_name(document)] = render_document(
-                writer, pages, bytes_read, sandbox=sandbox, page_timeout=sandbox.timeout
-            )
-        elif isinstance(writer, PageWriter) and not writer.needs_pixels:
-            for page in pages:
-                info = page.info
-                if (piece := writer.render_page(None, page)) is not None:
-                    written[folder / writer.file_name(document, info.page_index, info.page_count)] = piece
-        else:
-            raise UsageError(f"{writer.asked_as()} draws the page's pixels, which a JSON file does not hold")
+    rendered = render_results(read, formats, source=input_document, password=password, sandbox=sandbox)
+    written = {folder / name: data for name, data in rendered.items()}
     for path in written:
         for kept, what in ((input_document.path, "the input"), (result.path, "the result it is made from")):
             if path.exists() and os.path.exists(kept) and os.path.samefile(path, kept):
@@ -435,7 +428,40 @@ def _convert_one(
     for path, bytes_written in written.items():
         path.parent.mkdir(parents=True, exist_ok=True)
         atomic_write(path, bytes_written)
-    return len(pages)
+    return len(read.pages)
+
+
+def render_results(
+    read: Results, formats: Sequence[str], *, source: Document, password: str | None, sandbox: Sandbox
+) -> dict[str, bytes]:
+    """Render formats from results read back (`writers.data.read_results`): each file's name and bytes.
+
+    The searchable PDF reads `source` again, in `sandbox`, only if it is still the file the results
+    recorded. Raises UsageError for a format that draws the page's pixels, InputError if the source
+    cannot be read.
+    """
+    from kosmos_cli.assembly import render_document
+    from kosmos_cli.writers import DocumentWriter, PageWriter, WriterOptions, get_writer
+
+    pages = read.pages
+    options = WriterOptions(password=password, model=read.model)
+    document = pages[0].info.document
+    rendered: dict[str, bytes] = {}
+    for format_name in formats:
+        writer = get_writer(format_name, task=pages[0].task, options=options)
+        if isinstance(writer, DocumentWriter):
+            bytes_read = _read_input(source, read.input, sandbox) if writer.needs_source else None
+            rendered[writer.file_name(document)] = render_document(
+                writer, pages, bytes_read, sandbox=sandbox, page_timeout=sandbox.timeout
+            )
+        elif isinstance(writer, PageWriter) and not writer.needs_pixels:
+            for page in pages:
+                info = page.info
+                if (piece := writer.render_page(None, page)) is not None:
+                    rendered[writer.file_name(document, info.page_index, info.page_count)] = piece
+        else:
+            raise UsageError(f"{writer.asked_as()} draws the page's pixels, which a JSON file does not hold")
+    return rendered
 
 
 def _read_input(document: Document, recorded: dict[str, Any] | None, sandbox: Sandbox) -> bytes:

@@ -347,18 +347,9 @@ RUN_EPILOG = (
 
 
 @dataclass(frozen=True)
-class RunOptions:
-    """The options `md` and `ocr` share, as typer parsed them; `run_command` adds them to each command."""
+class ModelOptions:
+    """The model's options, which `md`, `ocr` and `serve` share."""
 
-    inputs: Inputs = None
-    output: Output = None
-    from_list: FromList = None
-    root: Root = None
-    pages: Pages = None
-    dpi: Dpi = None
-    password: Password = None
-    page_timeout: PageTimeout = DEFAULT_PAGE_TIMEOUT
-    overwrite: Overwrite = False
     model: Model = None
     revision: Revision = None
     device: DeviceOpt = "auto"
@@ -372,12 +363,6 @@ class RunOptions:
     kv_dtype: KvDTypeOpt = "auto"  # type: ignore[assignment]
     threads: Threads = None
     attention: AttentionOpt = False
-    ray: Ray = False
-    ray_address: RayAddress = None
-    workers: Workers = None
-    gpus_per_worker: GpusPerWorker = DEFAULT_GPUS_PER_WORKER
-    quiet: Quiet = False
-    verbose: Verbose = False
 
     def settings(self) -> Settings:
         """Return the model's settings (raises UsageError for a value that names nothing)."""
@@ -397,6 +382,27 @@ class RunOptions:
             attention=self.attention,
         )
 
+
+@dataclass(frozen=True)
+class RunOptions(ModelOptions):
+    """The options `md` and `ocr` share, as typer parsed them; `with_options` adds them to each command."""
+
+    inputs: Inputs = None
+    output: Output = None
+    from_list: FromList = None
+    root: Root = None
+    pages: Pages = None
+    dpi: Dpi = None
+    password: Password = None
+    page_timeout: PageTimeout = DEFAULT_PAGE_TIMEOUT
+    overwrite: Overwrite = False
+    ray: Ray = False
+    ray_address: RayAddress = None
+    workers: Workers = None
+    gpus_per_worker: GpusPerWorker = DEFAULT_GPUS_PER_WORKER
+    quiet: Quiet = False
+    verbose: Verbose = False
+
     def ray_options(self) -> RayOptions | None:
         """Return how to run on Ray, or None to run here."""
         if not self.ray and self.ray_address is None:
@@ -406,36 +412,41 @@ class RunOptions:
         )
 
 
-def run_command(command: Callable[..., None]) -> Callable[..., None]:
-    """Give a command the shared options, declared once in `RunOptions`.
+def with_options(kind: type[ModelOptions]) -> Callable[[Callable[..., None]], Callable[..., None]]:
+    """Give a command the options of `kind` (a `ModelOptions` dataclass), declared once there.
 
     Typer reads options from a function's signature, so the one it is handed lists the command's own
-    parameters, then `RunOptions`'s fields; the command is called with its own and `options=`.
+    parameters, then `kind`'s own fields, then the model's; the command is called with its own and
+    `options=`.
     """
-    shared = typing.get_type_hints(RunOptions, include_extras=True)
-    hints = typing.get_type_hints(command, include_extras=True)
-    own = [
-        parameter.replace(annotation=hints[parameter.name])
-        for parameter in inspect.signature(command).parameters.values()
-        if parameter.name != "options"
-    ]
-    keyword = inspect.Parameter.KEYWORD_ONLY
-    added = [
-        inspect.Parameter(field.name, keyword, default=field.default, annotation=shared[field.name])
-        for field in dataclasses.fields(RunOptions)
-    ]
+    shared = typing.get_type_hints(kind, include_extras=True)
+    model_fields = {field.name for field in dataclasses.fields(ModelOptions)}
+    fields = sorted(dataclasses.fields(kind), key=lambda field: field.name in model_fields)
 
-    @functools.wraps(command)
-    def parsed(**values: Any) -> None:
-        options = RunOptions(
-            **{field.name: values.pop(field.name) for field in dataclasses.fields(RunOptions)}
-        )
-        command(**values, options=options)
+    def decorate(command: Callable[..., None]) -> Callable[..., None]:
+        hints = typing.get_type_hints(command, include_extras=True)
+        own = [
+            parameter.replace(annotation=hints[parameter.name])
+            for parameter in inspect.signature(command).parameters.values()
+            if parameter.name != "options"
+        ]
+        keyword = inspect.Parameter.KEYWORD_ONLY
+        added = [
+            inspect.Parameter(field.name, keyword, default=field.default, annotation=shared[field.name])
+            for field in fields
+        ]
 
-    parsed.__signature__ = inspect.Signature([*own, *added])  # type: ignore[attr-defined]
-    parsed.__annotations__ = {p.name: p.annotation for p in [*own, *added]}
-    del parsed.__wrapped__  # typer must read the signature above, not the command's
-    return parsed
+        @functools.wraps(command)
+        def parsed(**values: Any) -> None:
+            options = kind(**{field.name: values.pop(field.name) for field in fields})
+            command(**values, options=options)
+
+        parsed.__signature__ = inspect.Signature([*own, *added])  # type: ignore[attr-defined]
+        parsed.__annotations__ = {p.name: p.annotation for p in [*own, *added]}
+        del parsed.__wrapped__  # typer must read the signature above, not the command's
+        return parsed
+
+    return decorate
 
 
 def _transcribe(
@@ -471,7 +482,7 @@ def _transcribe(
 
 
 @app.command(epilog=RUN_EPILOG)
-@run_command
+@with_options(RunOptions)
 def md(
     format: Annotated[
         Optional[list[MdFormat]],  # noqa: UP045
@@ -491,7 +502,7 @@ def md(
 
 
 @app.command(epilog=RUN_EPILOG)
-@run_command
+@with_options(RunOptions)
 def ocr(
     format: Annotated[
         Optional[list[OcrFormat]],  # noqa: UP045
@@ -574,6 +585,107 @@ def convert(
             overwrite=overwrite,
             reporter=reporter,
         )
+
+
+@dataclass(frozen=True)
+class ServeOptions(ModelOptions):
+    """The options of `kosmos serve`, as typer parsed them."""
+
+    host: Annotated[
+        str, typer.Option("--host", help="Address to listen on; any but loopback needs --api-key.")
+    ] = "127.0.0.1"
+    port: Annotated[int, typer.Option("--port", help="Port to listen on.")] = 8000
+    api_key: Annotated[
+        Optional[str],  # noqa: UP045
+        typer.Option(
+            "--api-key",
+            envvar="KOSMOS_API_KEY",
+            help="Every /v1/ route then needs `Authorization: Bearer KEY`.",
+            show_default=False,
+            show_envvar=True,
+        ),
+    ] = None
+    jobs_dir: Annotated[
+        Optional[Path],  # noqa: UP045
+        typer.Option(
+            "--jobs-dir",
+            help="Where jobs are kept until their results expire; default: $XDG_STATE_HOME/kosmos/jobs.",
+            show_default=False,
+        ),
+    ] = None
+    max_upload_mb: Annotated[
+        float, typer.Option("--max-upload-mb", help="Largest request body taken, in MiB (413 past it).")
+    ] = 100.0
+    max_jobs: Annotated[
+        int, typer.Option("--max-jobs", help="Unfinished jobs held at once; past it, 429 with Retry-After.")
+    ] = 64
+    wait: Annotated[
+        float,
+        typer.Option(
+            "--wait", help="Seconds POST /v1/transcribe holds a request before answering 202 and a job."
+        ),
+    ] = 60.0
+    keep_hours: Annotated[
+        float, typer.Option("--keep-hours", help="Hours a job's results are kept after it ends.")
+    ] = 24.0
+    page_timeout: PageTimeout = DEFAULT_PAGE_TIMEOUT
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No access log; warnings and errors only.")] = (
+        False
+    )
+    verbose: Verbose = False
+
+
+@app.command()
+@with_options(ServeOptions)
+def serve(*, options: ServeOptions) -> None:
+    """Serve the model over HTTP: uploads in, any format out, jobs, metrics, an OpenAI-style chat route."""
+    from kosmos_cli.server.run import Listen, check_listen, default_jobs_folder, missing_packages
+
+    console = Console(stderr=True, highlight=False, soft_wrap=True)
+    _configure_logging(console, verbose=options.verbose, quiet=options.quiet)
+    listen = Listen(
+        options.host,
+        options.port,
+        options.api_key,
+        "debug" if options.verbose else "warning" if options.quiet else "info",
+    )
+    try:
+        missing_packages()
+        check_listen(listen)
+        settings = options.settings()
+        limits, http = _serve_limits(options)
+    except KosmosError as error:
+        _print_error(console, error)
+        raise typer.Exit(error.exit_code) from None
+    from kosmos_cli.server.run import serve as run_server
+
+    run_server(settings, listen, options.jobs_dir or default_jobs_folder(), limits, http)
+
+
+def _serve_limits(options: ServeOptions) -> tuple[Any, Any]:
+    """The service's limits and the HTTP side's options; raises UsageError for a value out of range."""
+    from kosmos_cli.errors import UsageError
+    from kosmos_cli.server.app import Options
+    from kosmos_cli.server.service import Limits
+
+    numbers = {
+        "--max-upload-mb": options.max_upload_mb,
+        "--wait": options.wait,
+        "--keep-hours": options.keep_hours,
+        "--page-timeout": options.page_timeout,
+    }
+    for name, value in numbers.items():
+        if not (value > 0 and value < float("inf")):
+            raise UsageError(f"{name} must be a positive number, not {value:g}")
+    if options.max_jobs < 1:
+        raise UsageError(f"--max-jobs must be 1 or more, not {options.max_jobs}")
+    limits = Limits(
+        max_jobs=options.max_jobs, keep=options.keep_hours * 3600, page_timeout=options.page_timeout
+    )
+    http = Options(
+        api_key=options.api_key, max_upload=int(options.max_upload_mb * (1 << 20)), wait=options.wait
+    )
+    return limits, http
 
 
 @app.command()

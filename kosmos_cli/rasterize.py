@@ -54,7 +54,7 @@ PYMUPDF_LOCK = threading.RLock()  # PyMuPDF must not run in two threads at once
 _PIL_INIT_LOCK = threading.Lock()  # PIL registers its plugins lazily, and not thread-safely
 
 T = TypeVar("T")
-_HEADER_BYTES = 1024  # a PDF header may follow up to 1 KiB of junk
+HEADER_BYTES = 1024  # a PDF header may follow up to 1 KiB of junk
 _TAIL_BYTES = 1024  # where a complete PDF's %%EOF marker sits
 _SCAN_BYTES = 64 << 20  # how much of a damaged PDF's end is read to find its last object
 _OBJECT_START = re.compile(rb"\d+\s+\d+\s+obj\b")
@@ -368,16 +368,16 @@ def _open(document: Document, *, password: str | None, data: bytes | None = None
     label = f"`{document.display_name}`"
     try:
         if data is not None:
-            header = data[:_HEADER_BYTES]
+            header = data[:HEADER_BYTES]
         else:
             with open(document.path, "rb") as stream:
-                header = stream.read(_HEADER_BYTES)
+                header = stream.read(HEADER_BYTES)
     except OSError as error:
         raise file_error(label, error) from None
     if not header:
         raise InputError(f"{label} is empty (0 bytes)")
     suffix = PurePath(document.path).suffix.lower()
-    kind = _sniff(header, suffix)
+    kind = sniff(header, suffix)
     if kind is None:
         claimed = SUFFIX_FORMATS.get(suffix)
         if claimed is not None:
@@ -394,7 +394,7 @@ def _open(document: Document, *, password: str | None, data: bytes | None = None
             yield pymupdf_source
 
 
-def _sniff(header: bytes, suffix: str) -> str | None:
+def sniff(header: bytes, suffix: str) -> str | None:
     """Name a file's format from its first bytes; ZIP containers are told apart by `suffix`."""
     for magic, kind in _MAGIC:
         if header.startswith(magic):
@@ -418,7 +418,7 @@ def looks_supported(path: str) -> bool:
         return True
     try:
         with open(path, "rb") as stream:
-            return _sniff(stream.read(_HEADER_BYTES), suffix) is not None
+            return sniff(stream.read(HEADER_BYTES), suffix) is not None
     except OSError:
         return False
 

@@ -29,11 +29,16 @@ if TYPE_CHECKING:
 
 @dataclass(frozen=True)
 class Request:
-    """One image to transcribe; `key` is the caller's handle, returned untouched."""
+    """One image to transcribe; `key` is the caller's handle, returned untouched.
+
+    `cancelled`, where given, is asked between decode steps: a page whose caller gave up on it
+    (`kosmos serve`'s DELETE) leaves the running batch with a `GenerationError`.
+    """
 
     key: object
     image: Image.Image
     task: Task
+    cancelled: Callable[[], bool] | None = None
 
 
 @runtime_checkable

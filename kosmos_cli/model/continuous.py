@@ -27,6 +27,7 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 PREFILL_GROUP = 16  # most pages in one prefill: bounds its activations and how long running rows wait
+CANCELLED = "cancelled: its job was cancelled"
 
 
 class ContinuousDecoder:
@@ -52,6 +53,8 @@ class ContinuousDecoder:
                 for request, encoded in pages.take(free - len(joining), wait_for=wait_for):
                     if isinstance(encoded, GenerationError):
                         yield request, encoded
+                    elif _is_cancelled(request):
+                        yield request, GenerationError(CANCELLED)
                     else:
                         joining.append((request, encoded))
                 if joining and batch.cache is None:
@@ -66,6 +69,7 @@ class ContinuousDecoder:
                     joining = joining[:limit]
                 for start in range(0, len(joining), PREFILL_GROUP):
                     yield from self.join(batch, joining[start : start + PREFILL_GROUP])
+            yield from self.leave_cancelled(batch)
             if not batch.rows:
                 if pages.exhausted and not waiting:
                     return
@@ -226,6 +230,16 @@ class ContinuousDecoder:
                 ),
             )
 
+    def leave_cancelled(self, batch: Batch) -> Iterator[tuple[Request, GenerationError]]:
+        """Drop the rows whose caller gave up on them (`Request.cancelled`), freeing their slots."""
+        gone = [i for i, row in enumerate(batch.rows) if _is_cancelled(row.request)]
+        if not gone:
+            return
+        rows = [batch.rows[i] for i in gone]
+        batch.drop(gone)
+        for row in rows:
+            yield row.request, GenerationError(CANCELLED)
+
     def new_row(self, request: Request, encoded: Encoded, slot: int) -> Row:
         """A page about to join, in `slot`, with the runner's budget and loop rule."""
         runner = self.runner
@@ -310,6 +324,10 @@ class Row:
         empty = self.projection.new_zeros((0, self.projection.shape[0]))
         looks = torch.stack(self.looks) if self.looks else empty
         return TokenAttention(looks.cpu().numpy(), self.projection.cpu().numpy(), self.grid)
+
+
+def _is_cancelled(request: Request) -> bool:
+    return request.cancelled is not None and request.cancelled()
 
 
 def _looks(looking: Recorder | None) -> torch.Tensor | None:

@@ -46,6 +46,7 @@ class Writer(ABC):
     tasks: ClassVar[frozenset[Task]]  # tasks whose results this format can hold
     option: ClassVar[str] = ""  # how users ask for it, for messages; default `--format NAME`
     needs_folder: ClassVar[str | None] = None  # what it writes when stdout cannot take it, e.g. "a PDF file"
+    media_type: ClassVar[str] = "application/octet-stream"  # what its files are, for HTTP (`kosmos serve`)
 
     def __init__(self, options: WriterOptions | None = None) -> None:
         self.options = options or WriterOptions()

@@ -25,6 +25,7 @@ class AltoWriter(DocumentWriter):
     """ALTO 4.4 XML: pages, lines and words with boxes in pixels, and kosmos's processing step."""
 
     format = "alto"
+    media_type = "application/xml"
     extension = ".alto.xml"
     tasks = frozenset({Task.OCR})
 

@@ -29,6 +29,7 @@ class ChunksWriter(DocumentWriter):
     """One JSON object per markdown block, with its heading path and region."""
 
     format = "chunks"
+    media_type = "application/x-ndjson"
     tasks = frozenset({Task.MD})
     extension = ".chunks.jsonl"
 

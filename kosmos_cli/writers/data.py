@@ -316,6 +316,7 @@ class JsonWriter(_TaskNamed):
     """One JSON object per document."""
 
     format = "json"
+    media_type = "application/json"
     extension = ".json"
 
     def render(
@@ -334,6 +335,7 @@ class JsonlWriter(_TaskNamed):
     """One JSON object per page, each on its own line, for pipelines."""
 
     format = "jsonl"
+    media_type = "application/x-ndjson"
     extension = ".jsonl"
     streams = True
 

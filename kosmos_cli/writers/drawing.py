@@ -56,6 +56,7 @@ class DrawingWriter(PageWriter):
     """A PNG of each page with its lines' polygons drawn, numbered with --numbered."""
 
     format = "draw"
+    media_type = "image/png"
     tasks = frozenset({Task.OCR})
     option = "--draw"
     needs_folder = "PNG files"

@@ -36,6 +36,7 @@ class HocrWriter(DocumentWriter):
     """hOCR: XHTML with `ocr_page` and `ocr_line` elements carrying bboxes."""
 
     format = "hocr"
+    media_type = "application/xhtml+xml"
     extension = ".hocr"
     tasks = frozenset({Task.OCR})
 

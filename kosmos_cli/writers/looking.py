@@ -39,6 +39,7 @@ class _AttentionPictures(PageWriter):
     tasks = frozenset({Task.MD, Task.OCR})
     option = "--attention"
     needs_folder = "PNG files"
+    media_type = "image/png"
     suffix = ""
 
     def file_name(self, document: Document, page_index: int, page_count: int) -> str:

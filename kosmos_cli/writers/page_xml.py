@@ -27,6 +27,7 @@ class PageXmlWriter(PageWriter):
     """PAGE XML: a region, its lines with baselines, their words, and the text, for each page."""
 
     format = "page"
+    media_type = "application/xml"
     tasks = frozenset({Task.OCR})
     needs_folder = "a PAGE XML file per page"
     needs_pixels = False

@@ -54,6 +54,7 @@ class PdfWriter(DocumentWriter):
     """A searchable PDF: original pages (or images on pages) under an invisible text layer."""
 
     format = "pdf"
+    media_type = "application/pdf"
     extension = ".pdf"
     tasks = frozenset({Task.OCR})
     needs_folder = "a PDF file"

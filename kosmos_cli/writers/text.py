@@ -63,6 +63,7 @@ class MarkdownWriter(DocumentWriter):
     """Tidy markdown, pages separated by HTML comment markers."""
 
     format = "md"
+    media_type = "text/markdown; charset=utf-8"
     extension = ".md"
     tasks = frozenset({Task.MD})
 
@@ -87,6 +88,7 @@ class TextWriter(DocumentWriter):
     """The model card's `x0,y0,x1,y0,x1,y1,x0,y1,text` lines, pages separated by `# kosmos:` lines."""
 
     format = "txt"
+    media_type = "text/plain; charset=utf-8"
     extension = ".txt"
     tasks = frozenset({Task.OCR})
 

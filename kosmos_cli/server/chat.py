@@ -1,0 +1,138 @@
+"""`POST /v1/chat/completions` in OpenAI's shape, for clients built for vLLM-served OCR models.
+
+A request holds one user message with an image as a data URI (`image_url`; remote URLs are not
+fetched) and the text `<md>` or `<ocr>`, or names the model `kosmos-2.5-md` or `kosmos-2.5-ocr`.
+The answer is the page's markdown or its OCR text (`kosmos ocr`'s txt: a box and its text a line);
+with `stream: true`, server-sent events whose deltas carry it line by line once the page is done.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import re
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+from kosmos_cli.errors import UsageError
+from kosmos_cli.values import Task
+from kosmos_cli.vocabulary import PROMPT_LENGTH
+
+MODELS = {"kosmos-2.5-md": Task.MD, "kosmos-2.5-ocr": Task.OCR}
+_DATA_URI = re.compile(r"data:(image/[\w.+-]+)?(;[\w=.+-]+)*;base64,(.*)", re.DOTALL)
+_SUFFIXES = {"image/png": ".png", "image/jpeg": ".jpg", "image/webp": ".webp", "image/tiff": ".tiff",
+             "image/gif": ".gif", "image/bmp": ".bmp"}  # fmt: skip
+
+
+@dataclass(frozen=True)
+class ChatRequest:
+    """What a chat completion asks for."""
+
+    task: Task
+    image: bytes
+    file_name: str
+    model: str
+    stream: bool
+
+
+def parse_request(body: Any) -> ChatRequest:
+    """Read a chat completion request; raises UsageError, with what is wrong, for anything else."""
+    if not isinstance(body, dict) or not isinstance(body.get("messages"), list):
+        raise UsageError("a chat completion needs `messages`, a list")
+    model = body.get("model") or ""
+    if not isinstance(model, str):
+        raise UsageError("`model` must be a string")
+    users = [m for m in body["messages"] if isinstance(m, dict) and m.get("role") == "user"]
+    if not users:
+        raise UsageError("no user message", hint="send one user message with an image and `<md>` or `<ocr>`")
+    content = users[-1].get("content")
+    parts = [{"type": "text", "text": content}] if isinstance(content, str) else content
+    if not isinstance(parts, list):
+        raise UsageError("the user message's `content` must be a string or a list of parts")
+    texts = [p.get("text", "") for p in parts if isinstance(p, dict) and p.get("type") == "text"]
+    images = [p.get("image_url") for p in parts if isinstance(p, dict) and p.get("type") == "image_url"]
+    if len(images) != 1:
+        raise UsageError(f"the user message has {len(images)} images; send exactly one")
+    url = images[0].get("url") if isinstance(images[0], dict) else images[0]
+    if not isinstance(url, str):
+        raise UsageError("`image_url` needs a `url`")
+    match = _DATA_URI.fullmatch(url.strip())
+    if match is None:
+        raise UsageError(
+            "the image must be a base64 data URI",
+            hint="fetching remote URLs is not offered: send data:image/...;base64,...",
+        )
+    try:
+        image = base64.b64decode(match.group(3), validate=True)
+    except (binascii.Error, ValueError):
+        raise UsageError("the image's data URI is not valid base64") from None
+    text = " ".join(t for t in texts if isinstance(t, str))
+    asked = [task for task in Task if f"<{task.value}>" in text]
+    if len(asked) > 1:
+        raise UsageError("the text asks for both `<md>` and `<ocr>`")
+    task = asked[0] if asked else MODELS.get(model)
+    if task is None:
+        raise UsageError(
+            "say `<md>` or `<ocr>` in the text, or use the model kosmos-2.5-md or kosmos-2.5-ocr",
+            hint="GET /v1/models lists them",
+        )
+    suffix = _SUFFIXES.get(match.group(1) or "", "")
+    return ChatRequest(
+        task, image, f"image{suffix}", model or f"kosmos-2.5-{task.value}", bool(body.get("stream"))
+    )
+
+
+def models() -> dict[str, Any]:
+    """`GET /v1/models`."""
+    return {
+        "object": "list",
+        "data": [{"id": name, "object": "model", "created": 0, "owned_by": "kosmos"} for name in MODELS],
+    }
+
+
+def completion(
+    answer_id: str, request: ChatRequest, text: str, tokens: int, truncated: bool
+) -> dict[str, Any]:
+    """The whole answer, as one `chat.completion`."""
+    return {
+        "id": answer_id,
+        "object": "chat.completion",
+        "created": int(time.time()),
+        "model": request.model,
+        "choices": [
+            {
+                "index": 0,
+                "message": {"role": "assistant", "content": text},
+                "finish_reason": "length" if truncated else "stop",
+            }
+        ],
+        "usage": {
+            "prompt_tokens": PROMPT_LENGTH,
+            "completion_tokens": tokens,
+            "total_tokens": PROMPT_LENGTH + tokens,
+        },
+    }
+
+
+def stream(answer_id: str, request: ChatRequest, text: str, truncated: bool) -> Iterator[bytes]:
+    """The answer as server-sent events of `chat.completion.chunk`s, a line a chunk, then `[DONE]`."""
+    created = int(time.time())
+
+    def chunk(delta: dict[str, str], finish: str | None = None) -> bytes:
+        event = {
+            "id": answer_id,
+            "object": "chat.completion.chunk",
+            "created": created,
+            "model": request.model,
+            "choices": [{"index": 0, "delta": delta, "finish_reason": finish}],
+        }
+        return b"data: " + json.dumps(event).encode() + b"\n\n"
+
+    yield chunk({"role": "assistant", "content": ""})
+    for line in text.splitlines(keepends=True):
+        yield chunk({"content": line})
+    yield chunk({}, "length" if truncated else "stop")
+    yield b"data: [DONE]\n\n"
