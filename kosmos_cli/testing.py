@@ -516,3 +516,51 @@ def plant_attention(model: Any) -> None:
         attention.q_proj.weight.zero_()
         attention.q_proj.bias.zero_()
         attention.q_proj.bias[features] = 400.0
+
+
+@dataclass
+class ServerProcess:
+    """A `kosmos serve` process on a free loopback port (`start`), for tests and benchmarks."""
+
+    process: Any  # subprocess.Popen[bytes]
+    url: str
+    log: Path
+
+    @classmethod
+    def start(cls, arguments: Iterable[str], log: Path, *, timeout: float = 120.0) -> ServerProcess:
+        """Run `kosmos serve --port 0 ARGUMENTS`, its output into `log`; return once /ready says so."""
+        import re
+        import subprocess
+        import sys
+        import time
+        import urllib.error
+        import urllib.request
+
+        command = [sys.executable, "-m", "kosmos_cli", "serve", "--port", "0", *arguments]
+        with log.open("wb") as stream:
+            process = subprocess.Popen(command, stdout=stream, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + timeout
+        url = None
+        while time.monotonic() < deadline:
+            if process.poll() is not None:
+                raise RuntimeError(f"kosmos serve ended with {process.returncode}:\n{log.read_text()}")
+            found = re.search(r"Uvicorn running on (http://127\.0\.0\.1:\d+)", log.read_text())
+            url = found.group(1) if found else None
+            if url is not None:
+                try:
+                    with urllib.request.urlopen(url + "/ready", timeout=5) as answer:
+                        if answer.status == 200:
+                            return cls(process, url, log)
+                except (urllib.error.URLError, OSError):
+                    pass
+            time.sleep(0.2)
+        process.kill()
+        raise RuntimeError(f"kosmos serve did not get ready in {timeout:g} s:\n{log.read_text()}")
+
+    def stop(self, sig: int | None = None) -> int:
+        """Send `sig` (default SIGTERM) unless it has ended; return its exit status."""
+        import signal
+
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM if sig is None else sig)
+        return int(self.process.wait(60))

@@ -7,6 +7,7 @@ The `benchmarks` marker keeps the heavier ones (several model loads each) out of
 from __future__ import annotations
 
 import importlib.metadata
+import json
 import re
 import runpy
 import sys
@@ -147,3 +148,15 @@ def test_gpu_preflight_passes_here_and_names_a_mismatched_carry(
     assert re.fullmatch(
         r"preflight: transformers \S+ needs huggingface-hub\S+, found 0\.1\.0( \(and \d+ more\))?\n", line
     )
+
+
+@pytest.mark.benchmarks
+def test_serving_compares_the_server_with_the_library_call(
+    tiny_checkpoint: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    figures = tmp_path / "figures.json"
+    argv = ["--model", str(tiny_checkpoint), "--pages", "3", "--tokens", "6", "--clients", "1,3"]
+    run_benchmark("serving.py", [*argv, "--json", str(figures)], monkeypatch)
+    out = capsys.readouterr().out
+    assert "overhead per page:" in out and "3 clients at once:" in out
+    assert set(json.loads(figures.read_text())["pages_a_second_by_clients"]) == {"1", "3"}

@@ -6,7 +6,6 @@ import base64
 import io
 import json
 import os
-import re
 import signal
 import socket
 import subprocess
@@ -24,20 +23,17 @@ from inputs import PdfPage, make_pdf, sample_image
 
 from kosmos_cli.config import Settings
 from kosmos_cli.server.service import ENDED_FILE, Limits, Service
-from kosmos_cli.testing import ScriptedRunner
+from kosmos_cli.testing import ScriptedRunner, ServerProcess
 from kosmos_cli.values import Task
 from kosmos_cli.writers import WRITERS, formats_for
 
 TOKENS = 12
-START_SECONDS = 120.0
-_LISTENING = re.compile(r"Uvicorn running on http://127\.0\.0\.1:(\d+)")
 
 
 @dataclass
-class Server:
-    process: subprocess.Popen[bytes]
-    url: str
-    log: Path
+class Server(ServerProcess):
+    """A `kosmos serve` process of the tests', with its jobs folder and an HTTP client."""
+
     jobs: Path
 
     def client(self, **options: object) -> httpx.Client:
@@ -47,34 +43,17 @@ class Server:
         text = httpx.get(self.url + "/metrics").text
         return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(name))
 
-    def stop(self, sig: int = signal.SIGTERM) -> int:
-        if self.process.poll() is None:
-            self.process.send_signal(sig)
-        return self.process.wait(60)
-
     def stopped_cleanly(self) -> bool:
         """Stop with SIGTERM: uvicorn shuts down, then ends by the signal, as a daemon should."""
         return self.stop() == -signal.SIGTERM
 
 
 def start_server(checkpoint: Path, jobs: Path, *options: str, tokens: int = TOKENS) -> Server:
-    """Start `kosmos serve` on a free port and return once its model is loaded."""
+    """Start `kosmos serve` with the tiny model on a free port and return once its model is loaded."""
     log = jobs.parent / f"{jobs.name}-{time.monotonic_ns()}.log"
-    command = [sys.executable, "-m", "kosmos_cli", "serve", "--model", str(checkpoint), "--dtype", "float32"]
-    command += ["--max-new-tokens", str(tokens), "--port", "0", "--jobs-dir", str(jobs), *options]
-    with log.open("wb") as stream:
-        process = subprocess.Popen(command, stdout=stream, stderr=subprocess.STDOUT)
-    deadline = time.monotonic() + START_SECONDS
-    url = None
-    while time.monotonic() < deadline:
-        assert process.poll() is None, log.read_text()
-        if url is None and (found := _LISTENING.search(log.read_text())):
-            url = f"http://127.0.0.1:{found.group(1)}"
-        if url is not None and httpx.get(url + "/ready").status_code == 200:
-            return Server(process, url, log, jobs)
-        time.sleep(0.2)
-    process.kill()
-    raise AssertionError(f"the server did not get ready:\n{log.read_text()}")
+    arguments = ["--model", str(checkpoint), "--dtype", "float32", "--max-new-tokens", str(tokens)]
+    started = ServerProcess.start([*arguments, "--jobs-dir", str(jobs), *options], log)
+    return Server(started.process, started.url, started.log, jobs)
 
 
 @pytest.fixture(scope="module")
