@@ -21,8 +21,11 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 # What the tests need from Debian (as root): jq for examples/pipeline.sh, DejaVu fonts for word boxes,
-# Ghostscript and Tesseract for OCRmyPDF (tests/test_ocrmypdf.py). Without them those tests are skipped.
-DEBIAN_PACKAGES := jq fonts-dejavu-core ghostscript tesseract-ocr tesseract-ocr-eng tesseract-ocr-osd
+# Ghostscript and Tesseract for OCRmyPDF (tests/test_ocrmypdf.py), Chromium and its driver for the page
+# `kosmos serve` shows (tests/test_server_page.py), curl for the README's server examples. Without
+# them those tests are skipped.
+DEBIAN_PACKAGES := jq fonts-dejavu-core ghostscript tesseract-ocr tesseract-ocr-eng tesseract-ocr-osd \
+	chromium chromium-driver curl
 debian-packages:
 	apt-get update -qq
 	DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $(DEBIAN_PACKAGES) >/dev/null

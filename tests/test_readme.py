@@ -20,7 +20,9 @@ from kosmos_cli.model import runner
 SCRIPTED_KOSMOS = Path(__file__).resolve().parent / "scripted_kosmos.py"
 
 README = Path(__file__).resolve().parent.parent / "README.md"
-BLOCKS = re.findall(r"```python\n(.*?)```", README.read_text(encoding="utf-8"), flags=re.DOTALL)
+SERVER = "localhost:8000"  # examples of `kosmos serve`'s clients: tests/test_server.py runs them against one
+EXAMPLES = re.findall(r"```python\n(.*?)```", README.read_text(encoding="utf-8"), flags=re.DOTALL)
+BLOCKS = [block for block in EXAMPLES if SERVER not in block]
 
 
 def test_the_readme_has_python_examples() -> None:
@@ -52,7 +54,18 @@ def test_a_readme_python_example_runs(
 
 CONSOLE = re.findall(r"```console\n(.*?)```", README.read_text(encoding="utf-8"), flags=re.DOTALL)
 # Commands that need what a test machine has not: a cluster, object stores, the network, root.
-ELSEWHERE = ("--ray", "s3://", "gs://", "pip install", "sudo ", "ocrmypdf ", "make ", "ray start", "download")
+ELSEWHERE = (
+    "--ray",
+    "s3://",
+    "gs://",
+    "pip install",
+    "sudo ",
+    "ocrmypdf ",
+    "make ",
+    "ray start",
+    "download",
+    SERVER,
+)
 COMMANDS = [
     (number, [line[2:].split("  #")[0].strip() for line in block.splitlines() if line.startswith("$ ")])
     for number, block in enumerate(CONSOLE)

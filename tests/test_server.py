@@ -6,6 +6,7 @@ import base64
 import io
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -301,14 +302,15 @@ def test_deleting_a_running_job_takes_its_pages_out_of_the_batch(
         assert server.stopped_cleanly()
 
 
-def test_a_full_service_answers_429_with_retry_after(
+def test_a_long_request_becomes_a_job_and_a_full_service_answers_429(
     tiny_checkpoint: Path, files: Path, tmp_path: Path
 ) -> None:
-    server = start_server(tiny_checkpoint, tmp_path / "jobs", "--max-jobs", "1", tokens=200)
+    server = start_server(tiny_checkpoint, tmp_path / "jobs", "--max-jobs", "1", "--wait", "0.3", tokens=200)
     try:
         with server.client() as client:
-            first = post(client, "/v1/jobs", files / "long.pdf", task="md", text_layer="ignore")
-            assert first.status_code == 202
+            first = post(client, "/v1/transcribe", files / "long.pdf", task="md", text_layer="ignore")
+            assert first.status_code == 202 and first.headers["location"] == first.json()["url"]
+            assert "still running after 0.3 s" in first.json()["message"]
             refused = post(client, "/v1/jobs", files / "page.png")
             assert refused.status_code == 429 and int(refused.headers["retry-after"]) > 0
             client.delete(f"/v1/jobs/{first.json()['id']}")
@@ -427,3 +429,41 @@ def test_the_model_thread_runs_beside_uploads_arriving(server: Server, files: Pa
         assert second.status_code == 202 and time.monotonic() - started < 10
         for job in (first, second.json()):
             wait_for(client, job["id"])
+
+
+@pytest.mark.skipif(
+    shutil.which("curl") is None or shutil.which("jq") is None,
+    reason="needs curl and jq (make debian-packages)",
+)
+def test_the_readme_examples_of_the_server_run_against_one(
+    server: Server,
+    files: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    from test_readme import CONSOLE, EXAMPLES, SERVER
+
+    address = server.url.removeprefix("http://")
+    (tmp_path / "page.png").write_bytes((files / "page.png").read_bytes())
+    (tmp_path / "scan.pdf").write_bytes((files / "client2.pdf").read_bytes())
+    shell = [
+        line[2:].split("  #")[0].strip()
+        for block in CONSOLE
+        if SERVER in block
+        for line in block.splitlines()
+    ]
+    commands = [line.replace(SERVER, address) for line in shell if line and SERVER in line]
+    assert len(commands) >= 3
+    for command in commands:
+        done = subprocess.run(
+            ["bash", "-c", command], cwd=tmp_path, capture_output=True, timeout=300, check=False
+        )
+        assert done.returncode == 0, (command, done.stderr.decode())
+    assert json.loads((tmp_path / "scan.json").read_bytes())["source"] == "scan.pdf"
+    monkeypatch.chdir(tmp_path)
+    examples = [block.replace(SERVER, address) for block in EXAMPLES if SERVER in block]
+    assert examples
+    for number, code in enumerate(examples):
+        exec(compile(code, f"README.md server example {number + 1}", "exec"), {})
+    assert "application/xml" in capsys.readouterr().out
