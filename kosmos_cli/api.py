@@ -9,6 +9,7 @@ same job on a Ray cluster:
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import sys
@@ -65,6 +66,7 @@ def transcribe_files(
     runner: Runner | None = None,
     reporter: Reporter | None = None,
     stdout: BinaryIO | None = None,
+    reader: Sandbox | None = None,
 ) -> Summary:
     """Transcribe files, folders, globs and `-` (stdin) to output files, or to stdout; return the counts.
 
@@ -85,6 +87,8 @@ def transcribe_files(
       `settings.attention`, an `output` folder also gets the attention pictures (`writers.looking`).
     - `ray`: run on a Ray cluster; inputs may then be object-store URIs.
     - `reporter`: told of progress, warnings and every failed input or page (default: logging).
+    - `reader`: the reader process inputs are opened in, kept by a caller that runs many jobs
+      (`kosmos serve`); its time limit is the one that applies. Default: one started for this call.
 
     A failed input or page is reported and counted, and the run goes on (`Summary.failed`).
     Raises UsageError for impossible requests and ModelLoadError when the model cannot be loaded.
@@ -139,7 +143,7 @@ def transcribe_files(
         _report_discovery(discovery, reporter, summary)
         outputs.set_inputs(discovery.documents)
         if ray is None:
-            _run_here(discovery.documents, outputs, settings, runner, reporter, summary)
+            _run_here(discovery.documents, outputs, settings, runner, reporter, summary, reader)
         else:
             _run_on_ray(discovery.documents, outputs, settings, ray, reporter, summary)
     return summary
@@ -152,12 +156,14 @@ def _run_here(
     runner: Runner | None,
     reporter: Reporter,
     summary: Summary,
+    reader: Sandbox | None,
 ) -> None:
     """Count every document's pages, plan, and run on this machine; the model loads when a page needs it."""
     from kosmos_cli.jobs import job_fingerprint, plan, probe, run_job
     from kosmos_cli.sandbox import Sandbox
 
-    with Sandbox(timeout=outputs.job.page_timeout) as sandbox:
+    kept = contextlib.nullcontext(reader) if reader is not None else None
+    with kept or Sandbox(timeout=outputs.job.page_timeout) as sandbox:
         found = probe(documents, outputs.job, reporter, summary, sandbox=sandbox)
         readable = [document for document in documents if document in found]
         if readable and outputs.store is not None:  # resolving the device imports torch: only if needed

@@ -24,7 +24,7 @@ import queue
 import threading
 import time
 from collections import OrderedDict, deque
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 
 from kosmos_cli.errors import GenerationError, KosmosError
@@ -87,13 +87,17 @@ class Turns:
     def __init__(self, watcher: Watcher | None = None) -> None:
         self._lanes: OrderedDict[int, Lane] = OrderedDict()  # the next lane to take from is first
         self._changed = threading.Condition()
-        self._stopped = False
+        self._stopped: KosmosError | None = None  # why the iteration ended, once it has
         self._watcher = watcher or Watcher()
 
     def open(self, lane: Lane) -> None:
-        """Add a lane; its requests take turns with every other lane's."""
+        """Add a lane; its requests take turns with every other lane's. After `stop`, the lane is
+        stopped at once."""
         with self._changed:
-            self._lanes[id(lane)] = lane
+            if self._stopped is not None:
+                lane.stopped = lane.stopped or self._stopped
+            else:
+                self._lanes[id(lane)] = lane
 
     def close(self, lane: Lane) -> None:
         """Remove a lane and whatever it still has waiting."""
@@ -121,7 +125,7 @@ class Turns:
     def stop(self, reason: KosmosError) -> None:
         """Cancel every lane with `reason` and end the iteration: the model thread's `generate` returns."""
         with self._changed:
-            self._stopped = True
+            self._stopped = reason
             lanes = list(self._lanes.values())
             self._changed.notify_all()
         for lane in lanes:
@@ -135,7 +139,7 @@ class Turns:
     def ready(self) -> bool:
         """Whether a request is waiting (or the iteration has ended): `next` returns at once."""
         with self._changed:
-            return self._stopped or any(lane.waiting for lane in self._lanes.values())
+            return self._stopped is not None or any(lane.waiting for lane in self._lanes.values())
 
     def __iter__(self) -> Turns:
         return self
@@ -144,7 +148,7 @@ class Turns:
         """Wait for a request, then take it from the next lane in turn that has one."""
         with self._changed:
             while True:
-                if self._stopped:
+                if self._stopped is not None:
                     raise StopIteration
                 lane = next((lane for lane in self._lanes.values() if lane.waiting), None)
                 if lane is not None:
@@ -254,10 +258,3 @@ class LaneRunner:
                 yield event
         finally:
             turns.close(lane)
-
-
-def on_thread(target: Callable[[], None], name: str) -> threading.Thread:
-    """Start `target` on a daemon thread named `name`."""
-    thread = threading.Thread(target=target, name=name, daemon=True)
-    thread.start()
-    return thread

@@ -188,3 +188,12 @@ def test_a_lane_with_no_more_requests_ends_without_waiting(count: int) -> None:
     answers = [str(request.key) for request, _ in model.lane().generate(requests("p", count))]
     assert answers == [f"p{i}" for i in range(count)]
     model.stop(ServiceStopping("done"), timeout=5)
+
+
+def test_a_job_that_starts_after_the_model_stopped_hears_so_at_once() -> None:
+    """A job thread that was reading its document when SIGTERM came must not wait for a model thread that ended."""
+    model = SharedModel(OneAtATime(threading.Event()))  # type: ignore[arg-type]
+    model.start()
+    model.stop(ServiceStopping("the service is stopping"), timeout=5)
+    with pytest.raises(ServiceStopping):
+        list(model.lane().generate(requests("late", 2)))

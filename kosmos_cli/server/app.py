@@ -11,10 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hmac
-import os
 import secrets
-import shutil
-import tempfile
 import threading
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
@@ -211,7 +208,7 @@ def create_app(service: Service, metrics: Metrics, options: Options, load: Calla
             asked = chat.parse_request(body)
         except UsageError as error:
             raise ApiError(400, error.message, error.hint) from None
-        upload = await run_in_threadpool(_spool, service, asked.image)
+        upload = await run_in_threadpool(service.spool, asked.image)
         job = await _start_job(
             service, upload, asked.file_name, task=asked.task.value, pages="1", text_layer="auto"
         )
@@ -319,7 +316,7 @@ async def _accept(
     service: Service, file: UploadFile, *, task: str, pages: str | None, text_layer: str
 ) -> ServedJob:
     """Spool an upload beside the jobs and hand it to the service."""
-    upload = await run_in_threadpool(_copy, service, file)
+    upload = await run_in_threadpool(service.spool, file.file)
     return await _start_job(
         service, upload, file.filename or "upload", task=task, pages=pages, text_layer=text_layer
     )
@@ -345,21 +342,6 @@ async def _start_job(
         raise ApiError(400, error.message, error.hint) from None
     finally:
         upload.unlink(missing_ok=True)
-
-
-def _copy(service: Service, file: UploadFile) -> Path:
-    """Copy an upload into a new file beside the jobs (the same file system: the job moves it in)."""
-    descriptor, name = tempfile.mkstemp(prefix=".upload-", dir=service.folder)
-    with os.fdopen(descriptor, "wb") as stream:
-        shutil.copyfileobj(file.file, stream)
-    return Path(name)
-
-
-def _spool(service: Service, data: bytes) -> Path:
-    descriptor, name = tempfile.mkstemp(prefix=".upload-", dir=service.folder)
-    with os.fdopen(descriptor, "wb") as stream:
-        stream.write(data)
-    return Path(name)
 
 
 async def _wait(service: Service, job: ServedJob, limit: float | None) -> bool:

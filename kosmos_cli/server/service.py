@@ -23,6 +23,7 @@ import os
 import re
 import secrets
 import shutil
+import tempfile
 import threading
 import time
 import zipfile
@@ -30,7 +31,7 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 from kosmos_cli.config import DEFAULT_PAGE_TIMEOUT, TEXT_LAYERS, Job, Settings
 from kosmos_cli.errors import InputError, KosmosError, UsageError, first_line
@@ -49,8 +50,10 @@ ORDER_FILE = "order.json"
 ENDED_FILE = "ended.json"
 INPUT_FOLDER = "input"
 OUTPUT_FOLDER = "output"
-RUNNING_JOBS = 32  # jobs with a thread and a reader process each; more wait their turn, queued
+UPLOAD_PREFIX = ".upload-"  # an upload being received, beside the jobs (`Service.spool`)
+RUNNING_JOBS = 16  # jobs with a thread and a reader process each; more wait their turn, queued
 SWEEP_SECONDS = 60.0  # how often expired jobs are looked for
+CANCEL_SECONDS = 30.0  # how long deleting a running job waits for its thread to let go of its folder
 _ID = re.compile(r"[0-9a-f]{32}")
 _UNSAFE = re.compile(r"[^\w.+-]+")
 
@@ -92,6 +95,12 @@ class Order:
             raise ValueError(f"`{path}` is not a job's order: {first_line(error)}") from None
 
 
+def _idle() -> threading.Event:
+    event = threading.Event()
+    event.set()
+    return event
+
+
 class Counter(Watcher):
     """What the service tells its metrics; the default tells nothing (`metrics.Metrics` does)."""
 
@@ -122,6 +131,7 @@ class ServedJob:
     first_page_seconds: float | None = None
     lane: LaneRunner | None = None
     counter: Counter = field(default_factory=Counter)
+    idle: threading.Event = field(default_factory=_idle)  # set while no thread runs it
     changed: threading.Condition = field(default_factory=threading.Condition)
 
     @property
@@ -221,6 +231,10 @@ class Service:
         self._lock = threading.Lock()
         self._pool = ThreadPoolExecutor(max_workers=RUNNING_JOBS, thread_name_prefix="kosmos-job")
         self._reader = Sandbox(timeout=limits.page_timeout)  # counts and draws pages of uploads
+        # Each job thread keeps a reader process of its own for the jobs it runs: one started a job
+        # would cost every one-page request a process start.
+        self._job_readers: list[Sandbox] = []
+        self._thread_reader = threading.local()
         self._swept = threading.Event()
 
     # --- life -------------------------------------------------------------------------------------
@@ -252,7 +266,8 @@ class Service:
         if self.model is not None:
             self.model.stop(ServiceStopping("the service is stopping"), timeout=timeout)
         self._pool.shutdown(wait=True, cancel_futures=True)
-        self._reader.close()
+        for reader in [self._reader, *self._job_readers]:
+            reader.close()
 
     # --- jobs -------------------------------------------------------------------------------------
 
@@ -300,6 +315,16 @@ class Service:
         self._pool.submit(self._run, job)
         return job
 
+    def spool(self, upload: BinaryIO | bytes) -> Path:
+        """Keep an upload in a new file beside the jobs, which `accept` moves into its job."""
+        descriptor, name = tempfile.mkstemp(prefix=UPLOAD_PREFIX, dir=self.folder)
+        with os.fdopen(descriptor, "wb") as stream:
+            if isinstance(upload, bytes):
+                stream.write(upload)
+            else:
+                shutil.copyfileobj(upload, stream)
+        return Path(name)
+
     def job(self, job_id: str) -> ServedJob | None:
         """The job of that id, if the service has it."""
         with self._lock:
@@ -321,6 +346,7 @@ class Service:
             job.changed.notify_all()
         if running is not None:
             running.cancel(JobCancelled("the job was cancelled"))
+        job.idle.wait(CANCEL_SECONDS)  # its thread writes no more into the folder
         shutil.rmtree(job.folder, ignore_errors=True)
 
     def _count(self, path: Path, order: Order) -> int:
@@ -337,13 +363,20 @@ class Service:
 
     def _run(self, job: ServedJob) -> None:
         """Run one job to its end, in a thread of the pool."""
-        from kosmos_cli.api import transcribe_files
-
         assert self.model is not None
         with job.changed:
             if job.finished or self.stopping:
                 return
             job.state, job.lane = "running", self.model.lane(job.id)
+            job.idle.clear()
+        try:
+            self._transcribe(job)
+        finally:
+            job.idle.set()
+
+    def _transcribe(self, job: ServedJob) -> None:
+        from kosmos_cli.api import transcribe_files
+
         try:
             summary = transcribe_files(
                 [job.document],
@@ -356,6 +389,7 @@ class Service:
                 settings=self.settings,
                 runner=job.lane,
                 reporter=job,
+                reader=self._own_reader(),
             )
         except ServiceStopping:
             job._set(state="interrupted", lane=None)
@@ -370,6 +404,15 @@ class Service:
             job.error(KosmosError(f"kosmos crashed: {error!r}"))
             summary = None
         self._end(job, summary)
+
+    def _own_reader(self) -> Sandbox:
+        """This job thread's reader process (started on its first call)."""
+        reader = getattr(self._thread_reader, "sandbox", None)
+        if reader is None:
+            reader = self._thread_reader.sandbox = Sandbox(timeout=self.limits.page_timeout)
+            with self._lock:
+                self._job_readers.append(reader)
+        return reader
 
     def _end(self, job: ServedJob, summary: Summary | None) -> None:
         done = summary is not None and (summary.documents_done or summary.documents_skipped)
@@ -456,8 +499,13 @@ class Service:
     def _read_jobs(self) -> list[ServedJob]:
         """The jobs an earlier run left, oldest first; what is not a job is left alone."""
         jobs = []
+        for leftover in self.folder.glob(f"{UPLOAD_PREFIX}*"):  # uploads a killed server was receiving
+            leftover.unlink(missing_ok=True)
         for folder in sorted(self.folder.iterdir()):
-            if not _ID.fullmatch(folder.name) or not (folder / ORDER_FILE).exists():
+            if not _ID.fullmatch(folder.name):
+                continue
+            if not (folder / ORDER_FILE).exists():  # a job a killed server was accepting
+                shutil.rmtree(folder, ignore_errors=True)
                 continue
             try:
                 order = Order.read(folder / ORDER_FILE)
