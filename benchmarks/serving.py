@@ -2,7 +2,8 @@
 
 Side by side on the same pages and model settings:
 
-  (a) `kosmos ocr` as a library call, one page a call, the model loaded once: the baseline per page;
+  (a) `kosmos ocr` as a library call, one page a call, the model and a reader process kept: the
+      baseline per page;
   (b) the server, one client posting one page at a time (`POST /v1/transcribe`, txt back): the
       service's overhead per page is (b) - (a): HTTP, the upload, the job on disk, the JSON, the answer;
   (c) the server with each number of `--clients` at once, the pages dealt among them: pages/s;
@@ -33,6 +34,7 @@ from kosmos_cli.api import transcribe_files
 from kosmos_cli.config import Settings
 from kosmos_cli.model.loading import load_runner
 from kosmos_cli.reporting import Summary
+from kosmos_cli.sandbox import Sandbox
 from kosmos_cli.testing import ServerProcess, save_random_checkpoint
 
 
@@ -68,16 +70,23 @@ def library_side(args: argparse.Namespace, pages: list[Path]) -> tuple[float, fl
     """(a) and (d): seconds a page, one page a call, and pages/s with every page in one call."""
     settings = Settings(model=args.model, dtype=args.dtype, device=args.device, max_new_tokens=args.tokens)
     runner = load_runner(settings)
-    transcribe_files(pages[:1], task="ocr", settings=settings, runner=runner, stdout=_Null())  # warm up
-    started = time.perf_counter()
-    for page in pages:
-        summary = transcribe_files([page], task="ocr", settings=settings, runner=runner, stdout=_Null())
-        assert summary.pages_done == 1, summary
-    one_by_one = (time.perf_counter() - started) / len(pages)
-    started = time.perf_counter()
-    summary: Summary = transcribe_files(pages, task="ocr", settings=settings, runner=runner, stdout=_Null())
-    batched = len(pages) / (time.perf_counter() - started)
-    assert summary.pages_done == len(pages), summary
+    with Sandbox() as reader:  # one reader process for every call, as each of the server's job threads has
+
+        def run(inputs: list[Path]) -> Summary:
+            summary = transcribe_files(
+                inputs, task="ocr", settings=settings, runner=runner, stdout=_Null(), reader=reader
+            )
+            assert summary.pages_done == len(inputs), summary
+            return summary
+
+        run(pages[:1])  # warm up
+        started = time.perf_counter()
+        for page in pages:
+            run([page])
+        one_by_one = (time.perf_counter() - started) / len(pages)
+        started = time.perf_counter()
+        run(pages)
+        batched = len(pages) / (time.perf_counter() - started)
     return one_by_one, batched
 
 
