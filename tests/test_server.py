@@ -333,13 +333,27 @@ def test_a_key_guards_every_v1_route(tiny_checkpoint: Path, files: Path, tmp_pat
         assert server.stopped_cleanly()
 
 
-def test_other_addresses_than_loopback_need_a_key(tiny_checkpoint: Path) -> None:
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        (["--host", "0.0.0.0"], "error: --host 0.0.0.0 lets other machines in, and there is no key"),
+        (["--host", "::", "--api-key", " "], "error: --api-key is empty"),
+        (["--max-jobs", "0"], "error: --max-jobs must be 1 or more, not 0"),
+        (["--wait", "-1"], "error: --wait must be a positive number, not -1"),
+        (["--keep-hours", "inf"], "error: --keep-hours must be a positive number, not inf"),
+        (["--device", "gpu7"], "error: `gpu7` is not a device"),
+    ],
+)
+def test_serve_refuses_what_it_cannot_do_before_loading_anything(
+    tiny_checkpoint: Path, options: list[str], message: str
+) -> None:
+    environment = {key: value for key, value in os.environ.items() if key != "KOSMOS_API_KEY"}
     refused = subprocess.run(
-        [sys.executable, "-m", "kosmos_cli", "serve", "--host", "0.0.0.0", "--model", str(tiny_checkpoint)],
-        capture_output=True, text=True, timeout=60, check=False, env={**os.environ, "KOSMOS_API_KEY": ""},
+        [sys.executable, "-m", "kosmos_cli", "serve", "--model", str(tiny_checkpoint), *options],
+        capture_output=True, text=True, timeout=60, check=False, env=environment,
     )  # fmt: skip
-    assert refused.returncode == 2
-    assert "--host 0.0.0.0 lets other machines in, and there is no key" in refused.stderr
+    assert refused.returncode == 2, refused.stderr
+    assert refused.stderr.splitlines()[0] == message
 
 
 def test_a_job_killed_with_the_server_finishes_after_a_restart_with_the_same_bytes(
