@@ -29,6 +29,7 @@ from kosmos_cli.values import Task
 from kosmos_cli.writers import WRITERS, formats_for
 
 TOKENS = 12
+ONE_AT_A_TIME = ("--batch-size", "1")  # pages finish one by one: a kill lands between two of them
 
 
 @dataclass
@@ -287,7 +288,8 @@ def test_deleting_a_running_job_takes_its_pages_out_of_the_batch(
         with server.client() as client:
             job = post(client, "/v1/jobs", files / "long.pdf", task="md", text_layer="ignore").json()
             wait_for(client, job["id"], states=("running",))
-            while server.metric("kosmos_batch_pages") == 0:
+            deadline = time.monotonic() + 60
+            while server.metric("kosmos_batch_pages") == 0 and time.monotonic() < deadline:
                 time.sleep(0.01)
             deleted = client.delete(f"/v1/jobs/{job['id']}")
             assert deleted.status_code == 200 and deleted.json()["state"] == "cancelled"
@@ -360,13 +362,13 @@ def test_a_job_killed_with_the_server_finishes_after_a_restart_with_the_same_byt
     tiny_checkpoint: Path, files: Path, tmp_path: Path
 ) -> None:
     jobs = tmp_path / "jobs"
-    server = start_server(tiny_checkpoint, jobs, tokens=150)
+    server = start_server(tiny_checkpoint, jobs, *ONE_AT_A_TIME, tokens=150)
     with server.client() as client:
         job = post(client, "/v1/jobs", files / "long.pdf", task="ocr", text_layer="ignore").json()
         wait_for(client, job["id"], done=3)
     assert server.stop(signal.SIGKILL) == -signal.SIGKILL
     assert not (jobs / job["id"] / ENDED_FILE).exists()
-    server = start_server(tiny_checkpoint, jobs, tokens=150)
+    server = start_server(tiny_checkpoint, jobs, *ONE_AT_A_TIME, tokens=150)
     try:
         with server.client() as client:
             state = wait_for(client, job["id"])
@@ -386,7 +388,7 @@ def test_sigterm_stops_taking_work_and_the_job_resumes_at_the_next_start(
     tiny_checkpoint: Path, files: Path, tmp_path: Path
 ) -> None:
     jobs = tmp_path / "jobs"
-    server = start_server(tiny_checkpoint, jobs, tokens=150)
+    server = start_server(tiny_checkpoint, jobs, *ONE_AT_A_TIME, tokens=150)
     with server.client() as client:
         job = post(client, "/v1/jobs", files / "long.pdf", task="md", text_layer="ignore").json()
         wait_for(client, job["id"], done=1)
@@ -394,7 +396,7 @@ def test_sigterm_stops_taking_work_and_the_job_resumes_at_the_next_start(
     assert server.stopped_cleanly()
     assert time.monotonic() - started < 30
     assert not (jobs / job["id"] / ENDED_FILE).exists()
-    server = start_server(tiny_checkpoint, jobs, tokens=150)
+    server = start_server(tiny_checkpoint, jobs, *ONE_AT_A_TIME, tokens=150)
     try:
         with server.client() as client:
             assert wait_for(client, job["id"])["pages"]["done"] == 10
@@ -409,7 +411,8 @@ def test_results_expire_after_their_keep_time(tmp_path: Path, files: Path) -> No
         upload = tmp_path / "upload"
         upload.write_bytes((files / "page.png").read_bytes())
         job = service.accept(upload, "page.png", task="ocr", pages=None, text_layer="auto")
-        while not job.finished:
+        deadline = time.monotonic() + 60
+        while not job.finished and time.monotonic() < deadline:
             job.wait(0.1)
         assert job.state == "done" and service.render(job, "txt")[0]
         service.expire(time.time() + 30)

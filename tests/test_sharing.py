@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
@@ -34,6 +35,13 @@ class OneAtATime:
         for request in requests:
             self.order.append(request.key.request.key)  # type: ignore[attr-defined]
             yield request, Generation(str(request.key.request.key), (1, 1), ids=(7,))  # type: ignore[attr-defined]
+
+
+def going() -> threading.Event:
+    """A start signal already given: the runner takes requests as they come."""
+    started = threading.Event()
+    started.set()
+    return started
 
 
 def requests(name: str, count: int) -> list[Request]:
@@ -97,7 +105,7 @@ def test_a_cancelled_lane_drops_what_waits_and_its_job_hears_why() -> None:
 
 
 def test_stopping_ends_the_model_thread_and_every_job() -> None:
-    model = SharedModel(OneAtATime(threading.Event()))  # type: ignore[arg-type]
+    model = SharedModel(OneAtATime(going()))  # type: ignore[arg-type]
     model.start()
     lane = model.lane()
     caught: list[BaseException] = []
@@ -137,7 +145,6 @@ def test_pages_of_different_jobs_decode_together_and_a_cancelled_one_leaves_the_
     runner.loop_rule = None  # the tiny model repeats itself; this test needs pages that keep decoding
     watcher = Counting()
     model = SharedModel(runner, watcher)
-    model.start()
     image = sample_image(size=(120, 90))
     kept = model.lane("kept")
     doomed = model.lane("doomed")
@@ -155,7 +162,11 @@ def test_pages_of_different_jobs_decode_together_and_a_cancelled_one_leaves_the_
     ]
     for thread in threads:
         thread.start()
-    while watcher.together[-1:] != [2]:
+    while model.turns.waiting() < 2:  # both pages wait before the model takes any: they join together
+        threading.Event().wait(0.01)
+    model.start()
+    deadline = time.monotonic() + 60
+    while watcher.together[-1:] != [2] and time.monotonic() < deadline:
         threading.Event().wait(0.001)
     doomed.cancel(JobCancelled("the job was cancelled"))
     for thread in threads:
@@ -182,8 +193,7 @@ def test_the_decode_loop_drops_a_request_cancelled_between_steps(tiny_checkpoint
 
 @pytest.mark.parametrize("count", [0, 1, 5])
 def test_a_lane_with_no_more_requests_ends_without_waiting(count: int) -> None:
-    model = SharedModel(OneAtATime(threading.Event()))  # type: ignore[arg-type]
-    model.runner.started.set()  # type: ignore[attr-defined]
+    model = SharedModel(OneAtATime(going()))  # type: ignore[arg-type]
     model.start()
     answers = [str(request.key) for request, _ in model.lane().generate(requests("p", count))]
     assert answers == [f"p{i}" for i in range(count)]
@@ -192,7 +202,7 @@ def test_a_lane_with_no_more_requests_ends_without_waiting(count: int) -> None:
 
 def test_a_job_that_starts_after_the_model_stopped_hears_so_at_once() -> None:
     """A job thread that was reading its document when SIGTERM came must not wait for a model thread that ended."""
-    model = SharedModel(OneAtATime(threading.Event()))  # type: ignore[arg-type]
+    model = SharedModel(OneAtATime(going()))  # type: ignore[arg-type]
     model.start()
     model.stop(ServiceStopping("the service is stopping"), timeout=5)
     with pytest.raises(ServiceStopping):
