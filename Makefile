@@ -56,7 +56,8 @@ test-ray: install
 
 # The tests that touch transformers, on the oldest release kosmos supports (CI runs it too).
 test-oldest: $(OLDEST)/.installed
-	$(OLDEST)/bin/python -m pytest -n auto tests/test_generation.py tests/test_testing.py tests/test_exact.py tests/test_api.py
+	$(OLDEST)/bin/python -m pytest -n auto tests/test_generation.py tests/test_testing.py tests/test_exact.py tests/test_api.py \
+		tests/test_sharing.py
 
 $(OLDEST)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(OLDEST)
