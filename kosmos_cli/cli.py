@@ -639,7 +639,7 @@ class ServeOptions(ModelOptions):
 @with_options(ServeOptions)
 def serve(*, options: ServeOptions) -> None:
     """Serve the model over HTTP: uploads in, any format out, jobs, metrics, an OpenAI-style chat route."""
-    from kosmos_cli.server.run import Listen, check_listen, default_jobs_folder, missing_packages
+    from kosmos_cli.server.run import Listen, check_listen, jobs_folder, missing_packages
 
     console = Console(stderr=True, highlight=False, soft_wrap=True)
     _configure_logging(console, verbose=options.verbose, quiet=options.quiet)
@@ -654,12 +654,13 @@ def serve(*, options: ServeOptions) -> None:
         check_listen(listen)
         settings = options.settings()
         limits, http = _serve_limits(options)
+        folder = jobs_folder(options.jobs_dir)
     except KosmosError as error:
         _print_error(console, error)
         raise typer.Exit(error.exit_code) from None
     from kosmos_cli.server.run import serve as run_server
 
-    run_server(settings, listen, options.jobs_dir or default_jobs_folder(), limits, http)
+    run_server(settings, listen, folder, limits, http)
 
 
 def _serve_limits(options: ServeOptions) -> tuple[Any, Any]:

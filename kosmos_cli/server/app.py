@@ -316,21 +316,25 @@ async def _accept(
     service: Service, file: UploadFile, *, task: str, pages: str | None, text_layer: str
 ) -> ServedJob:
     """Spool an upload beside the jobs and hand it to the service."""
+    _check_ready(service)
     upload = await run_in_threadpool(service.spool, file.file)
     return await _start_job(
         service, upload, file.filename or "upload", task=task, pages=pages, text_layer=text_layer
     )
 
 
-async def _start_job(
-    service: Service, upload: Path, name: str, *, task: str, pages: str | None, text_layer: str
-) -> ServedJob:
+def _check_ready(service: Service) -> None:
     if not service.ready:
-        upload.unlink(missing_ok=True)
         raise ApiError(
             503, "the model is not ready", "GET /ready says when it is", {"Retry-After": str(RETRY_SECONDS)}
         )
+
+
+async def _start_job(
+    service: Service, upload: Path, name: str, *, task: str, pages: str | None, text_layer: str
+) -> ServedJob:
     try:
+        _check_ready(service)
         return await run_in_threadpool(
             service.accept, upload, name, task=task, pages=pages, text_layer=text_layer
         )

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -41,6 +42,21 @@ def default_jobs_folder() -> Path:
     """Where jobs are kept: $XDG_STATE_HOME/kosmos/jobs, else ~/.local/state/kosmos/jobs."""
     state = os.environ.get("XDG_STATE_HOME") or os.path.join(os.path.expanduser("~"), ".local", "state")
     return Path(state) / "kosmos" / "jobs"
+
+
+def jobs_folder(folder: Path | None) -> Path:
+    """Make the folder jobs are kept in (default: `default_jobs_folder`) and return it; raises
+    UsageError if it cannot be made or written."""
+    folder = folder or default_jobs_folder()
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as error:
+        raise UsageError(
+            f"cannot keep jobs in `{folder}`: {error.strerror or error}", hint="choose another --jobs-dir"
+        ) from None
+    return folder
 
 
 def check_listen(listen: Listen) -> None:

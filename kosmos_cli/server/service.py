@@ -220,6 +220,7 @@ class Service:
     """The shared model and the jobs on disk: accept, run, resume, cancel, render, expire."""
 
     def __init__(self, settings: Settings, folder: Path, limits: Limits, counter: Counter | None = None):
+        """A service keeping its jobs in `folder`, which must exist (`run.jobs_folder` makes it)."""
         self.settings = settings
         self.folder = folder
         self.limits = limits
@@ -228,6 +229,7 @@ class Service:
         self.failure: Exception | None = None  # why the model did not load
         self.stopping = False
         self._jobs: dict[str, ServedJob] = {}
+        self._accepting = 0  # uploads being accepted right now
         self._lock = threading.Lock()
         self._pool = ThreadPoolExecutor(max_workers=RUNNING_JOBS, thread_name_prefix="kosmos-job")
         self._reader = Sandbox(timeout=limits.page_timeout)  # counts and draws pages of uploads
@@ -242,7 +244,6 @@ class Service:
     def start(self, load: Callable[[Settings], Any]) -> None:
         """Load the model with `load(settings)`, start its thread, resume the jobs on disk, and begin
         removing expired ones."""
-        self.folder.mkdir(parents=True, exist_ok=True)
         model = SharedModel(load(self.settings), self.counter)
         jobs = self._read_jobs()
         with self._lock:
@@ -295,23 +296,27 @@ class Service:
                 f"`{name}` is not an image or PDF", hint=f"supported formats: {SUPPORTED_FORMATS}"
             )
         with self._lock:
-            unfinished = sum(not job.finished for job in self._jobs.values())
+            unfinished = self._accepting + sum(not job.finished for job in self._jobs.values())
             if unfinished >= self.limits.max_jobs:
                 raise Busy(f"the service holds {unfinished} unfinished jobs, as many as it takes")
+            self._accepting += 1  # counted from here, so that uploads arriving together cannot pass the limit
         job_id = secrets.token_hex(16)
         folder = self.folder / job_id
-        (folder / INPUT_FOLDER).mkdir(parents=True)
         try:
+            (folder / INPUT_FOLDER).mkdir(parents=True)
             os.replace(upload, folder / INPUT_FOLDER / name)
             order = Order(task, name, pages, text_layer, created=time.time())
             total = self._count(folder / INPUT_FOLDER / name, order)
             atomic_write(folder / ORDER_FILE, json.dumps(asdict(order)).encode())
+            job = ServedJob(job_id, folder, order, total, counter=self.counter)
+            with self._lock:
+                self._jobs[job_id] = job
         except BaseException:
             shutil.rmtree(folder, ignore_errors=True)
             raise
-        job = ServedJob(job_id, folder, order, total, counter=self.counter)
-        with self._lock:
-            self._jobs[job_id] = job
+        finally:
+            with self._lock:
+                self._accepting -= 1
         self._pool.submit(self._run, job)
         return job
 
