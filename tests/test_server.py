@@ -486,3 +486,17 @@ def test_the_readme_examples_of_the_server_run_against_one(
     for number, code in enumerate(examples):
         exec(compile(code, f"README.md server example {number + 1}", "exec"), {})
     assert "application/xml" in capsys.readouterr().out
+
+
+def test_serve_without_its_packages_names_the_extra(monkeypatch: pytest.MonkeyPatch) -> None:
+    import importlib.util
+
+    from kosmos_cli.errors import UsageError
+    from kosmos_cli.server.run import missing_packages
+
+    found = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None if name == "uvicorn" else found(name))
+    with pytest.raises(UsageError) as raised:
+        missing_packages()
+    assert raised.value.message == "kosmos serve needs uvicorn"
+    assert raised.value.hint == "pip install 'kosmos-transcribe[serve]'"

@@ -179,11 +179,10 @@ def create_app(service: Service, metrics: Metrics, options: Options, load: Calla
     @app.get("/v1/jobs/{job_id}/pages/{number}/image", dependencies=keyed)
     async def page_image(job_id: str, number: int) -> Response:
         job = _job(service, job_id)
-        result = job.results.get(number - 1)
-        if result is None:
+        if number - 1 not in job.results:
             raise ApiError(404, f"page {number} of the job has no result yet")
         try:
-            png, _, _ = await run_in_threadpool(service.page_image, job, number - 1)
+            png = await run_in_threadpool(service.page_image, job, number - 1)
         except InputError as error:
             raise ApiError(400, error.message, error.hint) from None
         return Response(png, media_type="image/png")

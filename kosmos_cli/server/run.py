@@ -13,7 +13,7 @@ from kosmos_cli.config import Settings
 from kosmos_cli.errors import UsageError
 
 API_KEY_ENV = "KOSMOS_API_KEY"
-SERVER_PACKAGES = ("fastapi", "uvicorn", "multipart", "prometheus_client")
+SERVER_PACKAGES = ("fastapi", "uvicorn", "python_multipart", "prometheus_client")
 SHUTDOWN_SECONDS = 10  # how long open connections get to finish once SIGTERM arrives
 
 

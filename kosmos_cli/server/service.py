@@ -479,8 +479,9 @@ class Service:
                 archive.writestr(name, data)
         return buffer.getvalue(), "application/zip", f"{job.order.file_name}.{format_name}.zip"
 
-    def page_image(self, job: ServedJob, page_index: int) -> tuple[bytes, int, int]:
-        """A page of the job's input as PNG, as the model saw it, and the page's size in pixels."""
+    def page_image(self, job: ServedJob, page_index: int) -> bytes:
+        """A page of the job's input as PNG, as the model saw it (its lines' boxes are in the page's
+        full size, `PageInfo.width` and `height`)."""
         from kosmos_cli.rasterize import PageError, iter_pages
 
         (page,) = list(iter_pages(job.document, page_indices=[page_index], sandbox=self._reader))
@@ -488,7 +489,7 @@ class Service:
             raise page
         buffer = io.BytesIO()
         page.image.save(buffer, "PNG")
-        return buffer.getvalue(), page.info.width, page.info.height
+        return buffer.getvalue()
 
     def _read_json(self, job: ServedJob) -> list[PageResult]:
         from kosmos_cli.writers.data import read_results
