@@ -24,7 +24,7 @@ import queue
 import threading
 import time
 from collections import OrderedDict, deque
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 
 from kosmos_cli.errors import GenerationError, KosmosError
@@ -63,6 +63,7 @@ class Lane:
     running: int = 0  # its requests in the batch
     stopped: KosmosError | None = None  # why it was cancelled
     events: queue.Queue[object] = field(default_factory=queue.Queue)
+    partial: Callable[[list[int]], None] | None = None  # handed its pages' tokens so far (`Request.partial`)
 
     def cancelled(self) -> bool:
         """Whether the lane was cancelled (asked by the decode loop between steps)."""
@@ -161,7 +162,7 @@ class Turns:
         self._watcher.taken(running)
         lane.events.put(TAKEN)
         ticket = _Ticket(lane, request, time.monotonic())
-        return Request(ticket, request.image, request.task, cancelled=lane.cancelled)
+        return Request(ticket, request.image, request.task, cancelled=lane.cancelled, partial=lane.partial)
 
     def answer(self, shared: Request, outcome: Generation | GenerationError) -> None:
         """Give a request's outcome back to its lane."""
@@ -197,6 +198,10 @@ class SharedModel:
         self.turns.stop(reason)
         if self._thread.is_alive():
             self._thread.join(timeout)
+
+    def text(self, ids: list[int]) -> str:
+        """The text of generated ids, before tidying (`KosmosRunner.text`)."""
+        return str(self.runner.text(ids))  # type: ignore[attr-defined]
 
     def lane(self, name: str = "") -> LaneRunner:
         """A `Runner` for one job, whose requests take turns with every other job's."""

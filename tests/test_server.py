@@ -11,9 +11,10 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import zipfile
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,10 +24,11 @@ import pytest
 from inputs import PdfPage, make_pdf, sample_image
 
 from kosmos_cli.config import Settings
+from kosmos_cli.model import Request
 from kosmos_cli.server.run import jobs_folder
 from kosmos_cli.server.service import ENDED_FILE, Limits, Service
 from kosmos_cli.testing import ScriptedRunner, ServerProcess
-from kosmos_cli.values import Task
+from kosmos_cli.values import Generation, Task
 from kosmos_cli.writers import WRITERS, formats_for
 
 TOKENS = 12
@@ -500,3 +502,96 @@ def test_serve_without_its_packages_names_the_extra(monkeypatch: pytest.MonkeyPa
         missing_packages()
     assert raised.value.message == "kosmos serve needs uvicorn"
     assert raised.value.hint == "pip install 'kosmos-transcribe[serve]'"
+
+
+class WritingRunner:
+    """A runner that writes each page's markdown a line at a time, telling `Request.partial` as it goes,
+    and holds after its first two lines until the test has seen them arrive."""
+
+    max_new_tokens = 50
+    LINES = ("# Title\n", "First line\n", "Second line\n", "Last line")
+
+    def __init__(self) -> None:
+        self.hold = threading.Event()
+
+    def text(self, ids: list[int]) -> str:
+        return "".join(self.LINES[i] for i in ids)
+
+    def generate(self, requests: Iterable[Request]) -> Iterator[tuple[Request, Generation]]:
+        for request in requests:
+            ids: list[int] = []
+            for number in range(len(self.LINES)):
+                ids.append(number)
+                assert request.partial is not None
+                request.partial(ids)
+                if number == 2:
+                    self.hold.wait(30)
+            yield request, Generation(self.text(ids), request.image.size, ids=tuple(ids))
+
+
+def test_a_streamed_markdown_answer_sends_each_line_as_the_model_finishes_it(
+    tmp_path: Path, files: Path
+) -> None:
+    import uvicorn
+
+    from kosmos_cli.server.app import Options, create_app
+    from kosmos_cli.server.metrics import Metrics
+
+    runner = WritingRunner()
+    metrics = Metrics()
+    service = Service(Settings(model="writing"), jobs_folder(tmp_path / "jobs"), Limits(), metrics)
+    app = create_app(service, metrics, Options(), lambda settings: runner)
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    try:
+        deadline = time.monotonic() + 60
+        while not (server.started and service.ready) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        port = server.servers[0].sockets[0].getsockname()[1]
+        image = base64.b64encode((files / "page.png").read_bytes()).decode()
+        message = {
+            "role": "user",
+            "content": [
+                {"type": "text", "text": "<md>"},
+                {"type": "image_url", "image_url": {"url": f"data:image/png;base64,{image}"}},
+            ],
+        }
+        pieces: list[str] = []
+        with (
+            httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=60) as client,
+            client.stream(
+                "POST", "/v1/chat/completions", json={"messages": [message], "stream": True}
+            ) as answer,
+        ):
+            for line in answer.iter_lines():
+                if not line.startswith("data: {"):
+                    continue
+                delta = json.loads(line.removeprefix("data: "))["choices"][0]["delta"]
+                if delta.get("content"):
+                    pieces.append(delta["content"])
+                    runner.hold.set()  # the first lines came while the model was still writing
+        assert pieces[0] == "# Title\nFirst line\nSecond line"  # written before the model went on
+        assert "".join(pieces) == "# Title\nFirst line\nSecond line\nLast line"
+        assert len(pieces) >= 2
+    finally:
+        runner.hold.set()
+        server.should_exit = True
+        thread.join(30)
+
+
+@pytest.mark.parametrize(
+    ("raw", "settled"),
+    [
+        ("", ""),
+        ("# Tit", ""),  # a line being written is held back
+        ("# Title\nFirst", "# Title"),
+        ("# Title\n\n\n\nFirst line\n", "# Title\n\nFirst line"),  # blank runs collapse, as in the page
+        ("a<br>b\nc", "a\nb"),  # <br> is a line break once its line is finished
+        ("  indented  \nnext", "indented"),
+    ],
+)
+def test_only_finished_markdown_lines_are_streamed(raw: str, settled: str) -> None:
+    from kosmos_cli.server.chat import settled_markdown
+
+    assert settled_markdown(raw) == settled

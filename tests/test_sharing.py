@@ -207,3 +207,16 @@ def test_a_job_that_starts_after_the_model_stopped_hears_so_at_once() -> None:
     model.stop(ServiceStopping("the service is stopping"), timeout=5)
     with pytest.raises(ServiceStopping):
         list(model.lane().generate(requests("late", 2)))
+
+
+def test_the_decode_loop_hands_each_page_its_tokens_so_far(tiny_checkpoint: Path) -> None:
+    runner = load_runner(Settings(model=str(tiny_checkpoint), dtype="float32", max_new_tokens=20))
+    runner.loop_rule = None
+    seen: list[list[int]] = []
+    request = Request(
+        "page", sample_image(size=(120, 90)), Task.MD, partial=lambda ids: seen.append(list(ids))
+    )
+    ((_, generation),) = list(runner.generate([request]))
+    assert isinstance(generation, Generation)
+    assert [len(ids) for ids in seen] == list(range(1, 21))
+    assert tuple(seen[-1]) == generation.ids and runner.text(seen[-1]) == generation.text

@@ -32,13 +32,16 @@ class Request:
     """One image to transcribe; `key` is the caller's handle, returned untouched.
 
     `cancelled`, where given, is asked between decode steps: a page whose caller gave up on it
-    (`kosmos serve`'s DELETE) leaves the running batch with a `GenerationError`.
+    (`kosmos serve`'s DELETE) leaves the running batch with a `GenerationError`. `partial`, where
+    given, is handed the page's token ids so far after each decode step (the list the loop appends
+    to: read it, do not keep it), for answers streamed as they are written.
     """
 
     key: object
     image: Image.Image
     task: Task
     cancelled: Callable[[], bool] | None = None
+    partial: Callable[[list[int]], None] | None = None
 
 
 @runtime_checkable

@@ -218,6 +218,9 @@ class ContinuousDecoder:
             for i, (token, prob) in enumerate(zip(tokens, probs, strict=True), start=rows_from)
             if batch.rows[i].add(token, prob, runner.eos_id, None if looks is None else looks[i - rows_from])
         ]
+        for row in batch.rows[rows_from:]:
+            if row.request.partial is not None:
+                row.request.partial(row.ids)
         if not finished:
             return
         done = [batch.rows[i] for i in finished]

@@ -8,7 +8,7 @@ the default; `graph` with `--cuda-graph`) or in fixed batches through transforme
 from __future__ import annotations
 
 import functools
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
@@ -105,7 +105,7 @@ class KosmosRunner:
     ) -> Generation:
         """Turn a finished page's ids and probabilities (and where they looked) into its `Generation`."""
         tokenizer = self.processor.tokenizer
-        text = tokenizer.decode(ids, skip_special_tokens=True)
+        text = self.text(ids)
         if attention is not None:  # each token's own text, to tell which tokens make which line
             pieces = tokenizer.batch_decode([[token] for token in ids], skip_special_tokens=True)
             attention = replace(attention, pieces=tuple(pieces))
@@ -119,6 +119,10 @@ class KosmosRunner:
             loop=loop,
             attention=attention,
         )
+
+    def text(self, ids: Sequence[int]) -> str:
+        """The text of generated ids, as a page's `Generation` has it (markdown before tidying)."""
+        return str(self.processor.tokenizer.decode(list(ids), skip_special_tokens=True))
 
     def _segments(self, ids: list[int], probs: list[float]) -> tuple[tuple[float, ...], ...]:
         """Split the text tokens' probabilities at each `<bbox>`: a group per line, one before the first."""

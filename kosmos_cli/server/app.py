@@ -13,6 +13,7 @@ import contextlib
 import hmac
 import secrets
 import threading
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from importlib import resources
@@ -36,6 +37,7 @@ from kosmos_cli.writers.text import format_ocr_lines
 
 RETRY_SECONDS = 10  # Retry-After of a 429: about how long a page takes on a busy service
 POLL_SECONDS = 0.05  # how often a waiting request looks at its job
+STREAM_SECONDS = 0.2  # how often a streamed chat answer looks for new lines
 STOP_SECONDS = 30.0  # how long stopping waits for the model thread to end
 ERROR_TYPES = {
     400: "invalid_request",
@@ -207,35 +209,75 @@ def create_app(service: Service, metrics: Metrics, options: Options, load: Calla
             asked = chat.parse_request(body)
         except UsageError as error:
             raise ApiError(400, error.message, error.hint) from None
+        _check_ready(service)
         upload = await run_in_threadpool(service.spool, asked.image)
         job = await _start_job(
-            service, upload, asked.file_name, task=asked.task.value, pages="1", text_layer="auto"
+            service, upload, asked.file_name, task=asked.task.value, pages="1", follow=asked.task is Task.MD
         )
+        if asked.stream:
+            return StreamingResponse(_chat_stream(service, job, asked), media_type="text/event-stream")
         try:
             await _wait(service, job, None)
-            if job.state != "done":
-                raise ApiError(
-                    503 if service.stopping else 400,
-                    f"the page was not transcribed: {job.state}",
-                    _first(job.errors),
-                )
-            (result,) = job.results.values()
+            text, tokens, truncated = _chat_answer(service, job)
         finally:
             await run_in_threadpool(service.delete, job)
-        if result.status is Status.FAILED:
-            raise ApiError(400, f"the page was not transcribed: {result.error}", result.hint)
         answer_id = f"chatcmpl-{secrets.token_hex(12)}"
-        text = result.text if asked.task is Task.MD else format_ocr_lines(result.lines)
-        truncated = result.status is Status.TRUNCATED
-        if asked.stream:
-            return StreamingResponse(
-                chat.stream(answer_id, asked, text, truncated), media_type="text/event-stream"
-            )
-        return JSONResponse(chat.completion(answer_id, asked, text, result.token_count or 0, truncated))
+        return JSONResponse(chat.completion(answer_id, asked, text, tokens, truncated))
 
     app.add_middleware(_BodyLimit, limit=options.max_upload)
     app.add_middleware(_Counted, metrics=metrics)  # outermost: counts the 413s too
     return app
+
+
+async def _chat_stream(service: Service, job: ServedJob, asked: chat.ChatRequest) -> AsyncIterator[bytes]:
+    """A chat answer as server-sent events: markdown's finished lines as the model writes them, the rest
+    (OCR text, or what is left) once the page is done; the job is removed at the end, or when the
+    client goes away."""
+    answer_id, created = f"chatcmpl-{secrets.token_hex(12)}", int(time.time())
+    sent = ""
+    try:
+        yield chat.chunk(answer_id, asked, created, {"role": "assistant", "content": ""})
+        while not job.finished and not service.stopping and job.state != "interrupted":
+            tokens = job.tokens()
+            if tokens and service.model is not None:
+                settled = chat.settled_markdown(await run_in_threadpool(service.model.text, tokens))
+                if settled.startswith(sent) and len(settled) > len(sent):
+                    yield chat.chunk(answer_id, asked, created, {"content": settled[len(sent) :]})
+                    sent = settled
+            await asyncio.sleep(STREAM_SECONDS)
+        try:
+            text, _, truncated = _chat_answer(service, job)
+        except ApiError as error:
+            yield chat.event_bytes(
+                {
+                    "error": {
+                        "message": error.message,
+                        "hint": error.hint,
+                        "type": ERROR_TYPES.get(error.status, "server_error"),
+                    }
+                }
+            )
+            yield chat.event_bytes("[DONE]")
+            return
+        rest = text[len(sent) :] if text.startswith(sent) else ""
+        for line in rest.splitlines(keepends=True):
+            yield chat.chunk(answer_id, asked, created, {"content": line})
+        yield chat.chunk(answer_id, asked, created, {}, "length" if truncated else "stop")
+        yield chat.event_bytes("[DONE]")
+    finally:
+        await run_in_threadpool(service.delete, job)
+
+
+def _chat_answer(service: Service, job: ServedJob) -> tuple[str, int, bool]:
+    """A chat job's answer once it ended: the page's text, its token count, whether it was cut."""
+    if job.state != "done":
+        status = 503 if service.stopping or job.state == "interrupted" else 400
+        raise ApiError(status, f"the page was not transcribed: {job.state}", _first(job.errors))
+    (result,) = job.results.values()
+    if result.status is Status.FAILED:
+        raise ApiError(400, f"the page was not transcribed: {result.error}", result.hint)
+    text = result.text if result.task is Task.MD else format_ocr_lines(result.lines)
+    return text, result.token_count or 0, result.status is Status.TRUNCATED
 
 
 def _start(service: Service, load: Callable[..., Any]) -> None:
@@ -330,12 +372,19 @@ def _check_ready(service: Service) -> None:
 
 
 async def _start_job(
-    service: Service, upload: Path, name: str, *, task: str, pages: str | None, text_layer: str
+    service: Service,
+    upload: Path,
+    name: str,
+    *,
+    task: str,
+    pages: str | None,
+    text_layer: str = "auto",
+    follow: bool = False,
 ) -> ServedJob:
     try:
         _check_ready(service)
         return await run_in_threadpool(
-            service.accept, upload, name, task=task, pages=pages, text_layer=text_layer
+            service.accept, upload, name, task=task, pages=pages, text_layer=text_layer, follow=follow
         )
     except Busy as error:
         raise ApiError(429, error.message, "retry later", {"Retry-After": str(RETRY_SECONDS)}) from None

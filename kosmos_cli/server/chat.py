@@ -3,7 +3,8 @@
 A request holds one user message with an image as a data URI (`image_url`; remote URLs are not
 fetched) and the text `<md>` or `<ocr>`, or names the model `kosmos-2.5-md` or `kosmos-2.5-ocr`.
 The answer is the page's markdown or its OCR text (`kosmos ocr`'s txt: a box and its text a line);
-with `stream: true`, server-sent events whose deltas carry it line by line once the page is done.
+with `stream: true`, server-sent events: markdown line by line as the model finishes each line, OCR
+text once the page is done.
 """
 
 from __future__ import annotations
@@ -13,11 +14,11 @@ import binascii
 import json
 import re
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
 from kosmos_cli.errors import UsageError
+from kosmos_cli.parsing import tidy_markdown
 from kosmos_cli.values import Task
 from kosmos_cli.vocabulary import PROMPT_LENGTH
 
@@ -117,22 +118,27 @@ def completion(
     }
 
 
-def stream(answer_id: str, request: ChatRequest, text: str, truncated: bool) -> Iterator[bytes]:
-    """The answer as server-sent events of `chat.completion.chunk`s, a line a chunk, then `[DONE]`."""
-    created = int(time.time())
+def chunk(
+    answer_id: str, request: ChatRequest, created: int, delta: dict[str, str], finish: str | None = None
+) -> bytes:
+    """One server-sent event: a `chat.completion.chunk` with `delta`, and why it ended on the last."""
+    event = {
+        "id": answer_id,
+        "object": "chat.completion.chunk",
+        "created": created,
+        "model": request.model,
+        "choices": [{"index": 0, "delta": delta, "finish_reason": finish}],
+    }
+    return event_bytes(event)
 
-    def chunk(delta: dict[str, str], finish: str | None = None) -> bytes:
-        event = {
-            "id": answer_id,
-            "object": "chat.completion.chunk",
-            "created": created,
-            "model": request.model,
-            "choices": [{"index": 0, "delta": delta, "finish_reason": finish}],
-        }
-        return b"data: " + json.dumps(event).encode() + b"\n\n"
 
-    yield chunk({"role": "assistant", "content": ""})
-    for line in text.splitlines(keepends=True):
-        yield chunk({"content": line})
-    yield chunk({}, "length" if truncated else "stop")
-    yield b"data: [DONE]\n\n"
+def event_bytes(event: dict[str, Any] | str) -> bytes:
+    """A server-sent event carrying `event` (JSON, or a string such as `[DONE]` as it is)."""
+    data = event if isinstance(event, str) else json.dumps(event)
+    return b"data: " + data.encode() + b"\n\n"
+
+
+def settled_markdown(raw: str) -> str:
+    """The part of a page's markdown being written that will not change: its finished lines, tidied
+    as the page's text will be (`parsing.tidy_markdown`), so each streamed piece extends the last."""
+    return tidy_markdown(raw[: raw.rfind("\n") + 1])

@@ -132,6 +132,8 @@ class ServedJob:
     lane: LaneRunner | None = None
     counter: Counter = field(default_factory=Counter)
     idle: threading.Event = field(default_factory=_idle)  # set while no thread runs it
+    follow: bool = False  # keep its page's tokens as they come (a streamed chat answer)
+    _tokens: list[int] = field(default_factory=list)  # the decode loop's own list: read, never written
     changed: threading.Condition = field(default_factory=threading.Condition)
 
     @property
@@ -176,6 +178,13 @@ class ServedJob:
         """The results after the first `after` to finish, and whether no more will come."""
         with self.changed:
             return list(self.results.values())[after:], self.finished or self.state == "interrupted"
+
+    def tokens(self) -> list[int]:
+        """The tokens of its page so far, where the job `follow`s them."""
+        return list(self._tokens)
+
+    def _follow(self, ids: list[int]) -> None:
+        self._tokens = ids
 
     def wait(self, timeout: float) -> None:
         """Wait up to `timeout` seconds for the job to change."""
@@ -273,9 +282,18 @@ class Service:
     # --- jobs -------------------------------------------------------------------------------------
 
     def accept(
-        self, upload: Path, file_name: str, *, task: str, pages: str | None, text_layer: str
+        self,
+        upload: Path,
+        file_name: str,
+        *,
+        task: str,
+        pages: str | None,
+        text_layer: str,
+        follow: bool = False,
     ) -> ServedJob:
         """Check an upload (moved from `upload`, a file on the same file system), keep it as a job, start it.
+
+        `follow`: keep the tokens of its page as they come (`ServedJob.tokens`), for a one-page job.
 
         Raises Busy when the service is full, Unsupported for a file that is no image or PDF,
         UsageError for a bad field and InputError for a file that cannot be read.
@@ -308,7 +326,7 @@ class Service:
             order = Order(task, name, pages, text_layer, created=time.time())
             total = self._count(folder / INPUT_FOLDER / name, order)
             atomic_write(folder / ORDER_FILE, json.dumps(asdict(order)).encode())
-            job = ServedJob(job_id, folder, order, total, counter=self.counter)
+            job = ServedJob(job_id, folder, order, total, counter=self.counter, follow=follow)
             with self._lock:
                 self._jobs[job_id] = job
         except BaseException:
@@ -373,6 +391,8 @@ class Service:
             if job.finished or self.stopping:
                 return
             job.state, job.lane = "running", self.model.lane(job.id)
+            if job.follow:
+                job.lane.lane.partial = job._follow
             job.idle.clear()
         try:
             self._transcribe(job)
