@@ -595,3 +595,26 @@ def test_only_finished_markdown_lines_are_streamed(raw: str, settled: str) -> No
     from kosmos_cli.server.chat import settled_markdown
 
     assert settled_markdown(raw) == settled
+
+
+def test_openai_s_own_client_talks_to_it(server: Server, files: Path) -> None:
+    """The official client, as a program built for a vLLM-served OCR model would use it."""
+    from openai import OpenAI
+
+    image = base64.b64encode((files / "page.png").read_bytes()).decode()
+    content = [
+        {"type": "text", "text": "<md>"},
+        {"type": "image_url", "image_url": {"url": f"data:image/png;base64,{image}"}},
+    ]
+    client = OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0)
+    assert [model.id for model in client.models.list()] == ["kosmos-2.5-md", "kosmos-2.5-ocr"]
+    answer = client.chat.completions.create(
+        model="kosmos-2.5-md", messages=[{"role": "user", "content": content}]
+    )
+    text = answer.choices[0].message.content
+    assert text and answer.usage is not None and answer.usage.completion_tokens == TOKENS
+    stream = client.chat.completions.create(
+        model="kosmos-2.5-md", messages=[{"role": "user", "content": content}], stream=True
+    )
+    pieces = [chunk.choices[0].delta.content or "" for chunk in stream]
+    assert "".join(pieces) == text
