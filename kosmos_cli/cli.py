@@ -660,7 +660,11 @@ def serve(*, options: ServeOptions) -> None:
         raise typer.Exit(error.exit_code) from None
     from kosmos_cli.server.run import serve as run_server
 
-    run_server(settings, listen, folder, limits, http)
+    try:
+        run_server(settings, listen, folder, limits, http)
+    except KosmosError as error:  # the model did not load
+        _print_error(console, error)
+        raise typer.Exit(error.exit_code) from None
 
 
 def _serve_limits(options: ServeOptions) -> tuple[Any, Any]:

@@ -603,3 +603,14 @@ def test_openai_s_own_client_talks_to_it(server: Server, files: Path) -> None:
     )
     pieces = [chunk.choices[0].delta.content or "" for chunk in stream]
     assert "".join(pieces) == text
+
+
+def test_a_model_that_cannot_load_stops_the_server_with_its_error(model_folder: Path, tmp_path: Path) -> None:
+    ended = subprocess.run(
+        [sys.executable, "-m", "kosmos_cli", "serve", "--model", str(model_folder), "--port", "0",
+         "--jobs-dir", str(tmp_path / "jobs")],
+        capture_output=True, text=True, timeout=120, check=False,
+    )  # fmt: skip
+    assert ended.returncode == 3, ended.stderr
+    errors = [line for line in ended.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and str(model_folder) in errors[0]

@@ -84,7 +84,11 @@ def is_loopback(host: str) -> bool:
 
 def serve(settings: Settings, listen: Listen, folder: Path, limits: Any, options: Any) -> None:
     """Serve until SIGTERM or Ctrl-C: stop taking requests, save what runs (jobs resume at the next
-    start), and return."""
+    start), and return.
+
+    The model loads while the server already answers `/health`; if it cannot load, the server stops
+    and its error is raised here (ModelLoadError).
+    """
     import uvicorn
 
     from kosmos_cli.model.loading import load_runner
@@ -92,9 +96,16 @@ def serve(settings: Settings, listen: Listen, folder: Path, limits: Any, options
     from kosmos_cli.server.metrics import Metrics
     from kosmos_cli.server.service import Service
 
+    def load_or_stop(settings: Settings) -> Any:
+        try:
+            return load_runner(settings)
+        except BaseException:
+            server.should_exit = True
+            raise
+
     metrics = Metrics()
     service = Service(settings, folder, limits, metrics)
-    app = create_app(service, metrics, options, load_runner)
+    app = create_app(service, metrics, options, load_or_stop)
     config = uvicorn.Config(
         app,
         host=listen.host,
@@ -110,4 +121,7 @@ def serve(settings: Settings, listen: Listen, folder: Path, limits: Any, options
             service.stopping = True
             super().handle_exit(sig, frame)
 
-    Server(config).run()
+    server = Server(config)
+    server.run()
+    if service.failure is not None:
+        raise service.failure
