@@ -16,6 +16,7 @@ Side by side on the same pages and model settings:
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import logging
 import platform
@@ -74,7 +75,7 @@ def library_side(args: argparse.Namespace, pages: list[Path]) -> tuple[float, fl
 
         def run(inputs: list[Path]) -> Summary:
             summary = transcribe_files(
-                inputs, task="ocr", settings=settings, runner=runner, stdout=_Null(), reader=reader
+                inputs, task="ocr", settings=settings, runner=runner, stdout=io.BytesIO(), reader=reader
             )
             assert summary.pages_done == len(inputs), summary
             return summary
@@ -125,14 +126,6 @@ def served_side(
         return rates
     finally:
         server.stop()
-
-
-class _Null:
-    def write(self, data: bytes) -> int:
-        return len(data)
-
-    def flush(self) -> None:
-        pass
 
 
 def main() -> None:

@@ -30,7 +30,7 @@ from kosmos_cli.config import DEFAULT_FORMATS
 from kosmos_cli.errors import InputError, KosmosError, UsageError
 from kosmos_cli.server import chat
 from kosmos_cli.server.metrics import Metrics
-from kosmos_cli.server.service import Busy, ServedJob, Service, Unsupported
+from kosmos_cli.server.service import Busy, ServedJob, Service, Unsupported, check_format
 from kosmos_cli.values import Status, Task
 from kosmos_cli.writers import DocumentWriter, WriterOptions, get_writer
 from kosmos_cli.writers.text import format_ocr_lines
@@ -212,7 +212,7 @@ def create_app(service: Service, metrics: Metrics, options: Options, load: Calla
         _check_ready(service)
         upload = await run_in_threadpool(service.spool, asked.image)
         job = await _start_job(
-            service, upload, asked.file_name, task=asked.task.value, pages="1", follow=asked.task is Task.MD
+            service, upload, chat.UPLOAD_NAME, task=asked.task.value, pages="1", follow=asked.task is Task.MD
         )
         if asked.stream:
             return StreamingResponse(_chat_stream(service, job, asked), media_type="text/event-stream")
@@ -318,16 +318,10 @@ def _default_format(task: str) -> str:
 
 
 def _check_format(task: str, format_name: str) -> None:
-    from kosmos_cli.writers import formats_for
-
-    if task not in (Task.MD.value, Task.OCR.value):
-        raise ApiError(400, f"task `{task}` is not md or ocr")
-    if format_name not in formats_for(Task(task)):
-        raise ApiError(
-            400,
-            f"format `{format_name}` is not one of {task}'s",
-            f"use one of: {', '.join(formats_for(Task(task)))}",
-        )
+    try:
+        check_format(task, format_name)
+    except UsageError as error:
+        raise ApiError(400, error.message, error.hint) from None
 
 
 def _job(service: Service, job_id: str) -> ServedJob:

@@ -23,9 +23,8 @@ from kosmos_cli.values import Task
 from kosmos_cli.vocabulary import PROMPT_LENGTH
 
 MODELS = {"kosmos-2.5-md": Task.MD, "kosmos-2.5-ocr": Task.OCR}
+UPLOAD_NAME = "image"  # what a chat's image is called in its job: its bytes say what kind it is
 _DATA_URI = re.compile(r"data:(image/[\w.+-]+)?(;[\w=.+-]+)*;base64,(.*)", re.DOTALL)
-_SUFFIXES = {"image/png": ".png", "image/jpeg": ".jpg", "image/webp": ".webp", "image/tiff": ".tiff",
-             "image/gif": ".gif", "image/bmp": ".bmp"}  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -34,7 +33,6 @@ class ChatRequest:
 
     task: Task
     image: bytes
-    file_name: str
     model: str
     stream: bool
 
@@ -80,10 +78,7 @@ def parse_request(body: Any) -> ChatRequest:
             "say `<md>` or `<ocr>` in the text, or use the model kosmos-2.5-md or kosmos-2.5-ocr",
             hint="GET /v1/models lists them",
         )
-    suffix = _SUFFIXES.get(match.group(1) or "", "")
-    return ChatRequest(
-        task, image, f"image{suffix}", model or f"kosmos-2.5-{task.value}", bool(body.get("stream"))
-    )
+    return ChatRequest(task, image, model or f"kosmos-2.5-{task.value}", bool(body.get("stream")))
 
 
 def models() -> dict[str, Any]:

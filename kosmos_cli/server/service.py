@@ -31,7 +31,7 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import TYPE_CHECKING, Any, BinaryIO
 
 from kosmos_cli.config import DEFAULT_PAGE_TIMEOUT, TEXT_LAYERS, Job, Settings
 from kosmos_cli.errors import InputError, KosmosError, UsageError, first_line
@@ -43,6 +43,9 @@ from kosmos_cli.sharing import JobCancelled, LaneRunner, ServiceStopping, Shared
 from kosmos_cli.stores import atomic_write
 from kosmos_cli.values import Document, PageResult, Status, Task
 from kosmos_cli.writers import WRITERS, DocumentWriter, formats_for
+
+if TYPE_CHECKING:
+    from kosmos_cli.writers.data import Results
 
 logger = logging.getLogger(__name__)
 
@@ -298,8 +301,7 @@ class Service:
         Raises Busy when the service is full, Unsupported for a file that is no image or PDF,
         UsageError for a bad field and InputError for a file that cannot be read.
         """
-        if task not in (Task.MD.value, Task.OCR.value):
-            raise UsageError(f"task `{task}` is not md or ocr")
+        check_task(task)
         if text_layer not in TEXT_LAYERS:
             raise UsageError(f"text_layer `{text_layer}` is not one of: {', '.join(TEXT_LAYERS)}")
         selection = parse_pages(pages) if pages is not None else None
@@ -476,19 +478,10 @@ class Service:
         A format with one file per page gives a ZIP of them for a document of several pages. Raises
         UsageError for a format the task cannot hold or that draws pixels.
         """
-        from kosmos_cli.api import MAX_RESULT_BYTES, render_results
-        from kosmos_cli.rasterize import read_regular_file
-        from kosmos_cli.writers.data import read_results
+        from kosmos_cli.api import render_results
 
-        if format_name not in formats_for(job.task):
-            raise UsageError(
-                f"format `{format_name}` is not one of {job.task.value}'s",
-                hint=f"use one of: {', '.join(formats_for(job.task))}",
-            )
-        path = self.result_path(job)
-        read = read_results(
-            read_regular_file(str(path), "the job's results", limit=MAX_RESULT_BYTES), job.order.file_name
-        )
+        check_format(job.order.task, format_name)
+        read = self._read_results(job)
         files = render_results(read, [format_name], source=job.document, password=None, sandbox=self._reader)
         if len(files) == 1:
             ((name, data),) = files.items()
@@ -511,12 +504,20 @@ class Service:
         page.image.save(buffer, "PNG")
         return buffer.getvalue()
 
-    def _read_json(self, job: ServedJob) -> list[PageResult]:
+    def _read_results(self, job: ServedJob) -> Results:
+        """A done job's results, read back from its JSON; raises InputError or ValueError if they
+        cannot be."""
+        from kosmos_cli.api import MAX_RESULT_BYTES
+        from kosmos_cli.rasterize import read_regular_file
         from kosmos_cli.writers.data import read_results
 
+        data = read_regular_file(str(self.result_path(job)), "the job's results", limit=MAX_RESULT_BYTES)
+        return read_results(data, job.order.file_name)
+
+    def _read_json(self, job: ServedJob) -> list[PageResult]:
         try:
-            return read_results(self.result_path(job).read_bytes(), job.order.file_name).pages
-        except (OSError, ValueError) as error:
+            return self._read_results(job).pages
+        except (InputError, ValueError) as error:
             logger.error("job %s: cannot read its results: %s", job.id, first_line(error))
             return []
 
@@ -566,6 +567,22 @@ class Service:
             ]  # fmt: skip
         for job in old:
             self.delete(job)
+
+
+def check_task(task: str) -> None:
+    """Raise UsageError unless `task` names one: md or ocr."""
+    if task not in (Task.MD.value, Task.OCR.value):
+        raise UsageError(f"task `{task}` is not md or ocr")
+
+
+def check_format(task: str, format_name: str) -> None:
+    """Raise UsageError unless `task` names one and `format_name` is one of its formats."""
+    check_task(task)
+    if format_name not in formats_for(Task(task)):
+        raise UsageError(
+            f"format `{format_name}` is not one of {task}'s",
+            hint=f"use one of: {', '.join(formats_for(Task(task)))}",
+        )
 
 
 def uploaded(path: Path, name: str) -> Document:
